@@ -1,0 +1,37 @@
+"""mergescope: deep model merging grounded in loss-landscape geometry.
+
+Public API (re-exports only, loaded lazily so `import mergescope` stays cheap):
+``load``, ``save``, ``merge``, and the submodules ``methods``, ``align``, ``landscape``,
+``ensemble``, ``tasks``, ``analysis``.
+"""
+
+from importlib import import_module
+
+from ._version import __version__
+from .errors import MergescopeError
+
+_FUNCTIONS = {
+    "load": ("mergescope.io", "load"),
+    "save": ("mergescope.io", "save"),
+    "merge": ("mergescope.merge.engine", "merge"),
+}
+_SUBMODULES = {
+    "methods": "mergescope.merge.methods",
+    "align": "mergescope.align",
+    "landscape": "mergescope.landscape",
+    "ensemble": "mergescope.ensemble",
+    "tasks": "mergescope.tasks",
+    "analysis": "mergescope.analysis",
+    "io": "mergescope.io",
+}
+
+__all__ = ["__version__", "MergescopeError", *_FUNCTIONS, *_SUBMODULES]
+
+
+def __getattr__(name):
+    if name in _FUNCTIONS:
+        module, attr = _FUNCTIONS[name]
+        return getattr(import_module(module), attr)
+    if name in _SUBMODULES:
+        return import_module(_SUBMODULES[name])
+    raise AttributeError(f"module 'mergescope' has no attribute {name!r}")

@@ -1,0 +1,78 @@
+"""The ``mergescope`` command line: thin Typer commands over the public API.
+
+Each command group lives in its own module with a ``register(app)`` function; user errors
+(``MergescopeError``) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .._version import __version__
+from ..errors import MergescopeError
+from .common import STATE, err_console
+
+app = typer.Typer(
+    name="mergescope",
+    help="Deep model merging grounded in loss-landscape geometry.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"mergescope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; errors still go to stderr."),
+):
+    """mergescope: merge models (ensembles, weight aggregation, neuron alignment) and measure why merges work."""
+    STATE["quiet"] = quiet
+
+
+def _register_all() -> None:
+    from . import align_cmd, ensemble_cmd, io_cmds, landscape_cmd, merge_cmd, study_cmd
+
+    for module in (io_cmds, merge_cmd, align_cmd, landscape_cmd, ensemble_cmd, study_cmd):
+        module.register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except MergescopeError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

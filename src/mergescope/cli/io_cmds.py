@@ -1,0 +1,122 @@
+"""`inspect` and `train`: look inside checkpoints, and train zoo models on a task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..errors import MergescopeError
+from .common import STATE, console, progress, say
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def inspect(
+    path: Path = typer.Argument(..., help="A .safetensors/.pt/.bin file or a Hugging Face model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    top: int = typer.Option(10, help="How many of the largest tensors to list."),
+):
+    """Tensor count, parameter count, dtypes, total bytes, largest tensors and metadata of a checkpoint."""
+    from ..io import load, summarize
+
+    info = summarize(load(path), top=top)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    if STATE["quiet"]:
+        return
+    table = Table(title=f"{path}", show_header=False)
+    table.add_row("files", str(info["files"]))
+    table.add_row("tensors", f"{info['tensors']:,}")
+    table.add_row("parameters", f"{info['parameters']:,}")
+    table.add_row("bytes", f"{info['bytes']:,} ({_human(info['bytes'])})")
+    table.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
+    console.print(table)
+    largest = Table(title="largest tensors")
+    for col in ("name", "shape", "dtype", "bytes"):
+        largest.add_column(col)
+    for row in info["largest"]:
+        largest.add_row(row["name"], str(row["shape"]), row["dtype"], _human(row["bytes"]))
+    console.print(largest)
+    if info["metadata"]:
+        meta = Table(title="metadata", show_header=False)
+        for k, v in info["metadata"].items():
+            meta.add_row(k, v if len(v) < 200 else v[:197] + "...")
+        console.print(meta)
+
+
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
+    model: str = typer.Option("mlp", help="Zoo model (mlp, cnn, resnet, transformer) or package.module:factory."),
+    width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
+    depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
+    dim: int = typer.Option(None, help="Embedding dim (transformer)."),
+    heads: int = typer.Option(None, help="Attention heads (transformer)."),
+    seed: int = typer.Option(0, help="Seed for initialization and data order."),
+    epochs: int = typer.Option(None, help="Epochs (default: the zoo model's)."),
+    lr: float = typer.Option(None, help="Peak learning rate (default: the zoo model's)."),
+    init_from: Path = typer.Option(None, "--from", help="Continue training from this checkpoint."),
+    classes: str = typer.Option(None, help="Train only on these labels, e.g. 0,1,2,3,4 (label-subset tasks)."),
+    force: bool = typer.Option(False, help="Replace an existing output."),
+):
+    """Train a model on digits deterministically (same seed, same bits) and print its test accuracy."""
+    from ..io import load, provenance, save
+    from ..tasks import TRAIN_DEFAULTS, digits, make_model, train as train_model
+    from ..tasks.checkpoints import load_state_into, model_for, model_metadata
+
+    label_set = _parse_classes(classes)
+    task = digits(classes=label_set)
+    options = {"width": width, "depth": depth, "dim": dim, "heads": heads}
+    if init_from is not None:
+        source = load(init_from)
+        module, model, options = model_for(source, model if ":" in model or model != "mlp" else None, **options)
+        load_state_into(module, source, init_from)
+    else:
+        from ..tasks import ZOO
+
+        valid = ZOO[model][1] if model in ZOO else options
+        options = {k: v for k, v in options.items() if v is not None and k in valid}
+        if model in ZOO:
+            options = {**ZOO[model][1], **options}
+        extra = {k for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads}.items() if v is not None} - set(options)
+        if extra:
+            raise MergescopeError(f"model {model!r}: option(s) {', '.join(sorted(extra))} do not apply")
+        module = make_model(model, seed=seed, **options) if ":" not in model else make_model(model, **options)
+    defaults = TRAIN_DEFAULTS.get(model, {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4})
+    epochs = defaults["epochs"] if epochs is None else epochs
+    params = {"epochs": epochs, "lr": defaults["lr"] if lr is None else lr, "weight_decay": defaults["weight_decay"]}
+    with progress() as bar:
+        job = bar.add_task(f"train {model}", total=epochs)
+        train_model(module, task, seed=seed, on_epoch=lambda e, loss: bar.update(job, advance=1), **params)
+    metrics = task.evaluate(module, "test")
+    meta = {**provenance(inputs=[init_from] if init_from else [], seed=seed),
+            **model_metadata(model, {k: v for k, v in options.items() if v is not None}, task=task.name,
+                             train=json.dumps(params, sort_keys=True))}
+    save(module.state_dict(), out, metadata=meta, force=force, inputs=[init_from] if init_from else [])
+    say(f"{out}: {model} test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+
+
+def _parse_classes(classes: str | None) -> tuple[int, ...] | None:
+    if not classes:
+        return None
+    try:
+        labels = tuple(sorted({int(c) for c in classes.split(",")}))
+    except ValueError:
+        raise MergescopeError(f"--classes {classes!r}: expected comma-separated digits like 0,1,2") from None
+    if not labels or not all(0 <= c <= 9 for c in labels):
+        raise MergescopeError(f"--classes {classes!r}: labels must be digits 0-9")
+    return labels
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(inspect)
+    app.command()(train)

@@ -1,0 +1,171 @@
+"""The built-in model zoo for digits: MLP, CNN with BatchNorm, small ResNet, tiny ViT.
+
+Every model takes flat 64-vectors (the digits task's input) and reshapes inside, so one task
+serves all of them. Built by name with ``build(name, **options)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import MergescopeError
+
+
+class MLP(nn.Module):
+    """``depth`` hidden ReLU layers of ``width`` units."""
+
+    def __init__(self, in_features: int = 64, width: int = 512, depth: int = 2, num_classes: int = 10):
+        super().__init__()
+        dims = [in_features] + [width] * depth
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class CNN(nn.Module):
+    """Three conv+BN+ReLU blocks on the 8x8 image, max-pooled to 2x2, flattened into a linear head."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(1, width), conv_bn(width, 2 * width), nn.MaxPool2d(2), conv_bn(2 * width, 2 * width), nn.MaxPool2d(2)
+        )
+        self.head = nn.Linear(2 * width * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x.reshape(-1, 1, 8, 8))
+        return self.head(torch.flatten(x, 1))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN with an identity (or 1x1 conv+BN) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem + two residual stages (second downsamples) + global average pool + linear head."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.stem = conv_bn(1, width)
+        self.stage1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
+        self.stage2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2), BasicBlock(2 * width, 2 * width))
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.stage1(self.stem(x.reshape(-1, 1, 8, 8))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Self-attention with separate q/k/v/o projections, so heads are visible to alignment."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise MergescopeError(f"transformer: dim {dim} must be divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        split = lambda t: t.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)
+        return self.o((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MultiHeadSelfAttention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyViT(nn.Module):
+    """ViT on 2x2 patches of the 8x8 digit (16 tokens), mean-pooled into a linear head."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.pos = nn.Parameter(torch.zeros(1, 16, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = x.reshape(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)
+        h = self.embed(patches) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+# name -> (class, {option: default}); the defaults reach the accuracy targets on digits.
+ZOO: dict[str, tuple[type[nn.Module], dict]] = {
+    "mlp": (MLP, {"width": 512, "depth": 2}),
+    "cnn": (CNN, {"width": 32}),
+    "resnet": (ResNet, {"width": 16}),
+    "transformer": (TinyViT, {"dim": 32, "depth": 2, "heads": 4}),
+}
+# Training defaults per model (epochs, learning rate, weight decay), chosen for digits.
+TRAIN_DEFAULTS: dict[str, dict] = {
+    "mlp": {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4},
+    "cnn": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4},
+    "resnet": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4},
+    "transformer": {"epochs": 60, "lr": 2e-3, "weight_decay": 1e-4},
+}
+
+
+def build(name: str, seed: int | None = None, **options) -> nn.Module:
+    """Build a zoo model by name; unknown names/options are clear errors. ``seed`` fixes init."""
+    if name not in ZOO:
+        raise MergescopeError(f"unknown model {name!r} (zoo: {', '.join(ZOO)}; or give package.module:factory)")
+    cls, defaults = ZOO[name]
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise MergescopeError(f"model {name!r}: unknown option(s) {', '.join(sorted(unknown))} (valid: {', '.join(defaults)})")
+    kwargs = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    if seed is None:
+        return cls(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**kwargs)
+
+
+def model_options(name: str) -> dict:
+    """Default options of a zoo model (what ``build`` fills in)."""
+    return dict(ZOO[name][1])
