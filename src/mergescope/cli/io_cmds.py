@@ -91,9 +91,9 @@ def train(
         if extra:
             raise MergescopeError(f"model {model!r}: option(s) {', '.join(sorted(extra))} do not apply")
         module = make_model(model, seed=seed, **options) if ":" not in model else make_model(model, **options)
-    defaults = TRAIN_DEFAULTS.get(model, {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4})
-    epochs = defaults["epochs"] if epochs is None else epochs
-    params = {"epochs": epochs, "lr": defaults["lr"] if lr is None else lr, "weight_decay": defaults["weight_decay"]}
+    defaults = TRAIN_DEFAULTS.get(model, {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64})
+    params = {**defaults, "epochs": defaults["epochs"] if epochs is None else epochs, "lr": defaults["lr"] if lr is None else lr}
+    epochs = params["epochs"]
     with progress() as bar:
         job = bar.add_task(f"train {model}", total=epochs)
         train_model(module, task, seed=seed, on_epoch=lambda e, loss: bar.update(job, advance=1), **params)

@@ -141,12 +141,12 @@ ZOO: dict[str, tuple[type[nn.Module], dict]] = {
     "resnet": (ResNet, {"width": 16}),
     "transformer": (TinyViT, {"dim": 32, "depth": 2, "heads": 4}),
 }
-# Training defaults per model (epochs, learning rate, weight decay), chosen for digits.
+# Training defaults per model, chosen on digits (bench/zoo_accuracy.py checks them on several seeds).
 TRAIN_DEFAULTS: dict[str, dict] = {
-    "mlp": {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4},
-    "cnn": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4},
-    "resnet": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4},
-    "transformer": {"epochs": 60, "lr": 2e-3, "weight_decay": 1e-4},
+    "mlp": {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 32},
+    "cnn": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64},
+    "resnet": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64},
+    "transformer": {"epochs": 60, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64},
 }
 
 
