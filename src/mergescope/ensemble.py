@@ -1,0 +1,301 @@
+"""Output ensembles of N models, and the weight average they are compared with.
+
+Ensembling is the first family of merging: keep every model and combine what they *output*
+(Lakshminarayanan et al. 2017; Ganaie et al. 2022 survey). It costs N forward passes, where a
+weight average (Wortsman et al. 2022, "model soups") costs one. Methods:
+
+- ``probs``: mean of softmax probabilities, p = (1/N) sum_i softmax(z_i).
+- ``logits``: softmax of the mean logits, p = softmax((1/N) sum_i z_i).
+- ``vote``: majority vote of argmaxes (ties broken by mean probability); p = vote fractions.
+- ``weighted``: probabilities averaged with weights proportional to validation accuracy.
+- ``features``: average the penultimate features (input of the head), apply the averaged head.
+- ``features-refit``: average the penultimate features, fit a new linear head on train features.
+
+``evaluate`` reports accuracy, loss (mean NLL of p), expected calibration error (ECE, 15 equal
+bins; Guo et al. 2017) and the inference cost (parameters, FLOPs per example).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .errors import MergescopeError
+
+METHODS = ("probs", "logits", "vote", "weighted", "features", "features-refit")
+ECE_BINS = 15
+VOTE_FLOOR = 1e-6  # a vote gives no likelihood: its NLL uses vote fractions clipped here
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    """Metrics of one combination of models on one split, with its inference cost."""
+
+    method: str
+    n_models: int
+    split: str
+    accuracy: float
+    loss: float
+    ece: float
+    params: int
+    flops: int
+    member_accuracy: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["member_accuracy"] = list(self.member_accuracy)
+        return d
+
+
+# ---------------------------------------------------------------- states and forward passes
+
+def as_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain dict of tensors (reads a lazy checkpoint once)."""
+    return {k: state[k] for k in state}
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Weighted mean of floating tensors, sum_i w_i theta_i with sum w = 1; integer buffers from the first."""
+    if not states:
+        raise MergescopeError("average: no states given")
+    n = len(states)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else _normalized(weights, n)
+    out = {}
+    for name in states[0]:
+        first = states[0][name]
+        if not torch.is_floating_point(first):
+            out[name] = first.clone()
+            continue
+        acc = sum(float(w[i]) * states[i][name].to(torch.float64) for i in range(n))
+        out[name] = acc.to(first.dtype)
+    return out
+
+
+def _normalized(weights: Sequence[float], n: int) -> torch.Tensor:
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.numel() != n or (w < 0).any() or w.sum() <= 0:
+        raise MergescopeError(f"weights {list(weights)}: need {n} non-negative numbers with a positive sum")
+    return w / w.sum()
+
+
+@torch.no_grad()
+def run(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Outputs of ``model`` with ``state`` substituted (eval mode, model's own tensors untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return functional_call(model, dict(state), (x,), strict=False)
+    finally:
+        model.train(was_training)
+
+
+def split_tensors(task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (x, y) of a split, concatenated."""
+    xs, ys = zip(*task.batches(split))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def head_module(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear]:
+    """The classifier head: the named module, else the last ``nn.Linear`` registered."""
+    modules = dict(model.named_modules())
+    if head is not None:
+        if head not in modules:
+            raise MergescopeError(f"model has no module {head!r} to use as the head")
+        return head, modules[head]
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MergescopeError("model has no nn.Linear head; feature averaging needs one (pass head=NAME)")
+    return linears[-1]
+
+
+@torch.no_grad()
+def penultimate(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor, head: str | None = None
+                ) -> torch.Tensor:
+    """The head's input features for ``x`` under ``state`` (captured with a forward pre-hook)."""
+    _, module = head_module(model, head)
+    captured = []
+    hook = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    try:
+        run(model, state, x)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+# ---------------------------------------------------------------- combination rules (pure)
+
+def combine(logits: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Ensemble probabilities [N, C] from member logits [M, N, C] by an output rule."""
+    if method == "probs":
+        return logits.softmax(-1).mean(0)
+    if method == "logits":
+        return logits.mean(0).softmax(-1)
+    if method == "weighted":
+        w = weights if weights is not None else torch.ones(logits.shape[0])
+        w = (w / w.sum()).to(logits.dtype)
+        return torch.einsum("m,mnc->nc", w, logits.softmax(-1))
+    if method == "vote":
+        return vote_fractions(logits)
+    raise MergescopeError(f"unknown ensemble method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def vote_fractions(logits: torch.Tensor) -> torch.Tensor:
+    """Fraction of members voting for each class; the argmax of the result is the majority
+    (ties broken by the mean probability, via a +1e-3 * mean-probability nudge on the counts)."""
+    m, _, c = logits.shape
+    counts = F.one_hot(logits.argmax(-1), c).sum(0).to(logits.dtype)
+    fractions = counts / m
+    nudge = 1e-3 * logits.softmax(-1).mean(0) / m
+    return fractions + nudge - nudge.sum(-1, keepdim=True) * fractions  # still sums to 1, ties resolved
+
+
+def metrics(probs: torch.Tensor, y: torch.Tensor, floor: float = 0.0) -> tuple[float, float, float]:
+    """(accuracy, mean NLL, ECE) of predicted probabilities [N, C] against labels [N]."""
+    acc = (probs.argmax(-1) == y).double().mean().item()
+    p_true = probs.gather(1, y[:, None]).squeeze(1).double()
+    nll = (-p_true.clamp_min(floor).log()).mean().item() if floor else (-p_true.log()).mean().item()
+    return acc, nll, expected_calibration_error(probs, y)
+
+
+def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width confidence bins (Guo et al. 2017)."""
+    conf, pred = probs.double().max(-1)
+    correct = (pred == y).double()
+    idx = (conf * bins).ceil().long().clamp(1, bins) - 1
+    total = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            total += mask.double().mean().item() * abs(correct[mask].mean().item() - conf[mask].mean().item())
+    return total
+
+
+# ---------------------------------------------------------------- cost
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_example(model: nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs for one example, counted by torch's FlopCounterMode (matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example[:1])
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def ensemble_cost(model: nn.Module, example: torch.Tensor, n: int, method: str, head: str | None = None
+                  ) -> tuple[int, int]:
+    """(params, FLOPs/example): n full models for output ensembles; shared head for feature averaging."""
+    params, flops = count_params(model), flops_per_example(model, example)
+    if method == "weight-average":
+        return params, flops
+    if method.startswith("features"):
+        _, h = head_module(model, head)
+        head_params, head_flops = sum(p.numel() for p in h.parameters()), 2 * h.in_features * h.out_features
+        return n * (params - head_params) + head_params, n * (flops - head_flops) + head_flops
+    return n * params, n * flops
+
+
+# ---------------------------------------------------------------- feature averaging
+
+def refit_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0, steps: int = 200,
+               weight_decay: float = 1e-4) -> nn.Linear:
+    """A linear head fitted by full-batch L-BFGS on cross-entropy (+ L2), deterministic given ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(features.shape[1], num_classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(features), y) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return head.eval()
+
+
+def feature_average_probs(model: nn.Module, states: Sequence[Mapping], task, split: str, refit: bool,
+                          head: str | None = None, seed: int = 0) -> torch.Tensor:
+    """Probabilities from averaged penultimate features, through the averaged or a re-fitted head."""
+    x, _ = split_tensors(task, split)
+    feats = torch.stack([penultimate(model, s, x, head) for s in states]).mean(0)
+    if refit:
+        xt, yt = split_tensors(task, "train")
+        train_feats = torch.stack([penultimate(model, s, xt, head) for s in states]).mean(0)
+        classes = getattr(task, "num_classes", int(yt.max()) + 1)
+        with torch.no_grad():
+            return refit_head(train_feats.flatten(1), yt, classes, seed=seed)(feats.flatten(1)).softmax(-1)
+    name, _ = head_module(model, head)
+    w = torch.stack([s[f"{name}.weight"] for s in states]).mean(0)
+    b = torch.stack([s[f"{name}.bias"] for s in states]).mean(0) if f"{name}.bias" in states[0] else None
+    return F.linear(feats, w, b).softmax(-1)
+
+
+# ---------------------------------------------------------------- public entry points
+
+def member_logits(model: nn.Module, states: Sequence[Mapping], task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [M, N, C] of every member on a split, and the labels [N]."""
+    x, y = split_tensors(task, split)
+    return torch.stack([run(model, s, x) for s in states]), y
+
+
+def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task, method: str = "probs",
+             split: str = "test", weights: Sequence[float] | None = None, head: str | None = None,
+             seed: int = 0) -> EnsembleResult:
+    """Evaluate an output ensemble of ``states`` (all fitting ``model``) on ``split`` of ``task``.
+
+    ``weights`` (method "weighted") default to each member's validation accuracy.
+    """
+    if method not in METHODS:
+        raise MergescopeError(f"unknown ensemble method {method!r} (choose from {', '.join(METHODS)})")
+    if not states:
+        raise MergescopeError("ensemble: no models given")
+    states = [as_state(s) for s in states]
+    logits, y = member_logits(model, states, task, split)
+    members = tuple((logits[i].argmax(-1) == y).double().mean().item() for i in range(len(states)))
+    if method.startswith("features"):
+        probs = feature_average_probs(model, states, task, split, refit=method == "features-refit", head=head,
+                                      seed=seed)
+    else:
+        w = None
+        if method == "weighted":
+            w = _normalized(weights, len(states)).float() if weights is not None else validation_accuracies(
+                model, states, task)
+        probs = combine(logits, method, w)
+    acc, loss, ece = metrics(probs, y, floor=VOTE_FLOOR if method == "vote" else 0.0)
+    params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], len(states), method, head)
+    return EnsembleResult(method, len(states), split, acc, loss, ece, params, flops, members)
+
+
+def validation_accuracies(model: nn.Module, states: Sequence[Mapping], task, split: str = "val") -> torch.Tensor:
+    """Each member's accuracy on ``split`` (the default weights of the "weighted" method)."""
+    logits, y = member_logits(model, states, task, split)
+    return (logits.argmax(-1) == y).float().mean(-1)
+
+
+def evaluate_weight_average(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task,
+                            split: str = "test") -> EnsembleResult:
+    """The single uniformly weight-averaged model, reported like an ensemble (cost of one model)."""
+    states = [as_state(s) for s in states]
+    logits, y = member_logits(model, states, task, split)
+    members = tuple((logits[i].argmax(-1) == y).double().mean().item() for i in range(len(states)))
+    avg_logits, _ = member_logits(model, [average_states(states)], task, split)
+    acc, loss, ece = metrics(avg_logits[0].softmax(-1), y)
+    params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], 1, "weight-average")
+    return EnsembleResult("weight-average", len(states), split, acc, loss, ece, params, flops, members)
