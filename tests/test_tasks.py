@@ -54,7 +54,7 @@ def test_training_is_bitwise_deterministic_and_learns():
     states = []
     for _ in range(2):
         model = ms.tasks.build("mlp", width=64, seed=3)
-        ms.tasks.train(model, task, epochs=3, seed=3)
+        ms.tasks.train(model, task, epochs=4, lr=5e-3, seed=3)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert task.evaluate(model)["accuracy"] > 0.85
@@ -100,5 +100,5 @@ def test_checkpoint_metadata_rebuilds_the_model(tmp_path):
     load_state_into(rebuilt, ckpt, "t")
     x = torch.randn(3, 64)
     assert torch.equal(rebuilt.eval()(x), model.eval()(x))
-    with pytest.raises(MergescopeError, match="'embed.weight' has shape"):
+    with pytest.raises(MergescopeError, match="tensor '.*' has shape .*the model needs"):
         load_state_into(ms.tasks.build("transformer", dim=32), ckpt, "t.safetensors")
