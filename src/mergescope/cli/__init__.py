@@ -10,6 +10,11 @@ import sys
 
 import typer
 
+try:  # typer >= 0.20 vendors click
+    from typer._click import ClickException as _ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException as _ClickException
+
 from .._version import __version__
 from ..errors import MergescopeError
 from .common import STATE, err_console
@@ -64,13 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return 2
-        raise
+    except _ClickException as e:  # usage errors: unknown option, missing argument, bad value
+        e.show()
+        return 2
     return 0
 
 

@@ -1,0 +1,89 @@
+"""The CLI as a user meets it: help everywhere, version, train -> inspect, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+
+import mergescope as ms
+from mergescope.cli import app, main
+
+
+def all_command_paths():
+    root = typer.main.get_command(app)
+
+    def walk(cmd, path):
+        yield path
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(root, []))
+
+
+@pytest.mark.parametrize("path", all_command_paths(), ids=lambda p: " ".join(p) or "root")
+def test_every_command_has_help(path, capsys):
+    assert main([*path, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage" in out and len(out.splitlines()) > 3
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mergescope {ms.__version__}"
+
+
+def test_train_then_inspect_json(tmp_path, capsys):
+    out = tmp_path / "a.safetensors"
+    assert main(["train", "--model", "mlp", "--width", "32", "--epochs", "2", "--seed", "5", "-o", str(out)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    ref = load_file(out)
+    assert info["tensors"] == len(ref)
+    assert info["parameters"] == sum(t.numel() for t in ref.values()) == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert info["bytes"] == 4 * info["parameters"] and info["dtypes"] == {"F32": 6}
+    assert json.loads(info["metadata"]["model"]) == {"name": "mlp", "options": {"width": 32, "depth": 2}}
+    assert info["metadata"]["seed"] == "5"
+
+
+def test_train_is_reproducible_and_continues_from_a_checkpoint(tmp_path):
+    args = ["train", "--model", "mlp", "--width", "16", "--epochs", "1", "--seed", "2"]
+    assert main([*args, "-o", str(tmp_path / "a.safetensors")]) == 0
+    assert main([*args, "-o", str(tmp_path / "b.safetensors")]) == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert main(["train", "--from", str(tmp_path / "a.safetensors"), "--epochs", "1", "--seed", "9",
+                 "-o", str(tmp_path / "c.safetensors")]) == 0
+    a, c = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "c.safetensors")
+    assert a.keys() == c.keys() and not torch.equal(a["head.weight"], c["head.weight"])
+    assert ms.load(tmp_path / "c.safetensors").metadata["model"] == ms.load(tmp_path / "a.safetensors").metadata["model"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mergescope.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_corrupt_file_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"w\": 3}")
+    result = run_cli("inspect", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in result.stderr
+
+
+def test_existing_output_is_kept_without_force(tmp_path):
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"precious")
+    result = run_cli("train", "--epochs", "1", "--width", "8", "-o", str(out))
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert out.read_bytes() == b"precious"
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["train", "--no-such-option"]) == 2
+    assert main(["train", "-o", "x.safetensors", "--model", "vgg"]) == 2
+    assert "unknown model 'vgg'" in capsys.readouterr().err
