@@ -6,7 +6,8 @@ weight average (Wortsman et al. 2022, "model soups") costs one. Methods:
 
 - ``probs``: mean of softmax probabilities, p = (1/N) sum_i softmax(z_i).
 - ``logits``: softmax of the mean logits, p = softmax((1/N) sum_i z_i).
-- ``vote``: majority vote of argmaxes (ties broken by mean probability); p = vote fractions.
+- ``vote``: majority vote of argmaxes (ties broken by mean probability); p = vote fractions
+  (its NLL clips p at 1e-6: a vote gives no likelihood, so compare votes by accuracy).
 - ``weighted``: probabilities averaged with weights proportional to validation accuracy.
 - ``features``: average the penultimate features (input of the head), apply the averaged head.
 - ``features-refit``: average the penultimate features, fit a new linear head on train features.
@@ -146,26 +147,34 @@ def combine(logits: torch.Tensor, method: str, weights: torch.Tensor | None = No
 
 
 def vote_fractions(logits: torch.Tensor) -> torch.Tensor:
-    """Fraction of members voting for each class; the argmax of the result is the majority
-    (ties broken by the mean probability, via a +1e-3 * mean-probability nudge on the counts)."""
-    m, _, c = logits.shape
-    counts = F.one_hot(logits.argmax(-1), c).sum(0).to(logits.dtype)
-    fractions = counts / m
-    nudge = 1e-3 * logits.softmax(-1).mean(0) / m
-    return fractions + nudge - nudge.sum(-1, keepdim=True) * fractions  # still sums to 1, ties resolved
+    """Fraction of the M members whose argmax is each class, [N, C]."""
+    counts = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)
+    return counts.to(logits.dtype) / logits.shape[0]
 
 
-def metrics(probs: torch.Tensor, y: torch.Tensor, floor: float = 0.0) -> tuple[float, float, float]:
-    """(accuracy, mean NLL, ECE) of predicted probabilities [N, C] against labels [N]."""
-    acc = (probs.argmax(-1) == y).double().mean().item()
+def vote_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Majority class; ties between equally voted classes go to the higher mean probability."""
+    fractions = vote_fractions(logits)
+    tied = fractions == fractions.max(-1, keepdim=True).values
+    return torch.where(tied, logits.softmax(-1).mean(0), torch.tensor(-1.0, dtype=logits.dtype)).argmax(-1)
+
+
+def metrics(probs: torch.Tensor, y: torch.Tensor, floor: float = 0.0, pred: torch.Tensor | None = None
+            ) -> tuple[float, float, float]:
+    """(accuracy, mean NLL, ECE) of probabilities [N, C] against labels [N]; ``pred`` overrides argmax."""
+    pred = probs.argmax(-1) if pred is None else pred
+    acc = (pred == y).double().mean().item()
     p_true = probs.gather(1, y[:, None]).squeeze(1).double()
     nll = (-p_true.clamp_min(floor).log()).mean().item() if floor else (-p_true.log()).mean().item()
-    return acc, nll, expected_calibration_error(probs, y)
+    return acc, nll, expected_calibration_error(probs, y, pred=pred)
 
 
-def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width confidence bins (Guo et al. 2017)."""
-    conf, pred = probs.double().max(-1)
+def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS,
+                               pred: torch.Tensor | None = None) -> float:
+    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width confidence bins (Guo et al. 2017);
+    confidence is the probability of the predicted class."""
+    pred = probs.argmax(-1) if pred is None else pred
+    conf = probs.double().gather(1, pred[:, None]).squeeze(1)
     correct = (pred == y).double()
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     total = 0.0
@@ -278,7 +287,8 @@ def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], tas
             w = _normalized(weights, len(states)).float() if weights is not None else validation_accuracies(
                 model, states, task)
         probs = combine(logits, method, w)
-    acc, loss, ece = metrics(probs, y, floor=VOTE_FLOOR if method == "vote" else 0.0)
+    vote = method == "vote"
+    acc, loss, ece = metrics(probs, y, floor=VOTE_FLOOR if vote else 0.0, pred=vote_predictions(logits) if vote else None)
     params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], len(states), method, head)
     return EnsembleResult(method, len(states), split, acc, loss, ece, params, flops, members)
 

@@ -108,11 +108,11 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 @torch.no_grad()
 def input_grams(model: nn.Module, state: Mapping[str, torch.Tensor], task, split: str = "train",
                 n_examples: int | None = None, batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """Per Linear layer, the mean Gram matrix X^T X / N of its inputs (with a ones column when the
-    layer has a bias) under ``state``; token dimensions count as extra rows."""
+    """Per Linear layer, the Gram matrix X^T X of its inputs (with a ones column when the layer has
+    a bias) under ``state``; token dimensions count as extra rows. Sums, as in the paper, so a
+    model calibrated on more data weighs more (least squares on the concatenated data)."""
     layers = linear_layers(model)
     sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
 
     def hook(name, module):
         def record(_, args):
@@ -120,7 +120,6 @@ def input_grams(model: nn.Module, state: Mapping[str, torch.Tensor], task, split
             if module.bias is not None:
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
             sums[name] = sums.get(name, 0) + x.T @ x
-            rows[name] = rows.get(name, 0) + len(x)
         return record
 
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
@@ -133,7 +132,7 @@ def input_grams(model: nn.Module, state: Mapping[str, torch.Tensor], task, split
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {n: sums[n] / rows[n] for n in sums}
+    return sums
 
 
 def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
