@@ -1,0 +1,174 @@
+"""Evaluate many weight vectors of one architecture at once (torch.func.vmap over stacked states).
+
+Every landscape measurement (paths, curves, planes) reduces to "loss and accuracy of the model at
+P points in weight space". Looping P deep copies is slow; here the P states are stacked along a
+leading axis and one vmapped ``functional_call`` evaluates a chunk of them per data batch, so cost
+is linear in points x examples with one kernel launch per layer per chunk.
+
+The caller's model is only a template: it is deep-copied, never run or modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..errors import MergescopeError
+from ..tasks.checkpoints import load_state_into
+
+State = Mapping[str, torch.Tensor]
+Stack = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """Per-point mean loss and accuracy on one split (arrays of length P)."""
+
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """BatchNorm layers that keep running statistics (the ones interpolation breaks)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return bool(batchnorm_modules(model))
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A private eval-mode copy without grads, so the caller's module is never touched."""
+    net = copy.deepcopy(model)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return net
+
+
+def float_keys(model: nn.Module) -> list[str]:
+    """State keys that live in weight space (parameters and float buffers; not step counters)."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def as_state(model: nn.Module, state: State, source: str = "state") -> dict[str, torch.Tensor]:
+    """Validate ``state`` against ``model`` (one-line errors) and return its float tensors, float32.
+
+    Lazy checkpoints are read once here.
+    """
+    probe = working_copy(model)
+    load_state_into(probe, state, str(getattr(state, "path", source)))
+    full = probe.state_dict()
+    return {k: full[k].detach().clone().float() for k in float_keys(model)}
+
+
+def stack(states: Sequence[Mapping[str, torch.Tensor]]) -> Stack:
+    """Stack P states key by key into tensors with a leading axis of size P."""
+    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+
+def lerp(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], ts: Iterable[float]) -> Stack:
+    """Points (1 - t) a + t b for each t, stacked: the linear path of Frankle et al. / Garipov et al."""
+    t = torch.as_tensor(list(ts), dtype=torch.float32)
+    return {k: a[k][None] + t.reshape(-1, *([1] * a[k].dim())) * (b[k] - a[k])[None] for k in a}
+
+
+def point(points: Stack, i: int) -> dict[str, torch.Tensor]:
+    """The i-th state of a stack."""
+    return {k: v[i] for k, v in points.items()}
+
+
+def _forward(net: nn.Module, chunk: Stack, x: torch.Tensor) -> torch.Tensor:
+    """Outputs [P, N, ...] of the P states in ``chunk`` on the same inputs."""
+    def one(weights, inputs):
+        return functional_call(net, weights, (inputs,), strict=False)
+
+    return vmap(one, in_dims=(0, None))(chunk, x)
+
+
+def recompute_batchnorm(net: nn.Module, chunk: Stack, task, split: str = "train") -> Stack:
+    """Replace the running statistics of every point by those of its own activations on ``split``.
+
+    Interpolating BN running statistics does not give the statistics of the interpolated network
+    (the variance collapses along the path; Jordan et al. 2023, "REPAIR"). Like ``torch``'s
+    cumulative mode (momentum=None), the new statistic is the average over the split's batches of
+    each batch's statistic, each computed with the preceding layers already in train-mode BN.
+    """
+    bns = batchnorm_modules(net)
+    if not bns:
+        return chunk
+    keys = [f"{n}.{s}" for n, _ in bns for s in ("running_mean", "running_var")]
+    momenta = {n: m.momentum for n, m in bns}
+    for _, m in bns:
+        m.momentum = 1.0  # one batch -> running stat == that batch's stat
+        m.train()
+    total = {k: torch.zeros_like(chunk[k]) for k in keys}
+    count = 0
+    try:
+        with torch.no_grad():
+            for x, _ in task.batches(split):
+                buffers = {k: chunk[k].clone() for k in keys}
+                _forward(net, {**chunk, **buffers}, x)
+                for k in keys:
+                    total[k] += buffers[k]
+                count += 1
+    finally:
+        for n, m in bns:
+            m.momentum = momenta[n]
+            m.eval()
+    if count == 0:
+        raise MergescopeError(f"task {getattr(task, 'name', task)}: split {split!r} is empty; cannot recompute BatchNorm")
+    return {**chunk, **{k: total[k] / count for k in keys}}
+
+
+def split_metrics(net: nn.Module, chunk: Stack, task, split: str, batches: int | None = None) -> SplitMetrics:
+    """Mean task loss and accuracy over ``split`` (or its first ``batches`` batches) for each point."""
+    points = next(iter(chunk.values())).shape[0]
+    loss_sum = torch.zeros(points, dtype=torch.float64)
+    correct = torch.zeros(points, dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for i, (x, y) in enumerate(task.batches(split)):
+            if batches is not None and i >= batches:
+                break
+            out = _forward(net, chunk, x)
+            loss_sum += vmap(lambda o: task.loss(o, y))(out).double() * len(y)
+            if out.dim() >= 3:
+                correct += (out.argmax(-1) == y).double().sum(-1)
+            else:  # not a classifier: accuracy is undefined
+                correct += float("nan")
+            count += len(y)
+    if count == 0:
+        raise MergescopeError(f"task {getattr(task, 'name', task)}: split {split!r} is empty")
+    return SplitMetrics((loss_sum / count).numpy(), (correct / count).numpy())
+
+
+def evaluate_points(model: nn.Module, points: Stack, task, splits: Sequence[str] = ("test",),
+                    bn_reset: bool = True, chunk_size: int = 32, batches: int | None = None,
+                    on_chunk=None) -> dict[str, SplitMetrics]:
+    """Loss and accuracy of each of the P stacked states on each split.
+
+    ``bn_reset`` recomputes BatchNorm statistics per point on the train split first (no-op for
+    models without BatchNorm). ``on_chunk(done, total)`` reports progress.
+    """
+    net = working_copy(model)
+    total = next(iter(points.values())).shape[0]
+    parts: dict[str, list[SplitMetrics]] = {s: [] for s in splits}
+    for start in range(0, total, chunk_size):
+        chunk = {k: v[start:start + chunk_size] for k, v in points.items()}
+        if bn_reset:
+            chunk = recompute_batchnorm(net, chunk, task)
+        for s in splits:
+            parts[s].append(split_metrics(net, chunk, task, s, batches))
+        if on_chunk is not None:
+            on_chunk(min(start + chunk_size, total), total)
+    return {s: SplitMetrics(np.concatenate([p.loss for p in ps]), np.concatenate([p.accuracy for p in ps]))
+            for s, ps in parts.items()}
