@@ -1,0 +1,221 @@
+"""Streaming merge executor: tensor by tensor, bounded memory, a thread pool, atomic output.
+
+``merge(recipe, out)`` plans the output from the input headers, lays out the output shards
+(``writer.PlannedWriter``), then runs one job per output tensor on ``threads`` worker threads:
+read the input tensors with ``pread`` (copies, no memory map, so resident memory is only what
+the job holds), merge them with the method's pure function, ``pwrite`` the result, free it.
+
+Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
+within ``max(largest job, 256 MB)``, and a method's scratch is at most about one tensor plus
+1 M-element chunks. Peak resident memory is therefore about
+``interpreter + torch (~0.3 GB) + 2 x max(largest job, 256 MB)``, independent of model size.
+Randomized methods draw from a generator seeded by ``(seed, tensor name)``: the same seed gives
+the same bits whatever the thread count or completion order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MergescopeError
+from ..io import atomic_output, copy_aux_files, parse_size, provenance
+from ..recipe import Recipe, read
+from . import plan as planning
+from .writer import PlannedWriter
+
+MIN_BUDGET = 256 * 10**6
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
+PASSED_METADATA = ("model", "task")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge wrote and what it cost."""
+
+    out: str
+    method: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    files: tuple[str, ...]
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {"out": self.out, "method": self.method, "tensors": self.tensors, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "seconds": self.seconds, "files": list(self.files),
+                "seed": self.seed}
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run seed and the output tensor name (order-independent)."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def run_job(job: planning.Job, plan: planning.Plan, ckpts, dtype: torch.dtype | None, seed: int) -> torch.Tensor:
+    """Read one job's inputs and merge them (no writing)."""
+    tensors = []
+    for model_index, name in job.inputs:
+        t = ckpts[plan.models[model_index]].read(name)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        tensors.append(t)
+    if not tensors[0].is_floating_point():
+        return tensors[job.base or 0].to(job.dtype)
+    work = tensors[0].dtype
+    for t in tensors[1:]:
+        work = torch.promote_types(work, t.dtype)
+    tensors = [t if t.dtype == work else t.to(work) for t in tensors]
+    method = plan.method
+    params = dict(job.shared)
+    if method.base == "ignored" or job.base is None:
+        base, others, kept = None, tensors, range(len(tensors))
+    else:
+        base = tensors[job.base]
+        kept = [i for i in range(len(tensors)) if i != job.base]
+        others = [tensors[i] for i in kept]
+    for p in method.params:
+        if p.scope != "shared":
+            params[p.name] = [job.per_input[i][p.name] for i in kept]
+    if method.random:
+        params["seed"] = tensor_seed(seed, job.name)
+    try:
+        out = method(others, base, **params)
+    except MergescopeError as e:
+        raise MergescopeError(f"tensor {job.name!r}: {e}") from None
+    return out if out.dtype == job.dtype else out.to(job.dtype)
+
+
+class _Budget:
+    """Admit jobs while the bytes in flight stay under a limit (one job always runs)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.cond = limit, 0, threading.Condition()
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used == 0 or self.used + nbytes <= self.limit
+
+
+def _job_bytes(job: planning.Job) -> int:
+    return job.nbytes_in + job.nbytes_out
+
+
+def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor) -> tuple[int, int]:
+    budget = _Budget(max(MIN_BUDGET, max((_job_bytes(j) for j in plan.jobs), default=0)))
+    totals = [0, 0]
+    lock = threading.Lock()
+
+    def work(job):
+        out = run_job(job, plan, ckpts, dtype, seed)
+        written = writer.write(job.name, out)
+        del out
+        with lock:
+            totals[0] += job.nbytes_in
+            totals[1] += written
+        if on_tensor is not None:
+            on_tensor(job.name, job.nbytes_in)
+        return job
+
+    pending: set[Future] = set()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+        try:
+            for job in plan.jobs:
+                while pending and (len(pending) >= threads or not budget.fits(_job_bytes(job))):
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        budget.used -= _job_bytes(f.result())
+                budget.used += _job_bytes(job)
+                pending.add(pool.submit(work, job))
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return totals[0], totals[1]
+
+
+def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenizer: bool) -> None:
+    """Copy config/tokenizer files from the donor (base) model and fix the config's layer count/dtype."""
+    donor = Path(plan.donor)
+    if donor.is_dir():
+        copied = copy_aux_files(donor, tmp)
+        if not copy_tokenizer:
+            for name in copied:
+                if name in TOKENIZER_FILES:
+                    (tmp / name).unlink()
+    config_path = tmp / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if plan.stacked and "num_hidden_layers" in config:
+            config["num_hidden_layers"] = plan.num_layers
+        out_dtype = recipe.out_dtype or recipe.dtype
+        if out_dtype:
+            name = str(planning.DTYPES[out_dtype]).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if recipe.text:
+        (tmp / "mergescope_recipe.yml").write_text(recipe.text)
+
+
+def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, force: bool = False,
+          seed: int | None = None, threads: int | None = None, max_shard_size: int | str = "2GB",
+          copy_tokenizer: bool = True, on_tensor: Callable[[str, int], None] | None = None,
+          on_plan: Callable[[int, int], None] | None = None) -> MergeResult:
+    """Run a MergeKit-compatible recipe (file path, YAML text, mapping or Recipe) into ``out_dir``.
+
+    ``out_dir`` ending in ``.safetensors`` gives one file; otherwise a Hugging Face folder with
+    shards of at most ``max_shard_size``, index, config and tokenizer copied from the base model.
+    ``on_plan(tensors, bytes)`` is called once before work starts, ``on_tensor(name, bytes_read)``
+    after each tensor (from worker threads).
+    """
+    start = time.perf_counter()
+    recipe = read(recipe)
+    seed = 0 if seed is None else int(seed)
+    threads = max(1, int(threads or min(2, os.cpu_count() or 1)))
+    shard_bytes = parse_size(max_shard_size)
+    ckpts = planning.open_models(recipe)
+    plan = planning.build(recipe, ckpts)
+    layout = [(j.name, j.dtype, j.shape) for j in plan.jobs]
+    dtype = planning.DTYPES[recipe.dtype] if recipe.dtype else None
+    donor_meta = ckpts[plan.donor].metadata
+    meta = provenance(inputs=list(plan.models), recipe_text=recipe.text, seed=seed, merge_method=plan.method.name)
+    meta.update({k: donor_meta[k] for k in PASSED_METADATA if k in donor_meta})
+    out = Path(out_dir)
+    single = out.suffix == ".safetensors"
+    if on_plan is not None:
+        on_plan(len(plan.jobs), sum(j.nbytes_in for j in plan.jobs))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else old_threads)
+    try:
+        with atomic_output(out, [Path(m) for m in plan.models], force=force, is_dir=not single) as tmp:
+            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single)
+            try:
+                read_bytes, written = _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor)
+            except BaseException:
+                writer.abort()
+                raise
+            files = writer.close()
+            if not single:
+                _finish_folder(tmp, plan, recipe, copy_tokenizer)
+    finally:
+        torch.set_num_threads(old_threads)
+        for c in ckpts.values():
+            c.close()
+    names = tuple(out.name if single else f.name for f in files)
+    return MergeResult(str(out), plan.method.name, len(plan.jobs), read_bytes, written,
+                       time.perf_counter() - start, names, seed)

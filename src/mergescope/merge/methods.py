@@ -1,0 +1,612 @@
+"""Merge methods as pure per-tensor functions, plus a name registry.
+
+Every method takes the tensors of one parameter and returns the merged tensor; none reads files,
+keeps state or touches a global random generator. Conventions (as MergeKit 0.1.5 binds them):
+
+* ``base="ignored"`` methods (linear, karcher, passthrough) get *all* inputs in ``tensors``;
+  per-model parameters are aligned with ``tensors``.
+* ``base="required"|"optional"`` methods get the non-base inputs in ``tensors`` and the base
+  model's tensor as ``base``; per-model parameters are aligned with the non-base ``tensors``.
+* Arithmetic runs in float32 (float64 for float64 inputs) in chunks of ``CHUNK`` elements, so
+  scratch memory stays a small multiple of one tensor; the result has the inputs' dtype.
+* Random methods take ``seed``: the same seed gives the same bits (one private generator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MergescopeError
+
+Tensor = torch.Tensor
+CHUNK = 1 << 20  # elements per chunk in the element-wise passes
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _flat(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    flat = t.reshape(-1)
+    return flat if dtype is None or flat.dtype == dtype else flat.to(dtype)
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(n, start + CHUNK))
+
+
+def _check_same_shape(tensors: Sequence[Tensor], base: Tensor | None = None) -> None:
+    shapes = {tuple(t.shape) for t in tensors} | ({tuple(base.shape)} if base is not None else set())
+    if len(shapes) > 1:
+        raise MergescopeError(f"inputs have different shapes: {sorted(shapes)}")
+
+
+def top_k_mask(score: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat score; ties go to lower indices.
+
+    Uses a selection (``kthvalue``, O(n)) instead of a full sort; the masks are nested
+    (``top_k_mask(s, j)`` is inside ``top_k_mask(s, k)`` for ``j <= k``).
+    """
+    n = score.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    threshold = torch.kthvalue(score, n - k + 1).values
+    mask = score > threshold
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = torch.nonzero(score == threshold).reshape(-1)[:need]
+        mask[ties] = True
+    return mask
+
+
+def _rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor | float:
+    """L1 norm restoring factor ``|delta|_1 / |delta * mask|_1`` (1 when either is tiny), as MergeKit."""
+    before = delta.abs().sum()
+    after = (delta * mask).abs().sum()
+    if before < eps or after < eps:
+        return 1.0
+    return before / after
+
+
+# ----------------------------------------------------------------------------- sparsification
+
+
+def magnitude_mask(delta: Tensor, density: float, **_) -> Tensor | None:
+    """TIES trimming (Yadav et al. 2023, arXiv:2306.01708): keep the top ``density`` fraction of |delta|.
+
+    Keeps ``max(1, int(density * n))`` entries; ``None`` means keep everything.
+    """
+    if density >= 1:
+        return None
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros(n, dtype=torch.bool)
+    return top_k_mask(delta.abs().reshape(-1), max(1, int(density * n)))
+
+
+def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator, **_) -> Tensor | None:
+    """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``."""
+    if density >= 1:
+        return None
+    return _uniform(delta.numel(), generator) < density
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float = 0.01, **_) -> Tensor | None:
+    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795).
+
+    Drops the ``gamma`` fraction of largest |delta| (outliers), then the smallest, keeping
+    ``int(density * n)`` entries: ascending ranks ``[n_bot, n_bot + keep)``.
+    """
+    if density >= 1:
+        return None
+    n = delta.numel()
+    keep, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - keep - n_top)
+    score = delta.abs().reshape(-1).float()
+    upper = top_k_mask(score, n - n_bot)
+    return upper & ~top_k_mask(score, max(0, n - n_bot - keep))
+
+
+def della_mask(delta: Tensor, density: float, generator: torch.Generator, epsilon: float = 0.15, **_) -> Tensor | None:
+    """DELLA MagPrune (Deep et al. 2024, arXiv:2406.11617): keep probability grows with magnitude rank.
+
+    Within each row (dim 1; 1-D tensors are one row), p = density - eps + 2 eps (rank - 1) / (m - 1).
+    """
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros(delta.numel(), dtype=torch.bool)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise MergescopeError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+    rank_norm = ranks.float() / (m - 1) if m > 1 else torch.zeros(ranks.shape)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    return (_uniform(probs.numel(), generator) < probs.reshape(-1))
+
+
+def _uniform(n: int, generator: torch.Generator) -> Tensor:
+    """n uniforms drawn in fixed-size pieces (same bits whatever else runs)."""
+    out = torch.empty(n)
+    for part in _chunks(n):
+        out[part] = torch.rand(part.stop - part.start, generator=generator)
+    return out
+
+
+SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
+    "magnitude": magnitude_mask,
+    "random": bernoulli_mask,
+    "magnitude_outliers": outlier_mask,
+    "della_magprune": della_mask,
+}
+
+
+# ----------------------------------------------------------------------------- task arithmetic family
+
+
+def _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra):
+    """Per model: (keep mask or None, scalar = rescale factor * weight)."""
+    work = _work_dtype(base)
+    generator = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    plan = []
+    for i, t in enumerate(tensors):
+        mask, factor = None, 1.0
+        if sparsify is not None:
+            delta = _flat(t, work) - _flat(base, work)
+            params = {k: v[i] for k, v in extra.items()}
+            mask = SPARSIFIERS[sparsify](delta.reshape(base.shape), density=density[i], generator=generator, **params)
+            if mask is not None and rescale:
+                factor = _rescale_factor(delta, mask)
+            del delta
+        plan.append((mask, factor))
+    return plan
+
+
+def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weight: Sequence[float],
+                                density: Sequence[float] | None = None, sparsify: str | None = None,
+                                consensus: bool = False, normalize: bool = False, rescale: bool = False,
+                                lam: float = 1.0, seed: int = 0, **extra: Sequence[float]) -> Tensor:
+    """base + lam * combine_i(w_i * sparsify(theta_i - base)).
+
+    combine = sum (task arithmetic) or, with ``consensus``, the TIES sign election: the majority
+    sign is that of sum_i w_i d_i (>= 0 counts positive) and only agreeing entries are summed;
+    ``normalize`` divides by the summed weights of the contributing models (per entry with consensus).
+    """
+    _check_same_shape(tensors, base)
+    if not tensors:
+        return base.clone()
+    density = density if density is not None else [1.0] * len(tensors)
+    work = _work_dtype(base)
+    plan = _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra)
+    w = torch.tensor([float(x) for x in weight], dtype=work)
+    total = w.sum()
+    if total.abs() < 1e-8:
+        total = torch.ones((), dtype=work)
+    out = torch.empty(base.numel(), dtype=base.dtype)
+    b_flat = _flat(base)
+    for part in _chunks(base.numel()):
+        b = b_flat[part].to(work)
+        deltas = torch.stack([_flat(t)[part].to(work) - b for t in tensors])
+        for i, (mask, factor) in enumerate(plan):
+            if mask is not None:
+                deltas[i].mul_(mask[part])
+            if not (isinstance(factor, float) and factor == 1.0):
+                deltas[i].mul_(factor)
+        deltas.mul_(w[:, None])
+        if consensus:
+            positive = deltas.sum(0) >= 0
+            agree = torch.where(positive, deltas > 0, deltas < 0)
+            mixed = (deltas * agree).sum(0)
+            divisor = (w[:, None] * agree).sum(0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed, divisor = deltas.sum(0), total
+        if normalize:
+            mixed /= divisor
+        if lam != 1:
+            mixed *= lam
+        out[part] = b + mixed
+    return out.reshape(base.shape)
+
+
+def task_arithmetic(tensors, base, *, weight, normalize=False, lam=1.0, **_):
+    """Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): base + lam * sum_i w_i (theta_i - base).
+
+    Negative weights subtract a task vector (task negation).
+    """
+    return generalized_task_arithmetic(tensors, base, weight=weight, normalize=normalize, lam=lam)
+
+
+def ties(tensors, base, *, weight, density=None, normalize=True, lam=1.0, rescale=False, **_):
+    """TIES-merging (Yadav et al. 2023, arXiv:2306.01708): trim to top-density |delta|, elect signs, disjoint mean."""
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="magnitude",
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam)
+
+
+def dare_ties(tensors, base, *, weight, density=None, normalize=False, rescale=True, lam=1.0, seed=0, **_):
+    """DARE (Yu et al. 2023, arXiv:2311.03099) drop with probability 1 - density, L1-rescale, then TIES sign election."""
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="random",
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, seed=seed)
+
+
+def dare_linear(tensors, base, *, weight, density=None, normalize=False, rescale=True, lam=1.0, seed=0, **_):
+    """DARE (arXiv:2311.03099) drop with probability 1 - density, L1-rescale, then task arithmetic."""
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="random",
+                                       normalize=normalize, rescale=rescale, lam=lam, seed=seed)
+
+
+def breadcrumbs(tensors, base, *, weight, density=None, gamma=None, normalize=False, rescale=False, lam=1.0, **_):
+    """Model Breadcrumbs (arXiv:2312.06795): drop the largest gamma and the smallest |delta|, then sum."""
+    gamma = gamma if gamma is not None else [0.01] * len(tensors)
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="magnitude_outliers",
+                                       normalize=normalize, rescale=rescale, lam=lam, gamma=gamma)
+
+
+def breadcrumbs_ties(tensors, base, *, weight, density=None, gamma=None, normalize=False, rescale=False, lam=1.0, **_):
+    """Model Breadcrumbs (arXiv:2312.06795) masks with the TIES sign election."""
+    gamma = gamma if gamma is not None else [0.01] * len(tensors)
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="magnitude_outliers",
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, gamma=gamma)
+
+
+def della(tensors, base, *, weight, density=None, epsilon=None, normalize=True, rescale=True, lam=1.0, seed=0, **_):
+    """DELLA (Deep et al. 2024, arXiv:2406.11617): MagPrune by rank, L1-rescale, TIES sign election."""
+    epsilon = epsilon if epsilon is not None else [0.15] * len(tensors)
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="della_magprune",
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, seed=seed,
+                                       epsilon=epsilon)
+
+
+def della_linear(tensors, base, *, weight, density=None, epsilon=None, normalize=False, rescale=True, lam=1.0,
+                 seed=0, **_):
+    """DELLA MagPrune (arXiv:2406.11617) followed by plain task arithmetic."""
+    epsilon = epsilon if epsilon is not None else [0.15] * len(tensors)
+    return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="della_magprune",
+                                       normalize=normalize, rescale=rescale, lam=lam, seed=seed, epsilon=epsilon)
+
+
+# ----------------------------------------------------------------------------- averages and interpolation
+
+
+def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Sequence[float],
+           normalize: bool = True, **_) -> Tensor:
+    """Model soup / weighted average (Wortsman et al. 2022, arXiv:2203.05482): sum_i w_i theta_i / sum_i w_i.
+
+    With ``normalize=False`` the weighted sum is returned unscaled.
+    """
+    _check_same_shape(tensors)
+    first = tensors[0]
+    if not first.is_floating_point():
+        raise MergescopeError("linear merging needs floating-point tensors")
+    work = _work_dtype(first)
+    total = sum(float(x) for x in weight)
+    out = torch.empty(first.numel(), dtype=first.dtype)
+    for part in _chunks(first.numel()):
+        acc = torch.zeros(part.stop - part.start, dtype=work)
+        for t, w in zip(tensors, weight):
+            acc.add_(_flat(t)[part].to(work), alpha=float(w))
+        if normalize:
+            acc.div_(total)
+        out[part] = acc
+    return out.reshape(first.shape)
+
+
+def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,
+          **_) -> Tensor:
+    """Spherical interpolation (Shoemake 1985) from ``base`` (t=0) to the other model (t=1).
+
+    Each tensor is one flat vector: theta = acos(<a/|a|, b/|b|>), result =
+    sin((1-t) theta)/sin theta * a + sin(t theta)/sin theta * b; plain lerp when |cos theta| > 0.9995.
+    """
+    if len(tensors) != 1:
+        raise MergescopeError(f"slerp merges exactly two models (a base and one other), got {len(tensors) + 1}")
+    _check_same_shape(tensors, base)
+    work = _work_dtype(base)
+    a, b = _flat(base, work), _flat(tensors[0], work)
+    if a.numel() == 0:
+        return base.clone()
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = na if na > eps else torch.ones((), dtype=work)
+    nb = nb if nb > eps else torch.ones((), dtype=work)
+    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    t = float(t)
+    if abs(dot) > dot_threshold:
+        ca, cb = 1 - t, t
+    else:
+        theta = torch.acos(torch.tensor(dot, dtype=work))
+        s = torch.sin(theta)
+        ca, cb = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
+    return (ca * a + cb * b).to(base.dtype).reshape(base.shape)
+
+
+def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def nuslerp(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Sequence[float],
+            nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True, **_) -> Tensor:
+    """Slerp between two models with t = w_2 / (w_1 + w_2); with a base, slerp of the task vectors.
+
+    ``nuslerp_flatten`` treats the tensor as one vector; else rows (or columns, ``nuslerp_row_wise``).
+    """
+    if len(tensors) != 2:
+        raise MergescopeError(f"nuslerp merges exactly two non-base models, got {len(tensors)}")
+    _check_same_shape(tensors, base)
+    total = float(weight[0]) + float(weight[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weight[1]) / total
+    v0, v1 = tensors
+    if base is None:
+        return _nuslerp_pair(t, v0, v1, nuslerp_row_wise, nuslerp_flatten)
+    return base + _nuslerp_pair(t, v0 - base, v1 - base, nuslerp_row_wise, nuslerp_flatten)
+
+
+def multislerp(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Sequence[float],
+               normalize_weights: bool = True, eps: float = 1e-8, **_) -> Tensor:
+    """Barycentric interpolation on the hypersphere (Goddard, "multislerp"): tangent-space mean at the
+    weighted mean direction, mapped back with the exponential map, scaled by the weighted mean norm.
+    """
+    _check_same_shape(tensors, base)
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    x = torch.stack([t.reshape(-1) for t in tensors])
+    if base is not None:
+        x = x - base.reshape(-1)
+    w = torch.tensor([float(v) for v in weight], dtype=x.dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    units = x / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise MergescopeError("multislerp: the weighted mean direction is zero (antipodal inputs balance out)")
+        out = x[0] * w[0] + x[1] * w[1]
+    else:
+        mean = mean / mean_norm
+        tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+        step = (tangent * w[:, None]).sum(0)
+        step_norm = torch.linalg.vector_norm(step) + eps
+        out = (mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)) * (norms[:, 0] * w).sum()
+    out = out.reshape(tensors[0].shape)
+    return out + base if base is not None else out
+
+
+def karcher(tensors: Sequence[Tensor], base: Tensor | None = None, *, max_iter: int = 10, tol: float = 1e-5,
+            **_) -> Tensor:
+    """Karcher (Riemannian) mean of the directions on the unit sphere, scaled by the mean norm.
+
+    Fixed-point iteration m <- exp_m(sum_i a_i log_m(u_i)) (Karcher 1977), equal weights a_i = 1/n.
+    """
+    _check_same_shape(tensors)
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    work = _work_dtype(tensors[0])
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    flats = [_flat(t, work) for t in tensors]
+    norms = [torch.linalg.vector_norm(f) for f in flats]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    units = [flats[i] / norms[i] for i in valid]
+    a_sum = sum(alphas[i] for i in valid)
+    a = [alphas[i] / a_sum for i in valid]
+    mean = sum(ai * u for ai, u in zip(a, units))
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(int(max_iter)):
+        tangent = torch.zeros_like(mean)
+        for ai, u in zip(a, units):
+            dot = torch.dot(mean, u).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += ai * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    scale = sum(ai * n for ai, n in zip(alphas, norms))
+    return (scale * mean).to(tensors[0].dtype).reshape(tensors[0].shape)
+
+
+def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = False, **_) -> Tensor:
+    """Model Stock (Jang et al. 2024, arXiv:2403.19522): t = N cos / (1 + (N-1) cos) from the mean
+    pairwise cosine of the deltas; result t * mean(theta_i) + (1 - t) * base (per row if ``filter_wise``).
+    """
+    if len(tensors) < 2:
+        raise MergescopeError(f"model_stock needs a base and at least two other models, got {len(tensors)}")
+    _check_same_shape(tensors, base)
+    if filter_wise:
+        w0 = base if base.dim() > 1 else base.unsqueeze(0)
+        ws = [t if t.dim() > 1 else t.unsqueeze(0) for t in tensors]
+    else:
+        w0, ws = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    offsets = [w - w0 for w in ws]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    cosines = [((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+               for i in range(len(offsets)) for j in range(i + 1, len(offsets))]
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    n = len(ws)
+    denom = 1 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
+    average = sum(ws) / n
+    return (ratio * average + (1 - ratio) * w0).reshape(base.shape)
+
+
+def nearswap(tensors: Sequence[Tensor], base: Tensor, *, t: float, **_) -> Tensor:
+    """NearSwap: take the other model where it is within ``t`` of the base:
+    w = clamp(t / max(|a - b|, 1e-6), 0, 1), result w * b + (1 - w) * a.
+    """
+    if len(tensors) != 1:
+        raise MergescopeError(f"nearswap merges exactly two models (a base and one other), got {len(tensors) + 1}")
+    _check_same_shape(tensors, base)
+    other = tensors[0]
+    weight = (float(t) / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * other + (1 - weight) * base
+
+
+def sce(tensors: Sequence[Tensor], base: Tensor, *, select_topk: float = 1.0, **_) -> Tensor:
+    """SCE (Wan et al. 2024, arXiv:2408.07990): Select entries with top-k variance across task vectors,
+    Calculate weights mean(d_i^2) / sum_j mean(d_j^2), Erase minority signs, weighted disjoint mean.
+    """
+    _check_same_shape(tensors, base)
+    if not tensors:
+        return base.clone()
+    deltas = torch.stack([t - base for t in tensors])
+    if select_topk < 1:
+        deltas = deltas * _variance_mask(deltas, select_topk).to(deltas.dtype)
+    positive = deltas.sum(0) >= 0
+    agree = torch.where(positive, deltas > 0, deltas < 0)
+    energy = deltas.square().reshape(len(tensors), -1).mean(1)
+    total = float(energy.sum())
+    weights = torch.full_like(energy, 1 / len(tensors)) if abs(total) < 1e-6 else energy / total
+    weights = weights.reshape(-1, *([1] * base.dim())) * agree
+    return base + (deltas * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
+
+
+def _variance_mask(deltas: Tensor, density: float) -> Tensor:
+    if density <= 0:
+        return torch.zeros(deltas.shape[1:], dtype=torch.bool)
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * density)
+    return top_k_mask(var.abs().reshape(-1), k).reshape(var.shape)
+
+
+def passthrough(tensors: Sequence[Tensor], base: Tensor | None = None, *, scale: Sequence[float | None] | None = None,
+                **_) -> Tensor:
+    """Copy the single input (optionally times ``scale``); used for layer stacking ("frankenmerges")."""
+    if len(tensors) != 1:
+        raise MergescopeError(f"passthrough takes exactly one model per tensor, got {len(tensors)}")
+    s = scale[0] if scale else None
+    return tensors[0].clone() if s is None else tensors[0] * s
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Param:
+    """A recipe parameter: ``scope`` is "shared", "input" (every model) or "non_base" (every non-base model)."""
+
+    name: str
+    kind: type
+    scope: str = "shared"
+    default: object = None
+    required: bool = False
+    arg: str | None = None  # keyword the function takes, when it differs from the recipe name
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method: the function, how it treats the base model, its parameters."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    base: str  # "required", "optional" or "ignored"
+    params: tuple[Param, ...] = ()
+    random: bool = False
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    reference: str = ""
+    stacks_layers: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __call__(self, tensors, base=None, **params):
+        for p in self.params:
+            if p.arg and p.name in params:
+                params[p.arg] = params.pop(p.name)
+        return self.fn(list(tensors), base, **params)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "base": self.base, "random": self.random, "reference": self.reference,
+                "parameters": {p.name: {"scope": p.scope, "default": p.default, "required": p.required}
+                               for p in self.params}}
+
+
+def _gta_params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
+    return (Param("weight", float, "non_base", required=True), Param("density", float, "non_base", 1.0),
+            Param("normalize", bool, default=normalize), Param("rescale", bool, default=rescale),
+            Param("lambda", float, default=1.0, arg="lam"), Param("int8_mask", bool, default=False), *extra)
+
+
+_GAMMA = (Param("gamma", float, "non_base", 0.01),)
+_EPSILON = (Param("epsilon", float, "non_base", 0.15),)
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("linear", linear, "ignored", (Param("weight", float, "input", required=True),
+                                         Param("normalize", bool, default=True)), reference="arXiv:2203.05482"),
+    Method("slerp", slerp, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2),
+    Method("nuslerp", nuslerp, "optional", (Param("weight", float, "non_base", required=True),
+                                            Param("nuslerp_row_wise", bool, default=False),
+                                            Param("nuslerp_flatten", bool, default=True))),
+    Method("multislerp", multislerp, "optional", (Param("weight", float, "non_base", required=True),
+                                                  Param("normalize_weights", bool, default=True),
+                                                  Param("eps", float, default=1e-8))),
+    Method("karcher", karcher, "ignored", (Param("max_iter", int, default=10), Param("tol", float, default=1e-5))),
+    Method("task_arithmetic", task_arithmetic, "required", _gta_params(False, False), reference="arXiv:2212.04089"),
+    Method("ties", ties, "required", _gta_params(True, False), reference="arXiv:2306.01708"),
+    Method("dare_ties", dare_ties, "required", _gta_params(False, True), random=True, reference="arXiv:2311.03099"),
+    Method("dare_linear", dare_linear, "required", _gta_params(False, True), random=True,
+           reference="arXiv:2311.03099"),
+    Method("breadcrumbs", breadcrumbs, "required", _gta_params(False, False, _GAMMA), reference="arXiv:2312.06795"),
+    Method("breadcrumbs_ties", breadcrumbs_ties, "required", _gta_params(False, False, _GAMMA),
+           reference="arXiv:2312.06795"),
+    Method("della", della, "required", _gta_params(True, True, _EPSILON), random=True, reference="arXiv:2406.11617"),
+    Method("della_linear", della_linear, "required", _gta_params(False, True, _EPSILON), random=True,
+           reference="arXiv:2406.11617"),
+    Method("sce", sce, "required", (Param("select_topk", float, default=1.0), Param("int8_mask", bool, default=False)),
+           reference="arXiv:2408.07990"),
+    Method("model_stock", model_stock, "required", (Param("filter_wise", bool, default=False),), min_inputs=3,
+           reference="arXiv:2403.19522"),
+    Method("nearswap", nearswap, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2),
+    Method("passthrough", passthrough, "ignored", (Param("scale", float, "input", None),), max_inputs=1,
+           stacks_layers=True),
+)}
+
+
+def names() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The merge method called ``name`` (a callable ``(tensors, base, **params) -> Tensor``)."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise MergescopeError(f"unknown merge method {name!r}; known: {', '.join(names())}") from None

@@ -1,0 +1,284 @@
+"""Merge recipes: MergeKit YAML files read unchanged, validated with pydantic.
+
+A recipe names the models (``models`` with per-model ``parameters``, or ``slices`` of layer
+ranges for layer stacking), the ``merge_method``, an optional ``base_model``, method
+``parameters`` (scalars, gradients = lists interpolated over layers, or per-tensor ``filter``
+conditions), and ``dtype`` / ``out_dtype`` / ``tokenizer_source``. Unknown keys are errors that
+name the key and the valid ones; every error is one line (``MergescopeError``).
+
+Parameter resolution follows MergeKit 0.1.5: a per-model setting beats the slice's, which beats
+the top-level one; a filter matches when it is a substring of the tensor name; a gradient
+``[v0, ..., vk]`` is read at ``t = layer / (layers - 1)`` (``t = 0`` outside the layers).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import MergescopeError
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Conditional(_Strict):
+    """``{value: ..., filter: "self_attn"}``: applies to tensors whose name contains ``filter``."""
+
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+Setting = Union[Conditional, list[Conditional], ScalarOrGradient]
+Parameters = dict[str, Setting]
+
+
+def _model_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"model must be a local path string, got {value!r}")
+    if "+" in value and not os.path.exists(value):
+        raise ValueError(f"model {value!r}: LoRA references (model+lora) are not supported")
+    return value
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: Parameters | None = None
+
+    _check = field_validator("model", mode="before")(classmethod(lambda cls, v: _model_path(v)))
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    _check = field_validator("model", mode="before")(classmethod(lambda cls, v: _model_path(v)))
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v):
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _same_length(cls, v):
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in v}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return v
+
+
+class Recipe(_Strict):
+    """A MergeKit-compatible merge configuration (the subset mergescope runs)."""
+
+    merge_method: str
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    text: str = ""
+
+    _check = field_validator("base_model", mode="before")(classmethod(lambda cls, v: v if v is None else _model_path(v)))
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in DTYPE_NAMES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPE_NAMES)}")
+        return v
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer(cls, v):
+        if v not in (None, "base"):
+            raise ValueError(f"tokenizer_source {v!r} is not supported yet (only 'base'); vocabularies are not rebuilt")
+        return v
+
+    def referenced_models(self) -> list[str]:
+        """Every model path the recipe names, in first-mention order."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or ():
+            seen[m.model] = None
+        for s in self.slices or ():
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+
+_UNSUPPORTED = {
+    "modules": "multi-module recipes ('modules') are not supported; use 'models' or 'slices'",
+    "tokenizer": "'tokenizer' (vocabulary surgery) is not supported; use tokenizer_source: base",
+    "chat_template": "'chat_template' is not supported; edit tokenizer_config.json of the output instead",
+}
+
+
+def _describe(error: dict, where: str) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if not isinstance(p, str) or not p.startswith(("function-", "list[", "union", "tuple[")))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = error["loc"][-1]
+        return f"{where}: unknown key {key!r} at {loc or 'top level'}; valid keys: {', '.join(_valid_keys(error['loc']))}"
+    if kind == "missing":
+        return f"{where}: missing key {loc!r}"
+    return f"{where}: {loc or 'recipe'}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue
+        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource}.get(part)
+        if nested is not None:
+            model = nested
+    return [k for k in model.model_fields if k != "text"]
+
+
+def parse(data: Any, text: str = "", where: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (as loaded from YAML)."""
+    if not isinstance(data, dict):
+        raise MergescopeError(f"{where}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    for key, why in _UNSUPPORTED.items():
+        if data.get(key) is not None:
+            raise MergescopeError(f"{where}: {why}")
+    if "text" in data:
+        raise MergescopeError(f"{where}: unknown key 'text'; valid keys: {', '.join(_valid_keys(('text',)))}")
+    try:
+        recipe = Recipe.model_validate({**data, "text": text})
+    except ValidationError as e:
+        errors = e.errors()
+        extra = [err for err in errors if err["type"] == "extra_forbidden"]
+        raise MergescopeError(_describe((extra or errors)[0], where)) from None
+    if bool(recipe.models) == bool(recipe.slices):
+        raise MergescopeError(f"{where}: give exactly one of 'models' or 'slices'")
+    return recipe
+
+
+def read(source: str | os.PathLike | dict | Recipe) -> Recipe:
+    """A recipe from a YAML file path, YAML text, a mapping, or a Recipe (returned as is)."""
+    import yaml
+
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return parse(source, text=yaml.safe_dump(source, sort_keys=True))
+    where = "recipe"
+    text = str(source)
+    if isinstance(source, os.PathLike) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise MergescopeError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+        where = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MergescopeError(f"{where}: not valid YAML ({first})") from None
+    return parse(data, text=text, where=where)
+
+
+# ----------------------------------------------------------------------------- parameter resolution
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float, convert) -> Any:
+    """Resolve one setting for one tensor: filters pick a branch, gradients interpolate at ``t``.
+
+    Returns None when no filter matches (the next, lower-precedence scope is tried).
+    """
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return convert(setting)
+    if not setting:
+        return None
+    if all(isinstance(e, Conditional) for e in setting):
+        for cond in setting:
+            if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+                return evaluate(cond.value, tensor_name, t, convert)
+        return None
+    values = [convert(e) for e in setting]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return convert((1 - frac) * values[i0] + frac * values[i1])
+
+
+def converter(name: str, kind: type, where: str):
+    """A function turning a YAML scalar into ``kind``, raising a one-line error naming the parameter."""
+
+    def convert(value):
+        if value is None:
+            return None
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+        elif kind is int:
+            if isinstance(value, bool):
+                pass
+            elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+            elif isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        else:
+            return value
+        raise MergescopeError(f"{where}: parameter {name!r} must be {kind.__name__}, got {value!r}")
+
+    return convert
+
+
+def resolve(name: str, kind: type, scopes: list[Parameters | None], tensor_name: str, t: float, where: str):
+    """The value of parameter ``name`` for one tensor: the first scope that yields a value, else None."""
+    convert = converter(name, kind, where)
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate(scope[name], tensor_name, t, convert)
+            if value is not None:
+                return value
+    return None
