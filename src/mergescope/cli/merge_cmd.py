@@ -1,5 +1,68 @@
-"""Commands for this capability are registered here (not built yet)."""
+"""`merge`: run a MergeKit-compatible recipe with the streaming engine."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+from rich.table import Table
+
+from .common import STATE, console, err_console, say
 
 
-def register(app) -> None:
-    """Add this module's commands to the app."""
+def _bar() -> Progress:
+    import sys
+
+    disable = STATE["quiet"] or not sys.stderr.isatty()
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeElapsedColumn(), console=err_console, disable=disable, transient=True)
+
+
+def merge(
+    recipe: Path = typer.Argument(..., help="MergeKit-style YAML recipe (the same file mergekit-yaml reads)."),
+    out: Path = typer.Argument(..., help="Output folder (Hugging Face layout) or a .safetensors file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    random_seed: int = typer.Option(None, "--random-seed", help="Seed for randomized methods (DARE, DELLA); default 0."),
+    threads: int = typer.Option(None, "--threads", help="Worker threads (default: up to 2)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 2GB."),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                        help="Copy tokenizer files from the base model."),
+):
+    """Merge the models of RECIPE into OUT (same recipes and numbers as mergekit-yaml, streamed)."""
+    from ..merge.engine import merge as run
+
+    lock = threading.Lock()
+    with _bar() as bar:
+        job = bar.add_task("merge", total=None)
+
+        count = {"done": 0, "total": 0}
+
+        def on_plan(tensors: int, nbytes: int) -> None:
+            count["total"] = tensors
+            bar.update(job, total=nbytes, description=f"merge 0/{tensors} tensors")
+
+        def on_tensor(name: str, nbytes: int) -> None:
+            with lock:
+                count["done"] += 1
+                bar.update(job, advance=nbytes, description=f"merge {count['done']}/{count['total']} tensors")
+
+        result = run(recipe, out, force=force, seed=random_seed, threads=threads, max_shard_size=max_shard_size,
+                     copy_tokenizer=copy_tokenizer, on_tensor=on_tensor, on_plan=on_plan)
+    if STATE["quiet"]:
+        return
+    table = Table(title=f"{out}", show_header=False)
+    table.add_row("method", result.method)
+    table.add_row("tensors", f"{result.tensors:,}")
+    table.add_row("read", f"{result.bytes_read / 1e9:.3f} GB")
+    table.add_row("written", f"{result.bytes_written / 1e9:.3f} GB in {len(result.files)} file(s)")
+    table.add_row("time", f"{result.seconds:.2f} s ({result.bytes_read / 1e9 / max(result.seconds, 1e-9):.2f} GB/s read)")
+    table.add_row("seed", str(result.seed))
+    console.print(table)
+    say(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `merge` to the app."""
+    app.command()(merge)
