@@ -67,4 +67,18 @@ def trained(name: str, seed: int, epochs: int = 4, **options) -> dict[str, torch
 
 
 def template(name: str, **options) -> nn.Module:
+    if name == "tanh":
+        torch.manual_seed(123)
+        return nn.Sequential(nn.Linear(64, options.get("width", 8)), nn.Tanh(), nn.Linear(options.get("width", 8), 10))
     return build(name, seed=123, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_tanh(seed: int, width: int = 8, epochs: int = 4) -> dict[str, torch.Tensor]:
+    """A smooth (tanh) MLP, so finite differences of its gradient see the true Hessian (ReLU kinks add spikes)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = template("tanh", width=width)
+    model.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()})
+    train(model, digits(), epochs=epochs, lr=3e-3, seed=seed)
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,6 +4,7 @@ Mode convexity (linear paths, barriers), connectivity (fitted curves, planes), f
 (Hessian curvature), determinism (spawning stability) and directedness (task vectors).
 """
 
+from .curvature import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
 from .paths import BarrierMatrix, PathResult, accuracy_barrier, barrier_matrix, interpolate, loss_barrier
 
-__all__ = ["BarrierMatrix", "PathResult", "accuracy_barrier", "barrier_matrix", "interpolate", "loss_barrier"]
+__all__ = ["BarrierMatrix", "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace", "PathResult", "accuracy_barrier", "barrier_matrix", "interpolate", "loss_barrier"]
