@@ -11,7 +11,7 @@ The caller's model is only a template: it is deep-copied, never run or modified.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,11 +159,22 @@ def evaluate_points(model: nn.Module, points: Stack, task, splits: Sequence[str]
     ``bn_reset`` recomputes BatchNorm statistics per point on the train split first (no-op for
     models without BatchNorm). ``on_chunk(done, total)`` reports progress.
     """
-    net = working_copy(model)
     total = next(iter(points.values())).shape[0]
+    return evaluate_lazy(model, total, lambda lo, hi: {k: v[lo:hi] for k, v in points.items()}, task, splits,
+                         bn_reset, chunk_size, batches, on_chunk)
+
+
+def evaluate_lazy(model: nn.Module, total: int, make_chunk: Callable[[int, int], Stack], task,
+                  splits: Sequence[str] = ("test",), bn_reset: bool = True, chunk_size: int = 32,
+                  batches: int | None = None, on_chunk=None) -> dict[str, SplitMetrics]:
+    """Like ``evaluate_points`` but points [lo, hi) are built on demand by ``make_chunk(lo, hi)``.
+
+    Memory stays at one chunk of states however many points there are (planes of big models).
+    """
+    net = working_copy(model)
     parts: dict[str, list[SplitMetrics]] = {s: [] for s in splits}
     for start in range(0, total, chunk_size):
-        chunk = {k: v[start:start + chunk_size] for k, v in points.items()}
+        chunk = make_chunk(start, min(start + chunk_size, total))
         if bn_reset:
             chunk = recompute_batchnorm(net, chunk, task)
         for s in splits:
