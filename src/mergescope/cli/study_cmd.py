@@ -1,5 +1,50 @@
-"""Commands for this capability are registered here (not built yet)."""
+"""`mergescope study`: the four-characteristics study and its HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import console, progress, say, torch_threads
 
 
-def register(app) -> None:
-    """Add this module's commands to the app."""
+def study(
+    out: Path = typer.Option(Path("study"), "--out", "-o", help="Folder for report.html, results.json, figures/, checkpoints/."),
+    quick: bool = typer.Option(False, "--quick", help="Small widths and few epochs (about a minute)."),
+    seed: int = typer.Option(0, help="Seed of the whole study."),
+    stages: str = typer.Option(None, help="Comma-separated subset of stages to run."),
+    threads: int = typer.Option(1, help="torch threads (small models run fastest on one)."),
+):
+    """Train (or reuse) the digits model family, measure the four landscape characteristics, compare every
+    merge method, and write a self-contained report.html."""
+    from ..errors import MergescopeError
+    from ..study import STAGES, StudyConfig, run_study
+
+    overrides = {"seed": seed}
+    if stages:
+        chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
+        unknown = set(chosen) - set(STAGES)
+        if unknown:
+            raise MergescopeError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
+        overrides["stages"] = chosen
+    config = StudyConfig.quick_config(**overrides) if quick else StudyConfig(**overrides)
+    with torch_threads(threads), progress() as bar:
+        job = bar.add_task("study", total=None)
+        results = run_study(out, config,
+                            on_stage=lambda name, i, n: bar.update(job, description=f"stage {i + 1}/{n}: {name}"),
+                            tick=lambda message: bar.update(job, advance=1))
+    table = Table(title="mergescope study: summary")
+    table.add_column("finding")
+    from ..study.sections import summary_lines
+
+    for line in summary_lines(results):
+        table.add_row(line)
+    console.print(table) if not __import__("mergescope.cli.common", fromlist=["STATE"]).STATE["quiet"] else None
+    say(f"report: {out / 'report.html'}  ({sum(results['timings'].values()):.0f}s; models trained "
+        f"{results['models']['trained']}, reused {results['models']['reused']})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(study)

@@ -1,0 +1,71 @@
+"""The main job: the four-characteristics study on the embedded default (digits + zoo).
+
+``run_study(out, config)`` trains (or reuses) the model family, runs each stage, saves
+``results.json``, draws ``figures/*.png`` from those results and writes ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .._version import __version__
+from .config import STAGES, StudyConfig
+from .family import Family
+from .sections import SECTION_BUILDERS, summary_lines
+from .stages import STAGE_FUNCTIONS, Context
+
+__all__ = ["STAGES", "StudyConfig", "run_study", "write_report"]
+
+
+def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = None,
+              on_stage: Callable[[str, int, int], None] | None = None,
+              tick: Callable[[str], None] = lambda message: None) -> dict:
+    """Run every configured stage; returns the results dict that is also saved as results.json."""
+    config = config or StudyConfig()
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    family = Family(out / "checkpoints")
+    ctx = Context(config, family, tick)
+    stages = [s for s in config.stages if s in STAGE_FUNCTIONS]
+    results: dict = {"config": config.to_dict(), "mergescope_version": __version__, "timings": {}}
+    for i, name in enumerate(stages):
+        if on_stage is not None:
+            on_stage(name, i, len(stages))
+        start = time.perf_counter()
+        results[name] = STAGE_FUNCTIONS[name](ctx)
+        results["timings"][name] = time.perf_counter() - start
+    results["models"] = {"trained": family.trained, "reused": family.reused}
+    _write_json(out / "results.json", results)
+    write_report(out)
+    return results
+
+
+def write_report(out: str | os.PathLike) -> Path:
+    """Draw figures and the HTML report from ``out/results.json`` alone (no recomputation)."""
+    from ..report import render_report
+
+    out = Path(out)
+    results = json.loads((out / "results.json").read_text())
+    fig_dir = out / "figures"
+    sections = [SECTION_BUILDERS[name](results[name], fig_dir) for name in STAGES
+                if name in results and name in SECTION_BUILDERS]
+    for section in sections:
+        for table in section.get("tables", []):
+            _write_json(fig_dir / f"{section['id']}.json", results[section["id"]])
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in results["timings"].items())
+    footer = (f"mergescope {results['mergescope_version']}; digits (scikit-learn), fixed seeds; config "
+              f"{json.dumps(results['config'])}; stage times: {timings}; models trained {results['models']['trained']}, "
+              f"reused from cache {results['models']['reused']}.")
+    return render_report("mergescope study: digits model zoo", summary_lines(results), sections, footer,
+                         out / "report.html", fig_dir)
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
