@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .permute import Permutation, apply, random_permutation
 from .spec import PermutationSpec, as_spec
+from .matching import activation_matching, weight_matching
 from .trace import permutation_spec
 
-__all__ = ["Permutation", "PermutationSpec", "apply", "as_spec", "permutation_spec", "random_permutation"]
+__all__ = ["Permutation", "PermutationSpec", "activation_matching", "apply", "as_spec", "permutation_spec",
+           "random_permutation", "weight_matching"]

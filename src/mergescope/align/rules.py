@@ -131,6 +131,10 @@ def reshape(tr, name, args, kwargs, out):
         if len(gi) == 1 and len(go) == 1:
             result[go[0]] = lab[gi[0]]
             continue
+        if len(go) == 1 and len(lab[gi[0]]) > 1 and all(len(lab[i]) == 1 for i in gi[1:]):
+            inner = [f for i in gi[1:] for f in lab[i][0]]  # concatenated channels x space: segments stay contiguous
+            result[go[0]] = tuple(_canonical(list(seg) + inner) for seg in lab[gi[0]])
+            continue
         if any(len(lab[i]) != 1 for i in gi):
             for i in gi:
                 tr.fix(lab[i])
