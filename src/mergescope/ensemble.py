@@ -96,6 +96,34 @@ def run(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) ->
         model.train(was_training)
 
 
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` whose BatchNorm running statistics are the statistics of ``x`` (one
+    full-batch train-mode pass with momentum 1): an averaged model's stored statistics are not its
+    own (Jordan et al. 2023, REPAIR). States of models without BatchNorm come back unchanged."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    state = {k: v.clone() for k, v in state.items()}
+    if not norms:
+        return state
+    saved = [(m.momentum, m.training) for m in norms]
+    was_training = model.training
+    try:
+        model.train()
+        for m in norms:
+            m.momentum = 1.0
+        functional_call(model, state, (x,), strict=False)
+    finally:
+        for m, (momentum, _) in zip(norms, saved):
+            m.momentum = momentum
+        model.train(was_training)
+    return state
+
+
+def weight_average(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task) -> dict[str, torch.Tensor]:
+    """The uniform weight average, with BatchNorm statistics recomputed on the train split."""
+    return reset_batchnorm(model, average_states([as_state(s) for s in states]), split_tensors(task, "train")[0])
+
+
 def split_tensors(task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All (x, y) of a split, concatenated."""
     xs, ys = zip(*task.batches(split))
@@ -300,12 +328,14 @@ def validation_accuracies(model: nn.Module, states: Sequence[Mapping], task, spl
 
 
 def evaluate_weight_average(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task,
-                            split: str = "test") -> EnsembleResult:
-    """The single uniformly weight-averaged model, reported like an ensemble (cost of one model)."""
+                            split: str = "test", reset_bn: bool = True) -> EnsembleResult:
+    """The single uniformly weight-averaged model, reported like an ensemble (cost of one model);
+    BatchNorm statistics are recomputed on train data unless ``reset_bn`` is False."""
     states = [as_state(s) for s in states]
     logits, y = member_logits(model, states, task, split)
     members = tuple((logits[i].argmax(-1) == y).double().mean().item() for i in range(len(states)))
-    avg_logits, _ = member_logits(model, [average_states(states)], task, split)
+    avg = weight_average(model, states, task) if reset_bn else average_states(states)
+    avg_logits, _ = member_logits(model, [avg], task, split)
     acc, loss, ece = metrics(avg_logits[0].softmax(-1), y)
     params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], 1, "weight-average")
     return EnsembleResult("weight-average", len(states), split, acc, loss, ece, params, flops, members)
