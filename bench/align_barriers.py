@@ -1,0 +1,179 @@
+"""Loss/accuracy barriers along the linear path between two digits models, before and after alignment.
+
+For MLPs of widths 32/128/512 and the CNN (two seeds each): test-split barriers over 25 points
+for the naive path, each alignment method, and (BatchNorm models) BN reset and full REPAIR;
+seconds per method; and the PyPI package ``rebasin`` side by side when importable (pass its
+folder with --rebasin-path, e.g. a ``pip install --no-deps --target`` folder).
+
+    .venv/bin/python bench/align_barriers.py [--configs mlp32,mlp128,mlp512,cnn] [--rebasin-path DIR]
+
+Writes bench/out/align_barriers.json and .png (trained checkpoints cached in bench/out/ckpt/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mergescope as ms
+from mergescope.align import activation_matching, apply, permutation_spec, weight_matching
+from mergescope.align.repair import repair
+from mergescope.landscape import accuracy_barrier, interpolate, loss_barrier
+from mergescope.tasks.checkpoints import model_metadata
+
+OUT = Path(__file__).resolve().parent / "out"
+CONFIGS = {"mlp32": ("mlp", {"width": 32}), "mlp128": ("mlp", {"width": 128}), "mlp512": ("mlp", {"width": 512}),
+           "cnn": ("cnn", {"width": 32})}
+N = 25
+
+
+def trained(name: str, options: dict, seed: int, task) -> dict:
+    path = OUT / "ckpt" / f"{name}_{'_'.join(f'{k}{v}' for k, v in sorted(options.items()))}_s{seed}.safetensors"
+    if path.exists():
+        return dict(ms.load(path))
+    model = ms.tasks.build(name, seed=seed, **options)
+    ms.tasks.train(model, task, seed=seed, **ms.tasks.TRAIN_DEFAULTS[name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ms.save(model.state_dict(), path, metadata=model_metadata(name, options))
+    return model.state_dict()
+
+
+def module(name, options, state):
+    m = ms.tasks.build(name, **options)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def repaired_path(name, options, sa, sb, task, batches) -> dict:
+    """Evaluate the path with every point REPAIRed toward the endpoints' unit statistics."""
+    ma, mb = module(name, options, sa), module(name, options, sb)
+    ts = [i / (N - 1) for i in range(N)]
+    losses, accs = [], []
+    for t in ts:
+        m = module(name, options, {k: torch.lerp(sa[k].float(), sb[k].float(), t).to(sa[k].dtype)
+                                   if sa[k].is_floating_point() else sa[k] for k in sa})
+        if 0 < t < 1:
+            repair(m, ma, mb, batches, alpha=t)
+        r = task.evaluate(m, "test")
+        losses.append(r["loss"])
+        accs.append(r["accuracy"])
+    return {"barrier_loss": loss_barrier(ts, losses), "barrier_acc": accuracy_barrier(ts, accs), "loss": losses,
+            "accuracy": accs}
+
+
+def rebasin_align(name, options, sa, sb, x):
+    from rebasin import PermutationCoordinateDescent
+
+    ma, mb = module(name, options, sa), module(name, options, sb)
+    start = time.perf_counter()
+    PermutationCoordinateDescent(ma, mb, x).rebasin()
+    return mb.state_dict(), time.perf_counter() - start
+
+
+def run_config(key: str, task, use_rebasin: bool) -> dict:
+    name, options = CONFIGS[key]
+    sa, sb = trained(name, options, 0, task), trained(name, options, 1, task)
+    template = ms.tasks.build(name, **options)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in template.modules())
+    x = next(task.batches("train"))[0][:16]
+    train_batches = [xb for xb, _ in task.batches("train")]
+    spec = permutation_spec(template, x)
+    methods = {
+        "weight": lambda: apply(spec, weight_matching(spec, sa, sb, seed=0), sb),
+        "activation": lambda: apply(spec, activation_matching(spec, module(name, options, sa), module(name, options, sb),
+                                                              task.batches("train", batch_size=512)), sb),
+    }
+    for extra in ("ot", "ste"):
+        fn = getattr(ms.align, f"{extra}_align_state", None)
+        if fn is not None:
+            methods[extra] = (lambda fn=fn: fn(spec, sa, sb, module(name, options, sa), module(name, options, sb), task))
+    rows = {}
+    path = interpolate(template, sa, sb, task, n=N, bn_reset=has_bn)
+    rows["naive"] = _row(path, has_bn, seconds=0.0)
+    for method, fn in methods.items():
+        start = time.perf_counter()
+        aligned = fn()
+        seconds = time.perf_counter() - start
+        row = _row(interpolate(template, sa, aligned, task, n=N, bn_reset=has_bn), has_bn, seconds)
+        row["repair"] = {k: v for k, v in repaired_path(name, options, sa, aligned, task, train_batches).items()
+                         if k.startswith("barrier")}
+        rows[method] = row
+    if use_rebasin:
+        try:
+            aligned, seconds = rebasin_align(name, options, sa, sb, x)
+            rows["rebasin (PyPI)"] = _row(interpolate(template, sa, aligned, task, n=N, bn_reset=has_bn), has_bn, seconds)
+        except Exception as e:  # a peer failing is a result too
+            rows["rebasin (PyPI)"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return {"model": name, "options": options, "batchnorm": has_bn, "rows": rows}
+
+
+def _row(path, has_bn: bool, seconds: float) -> dict:
+    if has_bn:  # interpolated BN statistics (naive) vs reset statistics
+        return {"seconds": seconds, "barrier_loss": path.naive_barrier_loss, "barrier_acc": path.naive_barrier_acc,
+                "bn_reset": {"barrier_loss": path.barrier_loss, "barrier_acc": path.barrier_acc},
+                "curve_acc": list(path.naive_accuracy)}
+    return {"seconds": seconds, "barrier_loss": path.barrier_loss, "barrier_acc": path.barrier_acc,
+            "curve_acc": list(path.accuracy)}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.2), squeeze=False)
+    for ax, (key, res) in zip(axes[0], results.items()):
+        for method, row in res["rows"].items():
+            if "curve_acc" in row:
+                ts = [i / (N - 1) for i in range(len(row["curve_acc"]))]
+                ax.plot(ts, [100 * a for a in row["curve_acc"]], label=method)
+        ax.set_title(key)
+        ax.set_xlabel("t")
+        ax.set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--rebasin-path", default=None, help="folder holding the rebasin package (and torchview)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    use_rebasin = False
+    if args.rebasin_path:
+        sys.path.insert(0, args.rebasin_path)
+    try:
+        import rebasin  # noqa: F401
+
+        use_rebasin = True
+    except ImportError:
+        pass
+    task = ms.tasks.digits()
+    results = {key: run_config(key, task, use_rebasin and CONFIGS[key][0] == "mlp") for key in args.configs.split(",")}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "align_barriers.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, OUT / "align_barriers.png")
+    for key, res in results.items():
+        for method, row in res["rows"].items():
+            if "error" in row:
+                print(f"{key:7s} {method:15s} error: {row['error']}")
+                continue
+            extra = ""
+            if "bn_reset" in row:
+                extra += f"  bn-reset {row['bn_reset']['barrier_loss']:.3f}/{100 * row['bn_reset']['barrier_acc']:.1f}"
+            if "repair" in row:
+                extra += f"  repair {row['repair']['barrier_loss']:.3f}/{100 * row['repair']['barrier_acc']:.1f}"
+            print(f"{key:7s} {method:15s} loss {row['barrier_loss']:.3f} acc {100 * row['barrier_acc']:5.1f} "
+                  f"({row['seconds']:.2f}s){extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""REPAIR and BatchNorm statistics reset for interpolated models (Jordan et al. 2023, "REPAIR").
+
+Interpolating two aligned networks shrinks the variance of hidden units ("variance collapse"):
+the midpoint's units are averages of imperfectly correlated units. REPAIR rescales every
+unit of the interpolated network at mixing weight alpha so that its mean and standard deviation
+match the interpolation of the endpoints' statistics,
+
+    mu_target = (1 - alpha) mu_A + alpha mu_B,   sigma_target = (1 - alpha) sigma_A + alpha sigma_B,
+
+folding the per-unit affine correction into the layer that produces the unit (a BatchNorm's
+affine, or a Linear/Conv's weight and bias). A plain BatchNorm reset only recomputes the running
+statistics on data (the cheap partial fix the paper compares against).
+Both take their data as a list of input batches (or (input, target) pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+NORMS = (nn.modules.batchnorm._BatchNorm,)
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _inputs(batches: Iterable) -> list[torch.Tensor]:
+    return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+
+
+@torch.no_grad()
+def reset_bn_stats(model: nn.Module, batches: Iterable) -> nn.Module:
+    """Set every BatchNorm's running mean/var to the exact statistics of its input over ``batches`` (in place).
+
+    Layer by layer in forward order, in eval mode, so each layer sees the corrected layers before
+    it and the result does not depend on how the data is split into batches (unlike momentum
+    averaging of per-batch statistics). The variance is the population one (what train mode
+    normalizes with on one batch holding all the data).
+    """
+    batches = _inputs(batches)
+    norms = [m for m in _forward_order(model, batches[0]) if isinstance(m, NORMS) and m.track_running_stats]
+    was_training = model.training
+    model.eval()
+    try:
+        for norm in norms:
+            sums = [0, 0.0, 0.0]
+
+            def hook(mod, args, sums=sums):
+                x = args[0].movedim(1, -1).reshape(-1, args[0].shape[1]).to(torch.float64)
+                sums[0] += x.shape[0]
+                sums[1] = sums[1] + x.sum(0)
+                sums[2] = sums[2] + (x * x).sum(0)
+
+            handle = norm.register_forward_pre_hook(hook)
+            try:
+                for x in batches:
+                    model(x)
+            finally:
+                handle.remove()
+            mean = sums[1] / sums[0]
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_((sums[2] / sums[0] - mean * mean).clamp_min(0))
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _forward_order(model: nn.Module, example) -> list[nn.Module]:
+    order, hooks = [], []
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args: order.append(mod)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def repair_points(model: nn.Module, example_input) -> list[str]:
+    """Modules whose outputs REPAIR corrects, in forward order: BatchNorms, and Linear/Conv layers
+    not followed by a BatchNorm, excluding the layer that produces the model's output."""
+    produced, consumed, order = {}, set(), []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, NORMS + LAYERS):
+            def hook(mod, args, out, name=name):
+                order.append(name)
+                produced[id(out)] = name
+                if isinstance(mod, NORMS):
+                    consumed.add(produced.get(id(args[0])))
+            hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    final = produced.get(id(out))
+    modules = dict(model.named_modules())
+    points = []
+    for name in dict.fromkeys(order):
+        if name == final or name in consumed:
+            continue
+        if getattr(modules[name], "weight", None) is None or (isinstance(modules[name], LAYERS) and modules[name].bias is None):
+            continue
+        points.append(name)
+    return points
+
+
+def _channel_dim(module: nn.Module, out: torch.Tensor) -> int:
+    return out.dim() - 1 if isinstance(module, nn.Linear) else (1 if out.dim() > 1 else 0)
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, names: list[str], batches: Iterable) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit mean and standard deviation of the named modules' outputs over ``batches`` (eval mode)."""
+    modules = dict(model.named_modules())
+    sums: dict[str, list] = {}
+    hooks = []
+    for name in names:
+        def hook(mod, args, out, name=name):
+            d = _channel_dim(mod, out)
+            y = out.movedim(d, -1).reshape(-1, out.shape[d]).to(torch.float64)
+            s = sums.setdefault(name, [0, 0.0, 0.0])
+            s[0] += y.shape[0]
+            s[1] = s[1] + y.sum(0)
+            s[2] = s[2] + (y * y).sum(0)
+        hooks.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for x in _inputs(batches):
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    stats = {}
+    for name, (n, s1, s2) in sums.items():
+        mean = s1 / n
+        stats[name] = (mean, (s2 / n - mean * mean).clamp_min(0).sqrt())
+    return stats
+
+
+@torch.no_grad()
+def _correct(module: nn.Module, mean, std, target_mean, target_std) -> None:
+    """Fold y -> (y - mean) * target_std / std + target_mean into the module's parameters."""
+    ratio = (target_std / (std + 1e-8)).to(module.weight.dtype)
+    shape = (-1,) + (1,) * (module.weight.dim() - 1)
+    module.weight.mul_(ratio.reshape(shape))
+    if module.bias is not None:
+        module.bias.copy_((module.bias - mean.to(module.bias.dtype)) * ratio + target_mean.to(module.bias.dtype))
+
+
+def repair(model: nn.Module, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha: float = 0.5,
+           example_input=None) -> nn.Module:
+    """REPAIR the interpolated ``model`` (in place) at mixing weight ``alpha`` between A and aligned B."""
+    batches = _inputs(batches)
+    example = batches[0] if example_input is None else example_input
+    reset_bn_stats(model, batches)
+    points = repair_points(model, example)
+    stats_a, stats_b = channel_stats(model_a, points, batches), channel_stats(model_b, points, batches)
+    modules = dict(model.named_modules())
+    for name in points:  # in forward order: each correction sees the ones before it
+        mean, std = channel_stats(model, [name], batches)[name]
+        (ma, sa), (mb, sb) = stats_a[name], stats_b[name]
+        _correct(modules[name], mean, std, (1 - alpha) * ma + alpha * mb, (1 - alpha) * sa + alpha * sb)
+    return model
