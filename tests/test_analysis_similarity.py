@@ -97,3 +97,20 @@ def test_heatmap_is_drawn_from_saved_json(task, tmp_path):
     assert loaded["cka"] == [list(r) for r in result.cka]
     similarity.plot(loaded, tmp_path / "cka.png")
     assert (tmp_path / "cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unit_correlation_sees_permutations_that_cka_ignores(task):
+    model = tasks.build("mlp", seed=3, width=48)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(2)
+    permuted = permute_mlp_hidden(state, (torch.randperm(48, generator=g), torch.randperm(48, generator=g)))
+    result = similarity.compare(model, state, permuted, task, state_b_aligned=state)
+    # head outputs are not permuted: correlation 1 there; hidden layers lose it until aligned back
+    assert result.unit_correlation[2] == pytest.approx(1.0)
+    assert max(result.unit_correlation[:2]) < 0.5
+    assert result.aligned_unit_correlation == pytest.approx((1.0, 1.0, 1.0))
+    x = next(task.batches("test"))[0]
+    h = x @ state["layers.0.weight"].T + state["layers.0.bias"]
+    hp = x @ permuted["layers.0.weight"].T + permuted["layers.0.bias"]
+    corr = np.mean([np.corrcoef(h[:, j].numpy(), hp[:, j].numpy())[0, 1] for j in range(48)])
+    assert result.unit_correlation[0] == pytest.approx(corr, abs=1e-5)

@@ -7,8 +7,10 @@ for centered features X [n, p] and Y [n, q],
 
 invariant to orthogonal transforms and isotropic scaling of either side, so in particular to a
 permutation of units: two models that differ only by a relabelling of neurons have CKA 1 at
-matching layers. Comparing the heatmap before and after neuron alignment shows whether the
-models learned the same features in different orders or different features.
+matching layers, and neuron alignment leaves it unchanged. What alignment changes is the
+*unit-wise* agreement: the mean correlation of unit j of A with unit j of B (channels of feature
+maps and token features count spatial positions/tokens as samples). High CKA with low unit
+correlation means the same features in a different order; alignment then raises the latter.
 """
 
 from __future__ import annotations
@@ -24,17 +26,23 @@ from ..ensemble import as_state, run, split_tensors
 
 @dataclass(frozen=True)
 class CKAResult:
-    """CKA[i][j] between layer i of model A and layer j of model B (``aligned``: B after alignment)."""
+    """CKA[i][j] between layer i of model A and layer j of model B, and unit-wise correlation of
+    matching layers (``aligned*``: with B after alignment, when given)."""
 
     layers: tuple[str, ...]
     cka: tuple[tuple[float, ...], ...]
     aligned: tuple[tuple[float, ...], ...] | None
+    unit_correlation: tuple[float, ...]
+    aligned_unit_correlation: tuple[float, ...] | None
     split: str
     n_examples: int
 
     def to_dict(self) -> dict:
         return {"layers": list(self.layers), "cka": [list(r) for r in self.cka],
                 "aligned": None if self.aligned is None else [list(r) for r in self.aligned],
+                "unit_correlation": list(self.unit_correlation),
+                "aligned_unit_correlation": None if self.aligned_unit_correlation is None
+                else list(self.aligned_unit_correlation),
                 "split": self.split, "n_examples": self.n_examples}
 
 
@@ -104,35 +112,76 @@ def cka_matrix(model: nn.Module, state_a: Mapping, state_b: Mapping, x: torch.Te
     return tuple(tuple(float((gi * gj).sum()) for gj in kb) for gi in ka)
 
 
+def units_as_columns(features: torch.Tensor) -> torch.Tensor:
+    """[samples, units]: channels of [N, C, H, W] and features of [N, T, D] with positions as samples."""
+    if features.dim() == 4:
+        return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    return features.reshape(-1, features.shape[-1])
+
+
+def matched_unit_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over units j of corr(a[:, j], b[:, j]); units constant in either model are skipped."""
+    a, b = units_as_columns(a).double(), units_as_columns(b).double()
+    a, b = a - a.mean(0), b - b.mean(0)
+    sa, sb = a.norm(dim=0), b.norm(dim=0)
+    keep = (sa > 1e-12) & (sb > 1e-12)
+    if not keep.any():
+        return 0.0
+    return float(((a * b).sum(0)[keep] / (sa * sb)[keep]).mean())
+
+
+def unit_correlations(model: nn.Module, state_a: Mapping, state_b: Mapping, x: torch.Tensor,
+                      layers: Sequence[str]) -> tuple[float, ...]:
+    fa = layer_outputs(model, state_a, x, layers, flatten=False)
+    fb = layer_outputs(model, state_b, x, layers, flatten=False)
+    return tuple(matched_unit_correlation(fa[n], fb[n]) for n in layers)
+
+
 def compare(model: nn.Module, state_a: Mapping, state_b: Mapping, task, split: str = "test",
             layers: Sequence[str] | None = None, state_b_aligned: Mapping | None = None,
             n_examples: int | None = None) -> CKAResult:
-    """Layer-by-layer CKA heatmap of two models, and of A against aligned B when given."""
+    """Layer-by-layer CKA heatmap and unit-wise correlation of two models, and of A against
+    aligned B when given."""
     x, _ = split_tensors(task, split)
     x = x[:n_examples] if n_examples else x
     layers = tuple(layers or representation_layers(model))
     a, b = as_state(state_a), as_state(state_b)
-    aligned = cka_matrix(model, a, as_state(state_b_aligned), x, layers) if state_b_aligned is not None else None
-    return CKAResult(layers, cka_matrix(model, a, b, x, layers), aligned, split, len(x))
+    aligned = aligned_units = None
+    if state_b_aligned is not None:
+        b_aligned = as_state(state_b_aligned)
+        aligned = cka_matrix(model, a, b_aligned, x, layers)
+        aligned_units = unit_correlations(model, a, b_aligned, x, layers)
+    return CKAResult(layers, cka_matrix(model, a, b, x, layers), aligned, unit_correlations(model, a, b, x, layers),
+                     aligned_units, split, len(x))
 
 
 def plot(result: dict, path) -> None:
-    """Heatmap(s) of CKA from a saved ``CKAResult.to_dict()``."""
+    """CKA heatmap and unit-wise correlation (before/after alignment) from a saved ``CKAResult.to_dict()``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    panels = [("before alignment", result["cka"])] + ([("after alignment", result["aligned"])] if result["aligned"] else [])
     layers = result["layers"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 4), squeeze=False)
-    for ax, (title, matrix) in zip(axes[0], panels):
-        im = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma")
-        ax.set_title(f"linear CKA, {title}")
-        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(layers)), layers, fontsize=7)
-        ax.set_xlabel("model B layer")
-        ax.set_ylabel("model A layer")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    im = ax.imshow(result["cka"], vmin=0, vmax=1, cmap="magma")
+    ax.set_title("linear CKA (invariant to unit order)")
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("model B layer")
+    ax.set_ylabel("model A layer")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    pos = np.arange(len(layers))
+    series = [("CKA, matching layers", np.diag(result["cka"])), ("unit correlation", result["unit_correlation"])]
+    if result["aligned_unit_correlation"] is not None:
+        series.append(("unit correlation, B aligned", result["aligned_unit_correlation"]))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        bars.bar(pos + i * width, values, width, label=label)
+    bars.set_xticks(pos + 0.4 - width / 2, layers, rotation=40, ha="right", fontsize=7)
+    bars.set_ylim(min(0.0, *[min(v) for _, v in series]), 1.05)
+    bars.set_title("layer-wise agreement of A and B")
+    bars.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

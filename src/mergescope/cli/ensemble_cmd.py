@@ -1,5 +1,314 @@
-"""Commands for this capability are registered here (not built yet)."""
+"""`ensemble`, `soup` and `analyse ...`: output ensembles, model soups, and the analyses of why
+weight averaging works. Each prints a table; analyses write JSON and draw the PNG from that JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..errors import MergescopeError
+from .common import STATE, console, progress, say, torch_threads, write_json
+
+CKPTS = typer.Argument(..., help="Checkpoints of one architecture (.safetensors files or folders).")
+TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (default: the task the checkpoint records).")
+MODEL = typer.Option(None, help="Model (zoo name or package.module:factory) when the checkpoints do not record it.")
+THREADS = typer.Option(1, help="Torch threads.")
+OUT = typer.Option(Path("analysis-out"), "--out", "-o", help="Folder for the JSON result and the PNG figure.")
+
+analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
+                          help="Why weight averaging works: weights, spaces, scaling, stitch, cka (JSON + PNG).")
 
 
-def register(app) -> None:
-    """Add this module's commands to the app."""
+# ---------------------------------------------------------------- shared plumbing
+
+def _load(paths: list[Path], model: str | None, task_spec: str | None):
+    """(template module, {name: state}, task) for checkpoints sharing one architecture."""
+    from ..io import load
+    from ..tasks.checkpoints import load_state_into, model_for
+
+    for p in paths:
+        if not Path(p).exists():
+            raise MergescopeError(f"{p}: no such file or folder")
+    ckpts = [load(p) for p in paths]
+    module, _, _ = model_for(ckpts[0], model)
+    states = {}
+    for p, ckpt in zip(paths, ckpts):
+        state = {k: ckpt[k] for k in ckpt}
+        load_state_into(module, state, p)  # one-line error if it does not fit
+        states[_unique_name(p, states)] = state
+    return module, states, _task(ckpts[0], task_spec)
+
+
+def _unique_name(path: Path, taken) -> str:
+    name = Path(path).name.removesuffix(".safetensors")
+    return name if name not in taken else str(path)
+
+
+def _task(ckpt, spec: str | None):
+    from ..tasks import digits, get_task
+
+    if spec:
+        return get_task(spec)
+    recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
+    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
+    if match is None:
+        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
+    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
+
+
+def _need(states: dict, n: int, what: str) -> None:
+    if len(states) < n:
+        raise MergescopeError(f"{what} needs at least {n} checkpoints, got {len(states)}")
+
+
+def _save_and_plot(result, out: Path, name: str, plot) -> tuple[Path, Path]:
+    """Write the result's JSON, then draw the figure from the JSON file just written."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = write_json(out / f"{name}.json", result.to_dict())
+    png = out / f"{name}.png"
+    plot(json.loads(json_path.read_text()), png)
+    return json_path, png
+
+
+def _show(*tables) -> None:
+    if not STATE["quiet"]:
+        for t in tables:
+            console.print(t)
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    return table
+
+
+def _f(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}"
+
+
+# ---------------------------------------------------------------- ensemble and soup
+
+def ensemble(
+    checkpoints: list[Path] = CKPTS,
+    method: list[str] = typer.Option(["probs"], "--method", "-m",
+                                     help="probs, logits, vote, weighted, features, features-refit, or all (repeatable)."),
+    split: str = typer.Option("test", help="Split to report on."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Evaluate output ensembles of the checkpoints next to their single weight average."""
+    from .. import ensemble as ens
+
+    methods = list(ens.METHODS) if "all" in method else method
+    for m in methods:
+        if m not in ens.METHODS:
+            raise MergescopeError(f"--method {m!r}: choose from {', '.join(ens.METHODS)} or all")
+    with torch_threads(threads):
+        module, states, task_obj = _load(checkpoints, model, task)
+        results = [ens.evaluate(module, list(states.values()), task_obj, method=m, split=split) for m in methods]
+        results.append(ens.evaluate_weight_average(module, list(states.values()), task_obj, split=split))
+    table = _table(f"{len(states)} models on {task_obj.name} {split}", ["combination", "accuracy", "loss", "ECE",
+                                                                       "params", "FLOPs/example"])
+    for name, acc in zip(states, results[0].member_accuracy):
+        table.add_row(f"member {name}", _f(acc), "", "", "", "")
+    for r in results:
+        table.add_row(r.method, _f(r.accuracy), _f(r.loss), _f(r.ece), f"{r.params:,}", f"{r.flops:,}")
+    _show(table)
+    if json_out:
+        write_json(json_out, {"members": list(states), "results": [r.to_dict() for r in results]})
+
+
+def soup(
+    checkpoints: list[Path] = CKPTS,
+    out: Path = typer.Option(None, "--out", "-o", help="Write the soup checkpoint here (.safetensors or folder)."),
+    kind: str = typer.Option("greedy", help="greedy (validation-driven) or uniform."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    force: bool = typer.Option(False, help="Replace an existing output."),
+    task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Model soup (Wortsman et al. 2022): uniform, or greedy by validation accuracy; reported on test."""
+    from ..analysis.soups import soup as make_soup
+    from ..io import provenance, save
+
+    with torch_threads(threads):
+        module, states, task_obj = _load(checkpoints, model, task)
+        result = make_soup(module, list(states.values()), task_obj, kind=kind)
+    names = list(states)
+    table = _table(f"{kind} soup of {len(names)} models ({task_obj.name})", ["model", "val acc", "test acc", "in soup"])
+    for i in result.ranking:
+        table.add_row(names[i], _f(result.member_val_accuracy[i]), _f(result.member_test_accuracy[i]),
+                      "yes" if i in result.included else "")
+    table.add_row("[bold]soup[/bold]", _f(result.val_accuracy), _f(result.test_accuracy), str(len(result.included)))
+    _show(table)
+    if json_out:
+        write_json(json_out, {"members": names, **result.to_dict()})
+    if out is not None:
+        from ..io import load
+
+        first = load(checkpoints[0]).metadata
+        meta = {**provenance(inputs=checkpoints), **{k: first[k] for k in ("model", "task") if k in first},
+                "soup": json.dumps({"kind": kind, "included": [names[i] for i in result.included]})}
+        save(result.state, out, metadata=meta, force=force, inputs=checkpoints)
+        say(f"wrote {out}")
+
+
+# ---------------------------------------------------------------- analyses
+
+@analyse_app.command("weights")
+def analyse_weights(checkpoints: list[Path] = CKPTS, out: Path = OUT, task: str = TASK, model: str = MODEL,
+                    threads: int = THREADS):
+    """First-layer unit templates and class directions as 8x8 images; per-layer norms and ranks."""
+    from ..analysis import weights
+
+    with torch_threads(threads):
+        module, states, task_obj = _load(checkpoints, model, task)
+        result = weights.analyse(module, states, task_obj)
+    json_path, png = _save_and_plot(result, out, "weights", weights.plot)
+    layers = list(result.stats[result.names[0]])
+    table = _table("weights: norm / effective rank / distance to average", ["layer", *result.names])
+    for layer in layers:
+        table.add_row(layer, *(f"{result.stats[n][layer]['norm']:.2f} / {result.stats[n][layer]['effective_rank']:.1f}"
+                               f" / {result.stats[n][layer]['distance_to_average']:.2f}" for n in result.names))
+    _show(table)
+    say(f"wrote {json_path} and {png}")
+
+
+@analyse_app.command("spaces")
+def analyse_spaces(
+    checkpoints: list[Path] = typer.Argument(None, help="A family of checkpoints (omit with --zoo)."),
+    zoo: str = typer.Option(None, help="Train the families here instead: mlp, cnn, resnet or transformer."),
+    n: int = typer.Option(8, help="Models per family with --zoo."),
+    epochs: int = typer.Option(None, help="Training epochs with --zoo (default: the zoo model's)."),
+    align: bool = typer.Option(True, help="Add the family aligned to its first model (needs mergescope.align)."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Weight averaging vs feature and output averaging for 2..N models of each family."""
+    from ..analysis import spaces
+    from ..ensemble import split_tensors
+
+    with torch_threads(threads):
+        if zoo:
+            from ..tasks import build, get_task
+
+            task_obj = get_task(task or "digits")
+            module, name = build(zoo), zoo
+            families = {}
+            with progress() as bar:
+                for kind in ("finetunes", "seeds"):
+                    job = bar.add_task(f"train {zoo} {kind}", total=n)
+                    families[kind] = spaces.train_family(kind, zoo, n, task_obj, epochs=epochs,
+                                                         on_model=lambda i, job=job: bar.update(job, advance=1))
+            base = "seeds"
+        else:
+            if not checkpoints:
+                raise MergescopeError("analyse spaces: give checkpoints of one family, or --zoo MODEL")
+            module, states, task_obj = _load(checkpoints, model, task)
+            _need(states, 2, "analyse spaces")
+            families, base, name = {"given": list(states.values())}, "given", type(module).__name__
+        if align and spaces.alignment_available():
+            example = split_tensors(task_obj, "test")[0][:8]
+            families[f"{base} aligned"] = spaces.align_family(module, families[base], example)
+        elif align:
+            say("alignment unavailable in this build: the aligned family is left out")
+        result = spaces.compare(module, families, task_obj, model_name=name)
+    json_path, png = _save_and_plot(result, out, "spaces", spaces.plot)
+    for family, curves in result.families.items():
+        table = _table(f"{name} {family}: {result.split} accuracy", ["models", *spaces.SPACES, "best member"])
+        for i, k in enumerate(result.sizes):
+            table.add_row(str(k), *(_f(curves[s][i]) for s in (*spaces.SPACES, "best_member")))
+        _show(table)
+    say(f"wrote {json_path} and {png}")
+
+
+@analyse_app.command("scaling")
+def analyse_scaling(
+    checkpoints: list[Path] = CKPTS,
+    factors: str = typer.Option(",".join(map(str, (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0))),
+                                help="Comma-separated scale factors."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Scale parameters (globally and per layer); accuracy, agreement and KL vs the unscaled model."""
+    from ..analysis import scaling
+
+    try:
+        values = tuple(float(f) for f in factors.split(","))
+    except ValueError:
+        raise MergescopeError(f"--factors {factors!r}: expected comma-separated numbers") from None
+    with torch_threads(threads):
+        module, states, task_obj = _load(checkpoints, model, task)
+        result = scaling.analyse(module, states, task_obj, factors=values)
+    json_path, png = _save_and_plot(result, out, "scaling", scaling.plot)
+    table = _table("global scaling: KL(p_1 || p_c) / accuracy", ["c", *result.names])
+    for i, c in enumerate(result.factors):
+        table.add_row(f"{c:g}", *(f"{result.global_scaling[n]['kl'][i]:.4f} / {result.global_scaling[n]['accuracy'][i]:.3f}"
+                                  for n in result.names))
+    table.add_row("|theta|", *(f"{result.norms[n]:.2f}" for n in result.names))
+    _show(table)
+    say(f"wrote {json_path} and {png}")
+
+
+@analyse_app.command("stitch")
+def analyse_stitch(
+    model_a: Path = typer.Argument(..., help="Model whose early layers are used."),
+    model_b: Path = typer.Argument(..., help="Model whose later layers receive them."),
+    epochs: int = typer.Option(5, help="Epochs to train each stitching layer."),
+    seed: int = typer.Option(0, help="Seed for the stitching data order."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Stitch A's layer l into B's layer l+1 with a trained affine map; penalty per layer."""
+    from ..analysis import stitching
+
+    with torch_threads(threads):
+        module, states, task_obj = _load([model_a, model_b], model, task)
+        a, b = states.values()
+        result = stitching.stitch(module, a, b, task_obj, epochs=epochs, seed=seed)
+    json_path, png = _save_and_plot(result, out, "stitch", stitching.plot)
+    table = _table(f"stitching (A {result.accuracy_a:.4f}, B {result.accuracy_b:.4f} alone)",
+                   ["after layer", "identity map", "trained map", "penalty"])
+    for i, layer in enumerate(result.layers):
+        table.add_row(layer, _f(result.identity_accuracy[i]), _f(result.stitched_accuracy[i]), _f(result.penalty[i]))
+    _show(table)
+    say(f"wrote {json_path} and {png}")
+
+
+@analyse_app.command("cka")
+def analyse_cka(
+    model_a: Path = typer.Argument(..., help="First model."),
+    model_b: Path = typer.Argument(..., help="Second model."),
+    align: bool = typer.Option(True, help="Also compare with B aligned to A (needs mergescope.align)."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Linear CKA between every pair of layers of two models, before and after alignment."""
+    from ..analysis import similarity, spaces
+    from ..ensemble import split_tensors
+
+    with torch_threads(threads):
+        module, states, task_obj = _load([model_a, model_b], model, task)
+        a, b = states.values()
+        aligned = None
+        if align and spaces.alignment_available():
+            aligned = spaces.align_family(module, [a, b], split_tensors(task_obj, "test")[0][:8])[1]
+        elif align:
+            say("alignment unavailable in this build: showing CKA before alignment only")
+        result = similarity.compare(module, a, b, task_obj, state_b_aligned=aligned)
+    json_path, png = _save_and_plot(result, out, "cka", similarity.plot)
+    table = _table("matching layers of A and B", ["layer", "CKA", "CKA (B aligned)", "unit corr",
+                                                  "unit corr (B aligned)"])
+    for i, layer in enumerate(result.layers):
+        table.add_row(layer, _f(result.cka[i][i]), _f(result.aligned[i][i]) if result.aligned else "-",
+                      _f(result.unit_correlation[i]),
+                      _f(result.aligned_unit_correlation[i]) if result.aligned_unit_correlation else "-")
+    _show(table)
+    say(f"wrote {json_path} and {png}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ensemble`, `soup` and the `analyse` group to the app."""
+    app.command()(ensemble)
+    app.command()(soup)
+    app.add_typer(analyse_app)
