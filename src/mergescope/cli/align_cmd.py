@@ -1,5 +1,106 @@
-"""Commands for this capability are registered here (not built yet)."""
+"""`mergescope align A B -o OUT`: reorder B's hidden units to match A (or write the REPAIRed merge)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..errors import MergescopeError
+from .common import STATE, console, say, torch_threads
+
+METHODS = ("weight", "activation", "ste", "ot", "zipit")
+
+
+def _task_for(ckpt, spec: str | None):
+    """The task named on the command line, else the one `mergescope train` recorded."""
+    from ..tasks import digits, get_task
+
+    if spec:
+        return get_task(spec)
+    recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
+    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
+    if match is None:
+        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
+    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
+
+
+def align(
+    a: Path = typer.Argument(..., help="Reference checkpoint (kept as is)."),
+    b: Path = typer.Argument(..., help="Checkpoint whose hidden units are reordered to match A."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
+    method: str = typer.Option("weight", help=f"Alignment method: {', '.join(METHODS)}."),
+    model: str = typer.Option(None, help="Model (zoo name or package.module:factory) if the checkpoint does not record it."),
+    width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
+    depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
+    dim: int = typer.Option(None, help="Embedding dim (transformer)."),
+    heads: int = typer.Option(None, help="Attention heads (transformer)."),
+    repair: bool = typer.Option(False, "--repair", help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
+    alpha: float = typer.Option(0.5, help="Mixing weight of B for --repair and --method zipit/ot fusion."),
+    task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
+    seed: int = typer.Option(0, help="Seed (layer order of weight matching, STE data order)."),
+    spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),
+    threads: int = typer.Option(1, help="Torch threads."),
+    force: bool = typer.Option(False, help="Replace an existing output."),
+):
+    """Align B to A (weight/activation/STE matching, OT, ZipIt!) and save it; optionally REPAIR the merge."""
+    import torch
+
+    from .. import align as al
+    from ..io import load, provenance, save
+    from ..tasks.checkpoints import load_state_into, model_for, model_spec_of
+
+    if method not in METHODS:
+        raise MergescopeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise MergescopeError(f"--alpha {alpha}: must be within [0, 1]")
+    ca, cb = load(a), load(b)
+    options = {"width": width, "depth": depth, "dim": dim, "heads": heads}
+    module_a, name, used = model_for(ca, model, **options)
+    module_b, _, _ = model_for(ca, name, **used)
+    load_state_into(module_a, ca, a)
+    load_state_into(module_b, cb, b)
+    the_task = _task_for(ca, task)
+    x = next(the_task.batches("train"))[0][:8]
+    with torch_threads(threads):
+        start = time.perf_counter()
+        spec = al.permutation_spec(module_a, x)
+        result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha)
+        state = result.state
+        if repair and method not in ("zipit",):
+            merged, _, _ = model_for(ca, name, **used)
+            load_state_into(merged, al.interpolate_states(module_a.state_dict(), state, alpha), out)
+            aligned_b, _, _ = model_for(ca, name, **used)
+            load_state_into(aligned_b, state, b)
+            batches = [xb for xb, _ in the_task.batches("train")]
+            state = al.repair(merged, module_a, aligned_b, batches, alpha=alpha).state_dict()
+        seconds = time.perf_counter() - start
+    record = model_spec_of(ca) or (name, used)
+    from ..tasks.checkpoints import model_metadata
+
+    meta = {**provenance(inputs=[a, b], seed=seed), **model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits")),
+            "align": json.dumps({"method": method, "repair": repair, "alpha": alpha if repair or method == "zipit" else None},
+                                sort_keys=True)}
+    save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b])
+    if spec_out is not None:
+        from .common import write_json
+
+        write_json(spec_out, spec.to_dict())
+    if not STATE["quiet"]:
+        table = Table(title=f"align {b.name} -> {a.name} ({method}{', REPAIR' if repair else ''})")
+        table.add_column("permutation")
+        table.add_column("units", justify="right")
+        table.add_column("moved", justify="right")
+        for p, idx in result.perms.items():
+            table.add_row(p, str(len(idx)), str(int((idx != torch.arange(len(idx))).sum())))
+        console.print(table)
+    say(f"wrote {out} ({seconds:.2f}s)")
 
 
 def register(app) -> None:
     """Add this module's commands to the app."""
+    app.command()(align)
