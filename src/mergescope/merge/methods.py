@@ -59,7 +59,7 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
         return torch.ones(n, dtype=torch.bool)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool)
-    threshold = torch.kthvalue(score, n - k + 1).values
+    threshold = kth_largest(score, k)
     mask = score > threshold
     need = k - int(mask.sum())
     if need > 0:
@@ -68,10 +68,35 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
     return mask
 
 
-def _rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor | float:
+def kth_largest(score: Tensor, k: int, sample: int = 1 << 16) -> Tensor:
+    """The k-th largest value of a flat tensor (1 <= k <= n), exactly as ``torch.kthvalue`` gives it.
+
+    A strided sample brackets the answer in (lo, hi]; one pass counts the entries above ``hi``
+    and selects the few inside the bracket, so the exact selection runs on a small tensor.
+    Falls back to a full ``kthvalue`` when the bracket misses (then it is only slower).
+    """
+    n = score.numel()
+    stride = n // sample
+    if stride < 4:
+        return torch.kthvalue(score, n - k + 1).values
+    probe = torch.sort(score[::stride]).values
+    m = probe.numel()
+    at = (n - k) / n * m
+    margin = 8 * int(m**0.5) + 16
+    lo = probe[max(0, int(at) - margin)]
+    hi = probe[min(m - 1, int(at) + margin)]
+    above = int((score > hi).sum())
+    inside = score[(score > lo) & (score <= hi)] if int(at) - margin > 0 else score[score <= hi]
+    rank = k - above  # wanted: the rank-th largest inside the bracket
+    if above >= k or rank > inside.numel() or rank < 1:
+        return torch.kthvalue(score, n - k + 1).values
+    return torch.kthvalue(inside, inside.numel() - rank + 1).values
+
+
+def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor | float:
     """L1 norm restoring factor ``|delta|_1 / |delta * mask|_1`` (1 when either is tiny), as MergeKit."""
-    before = delta.abs().sum()
-    after = (delta * mask).abs().sum()
+    before = magnitude.sum()
+    after = (magnitude.reshape(-1) * mask).sum()
     if before < eps or after < eps:
         return 1.0
     return before / after
@@ -80,27 +105,27 @@ def _rescale_factor(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor | 
 # ----------------------------------------------------------------------------- sparsification
 
 
-def magnitude_mask(delta: Tensor, density: float, **_) -> Tensor | None:
+def magnitude_mask(magnitude: Tensor, density: float, **_) -> Tensor | None:
     """TIES trimming (Yadav et al. 2023, arXiv:2306.01708): keep the top ``density`` fraction of |delta|.
 
     Keeps ``max(1, int(density * n))`` entries; ``None`` means keep everything.
     """
     if density >= 1:
         return None
-    n = delta.numel()
+    n = magnitude.numel()
     if density <= 0 or n == 0:
         return torch.zeros(n, dtype=torch.bool)
-    return top_k_mask(delta.abs().reshape(-1), max(1, int(density * n)))
+    return top_k_mask(magnitude.reshape(-1), max(1, int(density * n)))
 
 
-def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator, **_) -> Tensor | None:
+def bernoulli_mask(magnitude: Tensor, density: float, generator: torch.Generator, **_) -> Tensor | None:
     """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``."""
     if density >= 1:
         return None
-    return _uniform(delta.numel(), generator) < density
+    return _uniform(magnitude.numel(), generator) < density
 
 
-def outlier_mask(delta: Tensor, density: float, gamma: float = 0.01, **_) -> Tensor | None:
+def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, **_) -> Tensor | None:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795).
 
     Drops the ``gamma`` fraction of largest |delta| (outliers), then the smallest, keeping
@@ -108,15 +133,16 @@ def outlier_mask(delta: Tensor, density: float, gamma: float = 0.01, **_) -> Ten
     """
     if density >= 1:
         return None
-    n = delta.numel()
+    n = magnitude.numel()
     keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - keep - n_top)
-    score = delta.abs().reshape(-1).float()
+    score = magnitude.reshape(-1)
     upper = top_k_mask(score, n - n_bot)
     return upper & ~top_k_mask(score, max(0, n - n_bot - keep))
 
 
-def della_mask(delta: Tensor, density: float, generator: torch.Generator, epsilon: float = 0.15, **_) -> Tensor | None:
+def della_mask(magnitude: Tensor, density: float, generator: torch.Generator, epsilon: float = 0.15,
+               **_) -> Tensor | None:
     """DELLA MagPrune (Deep et al. 2024, arXiv:2406.11617): keep probability grows with magnitude rank.
 
     Within each row (dim 1; 1-D tensors are one row), p = density - eps + 2 eps (rank - 1) / (m - 1).
@@ -124,12 +150,12 @@ def della_mask(delta: Tensor, density: float, generator: torch.Generator, epsilo
     if density >= 1:
         return None
     if density <= 0:
-        return torch.zeros(delta.numel(), dtype=torch.bool)
+        return torch.zeros(magnitude.numel(), dtype=torch.bool)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergescopeError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
-    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    rows = magnitude if magnitude.dim() >= 2 else magnitude.reshape(1, -1)
     m = rows.shape[1]
-    order = torch.argsort(rows.abs(), dim=1)
+    order = torch.argsort(rows, dim=1)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
     rank_norm = ranks.float() / (m - 1) if m > 1 else torch.zeros(ranks.shape)
@@ -157,19 +183,19 @@ SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
 
 
 def _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra):
-    """Per model: (keep mask or None, scalar = rescale factor * weight)."""
+    """Per model: (keep mask or None, L1 rescale factor). Sparsifiers only need |theta_i - base|."""
     work = _work_dtype(base)
     generator = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
     plan = []
     for i, t in enumerate(tensors):
         mask, factor = None, 1.0
         if sparsify is not None:
-            delta = _flat(t, work) - _flat(base, work)
+            magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
             params = {k: v[i] for k, v in extra.items()}
-            mask = SPARSIFIERS[sparsify](delta.reshape(base.shape), density=density[i], generator=generator, **params)
+            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
             if mask is not None and rescale:
-                factor = _rescale_factor(delta, mask)
-            del delta
+                factor = _rescale_factor(magnitude, mask)
+            del magnitude
         plan.append((mask, factor))
     return plan
 
@@ -190,35 +216,57 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
     density = density if density is not None else [1.0] * len(tensors)
     work = _work_dtype(base)
     plan = _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra)
-    w = torch.tensor([float(x) for x in weight], dtype=work)
-    total = w.sum()
-    if total.abs() < 1e-8:
-        total = torch.ones((), dtype=work)
+    total = float(torch.tensor([float(x) for x in weight], dtype=work).sum())
+    if abs(total) < 1e-8:
+        total = 1.0
     out = torch.empty(base.numel(), dtype=base.dtype)
     b_flat = _flat(base)
+    weights = [float(x) for x in weight]
     for part in _chunks(base.numel()):
         b = b_flat[part].to(work)
-        deltas = torch.stack([_flat(t)[part].to(work) - b for t in tensors])
-        for i, (mask, factor) in enumerate(plan):
+        deltas = []
+        for t, (mask, factor), w_i in zip(tensors, plan, weights):
+            d = _flat(t)[part].to(work) - b
             if mask is not None:
-                deltas[i].mul_(mask[part])
+                d.mul_(mask[part].to(work))
             if not (isinstance(factor, float) and factor == 1.0):
-                deltas[i].mul_(factor)
-        deltas.mul_(w[:, None])
+                d.mul_(factor)
+            deltas.append(d.mul_(w_i))
+        mixed = _sum(deltas)
         if consensus:
-            positive = deltas.sum(0) >= 0
-            agree = torch.where(positive, deltas > 0, deltas < 0)
-            mixed = (deltas * agree).sum(0)
-            divisor = (w[:, None] * agree).sum(0)
-            divisor[divisor == 0] = 1
+            mixed, divisor = _sign_consensus(deltas, weights, mixed)
         else:
-            mixed, divisor = deltas.sum(0), total
+            divisor = total
         if normalize:
             mixed /= divisor
         if lam != 1:
             mixed *= lam
         out[part] = b + mixed
     return out.reshape(base.shape)
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total.add_(p)
+    return total
+
+
+def _sign_consensus(deltas: list[Tensor], weights: list[float], total: Tensor) -> tuple[Tensor, Tensor]:
+    """TIES sign election: majority sign = sign of the sum (>= 0 is +); keep entries that agree.
+
+    Returns (sum of agreeing entries, sum of the weights of agreeing models; 1 where none agree).
+    Float arithmetic throughout (d * majority > 0), which is much faster than boolean kernels.
+    """
+    majority = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for d, w in zip(deltas, weights):
+        agree = (d * majority > 0).to(total.dtype)
+        mixed.addcmul_(d, agree)
+        divisor.add_(agree, alpha=w)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
 
 
 def task_arithmetic(tensors, base, *, weight, normalize=False, lam=1.0, **_):
