@@ -1,0 +1,226 @@
+"""Merge methods against independent numpy re-implementations, closed forms and invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mergescope as ms
+from mergescope.errors import MergescopeError
+from mergescope.merge import methods as M
+
+ISSUE_METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_linear",
+                 "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock",
+                 "nearswap", "passthrough"]
+
+
+def _models(n=3, shape=(40, 30), seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def _np(t):
+    return t.double().numpy()
+
+
+def _np_topk_mask(a, k):
+    """Keep the k largest entries of a flat array, ties to the lower index (stable sort)."""
+    order = np.argsort(-a, kind="stable")
+    mask = np.zeros(a.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def _np_ties(base, models, weights, densities, normalize=True):
+    deltas = []
+    for m, w, d in zip(models, weights, densities):
+        delta = (m - base).ravel()
+        keep = _np_topk_mask(np.abs(delta), max(1, int(d * delta.size))) if d < 1 else np.ones(delta.size, bool)
+        deltas.append(w * delta * keep)
+    deltas = np.stack(deltas)
+    sign = np.where(deltas.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(deltas) == sign
+    mixed = (deltas * agree).sum(0)
+    divisor = (np.array(weights)[:, None] * agree).sum(0)
+    divisor[divisor == 0] = 1
+    return base + (mixed / divisor if normalize else mixed).reshape(base.shape)
+
+
+def test_registry_has_every_method_of_the_issue():
+    assert set(ISSUE_METHODS) <= set(M.names())
+    assert ms.methods.get("ties") is M.REGISTRY["ties"]
+    with pytest.raises(MergescopeError, match="unknown merge method 'tiez'.*ties"):
+        M.get("tiez")
+
+
+def test_linear_is_normalized_weighted_mean():
+    base, models = _models()
+    tensors = [base, *models]
+    w = [1.0, 2.0, 0.5, 0.25]
+    expected = sum(wi * _np(t) for wi, t in zip(w, tensors)) / sum(w)
+    np.testing.assert_allclose(_np(M.get("linear")(tensors, weight=w)), expected, atol=1e-6)
+    raw = M.get("linear")(tensors, weight=w, normalize=False)
+    np.testing.assert_allclose(_np(raw), expected * sum(w), atol=1e-5)
+
+
+def test_task_arithmetic_and_negation():
+    base, models = _models()
+    out = M.get("task_arithmetic")(models[:2], base, weight=[1.0, -0.5], **{"lambda": 0.8})
+    expected = _np(base) + 0.8 * (_np(models[0]) - _np(base) - 0.5 * (_np(models[1]) - _np(base)))
+    np.testing.assert_allclose(_np(out), expected, atol=1e-6)
+    negated = M.get("task_arithmetic")([models[0]], base, weight=[-1.0])
+    np.testing.assert_allclose(_np(negated), 2 * _np(base) - _np(models[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_numpy(normalize):
+    base, models = _models(seed=3)
+    w, d = [1.0, 0.6, 0.3], [0.5, 0.2, 0.9]
+    out = M.get("ties")(models, base, weight=w, density=d, normalize=normalize)
+    np.testing.assert_allclose(_np(out), _np_ties(_np(base), [_np(m) for m in models], w, d, normalize), atol=1e-6)
+
+
+def test_ties_sign_election_by_hand():
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    b = torch.tensor([-3.0, -1.0, 1.0, 0.0])
+    out = M.get("ties")([a, b], base, weight=[1.0, 1.0], density=[1.0, 1.0])
+    # entry 0: sum -2 -> negative wins, only b; 1: both agree; 2: both agree; 3: nothing -> 0
+    assert out.tolist() == [-3.0, -1.0, 1.5, 0.0]
+
+
+def test_breadcrumbs_drops_outliers_and_small():
+    base = torch.zeros(100)
+    delta = torch.arange(1, 101, dtype=torch.float32)  # |delta| ranks are the values
+    out = M.get("breadcrumbs")([delta], base, weight=[1.0], density=[0.5], gamma=[0.1])
+    kept = (out != 0).nonzero().reshape(-1) + 1
+    assert kept.tolist() == list(range(41, 91))  # top 10 dropped, bottom 40 dropped, 50 kept
+
+
+def test_dare_is_seeded_and_rescales_l1():
+    base, models = _models(n=1, shape=(200, 100))
+    fn = M.get("dare_linear")
+    a = fn(models, base, weight=[1.0], density=[0.3], seed=7)
+    assert torch.equal(a, fn(models, base, weight=[1.0], density=[0.3], seed=7))
+    assert not torch.equal(a, fn(models, base, weight=[1.0], density=[0.3], seed=8))
+    delta, kept = _np(models[0] - base), _np(a - base)
+    assert abs((kept != 0).mean() - 0.3) < 0.02
+    np.testing.assert_allclose(np.abs(kept).sum(), np.abs(delta).sum(), rtol=1e-5)  # L1 norm restored
+    nz = kept != 0
+    factor = np.abs(delta).sum() / np.abs(delta[nz]).sum()  # one factor per tensor
+    np.testing.assert_allclose(kept, delta * nz * factor, atol=2e-5)
+    assert torch.equal(fn(models, base, weight=[1.0], density=[1.0]), M.get("task_arithmetic")(models, base, weight=[1.0]))
+
+
+def test_della_keeps_large_entries_more_often():
+    base = torch.zeros(50, 400)
+    delta = torch.arange(400, dtype=torch.float32).repeat(50, 1) + 1
+    out = M.get("della_linear")([delta], base, weight=[1.0], density=[0.5], epsilon=[0.3], rescale=False, seed=0)
+    kept = (out != 0).float().mean(0)
+    assert kept[:100].mean() < 0.35 and kept[-100:].mean() > 0.65  # p goes 0.2 -> 0.8 with rank
+    with pytest.raises(MergescopeError, match="epsilon"):
+        M.get("della")([delta], base, weight=[1.0], density=[0.9], epsilon=[0.2])
+
+
+def test_slerp_closed_form_on_orthogonal_vectors():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    out = M.get("slerp")([b], a, t=1 / 3)
+    np.testing.assert_allclose(out.numpy(), [np.cos(np.pi / 6), np.sin(np.pi / 6)], atol=1e-6)
+    near = torch.tensor([1.0, 1e-3])  # |cos| > 0.9995: plain lerp
+    np.testing.assert_allclose(M.get("slerp")([near], a, t=0.5).numpy(), [1.0, 5e-4], atol=1e-7)
+
+
+def test_nuslerp_and_multislerp_reduce_to_slerp_of_two():
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    out = M.get("nuslerp")([a, b], None, weight=[1.0, 1.0])
+    np.testing.assert_allclose(out.numpy(), [np.sqrt(2), np.sqrt(2)], atol=1e-6)
+    multi = M.get("multislerp")([a, b], None, weight=[1.0, 1.0])
+    np.testing.assert_allclose(multi.numpy(), [np.sqrt(2), np.sqrt(2)], atol=1e-5)
+
+
+def test_karcher_mean_of_symmetric_directions():
+    u = [torch.tensor([np.cos(x), np.sin(x)], dtype=torch.float32) * r for x, r in ((0.3, 1.0), (-0.3, 3.0))]
+    out = M.get("karcher")(u)
+    np.testing.assert_allclose(out.numpy(), [2.0, 0.0], atol=1e-5)  # mean direction (1, 0), mean norm 2
+
+
+def test_model_stock_closed_form():
+    base, models = _models(n=3, seed=5)
+    out = M.get("model_stock")(models, base)
+    offsets = [(_np(m) - _np(base)).ravel() for m in models]
+    cos = np.mean([o1 @ o2 / np.linalg.norm(o1) / np.linalg.norm(o2)
+                   for i, o1 in enumerate(offsets) for o2 in offsets[i + 1:]])
+    t = 3 * cos / (1 + 2 * cos)
+    expected = t * np.mean([_np(m) for m in models], 0) + (1 - t) * _np(base)
+    np.testing.assert_allclose(_np(out), expected, atol=1e-6)
+
+
+def test_nearswap_formula():
+    a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.05, 0.5, -2.0])
+    out = M.get("nearswap")([b], a, t=0.1)
+    w = np.clip(0.1 / np.abs(b.numpy()), 0, 1)
+    np.testing.assert_allclose(out.numpy(), w * b.numpy(), atol=1e-7)
+
+
+def test_sce_weights_by_energy():
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([2.0, 2.0, -2.0, 2.0])
+    out = M.get("sce")([a, b], base)
+    # weights mean(d^2): 1 and 4 -> 0.2, 0.8; entry 2 sum = -1 -> only b
+    np.testing.assert_allclose(out.numpy(), [1.8, 1.8, -2.0, 1.8], atol=1e-6)
+
+
+def test_passthrough_copies_or_scales():
+    x = torch.randn(3, 3)
+    assert torch.equal(M.get("passthrough")([x]), x)
+    assert torch.equal(M.get("passthrough")([x], scale=[2.0]), 2 * x)
+
+
+@pytest.mark.parametrize("name", ISSUE_METHODS)
+def test_methods_do_not_modify_inputs(name):
+    base, models = _models(n=3)
+    before = [base.clone()] + [m.clone() for m in models]
+    method = M.get(name)
+    params = {"weight": [0.5] * 4, "density": [0.5] * 3, "t": 0.3, "scale": [1.5]}
+    if name in ("slerp", "nearswap"):
+        method(models[:1], base, t=0.3)
+    elif name == "nuslerp":
+        method(models[:2], base, weight=[0.5, 0.5])
+    elif name == "passthrough":
+        method([base], scale=[1.5])
+    elif method.base == "ignored":
+        method([base, *models], **{k: v for k, v in params.items() if k == "weight"})
+    else:
+        keep = {p.name for p in method.params} & {"weight", "density"}
+        method(models, base, **{k: params[k][:3] for k in keep})
+    for a, b in zip(before, [base, *models]):
+        assert torch.equal(a, b), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.integers(0, 6), min_size=1, max_size=300), frac=st.floats(0, 1))
+def test_top_k_mask_exact_count_and_ties_to_lower_index(values, frac):
+    score = torch.tensor(values, dtype=torch.float32)
+    k = int(frac * len(values))
+    mask = M.top_k_mask(score, k)
+    assert int(mask.sum()) == k
+    assert np.array_equal(mask.numpy(), _np_topk_mask(score.numpy(), k))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300_000), seed=st.integers(0, 10_000), frac=st.floats(0, 1), ints=st.booleans())
+def test_kth_largest_equals_kthvalue(n, seed, frac, ints):
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 9, (n,), generator=g).float() if ints else torch.rand(n, generator=g)
+    k = max(1, int(frac * n))
+    assert M.kth_largest(score, k) == torch.kthvalue(score, n - k + 1).values
+
+
+def test_bf16_inputs_give_bf16_output():
+    base, models = _models()
+    out = M.get("ties")([m.bfloat16() for m in models], base.bfloat16(), weight=[1, 1, 1], density=[0.5] * 3)
+    assert out.dtype == torch.bfloat16
