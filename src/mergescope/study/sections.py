@@ -54,9 +54,86 @@ def merging_section(res: dict, fig_dir: Path) -> dict:
                         "rows": table_rows}]}
 
 
+def connectivity_section(res: dict, fig_dir: Path) -> dict:
+    matrices, curves = res["matrices"], res["curves"]
+    F.heatmaps_figure(matrices, fig_dir / "connectivity_matrix.png", "barrier_loss",
+                      "Pairwise loss barriers between independent seeds: naive vs after neuron alignment")
+    un, al = curves["unaligned"], curves["aligned"]
+    F.paths_figure({"straight line": un["line"], "Bezier curve": un["curve"],
+                    "line after alignment": al["aligned_line"], "Bezier curve after alignment": al["curve"]},
+                   fig_dir / "connectivity_curves.png", "Connectivity: fitted curves vs straight lines")
+
+    def mean_off_diagonal(m):
+        k = len(m)
+        return sum(m[i][j] for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
+
+    means = {name: mean_off_diagonal(m["barrier_loss"]) for name, m in matrices.items()}
+    best = min(means, key=means.get)
+    reading = (f"Mean pairwise loss barrier: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) +
+               f". Undoing the permutation symmetry ({best}) removes most of the barrier: independent runs "
+               f"land in the same basin up to a relabelling of their hidden units.")
+    curve_reading = (f"A Bezier curve trained between the endpoints has loss barrier {un['barrier_loss']:.3f} "
+                     f"(line {un['line']['barrier_loss']:.3f}); after activation matching the line drops to "
+                     f"{al['aligned_line']['barrier_loss']:.3f} and the curve to {al['barrier_loss']:.3f}: minima "
+                     f"are joined by low-loss curves, and alignment makes them nearly straight.")
+    rows = [{"paths": k, "mean loss barrier": v,
+             "mean accuracy barrier (pts)": 100 * mean_off_diagonal(matrices[k]["barrier_acc"])} for k, v in means.items()]
+    rows += [{"paths": f"Bezier curve ({k})", "mean loss barrier": c["barrier_loss"],
+              "mean accuracy barrier (pts)": 100 * c["barrier_acc"]} for k, c in curves.items()]
+    return {"id": "connectivity", "title": "2. Connectivity: are minima joined by low-loss paths?",
+            "intro": "Barriers between every pair of independently trained MLPs, before and after aligning each to "
+                     "the first (weight matching, activation matching); then a quadratic Bezier curve fitted between "
+                     "two of them (Garipov et al. 2018), without and with alignment (Tatro et al. 2020).",
+            "figures": [{"file": "connectivity_matrix.png", "caption": reading},
+                        {"file": "connectivity_curves.png", "caption": curve_reading}],
+            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+
+
+def why_section(res: dict, fig_dir: Path) -> dict:
+    from ..analysis import scaling, spaces, weights
+
+    weights.plot(res["weights"], fig_dir / "why_weights.png")
+    spaces.plot(res["spaces"], fig_dir / "why_spaces.png")
+    scaling.plot(res["scaling"], fig_dir / "why_scaling.png")
+    fam = res["spaces"]["families"]
+    k = res["spaces"]["sizes"][-1]
+    space_reading = " ".join(
+        f"{name}: weight average {100 * c['weight_average'][-1]:.1f}% vs output (probs) average "
+        f"{100 * c['probs'][-1]:.1f}% at {k} models." for name, c in fam.items())
+    scaling_reading = _scaling_reading(res["scaling"])
+    return {"id": "why", "title": "7. Why weight averaging works (Rethink-Merge analyses)",
+            "intro": "What the weights encode (first-layer templates as 8x8 images), when averaging in weight space "
+                     "matches averaging features or outputs, and how stable predictions are when weights are scaled.",
+            "figures": [{"file": "why_weights.png", "caption": "First-layer weights seen as 8x8 digit templates, per "
+                         "class direction, for two fine-tunes and their average: the average keeps the shared "
+                         "structure of the templates."},
+                        {"file": "why_spaces.png", "caption": space_reading},
+                        {"file": "why_scaling.png", "caption": scaling_reading}]}
+
+
+def _scaling_reading(res: dict) -> str:
+    """Say what the numbers show: is the average's norm smaller, and its response to scaling flatter?"""
+    norms = res["norms"]
+    kl_at_max = {name: res["global"][name]["kl"][-1] for name in res["names"]}
+    members = [n for n in res["names"] if n != "average"]
+    text = "Weight norms: " + ", ".join(f"{k} {v:.2f}" for k, v in norms.items()) + ". "
+    if "average" not in norms:
+        return text
+    smaller = norms["average"] < min(norms[m] for m in members) - 1e-6
+    flatter = kl_at_max["average"] < min(kl_at_max[m] for m in members)
+    text += ("The average has a smaller norm than its members" if smaller else
+             "The average's norm is no smaller than its members' (they are too close for averaging to shrink it)")
+    text += (f"; its predictions move less under scaling (KL at x{res['factors'][-1]}: "
+             + ", ".join(f"{k} {v:.3g}" for k, v in kl_at_max.items()) + ")"
+             + (": averaging acts as a regularizer." if flatter else ": no flatter response here."))
+    return text
+
+
 SECTION_BUILDERS = {
     "convexity": convexity_section,
+    "connectivity": connectivity_section,
     "merging": merging_section,
+    "why": why_section,
 }
 
 

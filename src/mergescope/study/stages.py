@@ -163,34 +163,21 @@ def merging(ctx: Context) -> dict:
     add(group, "weight aggregation", "regmean", lambda: data_aware.regmean_merge(module, inds, task))
     for method in ("probs", "logits"):
         add_ensemble(group, inds, method)
-    rows.extend(_aligned_rows(ctx, module, inds, group))
+    rows.append(_merge_many_row(ctx, module, inds, group))
+    rows.extend(pair_rows(ctx, module, inds[0], inds[1], "2 independent seeds"))
     return {"rows": rows}
 
 
-def _aligned_rows(ctx: Context, module, states, group) -> list[dict]:
-    """Neuron alignment family: align every model to the first, then average (MergeMany-style)."""
+def _merge_many_row(ctx: Context, module, states, group) -> dict:
+    """MergeMany (Ainsworth et al. 2023): align every model to the mean of the others, then average."""
     from .. import align
+    from ..align.many import merge_many
 
-    task = ctx.task
-    example = next(iter(task.batches("train", batch_size=8)))[0]
-    spec = align.permutation_spec(module, example)
-    rows = []
-    for method in ("weight", "activation"):
-        start = time.perf_counter()
-        aligned = [states[0]]
-        for s in states[1:]:
-            if method == "weight":
-                perm = align.weight_matching(spec, states[0], s, seed=ctx.config.seed)
-            else:
-                perm = align.activation_matching(spec, _with(module, states[0]), _with(module, s),
-                                                 task.batches("train", batch_size=256))
-            aligned.append(align.apply(spec, perm, s))
-        merged = merge_states("linear", aligned, None, weight=[1.0] * len(aligned))
-        seconds = time.perf_counter() - start
-        rows.append({"models": group, "family": "neuron alignment", "method": f"{method} matching + average",
-                     **_evaluate_state(module, merged, task), "seconds": seconds})
-        ctx.tick(f"align {method}")
-    return rows
+    spec = align.permutation_spec(module, next(iter(ctx.task.batches("train", batch_size=8)))[0])
+    result, seconds = _timed(lambda: merge_many(spec, states, seed=ctx.config.seed))
+    ctx.tick("merge many")
+    return {"models": group, "family": "neuron alignment", "method": "MergeMany (weight matching) + average",
+            **_evaluate_state(module, result.mean, ctx.task), "seconds": seconds}
 
 
 def _with(module, state):
@@ -201,7 +188,137 @@ def _with(module, state):
     return m.eval()
 
 
+def align_to_first(module, states: Sequence[Mapping[str, torch.Tensor]], task, method: str, seed: int = 0
+                   ) -> list[dict[str, torch.Tensor]]:
+    """Permute every model to match the first (weight or activation matching)."""
+    from .. import align
+    from ..align.many import align_to_reference
+
+    spec = align.permutation_spec(module, next(iter(task.batches("train", batch_size=8)))[0])
+    if method == "weight":
+        return list(align_to_reference(spec, states, seed=seed).states)
+    reference = _with(module, states[0])
+    return [dict(states[0])] + [
+        align.apply(spec, align.activation_matching(spec, reference, _with(module, s), task.batches("train", batch_size=256),
+                                                    seed=seed), s) for s in states[1:]]
+
+
+def pair_rows(ctx: Context, module, a: Mapping, b: Mapping, group: str) -> list[dict]:
+    """Every neuron-alignment method on one pair: matching (+ REPAIR), OT, ZipIt!, against the naive average."""
+    from .. import align
+
+    task, rows = ctx.task, []
+    spec = align.permutation_spec(module, next(iter(task.batches("train", batch_size=8)))[0])
+    model_a, model_b = _with(module, a), _with(module, b)
+    rows.append({"models": group, "family": "single model", "method": "seed A", **_evaluate_state(module, a, task),
+                 "seconds": 0.0})
+    rows.append({"models": group, "family": "single model", "method": "seed B", **_evaluate_state(module, b, task),
+                 "seconds": 0.0})
+    rows.append({"models": group, "family": "weight aggregation", "method": "linear (naive)",
+                 **_evaluate_state(module, align.interpolate_states(a, b, 0.5), task), "seconds": 0.0})
+    for method in ("weight", "activation", "ot", "zipit"):
+        result, seconds = _timed(lambda: align.align_models(spec, model_a, model_b, method, task=task, seed=ctx.config.seed))
+        merged = result.state if result.merged else align.interpolate_states(a, result.state, 0.5)
+        label = "ZipIt!" if method == "zipit" else f"{method} matching + average"
+        rows.append({"models": group, "family": "neuron alignment", "method": label,
+                     **_evaluate_state(module, merged, task), "seconds": seconds})
+        ctx.tick(f"align {method}")
+        if method == "activation":
+            def repaired():
+                net = _with(module, merged)
+                align.repair(net, model_a, _with(module, result.state), task.batches("train", batch_size=512))
+                return net.state_dict()
+
+            state, extra = _timed(repaired)
+            rows.append({"models": group, "family": "neuron alignment", "method": "activation matching + REPAIR",
+                         **_evaluate_state(module, state, task), "seconds": seconds + extra})
+    result, seconds = _timed(lambda: __import__("mergescope.ensemble", fromlist=["evaluate"]).evaluate(module, [a, b], task))
+    rows.append({"models": group, "family": "ensembling", "method": "ensemble (probs)", "accuracy": result.accuracy,
+                 "loss": result.loss, "seconds": seconds})
+    return rows
+
+
+# --- 2. connectivity ---------------------------------------------------------------------------
+def connectivity(ctx: Context) -> dict:
+    """Barrier matrices naive vs aligned, and a Bezier curve vs the line, before and after alignment."""
+    from ..landscape import barrier_matrix, fit_curve
+
+    c, task = ctx.config, ctx.task
+    recipes = ctx.independents()
+    module = ctx.family.module(recipes[0])
+    states = ctx.states(recipes)
+    names = [f"seed {r.seed}" for r in recipes]
+    matrices = {"naive": barrier_matrix(module, states, task, names=names, n=c.path_points).to_dict()}
+    ctx.tick("barrier matrix naive")
+    for method in ("weight", "activation"):
+        aligned = align_to_first(module, states, task, method, c.seed)
+        matrices[f"{method} matching"] = barrier_matrix(module, aligned, task, names=names, n=c.path_points).to_dict()
+        ctx.tick(f"barrier matrix {method}")
+    for m in matrices.values():
+        m.pop("paths", None)
+    curves = {}
+    for align in (None, "activation"):
+        curve = fit_curve(module, states[0], states[1], task, kind="bezier", align=align, epochs=c.curve_epochs,
+                          seed=c.seed, n=c.path_points)
+        curves["aligned" if align else "unaligned"] = curve.to_dict()
+        ctx.tick(f"curve {align}")
+    return {"matrices": matrices, "curves": curves}
+
+
+# --- 3. determinism ----------------------------------------------------------------------------
+def determinism(ctx: Context) -> dict:
+    """Instability analysis (Frankle et al. 2020): spawn two children after k shared epochs."""
+    from ..landscape import spawn_stability
+
+    c = ctx.config
+    parent = ctx.mlp(c.seed + 300, 0)
+    result = spawn_stability(ctx.family.module(parent), ctx.task, spawn_epochs=list(c.spawn_epochs),
+                             total_epochs=c.spawn_total_epochs, seed=c.seed + 300, n=c.path_points)
+    ctx.tick("spawning")
+    return result.to_dict()
+
+
+# --- 4. directedness ---------------------------------------------------------------------------
+def directedness(ctx: Context) -> dict:
+    """Task vectors of label-subset fine-tunes: geometry, arithmetic and negation."""
+    from ..landscape import task_vectors
+
+    c = ctx.config
+    base = ctx.family.state(ctx.parent)
+    subsets = ctx.subset_finetunes()
+    states = ctx.states(subsets)
+    names = [f"digits {''.join(map(str, r.classes))}" for r in subsets]
+    tasks = [digits(seed=c.seed, classes=r.classes) for r in subsets]
+    result = task_vectors(ctx.family.module(ctx.parent), base, states, tasks, names=names, seed=c.seed)
+    ctx.tick("task vectors")
+    return result.to_dict()
+
+
+# --- 7. why weight averaging works -------------------------------------------------------------
+def why(ctx: Context) -> dict:
+    """Rethink-Merge analyses: weight templates, weight vs feature space, scaling stability."""
+    from ..analysis import scaling, spaces, weights
+
+    task = ctx.task
+    module = ctx.family.module(ctx.parent)
+    inds = ctx.states(ctx.independents())
+    fts = ctx.states(ctx.finetunes())
+    out = {"weights": weights.analyse(module, {"fine-tune 0": fts[0], "fine-tune 1": fts[1]}, task).to_dict()}
+    ctx.tick("weights")
+    families = {"fine-tunes of one parent": fts, "independent seeds": inds,
+                "independent seeds, aligned": align_to_first(module, inds, task, "weight", ctx.config.seed)}
+    out["spaces"] = spaces.compare(module, families, task).to_dict()
+    ctx.tick("spaces")
+    out["scaling"] = scaling.analyse(module, {"fine-tune 0": fts[0], "fine-tune 1": fts[1]}, task).to_dict()
+    ctx.tick("scaling")
+    return out
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Context], dict]] = {
     "convexity": convexity,
+    "connectivity": connectivity,
+    "determinism": determinism,
+    "directedness": directedness,
     "merging": merging,
+    "why": why,
 }
