@@ -123,16 +123,18 @@ def read_speed(folders: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
-def max_diff(a: Path, b: Path) -> float:
-    import torch
-
+def max_diff(a: Path, b: Path) -> tuple[float, int, int]:
+    """Largest absolute difference, entries differing by more than 1e-6, and entries compared."""
     from mergescope.io import load
 
     x, y = load(a), load(b)
-    worst = 0.0
+    worst, count, total = 0.0, 0, 0
     for name in x:
-        worst = max(worst, float((x.read(name).double() - y.read(name).double()).abs().max()))
-    return worst
+        diff = (x.read(name).double() - y.read(name).double()).abs()
+        worst = max(worst, float(diff.max()))
+        count += int((diff > 1e-6).sum())
+        total += diff.numel()
+    return worst, count, total
 
 
 def plot(results: dict, path: Path) -> None:
@@ -158,7 +160,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="250mb")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,slerp")
     parser.add_argument("--work", type=Path, default=OUT / "fixture")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -180,14 +182,16 @@ def main(argv=None) -> int:
                     "--quiet", "--no-copy-tokenizer"])
         ours = timed([str(VENV / "mergescope"), "--quiet", "merge", str(cfg), str(ms_out), "--random-seed", "0",
                       "--threads", str(args.threads), "--max-shard-size", "2GB"])
-        diff = max_diff(mk_out, ms_out) if method not in ("dare_ties",) else None
+        diff, differing, compared = max_diff(mk_out, ms_out) if method != "dare_ties" else (None, None, None)
         row = {"mergekit": mk, "mergescope": ours, "wall_ratio": round(ours["wall_s"] / mk["wall_s"], 3),
                "rss_ratio": round(ours["peak_rss_gb"] / mk["peak_rss_gb"], 3),
-               "read_fraction": round(read_s / ours["wall_s"], 3), "max_abs_diff": diff}
+               "read_fraction": round(read_s / ours["wall_s"], 3), "max_abs_diff": diff,
+               "entries_differing": differing, "entries": compared}
         results["methods"][method] = row
         print(f"{method:18s} {mk['wall_s']:10.2f} {ours['wall_s']:8.2f} {row['wall_ratio']:6.2f} {mk['peak_rss_gb']:6.2f} "
               f"{ours['peak_rss_gb']:8.2f} {row['rss_ratio']:6.2f} {row['read_fraction']:9.2f} "
-              f"{'-' if diff is None else f'{diff:.1e}':>9s}", flush=True)
+              f"{'-' if diff is None else f'{diff:.1e}':>9s} {'' if diff is None else f'({differing} of {compared})'}",
+              flush=True)
         for d in (mk_out, ms_out):
             shutil.rmtree(d, ignore_errors=True)
     (OUT / "merge_vs_mergekit.json").write_text(json.dumps(results, indent=2) + "\n")

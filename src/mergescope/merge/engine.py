@@ -118,7 +118,7 @@ class _Budget:
     """Admit jobs while the bytes in flight stay under a limit (one job always runs)."""
 
     def __init__(self, limit: int):
-        self.limit, self.used, self.cond = limit, 0, threading.Condition()
+        self.limit, self.used = limit, 0
 
     def fits(self, nbytes: int) -> bool:
         return self.used == 0 or self.used + nbytes <= self.limit
