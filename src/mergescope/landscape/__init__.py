@@ -6,6 +6,7 @@ Mode convexity (linear paths, barriers), connectivity (fitted curves, planes), f
 
 from .curvature import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
 from .plane import PlaneResult, plane, plane_through
+from .curves import CurveResult, fit_curve
 from .paths import BarrierMatrix, PathResult, accuracy_barrier, barrier_matrix, interpolate, loss_barrier
 
-__all__ = ["BarrierMatrix", "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace", "PathResult", "accuracy_barrier", "barrier_matrix", "interpolate", "loss_barrier", "PlaneResult", "plane", "plane_through"]
+__all__ = ["BarrierMatrix", "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace", "PathResult", "accuracy_barrier", "barrier_matrix", "interpolate", "loss_barrier", "PlaneResult", "plane", "plane_through", "CurveResult", "fit_curve"]

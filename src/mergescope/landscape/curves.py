@@ -1,0 +1,176 @@
+"""Curves of low loss between two models (connectivity), optionally after neuron alignment.
+
+Garipov et al. 2018 ("Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs"): a
+quadratic Bezier curve phi(t) = (1-t)^2 A + 2t(1-t) theta + t^2 B, or a polygonal chain
+A -> theta -> B, whose bend theta is trained by minimizing E_{t~U(0,1)} L(phi(t)) with one t drawn
+per batch. Tatro et al. 2020 ("Optimizing Mode Connectivity via Neuron Alignment"): aligning B's
+neurons to A's first (weight or activation matching) makes the curve much easier to fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import MergescopeError
+from .evaluation import Stack, as_state, lerp, working_copy
+from .paths import PathResult, evaluate_path, path_points
+
+KINDS = ("bezier", "polychain")
+ALIGNS = (None, "weight", "activation")
+
+
+def curve_weights(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """Coefficients [len(t), 3] of (A, bend, B) at each t: phi(t) = c0 A + c1 theta + c2 B."""
+    t = t.reshape(-1).double()
+    if kind == "bezier":
+        return torch.stack([(1 - t) ** 2, 2 * t * (1 - t), t ** 2], 1).float()
+    if kind == "polychain":
+        first = t < 0.5
+        s = torch.where(first, 2 * t, 2 * t - 1)
+        zero = torch.zeros_like(t)
+        return torch.stack([torch.where(first, 1 - s, zero), torch.where(first, s, 1 - s), torch.where(first, zero, s)],
+                           1).float()
+    raise MergescopeError(f"curve kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+def curve_points(kind: str, a: Mapping, bend: Mapping, b: Mapping, ts) -> Stack:
+    """States phi(t) for each t, stacked along a leading axis."""
+    c = curve_weights(kind, torch.as_tensor(np.asarray(ts, dtype=np.float64)))
+    out = {}
+    for k in a:
+        shape = (-1, *([1] * a[k].dim()))
+        out[k] = (c[:, 0].reshape(shape) * a[k][None] + c[:, 1].reshape(shape) * bend[k][None]
+                  + c[:, 2].reshape(shape) * b[k][None])
+    return out
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    """A fitted curve evaluated along t, with the straight lines for comparison.
+
+    ``line`` is the linear path between the original endpoints; ``aligned_line`` the one between A
+    and the aligned B (present when ``align`` is set). Barriers are those of the curve.
+    """
+
+    kind: str
+    align: str | None
+    epochs: int
+    curve: PathResult
+    line: PathResult
+    aligned_line: PathResult | None
+    train_loss: tuple[float, ...]
+    bend: dict = field(default=None, repr=False, compare=False)
+    aligned_b: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def barrier_loss(self) -> float:
+        return self.curve.barrier_loss
+
+    @property
+    def barrier_acc(self) -> float:
+        return self.curve.barrier_acc
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "align": self.align, "epochs": self.epochs, "barrier_loss": self.barrier_loss,
+                "barrier_acc": self.barrier_acc, "curve": self.curve.to_dict(), "line": self.line.to_dict(),
+                "aligned_line": None if self.aligned_line is None else self.aligned_line.to_dict(),
+                "train_loss_per_epoch": list(self.train_loss)}
+
+
+def align_endpoint(model: nn.Module, a: dict, b: dict, task, how: str, seed: int = 0) -> dict:
+    """B with its neurons permuted to match A (``mergescope.align``: weight or activation matching)."""
+    from .. import align  # the alignment package; imported here so landscape works without it
+
+    x, _ = next(iter(task.batches("train")))
+    spec = align.permutation_spec(working_copy(model), x[:8])
+    if how == "weight":
+        perm = align.weight_matching(spec, a, b, seed=seed)
+    elif how == "activation":
+        model_a, model_b = _module_with(model, a), _module_with(model, b)
+        perm = align.activation_matching(spec, model_a, model_b, task.batches("train"), seed=seed)
+    else:
+        raise MergescopeError(f"align {how!r}: expected one of weight, activation (or None)")
+    permuted = align.apply(spec, perm, b)
+    return {k: permuted[k].float() for k in b}
+
+
+def _module_with(model: nn.Module, state: Mapping) -> nn.Module:
+    net = working_copy(model)
+    net.load_state_dict({**net.state_dict(), **state})
+    return net
+
+
+def train_bend(model: nn.Module, a: dict, b: dict, task, kind: str, epochs: int, lr: float, weight_decay: float,
+               batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None
+               ) -> tuple[dict, list[float]]:
+    """Fit the bend theta by SGD on L(phi_theta(t)), t ~ U(0,1) drawn once per batch (Garipov et al.).
+
+    Starts from the midpoint (A + B) / 2 (the curve is then the line); Adam with a cosine decay.
+    Parameters only: BatchNorm runs in train mode on batch statistics and is recomputed at
+    evaluation. Returns (bend state, mean train loss per epoch).
+    """
+    net = working_copy(model)
+    param_names = {n for n, _ in net.named_parameters()}
+    bend = {k: ((a[k] + b[k]) / 2).clone() for k in a}
+    theta = {k: bend[k].requires_grad_(True) for k in a if k in param_names}
+    buffers = {k: v for k, v in bend.items() if k not in param_names}
+    opt = torch.optim.Adam(theta.values(), lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * math.ceil(_train_size(task) / batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    history = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for x, y in task.batches("train", batch_size=batch_size, shuffle=True, generator=gen):
+            t = torch.rand(1, generator=gen)
+            c = curve_weights(kind, t)[0]
+            weights = {k: c[0] * a[k] + c[1] * theta[k] + c[2] * b[k] for k in theta}
+            out = functional_call(net, {**weights, **{k: v.clone() for k, v in buffers.items()}}, (x,))
+            loss = task.loss(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        history.append(total / max(count, 1))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    return {k: v.detach().clone() for k, v in bend.items()}, history
+
+
+def _train_size(task) -> int:
+    return sum(len(y) for _, y in task.batches("train"))
+
+
+def fit_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], task,
+              kind: str = "bezier", align: str | None = None, epochs: int = 20, seed: int = 0, n: int = 25,
+              split: str = "test", bn_reset: bool = True, lr: float = 1e-3, weight_decay: float = 0.0,
+              batch_size: int = 64, on_epoch: Callable[[int, float], None] | None = None) -> CurveResult:
+    """Fit a Bezier / polychain curve between A and B (optionally aligning B to A first) and evaluate it.
+
+    The curve is trained on the train split and reported at ``n`` points on ``split`` (and train),
+    next to the straight line(s), with BatchNorm statistics recomputed per point when ``bn_reset``.
+    """
+    if kind not in KINDS:
+        raise MergescopeError(f"curve kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if align not in ALIGNS:
+        raise MergescopeError(f"align {align!r}: expected weight, activation or None")
+    if epochs < 0:
+        raise MergescopeError(f"epochs={epochs}: must be >= 0")
+    a, b0 = as_state(model, state_a, "state_a"), as_state(model, state_b, "state_b")
+    b = align_endpoint(model, a, b0, task, align, seed) if align else b0
+    bend, history = train_bend(model, a, b, task, kind, epochs, lr, weight_decay, batch_size, seed, on_epoch)
+    ts = path_points(n)
+    curve = evaluate_path(model, curve_points(kind, a, bend, b, ts), ts, task, split, bn_reset)
+    line = evaluate_path(model, lerp(a, b0, ts), ts, task, split, bn_reset)
+    aligned_line = evaluate_path(model, lerp(a, b, ts), ts, task, split, bn_reset) if align else None
+    return CurveResult(kind, align, epochs, curve, line, aligned_line, tuple(history), bend, b if align else None)
