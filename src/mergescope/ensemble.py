@@ -66,7 +66,7 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     if not states:
         raise MergescopeError("average: no states given")
     n = len(states)
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else _normalized(weights, n)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else normalized_weights(weights, n)
     out = {}
     for name in states[0]:
         first = states[0][name]
@@ -78,7 +78,8 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return out
 
 
-def _normalized(weights: Sequence[float], n: int) -> torch.Tensor:
+def normalized_weights(weights: Sequence[float], n: int) -> torch.Tensor:
+    """``n`` non-negative weights scaled to sum to 1 (float64); anything else is a user error."""
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     if w.numel() != n or (w < 0).any() or w.sum() <= 0:
         raise MergescopeError(f"weights {list(weights)}: need {n} non-negative numbers with a positive sum")
@@ -312,7 +313,7 @@ def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], tas
     else:
         w = None
         if method == "weighted":
-            w = _normalized(weights, len(states)).float() if weights is not None else validation_accuracies(
+            w = normalized_weights(weights, len(states)).float() if weights is not None else validation_accuracies(
                 model, states, task)
         probs = combine(logits, method, w)
     vote = method == "vote"

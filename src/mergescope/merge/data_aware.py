@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..ensemble import _normalized, as_state, average_states
+from ..ensemble import as_state, average_states, normalized_weights
 from ..errors import MergescopeError
 
 
@@ -78,7 +78,7 @@ def fisher_weighted_average(states: Sequence[Mapping[str, torch.Tensor]], fisher
     n = len(states)
     if len(fishers) != n:
         raise MergescopeError(f"fisher merge: {n} states but {len(fishers)} Fishers")
-    lam = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else _normalized(weights, n)
+    lam = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else normalized_weights(weights, n)
     merged = average_states(states, lam.tolist())
     for name in fishers[0]:
         num = sum(float(lam[i]) * (fishers[i][name].double() + floor) * states[i][name].double() for i in range(n))
