@@ -77,3 +77,62 @@ def test_align_to_reference_keeps_the_reference():
         assert all(torch.equal(aligned[k], copies[1][k]) for k in state)
     mean = mean_state([{"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([3.0, 5.0])}])
     assert np.allclose(mean["w"].numpy(), [2.0, 4.0])
+
+
+def test_greedy_pairs_takes_the_most_correlated_first():
+    corr = np.array([[1.0, 0.9, 0.1, 0.2],
+                     [0.9, 1.0, 0.3, 0.8],
+                     [0.1, 0.3, 1.0, 0.7],
+                     [0.2, 0.8, 0.7, 1.0]])
+    np.fill_diagonal(corr, -np.inf)
+    from mergescope.align.zipit import greedy_pairs
+
+    assert greedy_pairs(corr) == [(0, 1), (2, 3)]  # 0.9 first (a within-model pair), then 0.7
+    assert greedy_pairs(corr, allow_within=False) == [(1, 3), (0, 2)]  # cross pairs only: 0.8, then what is left
+
+
+@pytest.mark.parametrize("name,options", [("mlp", {"width": 12}), ("cnn", {"width": 4})])
+def test_zipit_of_a_permuted_copy_is_the_model(name, options):
+    from mergescope.align.zipit import zipit
+
+    model = ms.tasks.build(name, seed=0, **options).eval()
+    spec = permutation_spec(model, torch.randn(2, 64))
+    copy = ms.tasks.build(name, **options).eval()
+    copy.load_state_dict(_shuffled(spec, model.state_dict(), 4))
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(0))
+    merged = zipit(spec, model, copy, [x], allow_within=False, reset_bn=False)
+    out = ms.tasks.build(name, **options).eval()
+    out.load_state_dict(merged.state)
+    assert torch.allclose(out(x), model(x), atol=1e-5)
+
+
+def test_zipit_matrices_average_pairs_and_copy_back():
+    from mergescope.align.zipit import merge_unmerge
+
+    merge, unmerge_t = merge_unmerge([(0, 3), (1, 2)], n=2, alpha=0.25)
+    # pair (0 from A, 3 -> B's unit 1): weights 0.75 / 0.25; pair (1, 2): A's unit 1 with B's unit 0
+    assert torch.equal(merge, torch.tensor([[0.75, 0, 0, 0.25], [0, 0.75, 0.25, 0]], dtype=torch.float64))
+    assert torch.equal(unmerge_t, torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.float64))
+
+
+def test_ste_matching_returns_a_valid_permutation_that_merges_well():
+    from mergescope.align.ste import ste_matching
+
+    task = ms.tasks.digits()
+    models = []
+    for seed in (0, 1):
+        m = ms.tasks.build("mlp", seed=seed, width=32)
+        ms.tasks.train(m, task, epochs=6, seed=seed)
+        models.append(m.eval())
+    spec = permutation_spec(models[0], torch.randn(2, 64))
+    perm = ste_matching(spec, models[0], models[1], task, epochs=1, seed=0)
+    for p, idx in perm.perms.items():
+        assert sorted(idx.tolist()) == list(range(spec.sizes[p]))
+    sa, sb = models[0].state_dict(), models[1].state_dict()
+
+    def mid_loss(b):
+        m = ms.tasks.build("mlp", width=32)
+        m.load_state_dict({k: (sa[k] + b[k]) / 2 for k in sa})
+        return task.evaluate(m)["loss"]
+
+    assert mid_loss(apply(spec, perm, sb)) < mid_loss(sb)

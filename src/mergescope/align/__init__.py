@@ -7,12 +7,17 @@ units; alignment finds the ordering of one model that best matches another befor
 from __future__ import annotations
 
 from .api import AlignResult, align_models, interpolate_states
+from .many import ManyResult, align_to_reference, merge_many
 from .matching import activation_matching, weight_matching
+from .ot import FusionResult, ot_alignment, ot_fusion
 from .permute import Permutation, apply, random_permutation
 from .repair import repair, reset_bn_stats
 from .spec import PermutationSpec, as_spec
+from .ste import ste_matching
 from .trace import permutation_spec
+from .zipit import ZipResult, zipit
 
-__all__ = ["AlignResult", "Permutation", "PermutationSpec", "activation_matching", "align_models", "apply", "as_spec",
-           "interpolate_states", "permutation_spec", "random_permutation", "repair", "reset_bn_stats",
-           "weight_matching"]
+__all__ = ["AlignResult", "FusionResult", "ManyResult", "Permutation", "PermutationSpec", "ZipResult",
+           "activation_matching", "align_models", "align_to_reference", "apply", "as_spec", "interpolate_states",
+           "merge_many", "ot_alignment", "ot_fusion", "permutation_spec", "random_permutation", "repair",
+           "reset_bn_stats", "ste_matching", "weight_matching", "zipit"]
