@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import console, progress, say, torch_threads
+from .common import STATE, console, progress, say, torch_threads
 
 
 def study(
@@ -16,6 +16,7 @@ def study(
     seed: int = typer.Option(0, help="Seed of the whole study."),
     stages: str = typer.Option(None, help="Comma-separated subset of stages to run."),
     threads: int = typer.Option(1, help="torch threads (small models run fastest on one)."),
+    config: Path = typer.Option(None, "--config", help="Study YAML for your own checkpoints (model, task, checkpoints, base)."),
 ):
     """Train (or reuse) the digits model family, measure the four landscape characteristics, compare every
     merge method, and write a self-contained report.html."""
@@ -29,19 +30,25 @@ def study(
         if unknown:
             raise MergescopeError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
         overrides["stages"] = chosen
-    config = StudyConfig.quick_config(**overrides) if quick else StudyConfig(**overrides)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("study", total=None)
-        results = run_study(out, config,
-                            on_stage=lambda name, i, n: bar.update(job, description=f"stage {i + 1}/{n}: {name}"),
-                            tick=lambda message: bar.update(job, advance=1))
+        hooks = {"on_stage": lambda name, i, n: bar.update(job, description=f"stage {i + 1}/{n}: {name}"),
+                 "tick": lambda message: bar.update(job, advance=1)}
+        if config is not None:
+            from ..study import run_custom_study
+
+            results = run_custom_study(config, out, **hooks)
+        else:
+            settings = StudyConfig.quick_config(**overrides) if quick else StudyConfig(**overrides)
+            results = run_study(out, settings, **hooks)
     table = Table(title="mergescope study: summary")
     table.add_column("finding")
     from ..study.sections import summary_lines
 
     for line in summary_lines(results):
         table.add_row(line)
-    console.print(table) if not __import__("mergescope.cli.common", fromlist=["STATE"]).STATE["quiet"] else None
+    if not STATE["quiet"]:
+        console.print(table)
     say(f"report: {out / 'report.html'}  ({sum(results['timings'].values()):.0f}s; models trained "
         f"{results['models']['trained']}, reused {results['models']['reused']})")
 

@@ -92,3 +92,17 @@ def merge_table_figure(rows: list[dict], out) -> Path:
     fig.legend(handles, list(FAMILY_COLORS), loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save(fig, out)
+
+
+def stability_figure(res: dict, out) -> Path:
+    """Barrier between two spawned children vs the epoch they were spawned at."""
+    plt = pyplot()
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_l.plot(res["ks"], res["barrier_loss"], "o-", color="#d62728")
+    ax_a.plot(res["ks"], 100 * np.asarray(res["barrier_acc"]), "o-", color="#d62728")
+    ax_l.set(xlabel="spawn epoch k (shared training before the split)", ylabel="test loss barrier")
+    ax_a.set(xlabel="spawn epoch k (shared training before the split)", ylabel="test accuracy barrier (pts)")
+    for ax in (ax_l, ax_a):
+        ax.axhline(0, color="gray", lw=0.8, ls=":")
+    fig.suptitle(f"Determinism: barrier between two children trained to epoch {res['epochs']}")
+    return save(fig, out)

@@ -15,10 +15,10 @@ from pathlib import Path
 from .._version import __version__
 from .config import STAGES, StudyConfig
 from .family import Family
-from .sections import SECTION_BUILDERS, summary_lines
+from .sections import SECTION_BUILDERS, skipped_section, summary_lines
 from .stages import STAGE_FUNCTIONS, Context
 
-__all__ = ["STAGES", "StudyConfig", "run_study", "write_report"]
+__all__ = ["STAGES", "StudyConfig", "run_custom_study", "run_study", "write_report"]
 
 
 def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = None,
@@ -44,6 +44,65 @@ def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = Non
     return results
 
 
+def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "study",
+                     on_stage: Callable[[str, int, int], None] | None = None,
+                     tick: Callable[[str], None] = lambda message: None) -> dict:
+    """The same measurements on a user's checkpoints (see ``study.custom`` for the YAML)."""
+    from ..io import load
+    from ..tasks import get_task, make_model
+    from ..tasks.checkpoints import load_state_into
+    from . import measure
+    from .custom import read_config
+
+    cfg = read_config(config_path)
+    task = get_task(cfg.task, **cfg.task_options)
+    module = make_model(cfg.model, **cfg.model_options)
+
+    def read(path: str) -> dict:
+        ckpt = load(path)
+        load_state_into(module, ckpt, path)  # checks keys and shapes, one-line errors
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    named = {name: read(path) for name, path in cfg.checkpoints.items()}
+    base = read(cfg.base) if cfg.base else None
+    names = list(named)
+    pair = {names[0]: named[names[0]], names[1]: named[names[1]]}
+    aligned = measure.align_to_first(module, list(named.values()), task, "weight", cfg.seed)
+    group = f"your {len(named)} models"
+    stage_fns = {
+        "convexity": lambda: measure.paths(measure.all_pairs(module, named), task, cfg.path_points, tick),
+        "connectivity": lambda: measure.connectivity(module, named, task, cfg.path_points, cfg.curve_epochs, cfg.seed,
+                                                     tick),
+        "determinism": lambda: {"skipped": "spawning needs a training function; it runs on the built-in study"},
+        "merging": lambda: {"rows": measure.merge_rows(module, named, task, group, base, cfg.seed, tick)
+                            + measure.pair_rows(module, *pair.values(), task, f"{names[0]} + {names[1]}", cfg.seed, tick)},
+        "why": lambda: measure.why(module, pair, {"your models": list(named.values()), "your models, aligned": aligned},
+                                   task, tick),
+    }
+    if base is not None:
+        stage_fns["directedness"] = lambda: _directedness(module, base, named, task, cfg.seed)
+    else:
+        stage_fns["directedness"] = lambda: {"skipped": "task vectors need a base model (give 'base:' in the config)"}
+    results: dict = {"config": cfg.model_dump(), "mergescope_version": __version__, "timings": {},
+                     "models": {"trained": 0, "reused": len(named) + (base is not None)}}
+    for i, name in enumerate(STAGES):
+        if on_stage is not None:
+            on_stage(name, i, len(STAGES))
+        start = time.perf_counter()
+        results[name] = stage_fns[name]()
+        results["timings"][name] = time.perf_counter() - start
+    out = Path(out)
+    _write_json(out / "results.json", results)
+    write_report(out)
+    return results
+
+
+def _directedness(module, base, named, task, seed):
+    from ..landscape import task_vectors
+
+    return task_vectors(module, base, list(named.values()), [task] * len(named), names=list(named), seed=seed).to_dict()
+
+
 def write_report(out: str | os.PathLike) -> Path:
     """Draw figures and the HTML report from ``out/results.json`` alone (no recomputation)."""
     from ..report import render_report
@@ -51,8 +110,9 @@ def write_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     results = json.loads((out / "results.json").read_text())
     fig_dir = out / "figures"
-    sections = [SECTION_BUILDERS[name](results[name], fig_dir) for name in STAGES
-                if name in results and name in SECTION_BUILDERS]
+    sections = [skipped_section(name, results[name]) if "skipped" in results[name] else
+                SECTION_BUILDERS[name](results[name], fig_dir)
+                for name in STAGES if name in results and name in SECTION_BUILDERS]
     for section in sections:
         for table in section.get("tables", []):
             _write_json(fig_dir / f"{section['id']}.json", results[section["id"]])

@@ -10,12 +10,16 @@ from ..report import figures as F
 def convexity_section(res: dict, fig_dir: Path) -> dict:
     paths = res["paths"]
     F.paths_figure(paths, fig_dir / "convexity.png", "Mode convexity: linear interpolation between two models")
-    same = paths["MLP, fine-tunes of one parent"]
-    indep = paths["MLP, independent seeds"]
-    reading = (f"Fine-tunes of one parent lie in one convex basin (loss barrier {same['barrier_loss']:.3f}), "
-               f"so averaging their weights is safe. Independent seeds are separated by a barrier of "
-               f"{indep['barrier_loss']:.3f} ({100 * indep['barrier_acc']:.1f} accuracy points): averaging them "
-               f"naively destroys accuracy.")
+    if res.get("same_basin") and res.get("independent"):
+        same, indep = paths[res["same_basin"]], paths[res["independent"]]
+        reading = (f"Fine-tunes of one parent lie in one convex basin (loss barrier {same['barrier_loss']:.3f}), "
+                   f"so averaging their weights is safe. Independent seeds are separated by a barrier of "
+                   f"{indep['barrier_loss']:.3f} ({100 * indep['barrier_acc']:.1f} accuracy points): averaging them "
+                   f"naively destroys accuracy.")
+    else:
+        reading = "Loss barriers along the straight lines: " + "; ".join(
+            f"{k} {v['barrier_loss']:.3f} ({100 * v['barrier_acc']:.1f} pts)" for k, v in paths.items()) + (
+            ". A barrier near 0 means the two models share a convex basin and can be averaged directly.")
     rows = [{"pair": k, "loss barrier": v["barrier_loss"], "accuracy barrier (pts)": 100 * v["barrier_acc"],
              "train loss barrier": v["train_barrier_loss"],
              "naive-BN loss barrier": v["naive_barrier_loss"] if v["naive_barrier_loss"] is not None else "-"}
@@ -59,6 +63,7 @@ def connectivity_section(res: dict, fig_dir: Path) -> dict:
     F.heatmaps_figure(matrices, fig_dir / "connectivity_matrix.png", "barrier_loss",
                       "Pairwise loss barriers between independent seeds: naive vs after neuron alignment")
     un, al = curves["unaligned"], curves["aligned"]
+    pair = " and ".join(res.get("pair", ["A", "B"]))
     F.paths_figure({"straight line": un["line"], "Bezier curve": un["curve"],
                     "line after alignment": al["aligned_line"], "Bezier curve after alignment": al["curve"]},
                    fig_dir / "connectivity_curves.png", "Connectivity: fitted curves vs straight lines")
@@ -72,7 +77,7 @@ def connectivity_section(res: dict, fig_dir: Path) -> dict:
     reading = (f"Mean pairwise loss barrier: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) +
                f". Undoing the permutation symmetry ({best}) removes most of the barrier: independent runs "
                f"land in the same basin up to a relabelling of their hidden units.")
-    curve_reading = (f"A Bezier curve trained between the endpoints has loss barrier {un['barrier_loss']:.3f} "
+    curve_reading = (f"A Bezier curve trained between {pair} has loss barrier {un['barrier_loss']:.3f} "
                      f"(line {un['line']['barrier_loss']:.3f}); after activation matching the line drops to "
                      f"{al['aligned_line']['barrier_loss']:.3f} and the curve to {al['barrier_loss']:.3f}: minima "
                      f"are joined by low-loss curves, and alignment makes them nearly straight.")
@@ -86,6 +91,25 @@ def connectivity_section(res: dict, fig_dir: Path) -> dict:
                      "two of them (Garipov et al. 2018), without and with alignment (Tatro et al. 2020).",
             "figures": [{"file": "connectivity_matrix.png", "caption": reading},
                         {"file": "connectivity_curves.png", "caption": curve_reading}],
+            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+
+
+def determinism_section(res: dict, fig_dir: Path) -> dict:
+    F.stability_figure(res, fig_dir / "determinism.png")
+    ks, barriers = res["ks"], res["barrier_loss"]
+    stable = [k for k, b in zip(ks, barriers) if b < 0.05]
+    reading = (f"Children spawned at epoch {ks[0]} are separated by a loss barrier of {barriers[0]:.3f}; "
+               f"spawned at epoch {ks[-1]}, by {barriers[-1]:.3f}. "
+               + (f"From epoch {stable[0]} on, runs are stable to SGD noise (barrier < 0.05): their fate is "
+                  f"decided early, and their weights can be averaged." if stable else
+                  "No spawn point here gives a barrier under 0.05: training noise still moves runs to different basins."))
+    rows = [{"spawn epoch k": k, "loss barrier": b, "accuracy barrier (pts)": 100 * a,
+             "child A accuracy": c[0], "child B accuracy": c[1]}
+            for k, b, a, c in zip(ks, barriers, res["barrier_acc"], res["child_accuracy"])]
+    return {"id": "determinism", "title": "3. Determinism: when does a run commit to its basin?",
+            "intro": "Instability analysis (Frankle et al. 2020): train a parent for k epochs, copy it, train both copies "
+                     "to the end with different data orders, and measure the barrier between them.",
+            "figures": [{"file": "determinism.png", "caption": reading}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}
 
 
@@ -132,18 +156,28 @@ def _scaling_reading(res: dict) -> str:
 SECTION_BUILDERS = {
     "convexity": convexity_section,
     "connectivity": connectivity_section,
+    "determinism": determinism_section,
     "merging": merging_section,
     "why": why_section,
 }
 
 
+TITLES = {"convexity": "1. Mode convexity", "connectivity": "2. Connectivity", "determinism": "3. Determinism",
+          "directedness": "4. Directedness", "merging": "6. Merging outcome", "why": "7. Why weight averaging works"}
+
+
+def skipped_section(stage: str, res: dict) -> dict:
+    """A stage that could not run on these inputs says why, instead of silently vanishing."""
+    return {"id": stage, "title": f"{TITLES[stage]}: not measured", "intro": res["skipped"]}
+
+
 def summary_lines(results: dict) -> list[str]:
     """Plain-language answers drawn from the numbers: which merge to use for which models, and why."""
     lines = []
-    conv = results.get("convexity", {}).get("paths", {})
-    if conv:
-        same = conv["MLP, fine-tunes of one parent"]["barrier_loss"]
-        indep = conv["MLP, independent seeds"]["barrier_loss"]
+    conv = results.get("convexity", {})
+    if conv.get("same_basin") and conv.get("independent"):
+        same = conv["paths"][conv["same_basin"]]["barrier_loss"]
+        indep = conv["paths"][conv["independent"]]["barrier_loss"]
         lines.append(f"Models fine-tuned from one parent share a basin (loss barrier {same:.3f} vs {indep:.3f} for "
                      f"independent seeds): for them, weight averaging (linear, task arithmetic, TIES) is the cheap "
                      f"and accurate choice.")
