@@ -7,6 +7,7 @@ Mode convexity (linear paths, barriers), connectivity (fitted curves, planes), f
 from .curvature import EigenResult, TraceResult, hessian_eigenvalues, hessian_trace
 from .plane import PlaneResult, plane, plane_through
 from .curves import CurveResult, fit_curve
+from .stability import StabilityResult, spawn_stability
 from .paths import BarrierMatrix, PathResult, accuracy_barrier, barrier_matrix, interpolate, loss_barrier
 
-__all__ = ["BarrierMatrix", "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace", "PathResult", "accuracy_barrier", "barrier_matrix", "interpolate", "loss_barrier", "PlaneResult", "plane", "plane_through", "CurveResult", "fit_curve"]
+__all__ = ["BarrierMatrix", "EigenResult", "TraceResult", "hessian_eigenvalues", "hessian_trace", "PathResult", "accuracy_barrier", "barrier_matrix", "interpolate", "loss_barrier", "PlaneResult", "plane", "plane_through", "CurveResult", "fit_curve", "StabilityResult", "spawn_stability"]
