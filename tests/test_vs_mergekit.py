@@ -242,3 +242,20 @@ def test_vocabulary_mismatch_is_refused(llamas, tmp_path):
     with pytest.raises(MergescopeError, match="(embed_tokens|lm_head).*vocabulary sizes differ"):
         ms.merge(text, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(40, 100), (500,), (3, 50, 4)])
+def test_della_keep_probabilities_match_mergekit(shape):
+    """DELLA masks cannot match bit for bit (see docs/merge.md); their per-entry keep rates must."""
+    from mergekit.sparsify import della_magprune
+
+    from mergescope.merge.methods import della_mask
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    trials = 300
+    ours = sum(della_mask(x.abs(), 0.5, torch.Generator().manual_seed(s), epsilon=0.3).reshape(shape).float()
+               for s in range(trials)) / trials
+    torch.manual_seed(0)
+    theirs = sum((della_magprune(x, 0.5, 0.3) != 0).float() for _ in range(trials)) / trials
+    assert abs(float(ours.mean()) - float(theirs.mean())) < 0.01
+    assert float(torch.corrcoef(torch.stack([ours.reshape(-1), theirs.reshape(-1)]))[0, 1]) > 0.95

@@ -154,13 +154,19 @@ def della_mask(magnitude: Tensor, density: float, generator: torch.Generator, ep
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergescopeError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
     rows = magnitude if magnitude.dim() >= 2 else magnitude.reshape(1, -1)
-    m = rows.shape[1]
-    order = torch.argsort(rows, dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
-    rank_norm = ranks.float() / (m - 1) if m > 1 else torch.zeros(ranks.shape)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    return (_uniform(probs.numel(), generator) < probs.reshape(-1))
+    rows = rows.reshape(rows.shape[0], rows.shape[1], -1).movedim(2, 1)  # ranks run along dim 1
+    m = rows.shape[-1]
+    keep = torch.empty(rows.shape, dtype=torch.bool)
+    step = max(1, CHUNK // m)  # row blocks bound the int64 argsort scratch
+    flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m)
+    for start in range(0, flat_rows.shape[0], step):
+        block = flat_rows[start:start + step]
+        order = torch.argsort(block, dim=1)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+        rank_norm = ranks.to(magnitude.dtype) / (m - 1) if m > 1 else torch.zeros(block.shape, dtype=magnitude.dtype)
+        probs = (density - epsilon) + rank_norm * (2 * epsilon)
+        flat_keep[start:start + step] = torch.rand(block.shape, generator=generator) < probs
+    return keep.movedim(1, 2).reshape(-1)
 
 
 def _uniform(n: int, generator: torch.Generator) -> Tensor:
