@@ -98,18 +98,20 @@ def run(name: str, n: int, task, headline: dict, epochs: int | None = None) -> N
                                 "penalty": st.penalty}
     named = {"seed0": seeds[0], "seed1": seeds[1]}
     dump(f"{name}_weights", weights.analyse(model, named, task), weights.plot)
+    if aligned:
+        dump(f"{name}_weights_aligned", weights.analyse(model, {"seed0": seeds[0], "seed1 aligned": aligned[1]}, task),
+             weights.plot)
     dump(f"{name}_weights_finetunes", weights.analyse(model, {"tune0": tunes[0], "tune1": tunes[1]}, task),
          weights.plot)
-    sc = scaling.analyse(model, named, task)
-    dump(f"{name}_scaling", sc, scaling.plot)
-    sc_t = scaling.analyse(model, {"tune0": tunes[0], "tune1": tunes[1]}, task)
-    dump(f"{name}_scaling_finetunes", sc_t, scaling.plot)
-    i2 = sc.factors.index(2.0) if 2.0 in sc.factors else -1
-    headline[name]["scaling"] = {
-        "norms": sc.norms, "kl_at_2": {k: v["kl"][i2] for k, v in sc.global_scaling.items()},
-        "kl_at_1.1": {k: v["kl"][sc.factors.index(1.1)] for k, v in sc.global_scaling.items()},
-        "finetunes_norms": sc_t.norms, "finetunes_kl_at_1.1": {k: v["kl"][sc_t.factors.index(1.1)]
-                                                              for k, v in sc_t.global_scaling.items()}}
+    pairs = {"seeds": named, **({"seeds aligned": {"seed0": seeds[0], "seed1 aligned": aligned[1]}} if aligned else {}),
+             "finetunes": {"tune0": tunes[0], "tune1": tunes[1]}}
+    headline[name]["scaling"] = {}
+    for label, pair in pairs.items():
+        sc = scaling.analyse(model, pair, task)
+        dump(f"{name}_scaling_{label.replace(' ', '_')}", sc, scaling.plot)
+        headline[name]["scaling"][label] = {
+            "norms": sc.norms, "accuracy_at_1": {k: v["accuracy"][sc.factors.index(1.0)] for k, v in sc.global_scaling.items()},
+            **{f"kl_at_{c:g}": {k: v["kl"][sc.factors.index(c)] for k, v in sc.global_scaling.items()} for c in (0.5, 1.1, 2.0)}}
     print(f"{name}: analyses in {time.time() - t:.0f}s", flush=True)
 
 

@@ -46,8 +46,8 @@ class SpacesResult:
 def train_family(kind: str, name: str, n: int, task, options: Mapping | None = None, seed: int = 0,
                  epochs: int | None = None, on_model: Callable[[int], None] | None = None) -> list[dict]:
     """Train ``n`` zoo models: ``seeds`` (init and data order from seed+i) or ``finetunes`` (one
-    parent from ``seed``, then each copy trained half the epochs more at a fifth of the learning
-    rate with data order seed+100+i)."""
+    parent trained a quarter of the epochs from ``seed``, then each copy trained the full schedule
+    with data order seed+100+i: children of a shared early checkpoint, as in spawning / soups)."""
     from ..tasks import TRAIN_DEFAULTS, build, train
 
     options = dict(options or {})
@@ -65,11 +65,10 @@ def train_family(kind: str, name: str, n: int, task, options: Mapping | None = N
         return states
     if kind == "finetunes":
         parent = build(name, seed=seed, **options)
-        train(parent, task, seed=seed, **train_kw)
-        tune_kw = {**train_kw, "epochs": max(1, train_kw["epochs"] // 2), "lr": train_kw["lr"] / 5}
+        train(parent, task, seed=seed, **{**train_kw, "epochs": max(1, train_kw["epochs"] // 4)})
         for i in range(n):
             child = copy.deepcopy(parent)
-            train(child, task, seed=seed + 100 + i, **tune_kw)
+            train(child, task, seed=seed + 100 + i, **train_kw)
             states.append({k: v.clone() for k, v in child.state_dict().items()})
             on_model and on_model(i)
         return states
