@@ -17,8 +17,15 @@ def test_readme_has_examples():
     assert blocks("console") and blocks("python")
 
 
+def files() -> list[tuple[str, str]]:
+    """Blocks fenced as ```yaml file=NAME are files the examples below them use."""
+    return re.findall(r"```\w+ file=(\S+)\n(.*?)```", README.read_text(), flags=re.S)
+
+
 def test_readme_cli_and_python_examples_run(tmp_path):
     mergescope = [sys.executable, "-m", "mergescope"]
+    for name, text in files():
+        (tmp_path / name).write_text(text)
     for block in blocks("console"):
         for line in block.splitlines():
             if not line.startswith("$ "):

@@ -106,3 +106,38 @@ def stability_figure(res: dict, out) -> Path:
         ax.axhline(0, color="gray", lw=0.8, ls=":")
     fig.suptitle(f"Determinism: barrier between two children trained to epoch {res['epochs']}")
     return save(fig, out)
+
+
+def task_vector_figure(res: dict, out) -> Path:
+    """Cosine matrix of task vectors, the task-arithmetic curve per task, and negation per task."""
+    plt = pyplot()
+    names = res["names"]
+    has_negation = bool(res["negation"])
+    fig, axes = plt.subplots(1, 3 if has_negation else 2, figsize=(13 if has_negation else 9, 3.6))
+    cos = np.asarray(res["cosine"])
+    im = axes[0].imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
+    axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes[0].set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            axes[0].text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                         color="white" if abs(cos[i, j]) > 0.6 else "black")
+    axes[0].set_title("cosine between task vectors")
+    fig.colorbar(im, ax=axes[0], shrink=0.8)
+    for name in names:
+        axes[1].plot(res["scales"], 100 * np.asarray(res["arithmetic_test"][name]), "o-", ms=3, label=name)
+    axes[1].axvline(res["chosen_scale"], color="gray", ls=":", lw=1, label=f"chosen on val ({res['chosen_scale']:g})")
+    axes[1].set(xlabel="lambda in base + lambda * sum(tau)", ylabel="test accuracy on the task (%)",
+                title="task arithmetic (addition)")
+    axes[1].legend(fontsize=7)
+    if has_negation:
+        scales = res["scales"]
+        for name, neg in res["negation"].items():
+            line, = axes[2].plot(scales[:len(neg["target_test"])], 100 * np.asarray(neg["target_test"]), "o-", ms=3,
+                                 label=f"forget {name}: on {name}")
+            axes[2].plot(scales[:len(neg["control_test"])], 100 * np.asarray(neg["control_test"]), "s--", ms=3,
+                         color=line.get_color(), label=f"forget {name}: on the others")
+        axes[2].set(xlabel="lambda in base - lambda * tau", ylabel="test accuracy (%)", title="task negation")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, out)

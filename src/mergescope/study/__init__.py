@@ -100,7 +100,7 @@ def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "s
 def _directedness(module, base, named, task, seed):
     from ..landscape import task_vectors
 
-    return task_vectors(module, base, list(named.values()), [task] * len(named), names=list(named), seed=seed).to_dict()
+    return task_vectors(module, base, dict(named), {name: task for name in named}).to_dict()
 
 
 def write_report(out: str | os.PathLike) -> Path:

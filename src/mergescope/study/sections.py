@@ -7,6 +7,11 @@ from pathlib import Path
 from ..report import figures as F
 
 
+def _mean_off_diagonal(m) -> float:
+    k = len(m)
+    return sum(m[i][j] for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
+
+
 def convexity_section(res: dict, fig_dir: Path) -> dict:
     paths = res["paths"]
     F.paths_figure(paths, fig_dir / "convexity.png", "Mode convexity: linear interpolation between two models")
@@ -68,11 +73,7 @@ def connectivity_section(res: dict, fig_dir: Path) -> dict:
                     "line after alignment": al["aligned_line"], "Bezier curve after alignment": al["curve"]},
                    fig_dir / "connectivity_curves.png", "Connectivity: fitted curves vs straight lines")
 
-    def mean_off_diagonal(m):
-        k = len(m)
-        return sum(m[i][j] for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
-
-    means = {name: mean_off_diagonal(m["barrier_loss"]) for name, m in matrices.items()}
+    means = {name: _mean_off_diagonal(m["barrier_loss"]) for name, m in matrices.items()}
     best = min(means, key=means.get)
     reading = (f"Mean pairwise loss barrier: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) +
                f". Undoing the permutation symmetry ({best}) removes most of the barrier: independent runs "
@@ -82,7 +83,7 @@ def connectivity_section(res: dict, fig_dir: Path) -> dict:
                      f"{al['aligned_line']['barrier_loss']:.3f} and the curve to {al['barrier_loss']:.3f}: minima "
                      f"are joined by low-loss curves, and alignment makes them nearly straight.")
     rows = [{"paths": k, "mean loss barrier": v,
-             "mean accuracy barrier (pts)": 100 * mean_off_diagonal(matrices[k]["barrier_acc"])} for k, v in means.items()]
+             "mean accuracy barrier (pts)": 100 * _mean_off_diagonal(matrices[k]["barrier_acc"])} for k, v in means.items()]
     rows += [{"paths": f"Bezier curve ({k})", "mean loss barrier": c["barrier_loss"],
               "mean accuracy barrier (pts)": 100 * c["barrier_acc"]} for k, c in curves.items()]
     return {"id": "connectivity", "title": "2. Connectivity: are minima joined by low-loss paths?",
@@ -110,6 +111,27 @@ def determinism_section(res: dict, fig_dir: Path) -> dict:
             "intro": "Instability analysis (Frankle et al. 2020): train a parent for k epochs, copy it, train both copies "
                      "to the end with different data orders, and measure the barrier between them.",
             "figures": [{"file": "determinism.png", "caption": reading}],
+            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+
+
+def directedness_section(res: dict, fig_dir: Path) -> dict:
+    F.task_vector_figure(res, fig_dir / "directedness.png")
+    names = res["names"]
+    off = [res["cosine"][i][j] for i in range(len(names)) for j in range(len(names)) if i < j]
+    reading = (f"Task vectors (fine-tune minus parent) are nearly orthogonal (cosine {min(off):.2f} to {max(off):.2f}): "
+               f"each task moves the weights in its own direction. Adding them with lambda {res['chosen_scale']:g} "
+               f"(chosen on validation) gives " + ", ".join(f"{n} {100 * res['chosen_test'][n]:.1f}%" for n in names)
+               + " vs the fine-tunes' " + ", ".join(f"{100 * res['individual_test'][n]:.1f}%" for n in names) + ".")
+    if res["negation"]:
+        reading += " Subtracting a task vector forgets that task while the others stay: " + "; ".join(
+            f"{n}: {100 * v['chosen_target_test']:.1f}% on it, {100 * v['chosen_control_test']:.1f}% on the rest"
+            for n, v in res["negation"].items()) + "."
+    rows = [{"task": n, "parent": res["base_test"][n], "fine-tune": res["individual_test"][n],
+             "task arithmetic": res["chosen_test"][n], "norm of tau": res["norms"][i]} for i, n in enumerate(names)]
+    return {"id": "directedness", "title": "4. Directedness: do task-specific directions exist?",
+            "intro": "Fine-tune the parent on disjoint label subsets; the task vectors tau = theta_ft - theta_parent "
+                     "are added (task arithmetic) or subtracted (negation) with a scale chosen on the validation split.",
+            "figures": [{"file": "directedness.png", "caption": reading}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}
 
 
@@ -157,6 +179,7 @@ SECTION_BUILDERS = {
     "convexity": convexity_section,
     "connectivity": connectivity_section,
     "determinism": determinism_section,
+    "directedness": directedness_section,
     "merging": merging_section,
     "why": why_section,
 }
@@ -181,6 +204,28 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"Models fine-tuned from one parent share a basin (loss barrier {same:.3f} vs {indep:.3f} for "
                      f"independent seeds): for them, weight averaging (linear, task arithmetic, TIES) is the cheap "
                      f"and accurate choice.")
+    conn = results.get("connectivity", {})
+    if "matrices" in conn:
+        means = {k: _mean_off_diagonal(m["barrier_loss"]) for k, m in conn["matrices"].items()}
+        best = min(means, key=means.get)
+        lines.append(f"Independently trained models are separated by barriers (mean {means['naive']:.3f}) that "
+                     f"{best} cuts to {means[best]:.3f}: align neurons before averaging them, or ensemble.")
+    det = results.get("determinism", {})
+    if "ks" in det:
+        stable = [k for k, b in zip(det["ks"], det["barrier_loss"]) if b < 0.05]
+        if stable and stable[0] == 0:
+            lines.append("Runs from the same initialization already end in one basin whatever the data order "
+                         "(barrier < 0.05 when spawned at epoch 0): a shared start is enough to make them mergeable.")
+        elif stable:
+            lines.append(f"Runs sharing at least {stable[0]} epoch(s) of training end in one basin (barrier < 0.05): "
+                         f"shared early training is what makes later runs mergeable.")
+        else:
+            lines.append(f"Runs spawned as late as epoch {det['ks'][-1]} still diverge into different basins.")
+    dirn = results.get("directedness", {})
+    if "chosen_test" in dirn:
+        lines.append(f"Task vectors of label-subset fine-tunes add up (task arithmetic at lambda "
+                     f"{dirn['chosen_scale']:g}: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in dirn["chosen_test"].items())
+                     + "): merging fine-tunes for different tasks works by adding their directions.")
     merge = results.get("merging", {}).get("rows", [])
     for group in dict.fromkeys(r["models"] for r in merge):
         sub = [r for r in merge if r["models"] == group and r["family"] != "single model"]

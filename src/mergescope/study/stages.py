@@ -107,8 +107,9 @@ def directedness(ctx: Context) -> dict:
     c = ctx.config
     subsets = ctx.subset_finetunes()
     names = [f"digits {''.join(map(str, r.classes))}" for r in subsets]
-    tasks = [digits(seed=c.seed, classes=r.classes) for r in subsets]
-    result = task_vectors(ctx.module, ctx.family.state(ctx.parent), ctx.states(subsets), tasks, names=names, seed=c.seed)
+    states = dict(zip(names, ctx.states(subsets)))
+    tasks = {name: digits(seed=c.seed, classes=r.classes) for name, r in zip(names, subsets)}
+    result = task_vectors(ctx.module, ctx.family.state(ctx.parent), states, tasks)
     ctx.tick("task vectors")
     return result.to_dict()
 
