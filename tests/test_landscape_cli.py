@@ -58,3 +58,69 @@ def test_mismatched_checkpoint_exits_2_with_one_line(ckpts, tmp_path, capsys):
     assert main(["landscape", "line", str(ckpts[0]), str(other), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "head.bias" in err and "Traceback" not in err
+
+
+def _read(out, name):
+    assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_curve_with_activation_alignment(ckpts, tmp_path, capsys):
+    out = tmp_path / "curve"
+    assert main(["landscape", "curve", str(ckpts[0]), str(ckpts[1]), "--align", "activation", "--epochs", "1",
+                 "--n", "5", "--out", str(out)]) == 0
+    data = _read(out, "curve")
+    assert data["align"] == "activation" and data["aligned_line"] is not None
+    assert data["barrier_loss"] < data["line"]["barrier_loss"]
+    assert "line after activation alignment" in capsys.readouterr().out
+
+
+def test_plane_one_and_three_checkpoints(ckpts, tmp_path):
+    out = tmp_path / "plane"
+    assert main(["-q", "landscape", "plane", str(ckpts[0]), "--grid", "4", "--out", str(out)]) == 0
+    data = _read(out, "plane")
+    assert data["kind"] == "filter-normalized" and len(data["loss"]) == 4
+    assert main(["-q", "landscape", "plane", *map(str, ckpts), "--grid", "3", "--out", str(out)]) == 0
+    data = _read(out, "plane")
+    assert [a["name"] for a in data["anchors"]] == ["m0", "m1", "m2"]
+    assert main(["landscape", "plane", str(ckpts[0]), str(ckpts[1]), "--out", str(out)]) == 2
+
+
+def test_sharpness_matches_the_api(ckpts, tmp_path, capsys):
+    from mergescope.landscape import hessian_eigenvalues
+
+    out = tmp_path / "sharp"
+    assert main(["landscape", "sharpness", str(ckpts[0]), "--k", "2", "--samples", "8", "--out", str(out)]) == 0
+    data = _read(out, "sharpness")
+    module, _, _ = model_for(load(ckpts[0]))
+    api = hessian_eigenvalues(module, load(ckpts[0]), digits(), k=2)
+    assert data["eigenvalues"]["eigenvalues"] == pytest.approx(list(api.eigenvalues), rel=1e-6)
+    assert data["trace"]["samples"] == 8 and "eigenvalue 1" in capsys.readouterr().out
+
+
+def test_stability_and_bad_ks(tmp_path):
+    out = tmp_path / "stab"
+    assert main(["-q", "landscape", "stability", "--width", "16", "--ks", "0,1", "--epochs", "2", "--n", "3",
+                 "--out", str(out)]) == 0
+    assert _read(out, "stability")["ks"] == [0, 1]
+    assert main(["landscape", "stability", "--ks", "a,b", "--out", str(out)]) == 2
+
+
+def test_taskvec_reads_tasks_from_checkpoints(ckpts, tmp_path, capsys):
+    from mergescope.tasks import train
+
+    folder = tmp_path / "ft"
+    paths = []
+    for classes in ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)):
+        model, _, _ = model_for(load(ckpts[0]))
+        model.load_state_dict(dict(load(ckpts[0]).items()))
+        task = digits(classes=classes)
+        train(model, task, epochs=1, lr=3e-3, seed=1)
+        path = folder / f"d{classes[0]}.safetensors"
+        save(model.state_dict(), path, metadata=model_metadata("mlp", {"width": 32, "depth": 2}, task=task.name))
+        paths.append(path)
+    out = tmp_path / "tv"
+    assert main(["landscape", "taskvec", str(ckpts[0]), *map(str, paths), "--scales", "0,0.5,1", "--out", str(out)]) == 0
+    data = _read(out, "taskvec")
+    assert data["tasks"] == {"d0": "digits[0,1,2,3,4]", "d5": "digits[5,6,7,8,9]"}
+    assert data["scales"] == [0.0, 0.5, 1.0] and "negation" in capsys.readouterr().out

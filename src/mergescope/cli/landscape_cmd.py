@@ -139,8 +139,216 @@ def matrix(
     say(f"wrote {out / 'matrix.json'} and {out / 'matrix.png'}")
 
 
+def curve(
+    a: Path = typer.Argument(..., help="First checkpoint (endpoint A)."),
+    b: Path = typer.Argument(..., help="Second checkpoint (endpoint B)."),
+    kind: str = typer.Option("bezier", help="bezier or polychain."),
+    align: str = typer.Option("none", help="Align B's neurons to A first: none, weight or activation."),
+    epochs: int = typer.Option(20, help="Epochs of curve training on the train split."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate of the bend."),
+    seed: int = typer.Option(0, help="Seed for t sampling and data order."),
+    n: int = typer.Option(25, help="Points along the curve for evaluation."),
+    split: str = SPLIT,
+    bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Fit a Bezier/polychain curve between two models (optionally aligned) and compare it with the line."""
+    from ..landscape import fit_curve
+    from ..landscape.plots import plot_curve
+
+    how = None if align.lower() in ("none", "") else align.lower()
+    module, (ca, cb) = _load_models([a, b], model)
+    the_task = _task_for(ca, task)
+    with torch_threads(threads), progress() as bar:
+        job = bar.add_task(f"{kind} curve", total=epochs)
+        result = fit_curve(module, ca, cb, the_task, kind=kind, align=how, epochs=epochs, seed=seed, n=n, split=split,
+                           bn_reset=bn_reset, lr=lr, on_epoch=lambda e, loss: bar.update(job, completed=e + 1))
+    write_json(out / "curve.json", {"a": str(a), "b": str(b), **result.to_dict()})
+    plot_curve(result, out / "curve.png")
+    rows = {f"{kind} curve": (result.barrier_loss, result.barrier_acc),
+            "line": (result.line.barrier_loss, result.line.barrier_acc)}
+    if result.aligned_line is not None:
+        rows[f"line after {how} alignment"] = (result.aligned_line.barrier_loss, result.aligned_line.barrier_acc)
+    _show(_path_table(f"{kind} curve {a.name} -> {b.name}" + (f" ({how}-aligned)" if how else ""), result.curve,
+                      every=max(1, (n - 1) // 8)), _barrier_table(rows))
+    say(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
+
+
+def plane(
+    checkpoints: list[Path] = typer.Argument(..., help="One checkpoint (random filter-normalized plane around it) "
+                                             "or three (the plane through them)."),
+    grid: int = typer.Option(25, help="Grid points per axis."),
+    span: float = typer.Option(1.0, help="Random plane: coordinates in [-span, span]."),
+    margin: float = typer.Option(0.25, help="Three-model plane: margin around the three points (fraction)."),
+    seed: int = typer.Option(0, help="Seed of the random directions."),
+    split: str = typer.Option("train", help="Split evaluated on the grid."),
+    bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
+    chunk: int = typer.Option(32, help="Grid points evaluated together (vmap)."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Loss and accuracy on a 2-D plane: filter-normalized random directions (Li et al.) or through three models."""
+    from ..landscape import plane as random_plane
+    from ..landscape import plane_through
+    from ..landscape.plots import plot_plane
+
+    if len(checkpoints) not in (1, 3):
+        raise MergescopeError(f"plane: give 1 or 3 checkpoints, got {len(checkpoints)}")
+    module, ckpts = _load_models(checkpoints, model)
+    the_task = _task_for(ckpts[0], task)
+    with torch_threads(threads), progress() as bar:
+        job = bar.add_task("plane", total=grid * grid)
+        tick = lambda done, total: bar.update(job, completed=done)  # noqa: E731
+        if len(ckpts) == 1:
+            result = random_plane(module, ckpts[0], the_task, grid=grid, span=span, seed=seed, split=split,
+                                  bn_reset=bn_reset, chunk_size=chunk, on_chunk=tick)
+        else:
+            names = [p.stem for p in checkpoints]
+            result = plane_through(module, ckpts, the_task, grid=grid, margin=margin, names=names, split=split,
+                                   bn_reset=bn_reset, chunk_size=chunk, on_chunk=tick)
+    write_json(out / "plane.json", {"checkpoints": [str(p) for p in checkpoints], **result.to_dict()})
+    plot_plane(result, out / "plane.png")
+    _show(_plane_table(result))
+    say(f"wrote {out / 'plane.json'} and {out / 'plane.png'}")
+
+
+def _plane_table(result) -> Table:
+    """A coarse (at most 7 x 7) view of the loss grid."""
+    g = len(result.alphas)
+    idx = sorted(set(int(round(i)) for i in [k * (g - 1) / 6 for k in range(7)]))
+    table = Table(title=f"{result.split} loss on the {result.kind} plane (rows alpha, columns beta)")
+    table.add_column("alpha \\ beta", justify="right")
+    for j in idx:
+        table.add_column(f"{result.betas[j]:.2f}", justify="right")
+    for i in idx:
+        table.add_row(f"{result.alphas[i]:.2f}", *(f"{result.loss[i][j]:.3f}" for j in idx))
+    return table
+
+
+def sharpness(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to measure."),
+    k: int = typer.Option(5, help="How many top eigenvalues."),
+    method: str = typer.Option("lanczos", help="lanczos or power."),
+    samples: int = typer.Option(64, help="Hutchinson probe vectors for the trace (0: skip the trace)."),
+    batches: int = typer.Option(None, help="Use only the first N batches of the split (default: all of it)."),
+    split: str = typer.Option("train", help="Split the loss is taken over."),
+    seed: int = typer.Option(0, help="Seed of the start / probe vectors."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Top Hessian eigenvalues (Lanczos or power iteration on HVPs) and Hessian trace (Hutchinson)."""
+    from ..landscape import hessian_eigenvalues, hessian_trace
+    from ..landscape.plots import plot_sharpness
+
+    module, (ckpt,) = _load_models([checkpoint], model)
+    the_task = _task_for(ckpt, task)
+    with torch_threads(threads):
+        eig = hessian_eigenvalues(module, ckpt, the_task, k=k, split=split, batches=batches, method=method, seed=seed)
+        trace = hessian_trace(module, ckpt, the_task, samples=samples, split=split, batches=batches, seed=seed) \
+            if samples else None
+    write_json(out / "sharpness.json", {"checkpoint": str(checkpoint), "eigenvalues": eig.to_dict(),
+                                        "trace": None if trace is None else trace.to_dict()})
+    plot_sharpness(eig, trace, out / "sharpness.png")
+    table = Table(title=f"Hessian of the mean {split} loss ({eig.examples} examples, {eig.parameters:,} parameters)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for i, value in enumerate(eig.eigenvalues):
+        table.add_row(f"eigenvalue {i + 1} ({method})", f"{value:.5g}")
+    table.add_row("Hessian-vector products", str(eig.hvps))
+    if trace is not None:
+        table.add_row(f"trace (Hutchinson, {trace.samples} probes)", f"{trace.trace:.5g} +- {trace.stderr:.2g}")
+    _show(table)
+    say(f"wrote {out / 'sharpness.json'} and {out / 'sharpness.png'}")
+
+
+def stability(
+    model: str = typer.Option("mlp", help="Zoo model (or package.module:factory) trained from scratch."),
+    width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
+    ks: str = typer.Option("0,1,2,5", help="Spawn epochs k, comma-separated."),
+    epochs: int = typer.Option(None, help="Epochs of the full run (default: the zoo model's)."),
+    lr: float = typer.Option(None, help="Peak learning rate (default: the zoo model's)."),
+    seed: int = typer.Option(0, help="Seed of the initialization and of the parent's data order."),
+    n: int = typer.Option(11, help="Points along each children path."),
+    split: str = SPLIT,
+    out: Path = OUT, task: str = typer.Option("digits", help="Task: 'digits' or package.module:factory."),
+    threads: int = THREADS,
+):
+    """Instability analysis: spawn two children at each k, train to the end, report their barrier vs k."""
+    from ..landscape import spawn_stability
+    from ..landscape.plots import plot_stability
+    from ..landscape.stability import spawn_epochs
+    from ..tasks import TRAIN_DEFAULTS, get_task, make_model
+
+    try:
+        spawn = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        raise MergescopeError(f"--ks {ks!r}: expected comma-separated integers like 0,1,2,5") from None
+    defaults = TRAIN_DEFAULTS.get(model, {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 32})
+    epochs = epochs or defaults["epochs"]
+    options = {"width": width} if width else {}
+    module = make_model(model, seed=seed, **options) if ":" not in model else make_model(model, **options)
+    the_task = get_task(task)
+    with torch_threads(threads), progress() as bar:
+        job = bar.add_task("spawning", total=spawn_epochs(spawn, epochs))
+        result = spawn_stability(module, the_task, ks=spawn, epochs=epochs, lr=lr or defaults["lr"],
+                                 weight_decay=defaults.get("weight_decay", 1e-4),
+                                 batch_size=defaults.get("batch_size", 32), seed=seed, n=n, split=split,
+                                 on_epoch=lambda label: bar.update(job, advance=1))
+    write_json(out / "stability.json", {"model": model, "options": options, **result.to_dict()})
+    plot_stability(result, out / "stability.png")
+    table = Table(title=f"instability of {model} over {epochs} epochs ({split})")
+    for col in ("spawn epoch k", "loss barrier", "accuracy barrier", "child accuracies"):
+        table.add_column(col, justify="right")
+    for k, lb, ab, (c1, c2) in zip(result.ks, result.barrier_loss, result.barrier_acc, result.child_accuracy):
+        table.add_row(str(k), _f(lb), _f(ab), f"{c1:.4f} / {c2:.4f}")
+    _show(table)
+    say(f"wrote {out / 'stability.json'} and {out / 'stability.png'}")
+
+
+def taskvec(
+    base: Path = typer.Argument(..., help="The shared parent checkpoint."),
+    finetuned: list[Path] = typer.Argument(..., help="Fine-tunes of the base, each recording its task "
+                                           "(e.g. `mergescope train --from base --classes 0,1,2,3,4`)."),
+    scales: str = typer.Option("0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="Scaling coefficients lambda."),
+    out: Path = OUT, model: str = MODEL, threads: int = THREADS,
+):
+    """Task vectors: cosine matrix, task arithmetic (lambda chosen on val, reported on test), negation."""
+    from ..landscape import task_vectors
+    from ..landscape.plots import plot_task_vectors
+
+    try:
+        lambdas = [float(s) for s in scales.split(",") if s.strip()]
+    except ValueError:
+        raise MergescopeError(f"--scales {scales!r}: expected comma-separated numbers") from None
+    module, ckpts = _load_models([base, *finetuned], model)
+    names = [p.stem for p in finetuned]
+    if len(set(names)) != len(names):
+        names = [str(p) for p in finetuned]
+    tasks = {name: _task_for(c, None) for name, c in zip(names, ckpts[1:])}
+    with torch_threads(threads):
+        result = task_vectors(module, ckpts[0], dict(zip(names, ckpts[1:])), tasks, scales=lambdas)
+    write_json(out / "taskvec.json", {"base": str(base), "tasks": {n: t.name for n, t in tasks.items()},
+                                      **result.to_dict()})
+    plot_task_vectors(result, out / "taskvec.png")
+    cos = Table(title="task-vector cosine similarity (all parameters)")
+    cos.add_column("")
+    for name in names:
+        cos.add_column(name, justify="right")
+    for i, name in enumerate(names):
+        cos.add_row(name, *(f"{c:.3f}" for c in result.cosine[i]))
+    acc = Table(title=f"test accuracy per task (arithmetic lambda = {result.chosen_scale:g}, chosen on val)")
+    for col in ("task", "base", "fine-tuned", "base + lambda * sum(tau)", "negation lambda", "after negation",
+                "others after negation"):
+        acc.add_column(col, justify="right")
+    for name in names:
+        neg = result.negation.get(name)
+        acc.add_row(name, _f(result.base_test[name]), _f(result.individual_test[name]), _f(result.chosen_test[name]),
+                    "-" if neg is None else f"{neg['chosen_scale']:g}", _f(neg and neg["chosen_target_test"]),
+                    _f(neg and neg["chosen_control_test"]))
+    _show(cos, acc)
+    say(f"wrote {out / 'taskvec.json'} and {out / 'taskvec.png'}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `landscape` command group."""
-    for command in (line, matrix):
+    for command in (line, matrix, curve, plane, sharpness, stability, taskvec):
         landscape.command()(command)
     app.add_typer(landscape, name="landscape")
