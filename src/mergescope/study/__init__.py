@@ -32,16 +32,32 @@ def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = Non
     ctx = Context(config, family, tick)
     stages = [s for s in config.stages if s in STAGE_FUNCTIONS]
     results: dict = {"config": config.to_dict(), "mergescope_version": __version__, "timings": {}}
+    reused_stages = []
     for i, name in enumerate(stages):
         if on_stage is not None:
             on_stage(name, i, len(stages))
         start = time.perf_counter()
-        results[name] = STAGE_FUNCTIONS[name](ctx)
+        cache = out / "cache" / f"{name}-{_stage_key(config, name)}.json"
+        cached = _read_json(cache)
+        if cached is not None:
+            results[name] = cached
+            reused_stages.append(name)
+        else:
+            results[name] = STAGE_FUNCTIONS[name](ctx)
+            _write_json(cache, results[name])
         results["timings"][name] = time.perf_counter() - start
-    results["models"] = {"trained": family.trained, "reused": family.reused}
+    results["models"] = {"trained": family.trained, "reused": family.reused, "stages_reused": reused_stages}
     _write_json(out / "results.json", results)
     write_report(out)
     return results
+
+
+def _stage_key(config: StudyConfig, stage: str) -> str:
+    """A stage's results are reused only for the same config, stage and mergescope version."""
+    import hashlib
+
+    text = json.dumps({"config": config.to_dict(), "stage": stage, "version": __version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "study",
@@ -122,6 +138,14 @@ def write_report(out: str | os.PathLike) -> Path:
               f"reused from cache {results['models']['reused']}.")
     return render_report("mergescope study: digits model zoo", summary_lines(results), sections, footer,
                          out / "report.html", fig_dir)
+
+
+def _read_json(path: Path):
+    """A cached stage result, or None when absent or damaged (then it is recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write_json(path: Path, data) -> None:
