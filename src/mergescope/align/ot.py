@@ -77,7 +77,10 @@ def _plan(xa: np.ndarray, xb: np.ndarray, reg: float | None) -> np.ndarray:
     cost = ((xa[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
     cost = cost / max(cost.max(), 1e-12)
     marg = np.full(n, 1.0 / n)
-    plan = ot.emd(marg, marg, cost) if reg is None else ot.sinkhorn(marg, marg, cost, reg, numItermax=20000)
+    if reg is None:
+        plan = ot.emd(marg, marg, cost)
+    else:  # log-domain Sinkhorn: stable for the small regularizations that approach hard OT
+        plan = ot.sinkhorn(marg, marg, cost, reg, method="sinkhorn_log", numItermax=20000)
     return n * plan
 
 

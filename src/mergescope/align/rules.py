@@ -16,7 +16,7 @@ UNARY = {
     "tanh", "elu", "selu", "celu", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid", "softplus", "mish", "exp",
     "log", "sqrt", "rsqrt", "square", "neg", "abs", "erf", "sin", "cos", "reciprocal", "sign", "floor", "ceil",
     "round", "logical_not", "invert", "bool", "int", "long", "cpu", "cuda", "nan_to_num", "expm1", "log1p", "sinh",
-    "cosh", "logsigmoid", "identity", "requires_grad", "zero", "zeros_like", "ones_like", "empty_like",
+    "cosh", "logsigmoid", "identity", "requires_grad", "data", "zero", "zeros_like", "ones_like", "empty_like",
     "full_like", "rand_like", "randn_like",
 }
 
@@ -185,8 +185,10 @@ def transpose(tr, name, args, kwargs, out):
     if name == "permute":
         dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else _arg(args, kwargs, 1, "dims")
         order = [d % n for d in dims]
-    elif name == "t":
+    elif name in ("t", "T"):
         order = list(range(n))[::-1]
+    elif name == "mT":
+        order = list(range(n - 2)) + [n - 1, n - 2]
     elif name in ("transpose", "swapaxes", "swapdims"):
         a, b = (_arg(args, kwargs, 1, "dim0") % n, _arg(args, kwargs, 2, "dim1") % n)
         order = list(range(n))

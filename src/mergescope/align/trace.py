@@ -40,14 +40,14 @@ ELEMENTWISE = {
     "lerp", "addcmul", "addcdiv", "sign", "floor", "ceil", "round", "eq", "ne", "lt", "gt", "le", "ge",
     "logical_not", "logical_and", "logical_or", "and", "or", "xor", "invert", "bool", "int", "long", "fill",
     "zero", "copy", "cpu", "cuda", "softmax", "log_softmax", "identity", "floordiv", "mod", "remainder",
-    "nan_to_num", "expm1", "log1p", "sinh", "cosh", "tanhshift", "logsigmoid", "glu_identity", "mean_identity",
+    "nan_to_num", "expm1", "log1p", "sinh", "cosh", "logsigmoid", "data",
 }
 REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean"}
 POOLING = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
            "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices",
            "lp_pool2d", "interpolate", "upsample"}
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze"}
-TRANSPOSES = {"permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis"}
+TRANSPOSES = {"permute", "transpose", "t", "T", "mT", "swapaxes", "swapdims", "movedim", "moveaxis"}
 IGNORED = {"dim", "size", "numel", "get", "len", "is_floating_point", "is_contiguous", "data_ptr", "element_size",
            "stride", "storage_offset", "is_complex", "nelement", "ndimension", "item", "tolist", "has_torch_function",
            "requires_grad_", "retain_grad", "register_hook", "is_nonzero", "is_leaf", "format", "repr", "bool_",
