@@ -262,3 +262,28 @@ def test_minilm_weight_matching_finds_the_way_back(minilm):
     shuffled = apply(spec, random_permutation(spec, generator=torch.Generator().manual_seed(2)), state)
     back = apply(spec, ms.align.weight_matching(spec, state, shuffled, seed=0), shuffled)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_style_blocks(kv_heads):
+    """Rotary attention: only whole heads move (and nothing inside attention with grouped K/V)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaModel(config).eval()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = permutation_spec(model, {"input_ids": ids})
+    assert ("layers.0.mlp.up_proj.weight", 0) in spec.perms["layers.0.mlp.gate_proj.weight:0"]  # SwiGLU shares
+    assert len(spec.heads) == (2 if kv_heads == 4 else 0)
+    with torch.no_grad():
+        before = model(input_ids=ids).last_hidden_state
+        perm = random_permutation(spec, generator=torch.Generator().manual_seed(1))
+        shuffled = apply(spec, perm, state)
+        model.load_state_dict(shuffled)
+        after = model(input_ids=ids).last_hidden_state
+    assert (after - before).abs().max().item() <= TOL
+    back = apply(spec, ms.align.weight_matching(spec, state, shuffled), shuffled)
+    assert all(torch.equal(back[k], state[k]) for k in state)

@@ -61,10 +61,15 @@ def assign(cost: np.ndarray) -> tuple[np.ndarray, float]:
     return perm, float(cost[rows, cols].sum())
 
 
-def assign_blocks(costs: list[np.ndarray], n_blocks: int, move_blocks: bool) -> list[np.ndarray]:
-    """Solve block-structured perms jointly: within-block assignments, then (optionally) block order."""
+def assign_blocks(costs: list[np.ndarray], n_blocks: int, move_blocks: bool,
+                  block_cost: np.ndarray | None = None) -> list[np.ndarray]:
+    """Solve block-structured perms jointly: within-block assignments, then (optionally) block order.
+
+    ``block_cost`` adds similarities of whole blocks (tensors where only the head moves, e.g. Q/K
+    under rotary embeddings).
+    """
     size = costs[0].shape[0] // n_blocks
-    value = np.zeros((n_blocks, n_blocks))
+    value = np.zeros((n_blocks, n_blocks)) if block_cost is None else np.array(block_cost, dtype=np.float64)
     within: dict = {}
     for a in range(n_blocks):
         for b in range(n_blocks) if move_blocks else [a]:
@@ -94,14 +99,19 @@ def _descent_step(spec, unit, state_a, state_b, perms) -> bool:
     head, names = unit
     costs = [cost_matrix(spec, p, state_a, state_b, perms) for p in names]
     old = _objective(costs, [perms[p].numpy() for p in names])
+    block_cost = cost_matrix(spec, head, state_a, state_b, perms) if head in spec.perms else None
+    if block_cost is not None:
+        old += _objective([block_cost], [perms[head].numpy()])
     if head is not None:
-        solved = assign_blocks(costs, spec.sizes[head], move_blocks=True)
+        solved = assign_blocks(costs, spec.sizes[head], move_blocks=True, block_cost=block_cost)
         new_perms, head_order = solved[:-1], solved[-1]
     elif spec.blocks.get(names[0], 1) > 1:
         new_perms, head_order = assign_blocks(costs, spec.blocks[names[0]], move_blocks=False)[:-1], None
     else:
         new_perms, head_order = [assign(costs[0])[0]], None
     new = _objective(costs, new_perms)
+    if block_cost is not None:
+        new += _objective([block_cost], [head_order])
     if new <= old + 1e-12 * max(1.0, abs(old)):
         return False
     for p, q in zip(names, new_perms):
