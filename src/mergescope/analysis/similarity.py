@@ -180,8 +180,8 @@ def plot(result: dict, path) -> None:
     for i, (label, values) in enumerate(series):
         bars.bar(pos + i * width, values, width, label=label)
     bars.set_xticks(pos + 0.4 - width / 2, layers, rotation=40, ha="right", fontsize=7)
-    bars.set_ylim(min(0.0, *[min(v) for _, v in series]), 1.05)
+    bars.set_ylim(min(0.0, *[min(v) for _, v in series]), 1.3)
     bars.set_title("layer-wise agreement of A and B")
-    bars.legend(fontsize=7)
+    bars.legend(fontsize=7, loc="upper center", ncol=2)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
