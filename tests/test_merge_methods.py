@@ -224,3 +224,15 @@ def test_bf16_inputs_give_bf16_output():
     base, models = _models()
     out = M.get("ties")([m.bfloat16() for m in models], base.bfloat16(), weight=[1, 1, 1], density=[0.5] * 3)
     assert out.dtype == torch.bfloat16
+
+
+def test_slerp_is_accurate_on_large_tensors():
+    """Norms and dot accumulate in float64: a float32 reduction over millions of entries is not enough."""
+    g = torch.Generator().manual_seed(0)
+    a = 1.0 + 0.02 * torch.randn(4_000_000, generator=g)
+    b = a + 0.1 * torch.randn(4_000_000, generator=g)
+    out = M.get("slerp")([b], a, t=0.4)
+    x, y = _np(a), _np(b)
+    theta = np.arccos(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+    expected = (np.sin(0.6 * theta) * x + np.sin(0.4 * theta) * y) / np.sin(theta)
+    np.testing.assert_allclose(_np(out), expected, atol=1e-6)

@@ -249,11 +249,11 @@ def test_della_keep_probabilities_match_mergekit(shape):
     """DELLA masks cannot match bit for bit (see docs/merge.md); their per-entry keep rates must."""
     from mergekit.sparsify import della_magprune
 
-    from mergescope.merge.methods import della_mask
+    from mergescope.merge.methods import della_mask, random_stream
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     trials = 300
-    ours = sum(della_mask(x.abs(), 0.5, torch.Generator().manual_seed(s), epsilon=0.3).reshape(shape).float()
+    ours = sum(della_mask(x.abs(), 0.5, random_stream(s), epsilon=0.3).reshape(shape).float()
                for s in range(trials)) / trials
     torch.manual_seed(0)
     theirs = sum((della_magprune(x, 0.5, 0.3) != 0).float() for _ in range(trials)) / trials

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import MergescopeError
@@ -119,7 +120,7 @@ def magnitude_mask(magnitude: Tensor, density: float, **_) -> Tensor | None:
     return top_k_mask(magnitude.reshape(-1), max(1, int(density * n)))
 
 
-def bernoulli_mask(magnitude: Tensor, density: float, generator: torch.Generator, **_) -> Tensor | None:
+def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, **_) -> Tensor | None:
     """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``."""
     if density >= 1:
         return None
@@ -142,7 +143,7 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, **_) ->
     return upper & ~top_k_mask(score, max(0, n - n_bot - keep))
 
 
-def della_mask(magnitude: Tensor, density: float, generator: torch.Generator, epsilon: float = 0.15,
+def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator, epsilon: float = 0.15,
                **_) -> Tensor | None:
     """DELLA MagPrune (Deep et al. 2024, arXiv:2406.11617): keep probability grows with magnitude rank.
 
@@ -166,16 +167,18 @@ def della_mask(magnitude: Tensor, density: float, generator: torch.Generator, ep
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
         rank_norm = ranks.to(magnitude.dtype) / (m - 1) if m > 1 else torch.zeros(block.shape, dtype=magnitude.dtype)
         probs = (density - epsilon) + rank_norm * (2 * epsilon)
-        flat_keep[start:start + step] = torch.rand(block.shape, generator=generator) < probs
+        flat_keep[start:start + step] = _uniform(block.numel(), generator).view(block.shape) < probs
     return keep.movedim(1, 2).reshape(-1)
 
 
-def _uniform(n: int, generator: torch.Generator) -> Tensor:
-    """n uniforms drawn in fixed-size pieces (same bits whatever else runs)."""
-    out = torch.empty(n)
-    for part in _chunks(n):
-        out[part] = torch.rand(part.stop - part.start, generator=generator)
-    return out
+def _uniform(n: int, generator: np.random.Generator) -> Tensor:
+    """n float32 uniforms in [0, 1) from a private PCG64 stream (3-4x faster than torch's mt19937)."""
+    return torch.from_numpy(generator.random(n, dtype=np.float32))
+
+
+def random_stream(seed: int) -> np.random.Generator:
+    """The private generator of one random merge: same seed, same bits."""
+    return np.random.Generator(np.random.PCG64(int(seed) & 0xFFFFFFFFFFFFFFFF))
 
 
 SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
@@ -192,7 +195,7 @@ SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
 def _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra):
     """Per model: (keep mask or None, L1 rescale factor). Sparsifiers only need |theta_i - base|."""
     work = _work_dtype(base)
-    generator = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    generator = random_stream(seed)
     plan = []
     for i, t in enumerate(tensors):
         mask, factor = None, 1.0
