@@ -44,7 +44,7 @@ def test_quadratic_toy_eigenvalues_match_closed_form():
     exact = np.linalg.eigvalsh(toy.hessian())[::-1]
     lz = ms.landscape.hessian_eigenvalues(model, model.state_dict(), toy, k=3)
     assert np.allclose(lz.eigenvalues, exact[:3], rtol=1e-5)
-    pw = ms.landscape.hessian_eigenvalues(model, model.state_dict(), toy, k=2, method="power", tol=1e-9, iters=2000)
+    pw = ms.landscape.hessian_eigenvalues(model, model.state_dict(), toy, k=2, method="power", tol=3e-5, iters=2000)
     assert np.allclose(pw.eigenvalues, exact[:2], rtol=1e-3)
 
 
@@ -82,7 +82,7 @@ def test_smooth_mlp_top_eigenvalues_match_finite_difference_hessian():
     exact = np.linalg.eigvalsh(fd_hessian(model, state, task))[::-1]
     lz = ms.landscape.hessian_eigenvalues(model, state, task, k=3)
     assert np.allclose(lz.eigenvalues, exact[:3], rtol=2e-3)
-    pw = ms.landscape.hessian_eigenvalues(model, state, task, k=1, method="power", tol=1e-7)
+    pw = ms.landscape.hessian_eigenvalues(model, state, task, k=1, method="power", tol=3e-4)
     assert pw.eigenvalues[0] == pytest.approx(exact[0], rel=5e-3)
     tr = ms.landscape.hessian_trace(model, state, task, samples=256)
     assert abs(tr.trace - exact.sum()) < 4 * tr.stderr
@@ -92,6 +92,7 @@ def test_hvp_matches_finite_difference_of_gradients_and_batches_limit_data():
     task = digits()
     model, state = template("tanh"), trained_tanh(1)
     op = HessianOperator(model, state, task)
+    recompute = HessianOperator(model, state, task, retain_graph=False)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     net = copy.deepcopy(model)
     net.load_state_dict(state)
@@ -99,6 +100,9 @@ def test_hvp_matches_finite_difference_of_gradients_and_batches_limit_data():
     eps = 1e-4
     fd = (gradient64(net, w + eps * v.numpy(), task) - gradient64(net, w - eps * v.numpy(), task)) / (2 * eps)
     assert np.allclose(op.matvec(v[None])[0].numpy(), fd, rtol=1e-3, atol=1e-4)
+    assert np.allclose(recompute.matvec(v[None])[0].numpy(), fd, rtol=1e-3, atol=1e-4)
+    block = torch.stack([v, -2 * v, v.flip(0)])  # several vectors at once (batched double-backward)
+    np.testing.assert_allclose(op.matvec(block).numpy(), recompute.matvec(block).numpy(), rtol=1e-4, atol=1e-6)
     small = dataclass_replace(task, eval_batch_size=100)
     assert ms.landscape.hessian_eigenvalues(model, state, small, batches=2).examples == 200
 

@@ -127,3 +127,18 @@ def test_bad_state_is_a_one_line_error():
     a = trained("mlp", 0, width=32)
     with pytest.raises(ms.MergescopeError, match="state_b"):
         ms.landscape.interpolate(template("mlp", width=32), a, {k: v for k, v in list(a.items())[:-1]}, TASK)
+
+
+@pytest.mark.parametrize("name,options", [("mlp", {"width": 32}), ("cnn", {"width": 4})])
+def test_vmap_and_loop_evaluation_agree(name, options):
+    from mergescope.landscape.evaluation import as_state, evaluate_points, lerp
+
+    model = template(name, **options)
+    a = as_state(model, trained(name, 0, epochs=2, **options))
+    b = as_state(model, trained(name, 1, epochs=2, **options))
+    points = lerp(a, b, [0.0, 0.3, 0.6, 1.0])
+    by_loop = evaluate_points(model, points, TASK, ("test", "train"), chunk_size=3, vectorize=False)
+    by_vmap = evaluate_points(model, points, TASK, ("test", "train"), chunk_size=3, vectorize=True)
+    for split in ("test", "train"):
+        np.testing.assert_allclose(by_loop[split].loss, by_vmap[split].loss, rtol=1e-4)
+        np.testing.assert_allclose(by_loop[split].accuracy, by_vmap[split].accuracy, atol=1e-3)

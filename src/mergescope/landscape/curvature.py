@@ -61,11 +61,14 @@ class HessianOperator:
     """v -> H v for the task loss at fixed weights, over a fixed list of batches (flat vectors).
 
     The loss is the example-weighted mean over the batches, so H is the Hessian of the mean loss
-    over all the examples used.
+    over all the examples used. With ``retain_graph`` (default) each batch's gradient graph is
+    built once (create_graph=True) and every product is one double-backward through it, as
+    PyHessian does for one batch; memory is then that of one differentiable pass over the data.
+    Without it, each product recomputes forward-over-reverse (torch.func.jvp of grad) per batch.
     """
 
     def __init__(self, model: nn.Module, state: Mapping[str, torch.Tensor], task, split: str = "train",
-                 batches: int | None = None):
+                 batches: int | None = None, retain_graph: bool = True):
         self.net = working_copy(model)
         full = as_state(model, state)
         self.names = [n for n, _ in self.net.named_parameters()]
@@ -79,6 +82,7 @@ class HessianOperator:
             raise MergescopeError(f"task {getattr(task, 'name', task)}: no examples in split {split!r}")
         self.task = task
         self.dim = sum(self.sizes)
+        self.graphs = self._gradient_graphs() if retain_graph else None
 
     def flatten(self, tensors: Mapping[str, torch.Tensor]) -> Vector:
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
@@ -89,8 +93,19 @@ class HessianOperator:
     def _loss(self, params, x, y):
         return self.task.loss(functional_call(self.net, {**params, **self.buffers}, (x,)), y)
 
+    def _gradient_graphs(self) -> tuple[dict[str, torch.Tensor], list[Vector]]:
+        leaves = {n: p.clone().requires_grad_(True) for n, p in self.params.items()}
+        graphs = []
+        for x, y in self.data:
+            loss = self._loss(leaves, x, y) * (len(y) / self.examples)
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            graphs.append(torch.cat([g.reshape(-1) for g in grads]))
+        return leaves, graphs
+
     def matvec(self, vectors: Vector) -> Vector:
-        """H V for a [m, dim] block of vectors (float32), summed over batches weighted by size."""
+        """H V for a [m, dim] block of vectors, summed over batches weighted by size (float64 out)."""
+        if self.graphs is not None:
+            return self._matvec_cached(vectors)
         out = torch.zeros(vectors.shape, dtype=torch.float64)
         for x, y in self.data:
             grad_fn = grad(lambda p: self._loss(p, x, y))
@@ -101,27 +116,44 @@ class HessianOperator:
             out += vmap(hvp)(vectors.float()).double() * (len(y) / self.examples)
         return out
 
+    def _matvec_cached(self, vectors: Vector) -> Vector:
+        leaves, graphs = self.graphs
+        v = vectors.float()
+        out = torch.zeros(vectors.shape, dtype=torch.float64)
+        for g in graphs:
+            if len(v) == 1:
+                hv = torch.autograd.grad(g, list(leaves.values()), grad_outputs=v[0], retain_graph=True)
+                out[0] += torch.cat([h.reshape(-1) for h in hv]).double()
+            else:
+                hv = torch.autograd.grad(g, list(leaves.values()), grad_outputs=v, retain_graph=True,
+                                         is_grads_batched=True)
+                out += torch.cat([h.reshape(len(v), -1) for h in hv], dim=1).double()
+        return out
 
-def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, seed: int, tol: float = 1e-6
+
+def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, seed: int, tol: float = 1e-3
             ) -> tuple[np.ndarray, np.ndarray, int]:
     """Largest-k Ritz values of a symmetric operator by Lanczos with full re-orthogonalization.
 
     Builds the Krylov basis Q and tridiagonal T = Q^T H Q (Lanczos 1950; Golub & Van Loan 10.1);
     re-orthogonalizing against all of Q keeps the Ritz values free of ghost copies. Stops early
-    when every wanted Ritz pair's residual |beta_j s_j| is below ``tol`` * |lambda|.
+    when every wanted Ritz pair's residual |H y - theta y| = |beta_j s_j| is below ``tol`` * |theta|;
+    the Ritz value's own error is then about residual^2 / gap, far below ``tol``.
     Returns (values descending, residuals, iterations).
     """
+    steps = min(iters, dim)
     g = torch.Generator().manual_seed(seed)
+    basis = torch.empty(steps + 1, dim, dtype=torch.float64)
     q = torch.randn(dim, generator=g, dtype=torch.float64)
-    basis = [q / q.norm()]
+    basis[0] = q / q.norm()
     alphas, betas = [], []
     values, residuals = np.zeros(0), np.zeros(0)
-    for j in range(min(iters, dim)):
+    for j in range(steps):
         w = matvec(basis[j][None])[0]
         alphas.append(float(w @ basis[j]))
-        q_mat = torch.stack(basis)
+        done = basis[:j + 1]
         for _ in range(2):  # twice is enough (Kahan, "twice is enough")
-            w = w - q_mat.T @ (q_mat @ w)
+            w = w - done.T @ (done @ w)
         beta = float(w.norm())
         values, vectors = np.linalg.eigh(_tridiagonal(alphas, betas))
         order = np.argsort(values)[::-1][:k]
@@ -131,7 +163,7 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
         if beta < 1e-10:  # invariant subspace found: the Ritz values are exact
             break
         betas.append(beta)
-        basis.append(w / beta)
+        basis[j + 1] = w / beta
     return values, residuals, len(alphas)
 
 
@@ -178,22 +210,26 @@ def power_iteration(matvec: Callable[[Vector], Vector], dim: int, k: int, iters:
 
 def hessian_eigenvalues(model: nn.Module, state: Mapping[str, torch.Tensor], task, k: int = 1,
                         split: str = "train", batches: int | None = None, method: str = "lanczos",
-                        iters: int | None = None, tol: float = 1e-6, seed: int = 0) -> EigenResult:
+                        iters: int | None = None, tol: float = 1e-3, seed: int = 0, retain_graph: bool = True
+                        ) -> EigenResult:
     """Top-k eigenvalues of the Hessian of the mean task loss over ``split`` (all of it by default).
 
     ``method="lanczos"`` gives the k largest (algebraic) eigenvalues, ``"power"`` the k largest in
-    magnitude by deflated power iteration. ``batches`` limits the data to the first batches.
+    magnitude by deflated power iteration. ``tol``: Lanczos stops when each Ritz residual is
+    below tol * |lambda|, power iteration when the Rayleigh quotient changes by less than tol^2
+    relatively (both leave an eigenvalue error of order tol^2). ``batches`` limits the data to the first batches;
+    ``retain_graph=False`` trades speed for memory (see ``HessianOperator``).
     """
     if k < 1:
         raise MergescopeError(f"k={k}: ask for at least one eigenvalue")
-    op = HessianOperator(model, state, task, split, batches)
+    op = HessianOperator(model, state, task, split, batches, retain_graph)
     if method == "lanczos":
         iters = iters or max(2 * k + 20, 40)
         values, residuals, steps = lanczos(op.matvec, op.dim, k, iters, seed, tol)
         hvps = steps
     elif method == "power":
         iters = iters or 200
-        values, residuals, hvps = power_iteration(op.matvec, op.dim, k, iters, seed, tol)
+        values, residuals, hvps = power_iteration(op.matvec, op.dim, k, iters, seed, tol * tol)
         steps = hvps
     else:
         raise MergescopeError(f"method {method!r}: expected 'lanczos' or 'power'")
@@ -201,14 +237,15 @@ def hessian_eigenvalues(model: nn.Module, state: Mapping[str, torch.Tensor], tas
 
 
 def hessian_trace(model: nn.Module, state: Mapping[str, torch.Tensor], task, samples: int = 64,
-                  split: str = "train", batches: int | None = None, block: int = 16, seed: int = 0) -> TraceResult:
+                  split: str = "train", batches: int | None = None, block: int = 16, seed: int = 0,
+                  retain_graph: bool = True) -> TraceResult:
     """Hutchinson's estimator tr(H) ~ mean_i v_i^T H v_i with Rademacher v_i (Hutchinson 1990).
 
     Unbiased; the standard error is reported. Vectors are processed ``block`` at a time (vmapped).
     """
     if samples < 2:
         raise MergescopeError(f"samples={samples}: Hutchinson needs at least 2 probe vectors")
-    op = HessianOperator(model, state, task, split, batches)
+    op = HessianOperator(model, state, task, split, batches, retain_graph)
     g = torch.Generator().manual_seed(seed)
     quads: list[float] = []
     while len(quads) < samples:

@@ -4,7 +4,8 @@
 the norms of the weights' filters (Li et al. 2018, "Visualizing the Loss Landscape of Neural
 Nets"), so that scale-invariant networks are compared fairly. ``plane_through``: the plane
 spanned by three states A, B, C with an orthonormal basis from Gram-Schmidt (Garipov et al. 2018,
-Fig. 1). Grid points are built chunk by chunk and evaluated with vmap, never one model per point.
+Fig. 1). Grid points are built chunk by chunk and evaluated with functional_call (vmap on GPU),
+never one model copy per point; ``vectorize`` overrides the choice (see ``evaluation``).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def plane_chunks(origin: Mapping[str, torch.Tensor], d1: Direction, d2: Directio
     return make
 
 
-def _evaluate_grid(model, origin, d1, d2, alphas, betas, task, split, bn_reset, chunk_size, on_chunk):
+def _evaluate_grid(model, origin, d1, d2, alphas, betas, task, split, bn_reset, chunk_size, on_chunk, vectorize=None):
     total = len(alphas) * len(betas)
     metrics = evaluate_lazy(model, total, plane_chunks(origin, d1, d2, alphas, betas), task, (split,), bn_reset,
-                            chunk_size, on_chunk=on_chunk)[split]
+                            chunk_size, on_chunk=on_chunk, vectorize=vectorize)[split]
     shape = (len(alphas), len(betas))
     to_rows = lambda v: tuple(tuple(map(float, r)) for r in v.reshape(shape))  # noqa: E731
     return to_rows(metrics.loss), to_rows(metrics.accuracy)
@@ -99,7 +100,7 @@ def _evaluate_grid(model, origin, d1, d2, alphas, betas, task, split, bn_reset, 
 
 def plane(model: nn.Module, state: Mapping[str, torch.Tensor], task, grid: int = 25, span: float = 1.0, seed: int = 0,
           split: str = "train", bn_reset: bool = True, directions: tuple[Direction, Direction] | None = None,
-          chunk_size: int = 32, on_chunk: Callable | None = None) -> PlaneResult:
+          chunk_size: int = 32, on_chunk: Callable | None = None, vectorize: bool | None = None) -> PlaneResult:
     """Loss/accuracy on a grid x grid slice theta + a d1 + b d2, a, b in [-span, span] (Li et al. 2018).
 
     Directions are filter-normalized Gaussians drawn from ``seed`` unless given. Reported on the
@@ -111,7 +112,8 @@ def plane(model: nn.Module, state: Mapping[str, torch.Tensor], task, grid: int =
         directions = (filter_normalized_direction(model, origin, g), filter_normalized_direction(model, origin, g))
     d1, d2 = ({k: d[k].float() for k in origin} for d in directions)
     axis = grid_axis(grid, -span, span)
-    loss, acc = _evaluate_grid(model, origin, d1, d2, axis, axis, task, split, bn_reset, chunk_size, on_chunk)
+    loss, acc = _evaluate_grid(model, origin, d1, d2, axis, axis, task, split, bn_reset, chunk_size, on_chunk,
+                               vectorize)
     return PlaneResult("filter-normalized", tuple(map(float, axis)), tuple(map(float, axis)), loss, acc, split,
                        bn_reset, (("center", 0.0, 0.0),))
 
