@@ -98,7 +98,8 @@ def plot(result: dict, path) -> None:
     for name in names:
         style = dict(lw=2.4, color="black") if name == "average" else dict(lw=1.2)
         label = f"{name} (|theta|={result['norms'][name]:.1f})"
-        axes[0].plot(f, np.maximum(result["global"][name]["kl"], 1e-12), "o-", ms=3, label=label, **style)
+        kl = np.asarray(result["global"][name]["kl"], dtype=float)
+        axes[0].plot(f, np.where(kl > 0, kl, np.nan), "o-", ms=3, label=label, **style)  # log axis: KL(c=1)=0 left out
         axes[1].plot(f, result["global"][name]["accuracy"], "o-", ms=3, label=name, **style)
     axes[0].set_yscale("log")
     axes[0].set_title("KL(p_1 || p_c), all parameters x c")
