@@ -87,3 +87,14 @@ def test_usage_errors_exit_2(capsys):
     assert main(["train", "--no-such-option"]) == 2
     assert main(["train", "-o", "x.safetensors", "--model", "vgg"]) == 2
     assert "unknown model 'vgg'" in capsys.readouterr().err
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
+    import struct
+
+    bad = tmp_path / "r.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}).encode()
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    result = run_cli("inspect", str(bad))
+    assert result.returncode == 2
+    assert "data_offsets must be [start, end]" in result.stderr and "got [8, 0]" in result.stderr
