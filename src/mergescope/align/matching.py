@@ -90,6 +90,15 @@ def _units(spec: PermutationSpec) -> list[tuple[str | None, tuple[str, ...]]]:
     return units
 
 
+def _neighbours(spec: PermutationSpec, units) -> list[set[int]]:
+    """For each unit, the other units whose cost matrices read a tensor it permutes."""
+    tensors = []
+    for head, names in units:
+        moved = {t for p in names + ((head,) if head in spec.perms else ()) for t, _ in spec.perms[p]}
+        tensors.append(moved)
+    return [{j for j in range(len(units)) if j != i and tensors[i] & tensors[j]} for i in range(len(units))]
+
+
 def _objective(costs: list[np.ndarray], perms: list[np.ndarray]) -> float:
     return float(sum(c[np.arange(len(p)), p].sum() for c, p in zip(costs, perms)))
 
@@ -135,11 +144,18 @@ def weight_matching(spec, state_a: Mapping, state_b: Mapping, seed: int = 0, max
         only = set(only)
         units = [u for u in units if set(u[1]) & only or u[0] in only]
     rng = np.random.default_rng(seed)
+    neighbours = _neighbours(spec, units)
+    dirty = set(range(len(units)))  # a unit whose cost matrix may have changed since it was solved
     iterations = 0
     for iterations in range(1, max_iter + 1):
         improved = False
         for k in rng.permutation(len(units)):
-            improved |= _descent_step(spec, units[k], state_a, state_b, perms)
+            if k not in dirty:
+                continue  # same cost matrix as last time: the step would change nothing
+            dirty.discard(k)
+            if _descent_step(spec, units[k], state_a, state_b, perms):
+                improved = True
+                dirty |= neighbours[k]
         if not improved:
             break
     return Permutation(perms, method="weight", info={"iterations": iterations, "seed": seed})
