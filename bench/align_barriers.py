@@ -171,6 +171,21 @@ def minilm() -> dict:
             "peak_rss_mb": rss_mb(), "rss_before_align_mb": base}
 
 
+def markdown(results: dict) -> str:
+    """The headline table for docs/align.md: loss / accuracy-point barriers and seconds per method."""
+    lines = ["| model | method | loss barrier | acc. barrier (points) | + BN reset | + REPAIR | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for key, res in results.items():
+        for method, row in res["rows"].items():
+            if "error" in row:
+                lines.append(f"| {key} | {method} | error: {row['error'][:60]} | | | | |")
+                continue
+            cell = lambda r: f"{r['barrier_loss']:.3f} / {100 * r['barrier_acc']:.1f}" if r else "-"  # noqa: E731
+            lines.append(f"| {key} | {method} | {row['barrier_loss']:.3f} | {100 * row['barrier_acc']:.1f} | "
+                         f"{cell(row.get('bn_reset'))} | {cell(row.get('repair'))} | {row.get('seconds', 0):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -196,7 +211,11 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rebasin-path", default=None, help="folder holding the rebasin package (and torchview)")
     parser.add_argument("--minilm", action="store_true", help="only time spec + weight matching on MiniLM")
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of the last results")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads((OUT / "align_barriers.json").read_text())), end="")
+        return
     torch.set_num_threads(1)
     if args.minilm:
         OUT.mkdir(parents=True, exist_ok=True)
@@ -218,6 +237,7 @@ def main(argv=None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "align_barriers.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, OUT / "align_barriers.png")
+    (OUT / "align_barriers.md").write_text(markdown(results))
     for key, res in results.items():
         for method, row in res["rows"].items():
             if "error" in row:
