@@ -287,3 +287,22 @@ def test_llama_style_blocks(kv_heads):
     assert (after - before).abs().max().item() <= TOL
     back = apply(spec, ms.align.weight_matching(spec, state, shuffled), shuffled)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_gpt2_fused_attention_is_named_and_fix_mode_keeps_the_function():
+    """GPT-2 splits a fused q/k/v projection along a permutable axis: a clear error, or pinned with 'fix'."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, eos_token_id=0,
+                                 bos_token_id=0)).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(MergescopeError, match=r"'split' in h\.0\.attn"):
+        permutation_spec(model, inputs)
+    spec = permutation_spec(model, inputs, on_unsupported="fix")
+    assert list(spec.perms) == ["h.0.mlp.c_fc.weight:1"]  # Conv1D (addmm) MLP units still move
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state
+        model.load_state_dict(apply(spec, random_permutation(spec, generator=torch.Generator().manual_seed(0)), state))
+        assert (model(**inputs).last_hidden_state - before).abs().max().item() <= TOL

@@ -301,6 +301,17 @@ def matmul(tr, name, args, kwargs, out):
     return None
 
 
+def addmm(tr, name, args, kwargs, out):
+    """bias + x @ W (GPT-2's Conv1D keeps W as [in, out]): x's last axis is W's axis 0."""
+    bias, x, w = args[0], args[1], args[2]
+    tr.tie(w, 0, tr.label_of(x)[-1])
+    w1 = tr.axis_label(w, 1)
+    if isinstance(bias, torch.Tensor):
+        tr.tie(bias, bias.dim() - 1, w1)
+    _label_outputs(tr, out, (tr.label_of(x)[0], w1))
+    return None
+
+
 def _broadcast_labels(tr, labelled, out_shape) -> tuple:
     res = [None] * len(out_shape)
     for lab, shape in labelled:
@@ -440,7 +451,7 @@ def new_tensor(tr, name, args, kwargs, out):
 RULES = {
     "linear": linear, "conv1d": conv, "conv2d": conv, "conv3d": conv, "batch_norm": batch_norm,
     "instance_norm": batch_norm, "layer_norm": layer_norm, "rms_norm": layer_norm, "group_norm": group_norm,
-    "embedding": embedding, "matmul": matmul, "mm": matmul, "bmm": matmul, "scaled_dot_product_attention": sdpa,
+    "embedding": embedding, "matmul": matmul, "addmm": addmm, "mm": matmul, "bmm": matmul, "scaled_dot_product_attention": sdpa,
     "cat": cat, "stack": stack, "chunk": split, "split": split, "unbind": split, "tensor_split": split,
     "split_with_sizes": split, "getitem": getitem, "expand": expand, "expand_as": expand, "broadcast_to": expand,
     "pad": pad, "max": maxmin, "min": maxmin, "new_zeros": new_tensor, "new_ones": new_tensor,
