@@ -136,10 +136,11 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
     """Largest-k Ritz values of a symmetric operator by Lanczos with full re-orthogonalization.
 
     Builds the Krylov basis Q and tridiagonal T = Q^T H Q (Lanczos 1950; Golub & Van Loan 10.1);
-    re-orthogonalizing against all of Q keeps the Ritz values free of ghost copies. Stops early
-    when every wanted Ritz pair's residual |H y - theta y| = |beta_j s_j| is below ``tol`` * |theta|;
-    the Ritz value's own error is then about residual^2 / gap, far below ``tol``.
-    Returns (values descending, residuals, iterations).
+    re-orthogonalizing against all of Q keeps the Ritz values free of ghost copies. Stops when the
+    wanted Ritz values changed by less than ``tol`` relatively since the last step and every Ritz
+    residual |H y - theta y| = |beta_j s_j| is below sqrt(tol) |theta| (a Ritz value's error is about
+    residual^2 / gap, so both say "accurate to about tol"). Returns (values descending, residuals,
+    iterations).
     """
     steps = min(iters, dim)
     g = torch.Generator().manual_seed(seed)
@@ -148,6 +149,7 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
     basis[0] = q / q.norm()
     alphas, betas = [], []
     values, residuals = np.zeros(0), np.zeros(0)
+    previous = None
     for j in range(steps):
         w = matvec(basis[j][None])[0]
         alphas.append(float(w @ basis[j]))
@@ -158,8 +160,11 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
         values, vectors = np.linalg.eigh(_tridiagonal(alphas, betas))
         order = np.argsort(values)[::-1][:k]
         values, residuals = values[order], np.abs(beta * vectors[-1, order])
-        if len(alphas) >= k and np.all(residuals <= tol * np.maximum(np.abs(values), 1e-12)):
+        scale = np.maximum(np.abs(values), 1e-12)
+        if previous is not None and len(previous) == len(values) == k and np.all(
+                np.abs(values - previous) <= tol * scale) and np.all(residuals <= np.sqrt(tol) * scale):
             break
+        previous = values
         if beta < 1e-10:  # invariant subspace found: the Ritz values are exact
             break
         betas.append(beta)
@@ -215,9 +220,9 @@ def hessian_eigenvalues(model: nn.Module, state: Mapping[str, torch.Tensor], tas
     """Top-k eigenvalues of the Hessian of the mean task loss over ``split`` (all of it by default).
 
     ``method="lanczos"`` gives the k largest (algebraic) eigenvalues, ``"power"`` the k largest in
-    magnitude by deflated power iteration. ``tol``: Lanczos stops when each Ritz residual is
-    below tol * |lambda|, power iteration when the Rayleigh quotient changes by less than tol^2
-    relatively (both leave an eigenvalue error of order tol^2). ``batches`` limits the data to the first batches;
+    magnitude by deflated power iteration. ``tol``: both stop when the eigenvalue estimates change
+    by less than ``tol`` relatively between steps (Lanczos also needs small residuals; see
+    ``lanczos``). ``batches`` limits the data to the first batches;
     ``retain_graph=False`` trades speed for memory (see ``HessianOperator``).
     """
     if k < 1:
@@ -229,7 +234,7 @@ def hessian_eigenvalues(model: nn.Module, state: Mapping[str, torch.Tensor], tas
         hvps = steps
     elif method == "power":
         iters = iters or 200
-        values, residuals, hvps = power_iteration(op.matvec, op.dim, k, iters, seed, tol * tol)
+        values, residuals, hvps = power_iteration(op.matvec, op.dim, k, iters, seed, tol)
         steps = hvps
     else:
         raise MergescopeError(f"method {method!r}: expected 'lanczos' or 'power'")
