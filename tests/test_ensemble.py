@@ -121,6 +121,23 @@ def test_single_member_is_the_model_itself(task, zoo):
     assert ensemble.evaluate(model, states[:1], task, "probs").loss == pytest.approx(direct["loss"], rel=1e-5)
 
 
+def test_feature_refit_head_matches_sklearn_logistic_regression(task, zoo):
+    """The refitted head minimises mean CE + 1e-4 ||W||^2, i.e. sklearn's multinomial logistic
+    regression with C = 1 / (2 N 1e-4) on the same averaged train features (a convex problem)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model, states = zoo
+    ns = [np_state(s) for s in states]
+    xt, yt = data(task, "train")
+    xe, _ = data(task, "test")
+    train_feats = np.mean([np_hidden(s, xt) for s in ns], 0)
+    test_feats = np.mean([np_hidden(s, xe) for s in ns], 0)
+    reference = LogisticRegression(C=1 / (2 * len(yt) * 1e-4), max_iter=10000, tol=1e-12).fit(train_feats, yt)
+    probs = ensemble.feature_average_probs(model, states, task, "test", refit=True).double().numpy()
+    np.testing.assert_allclose(probs, reference.predict_proba(test_feats), atol=1e-2)
+    assert (probs.argmax(1) == reference.predict_proba(test_feats).argmax(1)).mean() >= 0.99
+
+
 def test_feature_refit_head_fits_averaged_features(task, zoo):
     """The refitted head is at least as good on train features as the averaged head."""
     model, states = zoo
