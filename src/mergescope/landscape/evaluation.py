@@ -4,9 +4,9 @@ Every landscape measurement (paths, curves, planes) reduces to "loss and accurac
 P points in weight space". The P states are stacked along a leading axis and built chunk by
 chunk; no model is copied or reloaded per point. Each chunk runs either as one
 ``vmap``-ed ``functional_call`` (batched matmuls; the fast choice on GPU) or as a loop of
-``functional_call`` over the chunk's points (faster on CPU: plain GEMMs beat batched ones; 1.3-2.5x
-on every zoo model in bench/landscape_bench.py). ``vectorize=None`` picks vmap on CUDA inputs and
-the loop on CPU. Cost is linear in points x examples either way.
+``functional_call`` over the chunk's points (usually faster on CPU, where plain GEMMs beat batched
+ones: 1.3-2.2x on the zoo models, one thread; see docs/landscape.md). ``vectorize=None`` picks
+vmap on CUDA inputs and the loop on CPU. Cost is linear in points x examples either way.
 
 The caller's model is only a template: it is deep-copied, never run or modified.
 """
