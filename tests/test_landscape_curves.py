@@ -87,3 +87,16 @@ def test_curve_with_batchnorm_reports_naive_variant_and_leaves_model_alone():
     assert r.curve.naive_loss is not None and len(r.train_loss) == 1
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_pam_with_zero_step_is_weight_alignment_and_large_steps_keep_function():
+    # eta = 0: the PAM target is B' itself, whose best permutation is the current one.
+    a, b = trained("mlp", 0, width=64, epochs=8), trained("mlp", 1, width=64, epochs=8)
+    model = template("mlp", width=64)
+    weight = ms.landscape.fit_curve(model, a, b, TASK, epochs=2, n=5, align="weight")
+    still = ms.landscape.fit_curve(model, a, b, TASK, epochs=2, n=5, align="pam", pam_step=0.0)
+    np.testing.assert_allclose(still.curve.loss, weight.curve.loss, rtol=1e-6)
+    moved = ms.landscape.fit_curve(model, a, b, TASK, epochs=3, n=5, align="pam", pam_step=10.0)
+    assert any(not torch.equal(moved.aligned_b[k], weight.aligned_b[k]) for k in weight.aligned_b)
+    # Whatever permutation PAM settles on, B keeps computing the same function.
+    assert moved.curve.loss[-1] == pytest.approx(weight.line.loss[-1], rel=1e-5)

@@ -4,7 +4,8 @@ Garipov et al. 2018 ("Loss Surfaces, Mode Connectivity, and Fast Ensembling of D
 quadratic Bezier curve phi(t) = (1-t)^2 A + 2t(1-t) theta + t^2 B, or a polygonal chain
 A -> theta -> B, whose bend theta is trained by minimizing E_{t~U(0,1)} L(phi(t)) with one t drawn
 per batch. Tatro et al. 2020 ("Optimizing Mode Connectivity via Neuron Alignment"): aligning B's
-neurons to A's first (weight or activation matching) makes the curve much easier to fit.
+neurons to A's first (weight or activation matching) makes the curve much easier to fit; their
+proximal alternating minimization (PAM) also re-optimizes the permutation while the curve trains.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .evaluation import Stack, as_state, lerp, working_copy
 from .paths import PathResult, evaluate_path, path_points
 
 KINDS = ("bezier", "polychain")
-ALIGNS = (None, "weight", "activation")
+ALIGNS = (None, "weight", "activation", "pam")
 
 
 def curve_weights(kind: str, t: torch.Tensor) -> torch.Tensor:
@@ -84,12 +85,18 @@ class CurveResult:
                 "train_loss_per_epoch": list(self.train_loss)}
 
 
-def align_endpoint(model: nn.Module, a: dict, b: dict, task, how: str, seed: int = 0) -> dict:
-    """B with its neurons permuted to match A (``mergescope.align``: weight or activation matching)."""
+def _spec(model: nn.Module, task):
     from .. import align  # the alignment package; imported here so landscape works without it
 
     x, _ = next(iter(task.batches("train")))
-    spec = align.permutation_spec(working_copy(model), x[:8])
+    return align.permutation_spec(working_copy(model), x[:8])
+
+
+def align_endpoint(model: nn.Module, a: dict, b: dict, task, how: str, seed: int = 0) -> dict:
+    """B with its neurons permuted to match A (``mergescope.align``: weight or activation matching)."""
+    from .. import align
+
+    spec = _spec(model, task)
     if how == "weight":
         perm = align.weight_matching(spec, a, b, seed=seed)
     elif how == "activation":
@@ -107,14 +114,63 @@ def _module_with(model: nn.Module, state: Mapping) -> nn.Module:
     return net
 
 
+class PamStep:
+    """The permutation step of PAM (Tatro et al. 2020), as a weight-matching problem.
+
+    Linearizing the curve objective F in the aligned endpoint B' = P B and adding the proximal
+    term ||P B - B'||^2 / (2 eta) gives argmin_P <grad F, P B> + ||P B - B'||^2 / (2 eta), and since
+    ||P B|| does not depend on P this is argmax_P <P B, B' - eta grad F>: weight matching of B
+    onto the target B' - eta grad F (started from the current P). ``step`` is eta relative to
+    |B'| / |grad F|, so it is scale-free.
+    """
+
+    def __init__(self, model: nn.Module, b: dict, task, step: float, seed: int, batches: int = 4):
+        from .. import align
+
+        self.align, self.spec, self.b, self.task = align, _spec(model, task), b, task
+        self.step, self.batches, self.seed = step, batches, seed
+        self.perm = None
+
+    def start(self, a: dict) -> dict:
+        """The first permutation: plain weight matching of B onto A."""
+        self.perm = self.align.weight_matching(self.spec, a, self.b, seed=self.seed)
+        permuted = self.align.apply(self.spec, self.perm, self.b)
+        return {k: permuted[k].float() for k in self.b}
+
+    def __call__(self, net: nn.Module, a: dict, theta: dict, buffers: dict, b_aligned: dict, kind: str,
+                 epoch: int) -> dict:
+        grad_b = self._gradient(net, a, theta, buffers, b_aligned, kind, epoch)
+        g_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad_b.values())))
+        b_norm = float(torch.sqrt(sum((b_aligned[k].double() ** 2).sum() for k in grad_b)))
+        eta = self.step * b_norm / max(g_norm, 1e-30)
+        target = {k: b_aligned[k] - eta * grad_b[k] if k in grad_b else b_aligned[k] for k in b_aligned}
+        self.perm = self.align.weight_matching(self.spec, target, self.b, seed=self.seed, init=self.perm)
+        permuted = self.align.apply(self.spec, self.perm, self.b)
+        return {k: permuted[k].float() for k in self.b}
+
+    def _gradient(self, net, a, theta, buffers, b_aligned, kind, epoch) -> dict:
+        """grad of the curve loss E_t L(phi(t)) w.r.t. B's parameters on a few train batches."""
+        b_var = {k: b_aligned[k].clone().requires_grad_(True) for k in theta}
+        gen = torch.Generator().manual_seed(7919 * (self.seed + 1) + epoch)
+        for i, (x, y) in enumerate(self.task.batches("train", batch_size=256, shuffle=True, generator=gen)):
+            if i >= self.batches:
+                break
+            c = curve_weights(kind, torch.rand(1, generator=gen))[0]
+            weights = {k: c[0] * a[k] + c[1] * theta[k].detach() + c[2] * b_var[k] for k in theta}
+            out = functional_call(net, {**weights, **{k: v.clone() for k, v in buffers.items()}}, (x,))
+            (self.task.loss(out, y) / self.batches).backward()
+        return {k: v.grad for k, v in b_var.items()}
+
+
 def train_bend(model: nn.Module, a: dict, b: dict, task, kind: str, epochs: int, lr: float, weight_decay: float,
-               batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None
-               ) -> tuple[dict, list[float]]:
+               batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None,
+               pam: PamStep | None = None) -> tuple[dict, list[float], dict]:
     """Fit the bend theta by SGD on L(phi_theta(t)), t ~ U(0,1) drawn once per batch (Garipov et al.).
 
     Starts from the midpoint (A + B) / 2 (the curve is then the line); Adam with a cosine decay.
     Parameters only: BatchNorm runs in train mode on batch statistics and is recomputed at
-    evaluation. Returns (bend state, mean train loss per epoch).
+    evaluation. With ``pam`` the endpoint B is re-permuted after every epoch but the last (PAM).
+    Returns (bend state, mean train loss per epoch, final B).
     """
     net = working_copy(model)
     param_names = {n for n, _ in net.named_parameters()}
@@ -142,9 +198,11 @@ def train_bend(model: nn.Module, a: dict, b: dict, task, kind: str, epochs: int,
             total += float(loss.detach()) * len(y)
             count += len(y)
         history.append(total / max(count, 1))
+        if pam is not None and epoch < epochs - 1:
+            b = pam(net, a, theta, buffers, b, kind, epoch)
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
-    return {k: v.detach().clone() for k, v in bend.items()}, history
+    return {k: v.detach().clone() for k, v in bend.items()}, history, b
 
 
 def _train_size(task) -> int:
@@ -154,21 +212,28 @@ def _train_size(task) -> int:
 def fit_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], task,
               kind: str = "bezier", align: str | None = None, epochs: int = 20, seed: int = 0, n: int = 25,
               split: str = "test", bn_reset: bool = True, lr: float = 1e-3, weight_decay: float = 0.0,
-              batch_size: int = 64, on_epoch: Callable[[int, float], None] | None = None) -> CurveResult:
+              batch_size: int = 64, on_epoch: Callable[[int, float], None] | None = None,
+              pam_step: float = 0.1) -> CurveResult:
     """Fit a Bezier / polychain curve between A and B (optionally aligning B to A first) and evaluate it.
 
     The curve is trained on the train split and reported at ``n`` points on ``split`` (and train),
     next to the straight line(s), with BatchNorm statistics recomputed per point when ``bn_reset``.
+    ``align="pam"`` starts from weight matching and re-solves the permutation after each epoch
+    (see ``PamStep``; ``pam_step`` is its relative proximal step).
     """
     if kind not in KINDS:
         raise MergescopeError(f"curve kind {kind!r}: expected one of {', '.join(KINDS)}")
     if align not in ALIGNS:
-        raise MergescopeError(f"align {align!r}: expected weight, activation or None")
+        raise MergescopeError(f"align {align!r}: expected weight, activation, pam or None")
     if epochs < 0:
         raise MergescopeError(f"epochs={epochs}: must be >= 0")
     a, b0 = as_state(model, state_a, "state_a"), as_state(model, state_b, "state_b")
-    b = align_endpoint(model, a, b0, task, align, seed) if align else b0
-    bend, history = train_bend(model, a, b, task, kind, epochs, lr, weight_decay, batch_size, seed, on_epoch)
+    pam = PamStep(model, b0, task, pam_step, seed) if align == "pam" else None
+    if pam is not None:
+        b = pam.start(a)
+    else:
+        b = align_endpoint(model, a, b0, task, align, seed) if align else b0
+    bend, history, b = train_bend(model, a, b, task, kind, epochs, lr, weight_decay, batch_size, seed, on_epoch, pam)
     ts = path_points(n)
     curve = evaluate_path(model, curve_points(kind, a, bend, b, ts), ts, task, split, bn_reset)
     line = evaluate_path(model, lerp(a, b0, ts), ts, task, split, bn_reset)
