@@ -2,8 +2,8 @@
 
 ``merge(recipe, out)`` plans the output from the input headers, lays out the output shards
 (``writer.PlannedWriter``), then runs one job per output tensor on ``threads`` worker threads:
-read the input tensors with ``pread`` (copies, no memory map, so resident memory is only what
-the job holds), merge them with the method's pure function, ``pwrite`` the result, free it.
+map just the input tensors' byte ranges (``reader.JobMaps``: no copy, and unmapped when the job
+ends, so resident memory is only what jobs in flight hold), merge them with the method's pure function, ``pwrite`` the result, free it.
 
 Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
 within ``max(largest job, 256 MB)``, and a method's scratch is at most about one tensor plus
@@ -31,6 +31,7 @@ from ..errors import MergescopeError
 from ..io import atomic_output, copy_aux_files, parse_size, provenance
 from ..recipe import Recipe, read
 from . import plan as planning
+from .reader import JobMaps, Locator
 from .writer import PlannedWriter
 
 MIN_BUDGET = 256 * 10**6
@@ -80,16 +81,20 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
-def run_job(job: planning.Job, plan: planning.Plan, ckpts, dtype: torch.dtype | None, seed: int) -> torch.Tensor:
-    """Read one job's inputs and merge them (no writing)."""
+def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], torch.Tensor],
+            dtype: torch.dtype | None, seed: int) -> torch.Tensor:
+    """Read one job's inputs with ``read(model index, tensor name)`` and merge them (no writing).
+
+    The result never shares memory with an input (inputs may be maps that are closed next).
+    """
     tensors = []
     for model_index, name in job.inputs:
-        t = ckpts[plan.models[model_index]].read(name)
+        t = read(model_index, name)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         tensors.append(t)
     if not tensors[0].is_floating_point():
-        return tensors[job.base or 0].to(job.dtype)
+        return tensors[job.base or 0].to(job.dtype, copy=True)
     work = tensors[0].dtype
     for t in tensors[1:]:
         work = torch.promote_types(work, t.dtype)
@@ -111,7 +116,10 @@ def run_job(job: planning.Job, plan: planning.Plan, ckpts, dtype: torch.dtype | 
         out = method(others, base, **params)
     except MergescopeError as e:
         raise MergescopeError(f"tensor {job.name!r}: {e}") from None
-    return out if out.dtype == job.dtype else out.to(job.dtype)
+    out = out if out.dtype == job.dtype else out.to(job.dtype)
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors):
+        out = out.clone()
+    return out
 
 
 class _Budget:
@@ -132,11 +140,16 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor) -> tuple[int,
     budget = _Budget(max(MIN_BUDGET, max((_job_bytes(j) for j in plan.jobs), default=0)))
     totals = [0, 0]
     lock = threading.Lock()
+    locators = [Locator(ckpts[m]) for m in plan.models]
 
     def work(job):
-        out = run_job(job, plan, ckpts, dtype, seed)
-        written = writer.write(job.name, out)
-        del out
+        maps = JobMaps()
+        try:
+            out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed)
+            written = writer.write(job.name, out)
+            del out
+        finally:
+            maps.close()
         with lock:
             totals[0] += job.nbytes_in
             totals[1] += written
