@@ -2,12 +2,13 @@
 
 ``merge(recipe, out)`` plans the output from the input headers, lays out the output shards
 (``writer.PlannedWriter``), then runs one job per output tensor on ``threads`` worker threads:
-map just the input tensors' byte ranges (``reader.JobMaps``: no copy, and unmapped when the job
-ends, so resident memory is only what jobs in flight hold), merge them with the method's pure function, ``pwrite`` the result, free it.
+map just the input tensors' byte ranges (``reader.JobMaps``: no copy, unmapped when the job
+ends, so resident memory is only what jobs in flight hold), merge them with the method's pure
+function, ``pwrite`` the result, free it.
 
 Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
 within ``max(largest job, 256 MB)``, and a method's scratch is at most about one tensor plus
-1 M-element chunks. Peak resident memory is therefore about
+128 K-element chunks. Peak resident memory is therefore about
 ``interpreter + torch (~0.3 GB) + 2 x max(largest job, 256 MB)``, independent of model size.
 Randomized methods draw from a generator seeded by ``(seed, tensor name)``: the same seed gives
 the same bits whatever the thread count or completion order.

@@ -362,7 +362,7 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
 
 
 def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[float, float, float]:
-    """|a|, |b| and <a, b> with float64 accumulation over 1 M-element chunks.
+    """|a|, |b| and <a, b> with float64 accumulation over 128 K-element chunks.
 
     A single float32 reduction over tens of millions of entries is off by ~0.2% (measured on a
     32 M-entry embedding), enough to move slerp's angle; MergeKit chunks its reductions too.
