@@ -16,8 +16,8 @@ class StudyConfig:
     mlp_width: int = 256
     cnn_width: int = 16
     transformer_dim: int = 32
-    parent_epochs: int = 10        # the shared "pre-training" of the fine-tune family
-    finetune_epochs: int = 6
+    parent_epochs: int = 3         # the shared, short "pre-training" of the fine-tune family
+    finetune_epochs: int = 10
     finetune_lr: float = 1e-3
     full_epochs: int = 20          # independent runs
     independent: int = 4           # independent MLP seeds (barrier matrix size)
@@ -33,7 +33,7 @@ class StudyConfig:
     @classmethod
     def quick_config(cls, **overrides) -> StudyConfig:
         """Small widths and few epochs: the whole study in well under 90 s (used by the end-to-end test)."""
-        small = dict(quick=True, mlp_width=64, cnn_width=8, transformer_dim=16, parent_epochs=5, finetune_epochs=3,
+        small = dict(quick=True, mlp_width=64, cnn_width=8, transformer_dim=16, parent_epochs=2, finetune_epochs=4,
                      full_epochs=6, independent=3, finetunes=2, path_points=9, curve_epochs=4,
                      spawn_epochs=(0, 2), spawn_total_epochs=4)
         return cls(**{**small, **overrides})

@@ -108,7 +108,7 @@ def determinism_section(res: dict, fig_dir: Path) -> dict:
              "child A accuracy": c[0], "child B accuracy": c[1]}
             for k, b, a, c in zip(ks, barriers, res["barrier_acc"], res["child_accuracy"])]
     return {"id": "determinism", "title": "3. Determinism: when does a run commit to its basin?",
-            "intro": "Instability analysis (Frankle et al. 2020): train a parent for k epochs, copy it, train both copies "
+            "intro": "Instability analysis (Frankle et al. 2020) on the MLP: train a parent for k epochs, copy it, train both copies "
                      "to the end with different data orders, and measure the barrier between them.",
             "figures": [{"file": "determinism.png", "caption": reading}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}

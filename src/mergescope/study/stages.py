@@ -89,7 +89,7 @@ def connectivity(ctx: Context) -> dict:
 
 
 def determinism(ctx: Context) -> dict:
-    """Instability analysis (Frankle et al. 2020): spawn two children after k shared epochs."""
+    """Instability analysis (Frankle et al. 2020) on the MLP: spawn two children after k shared epochs."""
     from ..landscape import spawn_stability
     from ..tasks import build
 
