@@ -124,3 +124,12 @@ def test_taskvec_reads_tasks_from_checkpoints(ckpts, tmp_path, capsys):
     data = _read(out, "taskvec")
     assert data["tasks"] == {"d0": "digits[0,1,2,3,4]", "d5": "digits[5,6,7,8,9]"}
     assert data["scales"] == [0.0, 0.5, 1.0] and "negation" in capsys.readouterr().out
+
+
+def test_line_with_robust_path(ckpts, tmp_path, capsys):
+    out = tmp_path / "robust"
+    assert main(["landscape", "line", str(ckpts[0]), str(ckpts[1]), "--n", "3", "--robust-eps", "0.1",
+                 "--robust-steps", "2", "--out", str(out)]) == 0
+    data = _read(out, "line")
+    assert data["robust"]["eps"] == 0.1 and all(r >= p for r, p in zip(data["robust"]["loss"], data["loss"]))
+    assert "PGD eps=0.1" in capsys.readouterr().out

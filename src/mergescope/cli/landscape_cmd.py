@@ -83,10 +83,12 @@ def line(
     n: int = typer.Option(25, help="Points along the path (endpoints included)."),
     split: str = SPLIT,
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
+    robust_eps: float = typer.Option(0.0, help="Also measure the robust path: PGD L-inf radius in input units (0: off)."),
+    robust_steps: int = typer.Option(5, help="PGD steps for the robust path."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Loss and accuracy along the straight line between two models; loss and accuracy barriers."""
-    from ..landscape import interpolate
+    from ..landscape import interpolate, robust_interpolate
     from ..landscape.plots import plot_path
 
     module, (ca, cb) = _load_models([a, b], model)
@@ -95,11 +97,20 @@ def line(
         job = bar.add_task("line", total=n)
         path = interpolate(module, ca, cb, the_task, n=n, split=split, bn_reset=bn_reset,
                            on_chunk=lambda done, total: bar.update(job, completed=done))
-    write_json(out / "line.json", {"a": str(a), "b": str(b), **path.to_dict()})
-    plot_path(path, out / "line.png", title=f"{a.name} -> {b.name}")
+        robust = None
+        if robust_eps > 0:
+            robust = robust_interpolate(module, ca, cb, the_task, n=n, split=split, eps=robust_eps,
+                                        steps=robust_steps, bn_reset=bn_reset)
+    write_json(out / "line.json", {"a": str(a), "b": str(b), **path.to_dict(),
+                                   "robust": None if robust is None else {"eps": robust_eps, "steps": robust_steps,
+                                                                          **robust.to_dict()}})
+    plot_path(path, out / "line.png", title=f"{a.name} -> {b.name}",
+              extra=None if robust is None else {f"PGD eps={robust_eps:g}": robust})
     rows = {f"{split}": (path.barrier_loss, path.barrier_acc), "train": (path.train_barrier_loss, path.train_barrier_acc)}
     if path.naive_loss is not None:
         rows[f"{split}, BN not reset"] = (path.naive_barrier_loss, path.naive_barrier_acc)
+    if robust is not None:
+        rows[f"{split}, PGD eps={robust_eps:g}"] = (robust.barrier_loss, robust.barrier_acc)
     _show(_path_table(f"{a.name} -> {b.name}", path, every=max(1, (n - 1) // 8)), _barrier_table(rows))
     say(f"wrote {out / 'line.json'} and {out / 'line.png'}")
 
@@ -143,7 +154,8 @@ def curve(
     a: Path = typer.Argument(..., help="First checkpoint (endpoint A)."),
     b: Path = typer.Argument(..., help="Second checkpoint (endpoint B)."),
     kind: str = typer.Option("bezier", help="bezier or polychain."),
-    align: str = typer.Option("none", help="Align B's neurons to A first: none, weight or activation."),
+    align: str = typer.Option("none", help="Align B's neurons to A first: none, weight, activation or pam "
+                              "(weight matching re-solved each epoch, Tatro et al.)."),
     epochs: int = typer.Option(20, help="Epochs of curve training on the train split."),
     lr: float = typer.Option(1e-3, help="Adam learning rate of the bend."),
     seed: int = typer.Option(0, help="Seed for t sampling and data order."),
