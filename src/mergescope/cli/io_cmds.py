@@ -56,7 +56,8 @@ def inspect(
 
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
-    model: str = typer.Option("mlp", help="Zoo model (mlp, cnn, resnet, transformer) or package.module:factory."),
+    model: str = typer.Option(None, help="Zoo model (mlp, cnn, resnet, transformer) or package.module:factory "
+                                         "[default: mlp, or the --from checkpoint's]."),
     width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
     depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
     dim: int = typer.Option(None, help="Embedding dim (transformer)."),
@@ -70,27 +71,19 @@ def train(
 ):
     """Train a model on digits deterministically (same seed, same bits) and print its test accuracy."""
     from ..io import load, provenance, save
-    from ..tasks import TRAIN_DEFAULTS, digits, make_model, train as train_model
+    from ..tasks import TRAIN_DEFAULTS, digits, seeded_model, train as train_model
     from ..tasks.checkpoints import load_state_into, model_for, model_metadata
 
     label_set = _parse_classes(classes)
     task = digits(classes=label_set)
-    options = {"width": width, "depth": depth, "dim": dim, "heads": heads}
+    given = {k: v for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads}.items() if v is not None}
     if init_from is not None:
         source = load(init_from)
-        module, model, options = model_for(source, model if ":" in model or model != "mlp" else None, **options)
+        module, model, options = model_for(source, model, **given)
         load_state_into(module, source, init_from)
     else:
-        from ..tasks import ZOO
-
-        valid = ZOO[model][1] if model in ZOO else options
-        options = {k: v for k, v in options.items() if v is not None and k in valid}
-        if model in ZOO:
-            options = {**ZOO[model][1], **options}
-        extra = {k for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads}.items() if v is not None} - set(options)
-        if extra:
-            raise MergescopeError(f"model {model!r}: option(s) {', '.join(sorted(extra))} do not apply")
-        module = make_model(model, seed=seed, **options) if ":" not in model else make_model(model, **options)
+        model = model or "mlp"
+        module, options = seeded_model(model, seed, given)
     defaults = TRAIN_DEFAULTS.get(model, {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64})
     params = {**defaults, "epochs": defaults["epochs"] if epochs is None else epochs, "lr": defaults["lr"] if lr is None else lr}
     epochs = params["epochs"]
@@ -99,7 +92,7 @@ def train(
         train_model(module, task, seed=seed, on_epoch=lambda e, loss: bar.update(job, advance=1), **params)
     metrics = task.evaluate(module, "test")
     meta = {**provenance(inputs=[init_from] if init_from else [], seed=seed),
-            **model_metadata(model, {k: v for k, v in options.items() if v is not None}, task=task.name,
+            **model_metadata(model, options, task=task.name,
                              train=json.dumps(params, sort_keys=True))}
     save(module.state_dict(), out, metadata=meta, force=force, inputs=[init_from] if init_from else [])
     say(f"{out}: {model} test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")

@@ -9,7 +9,7 @@ from .train import train
 from .zoo import TRAIN_DEFAULTS, ZOO, build, model_options
 
 __all__ = ["SPLITS", "TRAIN_DEFAULTS", "Task", "TensorClassificationTask", "ZOO", "build", "digits", "get_task",
-           "make_model", "model_options", "resolve", "train"]
+           "make_model", "model_options", "resolve", "seeded_model", "train"]
 
 
 def get_task(spec: str = "digits", **kwargs) -> Task:
@@ -17,6 +17,17 @@ def get_task(spec: str = "digits", **kwargs) -> Task:
     if spec == "digits":
         return digits(**kwargs)
     return resolve(spec)(**kwargs)
+
+
+def seeded_model(spec: str, seed: int, options: dict) -> tuple:
+    """(module, full options) with the initialization drawn from ``seed`` (zoo or user factory)."""
+    import torch
+
+    if ":" in spec:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return make_model(spec, **options), dict(options)
+    return build(spec, seed=seed, **options), {**model_options(spec), **options}
 
 
 def make_model(spec: str, **options):
