@@ -50,7 +50,7 @@ class Context:
     def pair(self, model: str) -> list[Recipe]:
         c = self.config
         options = {"cnn": {"width": c.cnn_width}, "transformer": {"dim": c.transformer_dim}}[model]
-        epochs = c.full_epochs if model == "cnn" else 3 * c.full_epochs
+        epochs = c.full_epochs if model == "cnn" else 2 * c.full_epochs
         return [recipe(model, c.seed + 10 + i, epochs, **options) for i in range(2)]
 
     def states(self, recipes: Sequence[Recipe]) -> list[dict[str, torch.Tensor]]:

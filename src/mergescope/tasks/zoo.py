@@ -146,7 +146,7 @@ TRAIN_DEFAULTS: dict[str, dict] = {
     "mlp": {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 32},
     "cnn": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64},
     "resnet": {"epochs": 20, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64},
-    "transformer": {"epochs": 60, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64},
+    "transformer": {"epochs": 80, "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 32},
 }
 
 
