@@ -232,6 +232,34 @@ def bench_hessian(small, big, task, results: dict) -> None:
     results["hessian"] = section
 
 
+def bench_curves(results: dict, cnn: bool) -> None:
+    """Aligned vs unaligned Bezier curves after the same epochs (the issue's acceptance check).
+
+    The endpoints are what `mergescope train --seed 0/1` produces (zoo defaults).
+    """
+    task = digits()
+    cases = [("mlp", {}, 25)] + ([("cnn", {}, 11)] if cnn else [])
+    section = {}
+    for name, options, n in cases:
+        d = TRAIN_DEFAULTS[name]
+        states = []
+        for seed in (0, 1):
+            m = build(name, seed=seed, **options)
+            train(m, task, epochs=d["epochs"], lr=d["lr"], weight_decay=d["weight_decay"],
+                  batch_size=d["batch_size"], seed=seed)
+            states.append(m.state_dict())
+        rows = {}
+        for align in (None, "weight", "activation", "pam"):
+            r, t = timed(ms.landscape.fit_curve, build(name, **options), states[0], states[1], task, epochs=2,
+                         align=align, n=n)
+            rows[str(align)] = {"curve_barrier_loss": r.barrier_loss, "curve_barrier_acc": r.barrier_acc,
+                                "line_barrier_loss": r.line.barrier_loss,
+                                "aligned_line_barrier_loss": None if r.aligned_line is None else r.aligned_line.barrier_loss,
+                                "seconds": t}
+        section[name] = rows
+    results["curves_epochs2"] = section
+
+
 def plot_scaling(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -255,8 +283,17 @@ def plot_scaling(results: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="Smaller grid (9) and fewer scaling points.")
+    parser.add_argument("--curves", action="store_true", help="Only the aligned-curve check (MLP, and CNN with --cnn).")
+    parser.add_argument("--cnn", action="store_true", help="Include the BatchNorm CNN in the curve check (slow on CPU).")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.curves:
+        results = {}
+        bench_curves(results, args.cnn)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "landscape_curves.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     task = digits()
     big, t_train = timed(trained_mlp, 256)
     small = trained_mlp(16)

@@ -84,11 +84,6 @@ def lerp(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], ts: Itera
     return {k: a[k][None] + t.reshape(-1, *([1] * a[k].dim())) * (b[k] - a[k])[None] for k in a}
 
 
-def point(points: Stack, i: int) -> dict[str, torch.Tensor]:
-    """The i-th state of a stack."""
-    return {k: v[i] for k, v in points.items()}
-
-
 def _forward(net: nn.Module, chunk: Stack, x: torch.Tensor, vectorize: bool | None = None) -> torch.Tensor:
     """Outputs [P, N, ...] of the P states in ``chunk`` on the same inputs (vmap or a loop, see above)."""
     def one(weights, inputs):
