@@ -1,0 +1,132 @@
+"""Executors: run TaskSpecs through ``run_task`` and yield rows as they complete.
+
+One protocol, two implementations with the same task function: a local process pool (spawn
+context, so workers start clean and import torch once) and Ray tasks on a local or remote cluster.
+A worker that dies is retried: Ray re-runs the task (``max_retries``); the local pool is rebuilt
+and the unfinished tasks are resubmitted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Protocol
+
+from ..errors import MergescopeError
+from .spec import TaskSpec
+from .work import run_task
+
+
+class Executor(Protocol):
+    """Runs tasks, yielding each row as soon as its task finishes (order is not defined)."""
+
+    workers: int
+
+    def run(self, specs: Sequence[TaskSpec]) -> Iterator[dict]: ...
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class LocalExecutor:
+    """concurrent.futures process pool on this machine, ``workers`` processes (default: all cores)."""
+
+    def __init__(self, workers: int | None = None, max_retries: int = 3):
+        self.workers = workers or default_workers()
+        self.max_retries = max_retries
+
+    def run(self, specs: Sequence[TaskSpec]) -> Iterator[dict]:
+        pending = list(specs)
+        crashes = 0
+        while pending:
+            finished: set[str] = set()
+            pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                futures = {pool.submit(run_task, s): s for s in pending}
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        spec = futures.pop(f)
+                        row = f.result()
+                        finished.add(spec.id)
+                        yield row
+            except BrokenProcessPool:
+                crashes += 1
+                if crashes > self.max_retries:
+                    raise MergescopeError(f"sweep: a worker process died {crashes} times; giving up") from None
+            finally:  # on Ctrl-C or an early stop, do not wait for queued tasks
+                pool.shutdown(wait=False, cancel_futures=True)
+            pending = [s for s in pending if s.id not in finished]
+
+
+class RayExecutor:
+    """Ray tasks. ``address``: "local" starts a private local cluster with ``workers`` CPUs; "auto"
+    joins the cluster started with ``ray start`` (or $RAY_ADDRESS); anything else is passed to
+    ``ray.init(address=...)`` ("HOST:PORT" or "ray://HOST:10001"). If Ray is already initialised
+    in this process, that connection is used. At most ``workers`` tasks are in flight (default:
+    the cluster's CPUs)."""
+
+    def __init__(self, address: str = "auto", workers: int | None = None, max_retries: int = 3):
+        self.address, self.max_retries = address, max_retries
+        self.workers = workers
+        self._started = False
+
+    def _connect(self):
+        try:
+            import ray
+        except ImportError:
+            raise MergescopeError("--ray needs Ray: pip install 'mergescope[ray]' (or pip install ray)") from None
+        if not ray.is_initialized():
+            try:
+                if self.address == "local":
+                    ray.init(num_cpus=self.workers or default_workers(), include_dashboard=False,
+                             log_to_driver=False, configure_logging=False)
+                else:
+                    ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            except ConnectionError as e:
+                raise MergescopeError(f"--ray {self.address}: cannot connect to a Ray cluster ({e})") from None
+            self._started = True
+        if self.workers is None:
+            self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return ray
+
+    def run(self, specs: Sequence[TaskSpec]) -> Iterator[dict]:
+        ray = self._connect()
+        remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(run_task)
+        queue, in_flight = list(specs)[::-1], []
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < self.workers:
+                    in_flight.append(remote.remote(queue.pop()))
+                done, in_flight = ray.wait(in_flight, num_returns=1)
+                for ref in done:
+                    yield _get(ray, ref)
+        finally:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            if self._started:
+                ray.shutdown()
+                self._started = False
+
+
+def _get(ray, ref) -> dict:
+    """ray.get, with a user error inside a task re-raised as that one-line error."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, MergescopeError):
+            raise MergescopeError(str(e.cause)) from None
+        raise
+
+
+def make_executor(ray_address: str | None = None, workers: int | None = None, max_retries: int = 3) -> Executor:
+    """The local pool, or Ray when an address ("local", "auto", "HOST:PORT", "ray://...") is given."""
+    if workers is not None and workers < 1:
+        raise MergescopeError(f"--workers {workers}: must be at least 1")
+    if ray_address:
+        return RayExecutor(ray_address, workers, max_retries)
+    return LocalExecutor(workers, max_retries)

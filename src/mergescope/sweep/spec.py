@@ -1,0 +1,198 @@
+"""Sweep files: a pydantic schema (unknown keys are errors) and their expansion into task specs.
+
+A sweep expands into small, pure, picklable ``TaskSpec``s. Each has a stable id, the hash of its
+kind and parameters (checkpoints as written in the YAML, relative to it), so a resumed run, a
+moved sweep folder and a Ray run all agree on which rows already exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import MergescopeError
+
+SPLITS = ("train", "val", "test")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    """The architecture to rebuild, when the checkpoints' metadata does not record it."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Common(_Strict):
+    checkpoints: list[str] = Field(min_length=1)
+    task: str = "digits"
+    seed: int = 0
+    model: ModelRef | None = None
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({c for c in v if v.count(c) > 1})
+        if dup:
+            raise ValueError(f"checkpoints listed twice: {dup}")
+        return v
+
+
+class BarrierSweep(_Common):
+    """Every unordered pair of checkpoints: the loss/accuracy barrier of the linear path."""
+
+    kind: Literal["barrier_matrix"]
+    points: int = Field(25, ge=2)
+    split: Literal["train", "val", "test"] = "test"
+    bn_reset: bool = True
+    align: Literal["none", "weight"] = "none"
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _two(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("a barrier matrix needs at least 2 checkpoints")
+        return v
+
+
+class EvaluateSweep(_Common):
+    """Every checkpoint evaluated on the given splits."""
+
+    kind: Literal["evaluate"]
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val", "test"], min_length=1)
+
+
+class MethodGrid(_Strict):
+    """One merge method and a grid of its parameters (the Cartesian product of the lists)."""
+
+    method: str
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, vals in v.items() if not vals]
+        if empty:
+            raise ValueError(f"grid parameters with no values: {empty}")
+        return v
+
+
+class MergeGridSweep(_Common):
+    """merge method x parameters x model set x alignment; every merge is evaluated on val and test."""
+
+    kind: Literal["merge_grid"]
+    methods: list[MethodGrid] = Field(min_length=1)
+    model_sets: list[list[str]] | None = None
+    base: str | None = None
+    align: list[Literal["none", "weight"]] = Field(default_factory=lambda: ["none"], min_length=1)
+
+    @model_validator(mode="after")
+    def _sets_known(self):
+        known = set(self.checkpoints)
+        for s in self.model_sets or []:
+            unknown = [c for c in s if c not in known]
+            if unknown:
+                raise ValueError(f"model_sets name checkpoints not in 'checkpoints': {unknown}")
+            if not s:
+                raise ValueError("an empty model set")
+        from ..merge.methods import names
+
+        bad = [m.method for m in self.methods if m.method not in names()]
+        if bad:
+            raise ValueError(f"unknown merge methods {bad}; known: {', '.join(names())}")
+        return self
+
+
+Sweep = Annotated[Union[BarrierSweep, EvaluateSweep, MergeGridSweep], Field(discriminator="kind")]
+
+
+class _File(_Strict):
+    sweep: Sweep
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One unit of work: ``kind`` and JSON-able ``params``; ``root`` resolves relative checkpoint paths.
+
+    ``root`` is not part of the id, so the same sweep gives the same ids wherever it lives.
+    """
+
+    kind: str
+    params: dict = field(hash=False)
+    root: str = "."
+
+    @property
+    def id(self) -> str:
+        return task_id(self.kind, self.params)
+
+
+def task_id(kind: str, params: dict) -> str:
+    """sha256 of the canonical JSON of (kind, params), first 16 hex digits."""
+    text = json.dumps({"kind": kind, "params": params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse(data: Any, source: str = "sweep") -> BarrierSweep | EvaluateSweep | MergeGridSweep:
+    """Validate a sweep mapping; any problem becomes one MergescopeError line naming the field."""
+    try:
+        return _File(sweep=data).sweep
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "sweep"
+        raise MergescopeError(f"{source}: {where}: {first['msg']} ({e.error_count()} problem(s))") from None
+
+
+def read(path: str | Path):
+    """Read and validate a sweep YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise MergescopeError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise MergescopeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MergescopeError(f"{path}: a sweep file must be a mapping with a 'kind' key")
+    return parse(data, str(path))
+
+
+def _common(s) -> dict:
+    return {"task": s.task, "seed": s.seed, "model": None if s.model is None else s.model.model_dump()}
+
+
+def _grid_points(grid: dict[str, list]) -> list[dict]:
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def expand(sweep, root: str | Path = ".") -> list[TaskSpec]:
+    """The sweep's task specs, in a deterministic order (ids are unique)."""
+    root = str(root)
+    common = _common(sweep)
+    if sweep.kind == "barrier_matrix":
+        cks = sweep.checkpoints
+        specs = [TaskSpec("barrier", {**common, "i": i, "j": j, "a": cks[i], "b": cks[j], "points": sweep.points,
+                                      "split": sweep.split, "bn_reset": sweep.bn_reset, "align": sweep.align}, root)
+                 for i in range(len(cks)) for j in range(i + 1, len(cks))]
+    elif sweep.kind == "evaluate":
+        specs = [TaskSpec("evaluate", {**common, "checkpoint": c, "splits": list(sweep.splits)}, root)
+                 for c in sweep.checkpoints]
+    else:
+        sets = sweep.model_sets or [list(sweep.checkpoints)]
+        specs = [TaskSpec("merge", {**common, "method": m.method, "params": point, "models": list(models),
+                                    "base": sweep.base, "align": how}, root)
+                 for m in sweep.methods for point in _grid_points(m.grid) for models in sets for how in sweep.align]
+    ids = [s.id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise MergescopeError("sweep: two tasks have the same parameters (duplicate grid values?)")
+    return specs
