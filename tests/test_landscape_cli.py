@@ -133,3 +133,18 @@ def test_line_with_robust_path(ckpts, tmp_path, capsys):
     data = _read(out, "line")
     assert data["robust"]["eps"] == 0.1 and all(r >= p for r, p in zip(data["robust"]["loss"], data["loss"]))
     assert "PGD eps=0.1" in capsys.readouterr().out
+
+
+def test_curve_midpoint_checkpoint_feeds_a_three_model_plane(ckpts, tmp_path):
+    mid = tmp_path / "mid.safetensors"
+    out = tmp_path / "c"
+    assert main(["-q", "landscape", "curve", str(ckpts[0]), str(ckpts[1]), "--epochs", "1", "--n", "3",
+                 "--save-midpoint", str(mid), "--out", str(out)]) == 0
+    data = _read(out, "curve")
+    # The curve's middle point (t = 1/2) is the saved checkpoint, evaluated by the plain path code.
+    module, _, _ = model_for(load(mid))
+    path = interpolate(module, load(mid), load(mid), digits(), n=2)
+    assert path.loss[0] == pytest.approx(data["curve"]["loss"][1], rel=1e-5)
+    assert main(["-q", "landscape", "plane", str(ckpts[0]), str(ckpts[1]), str(mid), "--grid", "3",
+                 "--out", str(out)]) == 0
+    assert [a["name"] for a in _read(out, "plane")["anchors"]] == ["m0", "m1", "mid"]

@@ -162,6 +162,8 @@ def curve(
     n: int = typer.Option(25, help="Points along the curve for evaluation."),
     split: str = SPLIT,
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
+    save_midpoint: Path = typer.Option(None, help="Also save the curve's midpoint phi(1/2) as a checkpoint "
+                                       "(e.g. for `landscape plane A B MID`)."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Fit a Bezier/polychain curve between two models (optionally aligned) and compare it with the line."""
@@ -177,6 +179,8 @@ def curve(
                            bn_reset=bn_reset, lr=lr, on_epoch=lambda e, loss: bar.update(job, completed=e + 1))
     write_json(out / "curve.json", {"a": str(a), "b": str(b), **result.to_dict()})
     plot_curve(result, out / "curve.png")
+    if save_midpoint is not None:
+        _save_midpoint(result, ca, save_midpoint, [a, b])
     rows = {f"{kind} curve": (result.barrier_loss, result.barrier_acc),
             "line": (result.line.barrier_loss, result.line.barrier_acc)}
     if result.aligned_line is not None:
@@ -184,6 +188,23 @@ def curve(
     _show(_path_table(f"{kind} curve {a.name} -> {b.name}" + (f" ({how}-aligned)" if how else ""), result.curve,
                       every=max(1, (n - 1) // 8)), _barrier_table(rows))
     say(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
+
+
+def _save_midpoint(result, template_ckpt, path: Path, inputs: list[Path]) -> None:
+    """phi(1/2) with A's model metadata, so later commands rebuild the model from the file."""
+    import json
+
+    import torch
+
+    from ..io import provenance, save
+
+    mid = result.state_at(0.5)
+    state = {k: mid[k].to(template_ckpt[k].dtype) if k in mid else template_ckpt[k] for k in template_ckpt}
+    meta = {k: v for k, v in template_ckpt.metadata.items() if k in ("model", "task")}
+    meta["curve"] = json.dumps({"kind": result.kind, "align": result.align, "epochs": result.epochs, "t": 0.5})
+    save({k: torch.as_tensor(v) for k, v in state.items()}, path, metadata={**provenance(inputs=inputs), **meta},
+         inputs=inputs)
+    say(f"wrote the curve midpoint to {path}")
 
 
 def plane(

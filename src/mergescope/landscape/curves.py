@@ -69,6 +69,12 @@ class CurveResult:
     train_loss: tuple[float, ...]
     bend: dict = field(default=None, repr=False, compare=False)
     aligned_b: dict | None = field(default=None, repr=False, compare=False)
+    endpoints: tuple[dict, dict] | None = field(default=None, repr=False, compare=False)
+
+    def state_at(self, t: float) -> dict[str, torch.Tensor]:
+        """phi(t): the (float) state on the fitted curve, e.g. its midpoint for a three-model plane."""
+        a, b = self.endpoints
+        return {k: v[0] for k, v in curve_points(self.kind, a, self.bend, b, [t]).items()}
 
     @property
     def barrier_loss(self) -> float:
@@ -238,4 +244,5 @@ def fit_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Ma
     curve = evaluate_path(model, curve_points(kind, a, bend, b, ts), ts, task, split, bn_reset)
     line = evaluate_path(model, lerp(a, b0, ts), ts, task, split, bn_reset)
     aligned_line = evaluate_path(model, lerp(a, b, ts), ts, task, split, bn_reset) if align else None
-    return CurveResult(kind, align, epochs, curve, line, aligned_line, tuple(history), bend, b if align else None)
+    return CurveResult(kind, align, epochs, curve, line, aligned_line, tuple(history), bend, b if align else None,
+                       (a, b))
