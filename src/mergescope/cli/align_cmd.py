@@ -34,13 +34,14 @@ def align(
     b: Path = typer.Argument(..., help="Checkpoint whose hidden units are reordered to match A."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
     method: str = typer.Option("weight", help=f"Alignment method: {', '.join(METHODS)}."),
-    model: str = typer.Option(None, help="Model (zoo name or package.module:factory) if the checkpoint does not record it."),
+    model: str = typer.Option(None, help="Model (zoo name or package.module:factory) if the checkpoint lacks it."),
     width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
     depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
     dim: int = typer.Option(None, help="Embedding dim (transformer)."),
     heads: int = typer.Option(None, help="Attention heads (transformer)."),
-    repair: bool = typer.Option(False, "--repair", help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
-    alpha: float = typer.Option(0.5, help="Mixing weight of B for --repair and --method zipit/ot fusion."),
+    repair: bool = typer.Option(False, "--repair",
+                                help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
+    alpha: float = typer.Option(0.5, help="Mixing weight of B for --repair and --method zipit."),
     task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
     seed: int = typer.Option(0, help="Seed (layer order of weight matching, STE data order)."),
     spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),
@@ -82,9 +83,10 @@ def align(
     record = model_spec_of(ca) or (name, used)
     from ..tasks.checkpoints import model_metadata
 
-    meta = {**provenance(inputs=[a, b], seed=seed), **model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits")),
-            "align": json.dumps({"method": method, "repair": repair, "alpha": alpha if repair or method == "zipit" else None},
-                                sort_keys=True)}
+    recipe = {"method": method, "repair": repair, "alpha": alpha if repair or method == "zipit" else None}
+    meta = {**provenance(inputs=[a, b], seed=seed),
+            **model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits")),
+            "align": json.dumps(recipe, sort_keys=True)}
     save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b])
     if spec_out is not None:
         from .common import write_json
