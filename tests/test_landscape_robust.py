@@ -56,3 +56,14 @@ def test_zero_radius_is_the_plain_path_and_attacks_only_raise_the_loss():
     attacked = robust_interpolate(model, a, b, digits(), n=3, eps=0.1, steps=3)
     assert all(r > p for r, p in zip(attacked.loss, plain.loss))
     assert attacked.barrier_loss >= 0 and attacked.to_dict()["barrier_loss"] == attacked.barrier_loss
+
+
+def test_robust_curve_matches_robust_path_on_its_points():
+    a, b = trained("mlp", 0, width=32), trained("mlp", 1, width=32)
+    model = template("mlp", width=32)
+    r = ms.landscape.fit_curve(model, a, b, digits(), epochs=0, n=3, robust_eps=0.05, robust_steps=2)
+    # An untrained Bezier is the line, so its robust values equal the robust line's.
+    np.testing.assert_allclose(r.robust_curve.loss, r.robust_line.loss, rtol=1e-5)
+    direct = robust_interpolate(model, a, b, digits(), n=3, eps=0.05, steps=2)
+    np.testing.assert_allclose(r.robust_line.loss, direct.loss, rtol=1e-5)
+    assert all(x > y for x, y in zip(r.robust_curve.loss, r.curve.loss))

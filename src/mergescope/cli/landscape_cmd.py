@@ -164,6 +164,8 @@ def curve(
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
     save_midpoint: Path = typer.Option(None, help="Also save the curve's midpoint phi(1/2) as a checkpoint "
                                        "(e.g. for `landscape plane A B MID`)."),
+    robust_eps: float = typer.Option(0.0, help="Also measure curve and line on PGD inputs of this L-inf radius (0: off)."),
+    robust_steps: int = typer.Option(5, help="PGD steps for the robust measurements."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Fit a Bezier/polychain curve between two models (optionally aligned) and compare it with the line."""
@@ -176,7 +178,8 @@ def curve(
     with torch_threads(threads), progress() as bar:
         job = bar.add_task(f"{kind} curve", total=epochs)
         result = fit_curve(module, ca, cb, the_task, kind=kind, align=how, epochs=epochs, seed=seed, n=n, split=split,
-                           bn_reset=bn_reset, lr=lr, on_epoch=lambda e, loss: bar.update(job, completed=e + 1))
+                           bn_reset=bn_reset, lr=lr, on_epoch=lambda e, loss: bar.update(job, completed=e + 1),
+                           robust_eps=robust_eps, robust_steps=robust_steps)
     write_json(out / "curve.json", {"a": str(a), "b": str(b), **result.to_dict()})
     plot_curve(result, out / "curve.png")
     if save_midpoint is not None:
@@ -185,6 +188,10 @@ def curve(
             "line": (result.line.barrier_loss, result.line.barrier_acc)}
     if result.aligned_line is not None:
         rows[f"line after {how} alignment"] = (result.aligned_line.barrier_loss, result.aligned_line.barrier_acc)
+    if result.robust_curve is not None:
+        rows[f"{kind} curve, PGD eps={robust_eps:g}"] = (result.robust_curve.barrier_loss, result.robust_curve.barrier_acc)
+        rows[f"line{' (aligned)' if how else ''}, PGD eps={robust_eps:g}"] = (result.robust_line.barrier_loss,
+                                                                            result.robust_line.barrier_acc)
     _show(_path_table(f"{kind} curve {a.name} -> {b.name}" + (f" ({how}-aligned)" if how else ""), result.curve,
                       every=max(1, (n - 1) // 8)), _barrier_table(rows))
     say(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")

@@ -70,6 +70,8 @@ class CurveResult:
     bend: dict = field(default=None, repr=False, compare=False)
     aligned_b: dict | None = field(default=None, repr=False, compare=False)
     endpoints: tuple[dict, dict] | None = field(default=None, repr=False, compare=False)
+    robust_curve: PathResult | None = None
+    robust_line: PathResult | None = None
 
     def state_at(self, t: float) -> dict[str, torch.Tensor]:
         """phi(t): the (float) state on the fitted curve, e.g. its midpoint for a three-model plane."""
@@ -88,6 +90,8 @@ class CurveResult:
         return {"kind": self.kind, "align": self.align, "epochs": self.epochs, "barrier_loss": self.barrier_loss,
                 "barrier_acc": self.barrier_acc, "curve": self.curve.to_dict(), "line": self.line.to_dict(),
                 "aligned_line": None if self.aligned_line is None else self.aligned_line.to_dict(),
+                "robust_curve": None if self.robust_curve is None else self.robust_curve.to_dict(),
+                "robust_line": None if self.robust_line is None else self.robust_line.to_dict(),
                 "train_loss_per_epoch": list(self.train_loss)}
 
 
@@ -219,13 +223,14 @@ def fit_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Ma
               kind: str = "bezier", align: str | None = None, epochs: int = 20, seed: int = 0, n: int = 25,
               split: str = "test", bn_reset: bool = True, lr: float = 1e-3, weight_decay: float = 0.0,
               batch_size: int = 64, on_epoch: Callable[[int, float], None] | None = None,
-              pam_step: float = 0.1) -> CurveResult:
+              pam_step: float = 0.1, robust_eps: float = 0.0, robust_steps: int = 5) -> CurveResult:
     """Fit a Bezier / polychain curve between A and B (optionally aligning B to A first) and evaluate it.
 
     The curve is trained on the train split and reported at ``n`` points on ``split`` (and train),
     next to the straight line(s), with BatchNorm statistics recomputed per point when ``bn_reset``.
     ``align="pam"`` starts from weight matching and re-solves the permutation after each epoch
-    (see ``PamStep``; ``pam_step`` is its relative proximal step).
+    (see ``PamStep``; ``pam_step`` is its relative proximal step). ``robust_eps`` > 0 also
+    measures the curve and the (aligned) line on PGD adversarial inputs (``robust``).
     """
     if kind not in KINDS:
         raise MergescopeError(f"curve kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -244,5 +249,12 @@ def fit_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Ma
     curve = evaluate_path(model, curve_points(kind, a, bend, b, ts), ts, task, split, bn_reset)
     line = evaluate_path(model, lerp(a, b0, ts), ts, task, split, bn_reset)
     aligned_line = evaluate_path(model, lerp(a, b, ts), ts, task, split, bn_reset) if align else None
+    robust_curve = robust_line = None
+    if robust_eps > 0:
+        from .robust import robust_path
+
+        robust_curve = robust_path(model, curve_points(kind, a, bend, b, ts), ts, task, split, robust_eps, robust_steps,
+                                   bn_reset=bn_reset)
+        robust_line = robust_path(model, lerp(a, b, ts), ts, task, split, robust_eps, robust_steps, bn_reset=bn_reset)
     return CurveResult(kind, align, epochs, curve, line, aligned_line, tuple(history), bend, b if align else None,
-                       (a, b))
+                       (a, b), robust_curve, robust_line)

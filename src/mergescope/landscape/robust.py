@@ -62,11 +62,16 @@ def robust_interpolate(model: nn.Module, state_a: Mapping[str, torch.Tensor], st
 
     ``train_*`` fields hold the robust values on the train split. Default step size 2.5 eps/steps.
     """
-    if eps < 0 or steps < 0:
-        raise MergescopeError(f"robust path: eps={eps} and steps={steps} must be >= 0")
     a, b = as_state(model, state_a, "state_a"), as_state(model, state_b, "state_b")
     ts = path_points(n)
-    points = lerp(a, b, ts)
+    return robust_path(model, lerp(a, b, ts), ts, task, split, eps, steps, step_size, bn_reset)
+
+
+def robust_path(model: nn.Module, points: Stack, ts, task, split: str = "test", eps: float = 0.1, steps: int = 5,
+                step_size: float | None = None, bn_reset: bool = True) -> PathResult:
+    """Robust loss/accuracy at already-stacked path points (a line or a fitted curve)."""
+    if eps < 0 or steps < 0:
+        raise MergescopeError(f"robust path: eps={eps} and steps={steps} must be >= 0")
     test_loss, test_acc = robust_metrics(model, points, task, split, eps, steps, step_size, bn_reset)
     train_loss, train_acc = robust_metrics(model, points, task, "train", eps, steps, step_size, bn_reset)
     as_tuple = lambda v: tuple(float(x) for x in v)  # noqa: E731
