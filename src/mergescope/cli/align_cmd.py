@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -12,21 +11,11 @@ from rich.table import Table
 
 from ..errors import MergescopeError
 from .common import STATE, console, say, torch_threads
+from ..tasks.checkpoints import task_for
 
 METHODS = ("weight", "activation", "ste", "ot", "zipit")
 
 
-def _task_for(ckpt, spec: str | None):
-    """The task named on the command line, else the one `mergescope train` recorded."""
-    from ..tasks import digits, get_task
-
-    if spec:
-        return get_task(spec)
-    recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
-    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
-    if match is None:
-        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
-    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
 
 
 def align(
@@ -65,7 +54,7 @@ def align(
     module_b, _, _ = model_for(ca, name, **used)
     load_state_into(module_a, ca, a)
     load_state_into(module_b, cb, b)
-    the_task = _task_for(ca, task)
+    the_task = task_for(ca, task)
     x = next(the_task.batches("train"))[0][:8]
     with torch_threads(threads):
         start = time.perf_counter()

@@ -4,7 +4,6 @@ weight averaging works. Each prints a table; analyses write JSON and draw the PN
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import typer
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from ..errors import MergescopeError
 from .common import STATE, console, progress, say, torch_threads, write_json
+from ..tasks.checkpoints import task_for
 
 CKPTS = typer.Argument(..., help="Checkpoints of one architecture (.safetensors files or folders).")
 TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (default: the task the checkpoint records).")
@@ -40,7 +40,7 @@ def _load(paths: list[Path], model: str | None, task_spec: str | None):
         state = {k: ckpt[k] for k in ckpt}
         load_state_into(module, state, p)  # one-line error if it does not fit
         states[_unique_name(p, states)] = state
-    return module, states, _task(ckpts[0], task_spec)
+    return module, states, task_for(ckpts[0], task_spec)
 
 
 def _unique_name(path: Path, taken) -> str:
@@ -48,16 +48,6 @@ def _unique_name(path: Path, taken) -> str:
     return name if name not in taken else str(path)
 
 
-def _task(ckpt, spec: str | None):
-    from ..tasks import digits, get_task
-
-    if spec:
-        return get_task(spec)
-    recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
-    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
-    if match is None:
-        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
-    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
 
 
 def _need(states: dict, n: int, what: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.table import Table
 
 from ..errors import MergescopeError
 from .common import STATE, console, progress, say, torch_threads, write_json
+from ..tasks.checkpoints import task_for
 
 landscape = typer.Typer(name="landscape", help="Loss-landscape geometry: paths, barriers, curves, planes, curvature, "
                         "stability, task vectors.", no_args_is_help=True)
@@ -31,17 +31,6 @@ def _load_models(paths: list[Path], model: str | None):
     return module, ckpts
 
 
-def _task_for(ckpt, spec: str | None):
-    """The task named on the command line, else the one recorded by `mergescope train`."""
-    from ..tasks import digits, get_task
-
-    if spec:
-        return get_task(spec)
-    recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
-    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
-    if match is None:
-        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
-    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
 
 
 def _f(x, digits: int = 4) -> str:
@@ -92,7 +81,7 @@ def line(
     from ..landscape.plots import plot_path
 
     module, (ca, cb) = _load_models([a, b], model)
-    the_task = _task_for(ca, task)
+    the_task = task_for(ca, task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("line", total=n)
         path = interpolate(module, ca, cb, the_task, n=n, split=split, bn_reset=bn_reset,
@@ -132,7 +121,7 @@ def matrix(
     names = [p.stem if p.suffix else p.name for p in checkpoints]
     if len(set(names)) != len(names):
         names = [str(p) for p in checkpoints]
-    the_task = _task_for(ckpts[0], task)
+    the_task = task_for(ckpts[0], task)
     pairs = len(ckpts) * (len(ckpts) - 1) // 2
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("pairs", total=pairs)
@@ -174,7 +163,7 @@ def curve(
 
     how = None if align.lower() in ("none", "") else align.lower()
     module, (ca, cb) = _load_models([a, b], model)
-    the_task = _task_for(ca, task)
+    the_task = task_for(ca, task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task(f"{kind} curve", total=epochs)
         result = fit_curve(module, ca, cb, the_task, kind=kind, align=how, epochs=epochs, seed=seed, n=n, split=split,
@@ -234,7 +223,7 @@ def plane(
     if len(checkpoints) not in (1, 3):
         raise MergescopeError(f"plane: give 1 or 3 checkpoints, got {len(checkpoints)}")
     module, ckpts = _load_models(checkpoints, model)
-    the_task = _task_for(ckpts[0], task)
+    the_task = task_for(ckpts[0], task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("plane", total=grid * grid)
         tick = lambda done, total: bar.update(job, completed=done)  # noqa: E731
@@ -279,7 +268,7 @@ def sharpness(
     from ..landscape.plots import plot_sharpness
 
     module, (ckpt,) = _load_models([checkpoint], model)
-    the_task = _task_for(ckpt, task)
+    the_task = task_for(ckpt, task)
     with torch_threads(threads):
         eig = hessian_eigenvalues(module, ckpt, the_task, k=k, split=split, batches=batches, method=method, seed=seed)
         trace = hessian_trace(module, ckpt, the_task, samples=samples, split=split, batches=batches, seed=seed) \
@@ -362,7 +351,7 @@ def taskvec(
     names = [p.stem for p in finetuned]
     if len(set(names)) != len(names):
         names = [str(p) for p in finetuned]
-    tasks = {name: _task_for(c, None) for name, c in zip(names, ckpts[1:])}
+    tasks = {name: task_for(c, None) for name, c in zip(names, ckpts[1:])}
     with torch_threads(threads):
         result = task_vectors(module, ckpts[0], dict(zip(names, ckpts[1:])), tasks, scales=lambdas)
     write_json(out / "taskvec.json", {"base": str(base), "tasks": {n: t.name for n, t in tasks.items()},

@@ -58,3 +58,18 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source
             raise MergescopeError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs {tuple(t.shape)}")
     module.load_state_dict({k: state[k] for k in expected}, strict=True)
     return module
+
+
+def task_for(ckpt, spec: str | None = None):
+    """The task named on the command line, else the one `mergescope train` recorded (digits or a subset)."""
+    import re
+
+    from . import digits, get_task
+
+    if spec:
+        return get_task(spec)
+    recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
+    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
+    if match is None:
+        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
+    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
