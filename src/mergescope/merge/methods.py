@@ -362,17 +362,17 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
 
 
 def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[float, float, float]:
-    """|a|, |b| and <a, b> with float64 accumulation over 128 K-element chunks.
+    """|a|, |b| and <a, b>: per-chunk sums accumulated in float64 over 128 K-element chunks.
 
     A single float32 reduction over tens of millions of entries is off by ~0.2% (measured on a
     32 M-entry embedding), enough to move slerp's angle; MergeKit chunks its reductions too.
     """
     aa = bb = ab = 0.0
-    for part in _chunks(a.numel()):
-        x, y = a[part].double(), b[part].double()
-        aa += float(torch.dot(x, x))
-        bb += float(torch.dot(y, y))
-        ab += float(torch.dot(x, y))
+    for part in _chunks(a.numel()):  # torch.sum is a cascade sum: accurate within a chunk
+        x, y = a[part], b[part]
+        aa += float((x * x).sum(dtype=torch.float64))
+        bb += float((y * y).sum(dtype=torch.float64))
+        ab += float((x * y).sum(dtype=torch.float64))
     return aa**0.5, bb**0.5, ab
 
 
@@ -400,7 +400,10 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: f
     else:
         theta = math.acos(dot)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    return (ca * a + cb * b).to(base.dtype).reshape(base.shape)
+    out = torch.empty(a.numel(), dtype=base.dtype)
+    for part in _chunks(a.numel()):  # chunked: no tensor-sized temporaries
+        out[part] = a[part] * ca + b[part] * cb
+    return out.reshape(base.shape)
 
 
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
