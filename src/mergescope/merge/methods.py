@@ -62,11 +62,18 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool)
     threshold = kth_largest(score, k)
-    mask = score > threshold
-    need = k - int(mask.sum())
-    if need > 0:
-        ties = torch.nonzero(score == threshold).reshape(-1)[:need]
+    mask = torch.empty(n, dtype=torch.bool)
+    kept = 0
+    for part in _chunks(n):  # chunked: no tensor-sized boolean temporaries
+        torch.gt(score[part], threshold, out=mask[part])
+        kept += int(mask[part].sum())
+    need = k - kept
+    for part in _chunks(n):
+        if need <= 0:
+            break
+        ties = torch.nonzero(score[part] == threshold).reshape(-1)[:need] + part.start
         mask[ties] = True
+        need -= ties.numel()
     return mask
 
 
@@ -87,8 +94,13 @@ def kth_largest(score: Tensor, k: int, sample: int = 1 << 16) -> Tensor:
     margin = 8 * int(m**0.5) + 16
     lo = probe[max(0, int(at) - margin)]
     hi = probe[min(m - 1, int(at) + margin)]
-    above = int((score > hi).sum())
-    inside = score[(score > lo) & (score <= hi)] if int(at) - margin > 0 else score[score <= hi]
+    lower = lo if int(at) - margin > 0 else torch.tensor(-math.inf, dtype=score.dtype)
+    above, pieces = 0, []
+    for part in _chunks(n):  # chunked: no tensor-sized boolean temporaries
+        piece = score[part]
+        above += int((piece > hi).sum())
+        pieces.append(piece[(piece > lower) & (piece <= hi)])
+    inside = torch.cat(pieces)
     rank = k - above  # wanted: the rank-th largest inside the bracket
     if above >= k or rank > inside.numel() or rank < 1:
         return torch.kthvalue(score, n - k + 1).values
