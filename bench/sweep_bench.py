@@ -98,7 +98,9 @@ def main() -> None:
     names = make_zoo(work, args.models, args.epochs)
     spec_file = work / "barrier.yaml"
     spec_file.write_text(yaml.safe_dump({"kind": "barrier_matrix", "checkpoints": names, "points": args.points}))
-    results = {"models": args.models, "pairs": args.models * (args.models - 1) // 2, "points": args.points,
+    import os
+
+    results = {"load_average_at_start": os.getloadavg()[0], "models": args.models, "pairs": args.models * (args.models - 1) // 2, "points": args.points,
                "serial": serial(spec_file)}
     for w in (1, 2):
         results[f"local_{w}"] = timed_run(spec_file, work / f"local_{w}.jsonl", sweep.LocalExecutor(workers=w))
@@ -111,6 +113,7 @@ def main() -> None:
         results[f"ray_{w}"] = timed_run(spec_file, work / f"ray_{w}.jsonl", sweep.RayExecutor(workers=w))
     ray.shutdown()
     tables = {k: (work / f"{k}.jsonl").read_bytes() for k in ("local_1", "local_2", "ray_1", "ray_2")}
+    results["load_average_at_end"] = os.getloadavg()[0]
     results["tables_identical"] = len(set(tables.values())) == 1
     per_task = results["serial"]["per_task_s"]
     for k in tables:

@@ -184,7 +184,7 @@ def test_coefficient_search_picks_on_val_and_reports_test():
 
 
 # --- CLI --------------------------------------------------------------------------------------
-def test_cli_sweep_writes_table_and_heatmap_json_and_rejects_bad_files(zoo, tmp_path):
+def test_cli_sweep_writes_table_and_heatmap_json_and_rejects_bad_files(zoo, tmp_path, ray_cluster):
     from mergescope.cli import main
 
     spec_file = write(zoo, "cli_barrier.yaml", {"kind": "barrier_matrix", "checkpoints": ["m0.safetensors",
@@ -195,5 +195,8 @@ def test_cli_sweep_writes_table_and_heatmap_json_and_rejects_bad_files(zoo, tmp_
     assert matrix["names"] == ["m0.safetensors", "m1.safetensors"] and len(matrix["paths"]) == 1
     assert matrix["barrier_loss"][0][1] == json.loads(out.read_text())["barrier_loss"]
     assert main(["-q", "sweep", str(spec_file), "-o", str(out)]) == 2  # exists, no --resume
+    on_ray = tmp_path / "ray.jsonl"  # --ray auto uses the running cluster (here: this process's connection)
+    assert main(["-q", "sweep", str(spec_file), "-o", str(on_ray), "--ray", "auto"]) == 0
+    assert on_ray.read_bytes() == out.read_bytes()
     bad = write(tmp_path, "bad.yaml", {"kind": "evaluate", "checkpoints": ["x"], "extra": 1})
     assert main(["-q", "sweep", str(bad), "-o", str(tmp_path / "u.jsonl")]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import console, progress, say, write_json
+from .common import err_console, progress, say, write_json
 
 
 def _f(x, digits: int = 4) -> str:
@@ -89,7 +89,13 @@ def sweep(
             rate = ran[0] / max(time.perf_counter() - start, 1e-9)
             bar.update(job, completed=done, description=f"sweep {config.kind} {rate:.2f} tasks/s")
 
-        result = sw.run_specs(specs, out, executor, resume=resume, force=force, on_row=on_row)
+        try:
+            result = sw.run_specs(specs, out, executor, resume=resume, force=force, on_row=on_row)
+        except KeyboardInterrupt:
+            done = len(sw.read_rows(out))
+            err_console.print(f"interrupted: {done} of {len(specs)} rows are in {out}; "
+                              f"rerun with --resume to finish")
+            raise typer.Exit(130) from None
     seconds = time.perf_counter() - start
     value, data, table = _summary(config.kind, result.rows)
     if summary:
