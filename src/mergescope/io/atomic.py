@@ -1,20 +1,31 @@
 """Atomic outputs: write under a temporary name beside the target, rename into place when done.
 
-The temporary name is fixed (``.NAME.partial``) so a crashed run's leftovers are found and
-cleaned by the next run; an advisory lock on ``.NAME.lock`` makes concurrent runs on the same
-output fail fast instead of mixing shards.
+The temporary name is fixed (``.NAME.partial``) so a crashed run's leftovers are found by the
+next run, which removes them or, with ``resume``, keeps the files a done log vouches for. An
+advisory lock on ``.NAME.lock`` makes concurrent runs on the same output fail fast instead of
+mixing shards. OS errors while writing (disk full, read-only or forbidden folder) become one-line
+``MergescopeError``s after the partial output is removed.
+
+Resume log: a writer calls ``record_done(folder, file)`` when a file of the partial folder is
+complete; the log line holds the file's sha256. ``verified_done(folder)`` returns only the files
+whose bytes still hash to the logged value, so a torn write, a lost page after a power cut or a
+file changed by hand is rewritten rather than trusted (no fsync needed for correctness).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import MergescopeError
+
+DONE_LOG = ".done.jsonl"
 
 
 def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
@@ -37,40 +48,126 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def os_error_message(out: Path, e: OSError) -> str:
+    """One line for an OS error met while producing ``out`` (errno text, and the file if known)."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{out}: {e.strerror or e}{where}; no output written, partial files removed"
+
+
 @contextlib.contextmanager
-def atomic_output(out: str | os.PathLike, inputs: Iterable[Path] = (), force: bool = False, is_dir: bool = True,
-                  resume: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to write into; it replaces ``out`` only if the block succeeds."""
-    out = Path(out)
-    check_output_path(out, inputs, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+def _exclusive_lock(out: Path) -> Iterator[None]:
+    """Hold ``flock`` on ``.NAME.lock``; re-open when the file was replaced while we waited.
+
+    The holder unlinks the lock file when done, so a lock won on an unlinked inode is stale: the
+    path is re-opened until the locked inode is the one the path names.
+    """
     lock_path = out.with_name(f".{out.name}.lock")
-    try:
-        lock = open(lock_path, "a+")
-    except OSError as e:
-        raise MergescopeError(f"{out}: cannot write beside the output ({e.strerror or e})") from None
-    with lock:
+    while True:
+        try:
+            lock = open(lock_path, "a+")
+        except OSError as e:
+            raise MergescopeError(f"{out}: cannot write beside the output ({e.strerror or e})") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise MergescopeError(f"{out}: another mergescope run is writing this output") from None
         try:
-            if not resume:
+            same = os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        lock.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        lock.close()
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike, inputs: Iterable[Path] = (), force: bool = False, is_dir: bool = True,
+                  resume: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write into; it replaces ``out`` only if the block succeeds.
+
+    ``resume`` keeps a folder left by an interrupted run (the writer decides what to reuse via
+    ``verified_done``); otherwise it is removed first. On an error the partial output is removed,
+    except on Ctrl-C (KeyboardInterrupt), which leaves it for ``resume`` like a kill does.
+    """
+    out = Path(out)
+    check_output_path(out, inputs, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergescopeError(os_error_message(out, e)) from None
+    partial = out.with_name(f".{out.name}.partial")
+    with _exclusive_lock(out):
+        if (out.exists() or out.is_symlink()) and not force:  # a concurrent run finished while we checked
+            raise MergescopeError(f"{out}: already exists; pass --force (force=True) to replace it")
+        try:
+            if not (resume and is_dir and partial.is_dir() and not partial.is_symlink()):
                 _remove(partial)
             if is_dir:
                 partial.mkdir(exist_ok=True)
             yield partial
+            if is_dir:
+                (partial / DONE_LOG).unlink(missing_ok=True)
             old = out.with_name(f".{out.name}.old")
             _remove(old)
             if out.is_dir() and not out.is_symlink():
                 os.replace(out, old)  # a folder cannot be replaced in one rename
             os.replace(partial, out)
             _remove(old)
-        except BaseException:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 _remove(partial)
+            if isinstance(e, OSError):
+                raise MergescopeError(os_error_message(out, e)) from None
             raise
-        finally:
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_done(folder: str | os.PathLike, path: str | os.PathLike, digest: str | None = None) -> None:
+    """Log ``path`` (a file directly in ``folder``) as complete, with its sha256."""
+    line = json.dumps({"file": Path(path).name, "sha256": digest or sha256_file(path)}) + "\n"
+    with open(Path(folder) / DONE_LOG, "a") as log:
+        log.write(line)
+
+
+def verified_done(folder: str | os.PathLike) -> dict[str, str]:
+    """Files logged complete (name -> sha256) whose bytes still match the logged hash (torn lines ignored)."""
+    folder = Path(folder)
+    logged: dict[str, str] = {}
+    try:
+        lines = (folder / DONE_LOG).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            entry = json.loads(line)
+            name = entry["file"]
+            if isinstance(name, str) and name == Path(name).name and isinstance(entry["sha256"], str):
+                logged[name] = entry["sha256"]
+    return {name: digest for name, digest in logged.items()
+            if (folder / name).is_file() and not (folder / name).is_symlink() and sha256_file(folder / name) == digest}
+
+
+def keep_only(folder: str | os.PathLike, done: dict[str, str]) -> None:
+    """Remove everything in ``folder`` but the files of ``done`` and rewrite the log to list only those."""
+    folder = Path(folder)
+    for item in list(folder.iterdir()):
+        if item.name not in done:
+            _remove(item)
+    for name in sorted(done):
+        record_done(folder, folder / name, done[name])
