@@ -74,6 +74,9 @@ def train(
     from ..tasks import TRAIN_DEFAULTS, digits, seeded_model, train as train_model
     from ..tasks.checkpoints import load_state_into, model_for, model_metadata
 
+    from ..io import check_output_path
+
+    check_output_path(out, [init_from] if init_from else [], force)  # fail before training, not after
     label_set = _parse_classes(classes)
     task = digits(classes=label_set)
     given = {k: v for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads}.items() if v is not None}
