@@ -29,10 +29,11 @@ def inject_fault_once() -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _task(name: str, seed: int):
+def _task(name: str):
+    """The task, built once per worker process (its data split is fixed: the sweep seed is not used)."""
     from ..tasks import get_task
 
-    return get_task(name) if name != "digits" else get_task(name, seed=seed)
+    return get_task(name)
 
 
 def _path(root: str, ref: str) -> Path:
@@ -68,7 +69,7 @@ def _align(module, states: list[dict], task, how: str, seed: int) -> list[dict]:
 def _barrier(root: str, p: dict) -> dict:
     from ..landscape import interpolate
 
-    task = _task(p["task"], p["seed"])
+    task = _task(p["task"])
     module = _module(root, p, p["a"])
     a, b = _align(module, [_load(root, p["a"]), _load(root, p["b"])], task, p["align"], p["seed"])
     path = interpolate(module, a, b, task, n=p["points"], split=p["split"], bn_reset=p["bn_reset"])
@@ -88,7 +89,7 @@ def _evaluate_on(module, state: dict, task, splits) -> dict:
 
 
 def _evaluate(root: str, p: dict) -> dict:
-    task = _task(p["task"], p["seed"])
+    task = _task(p["task"])
     module = _module(root, p, p["checkpoint"])
     return {"checkpoint": p["checkpoint"], **_evaluate_on(module, _load(root, p["checkpoint"]), task, p["splits"])}
 
@@ -114,7 +115,7 @@ def method_params(method: str, params: dict, n: int, seed: int) -> dict:
 def _merge(root: str, p: dict) -> dict:
     from ..study.measure import merge_states
 
-    task = _task(p["task"], p["seed"])
+    task = _task(p["task"])
     module = _module(root, p, p["models"][0])
     states = _align(module, [_load(root, c) for c in p["models"]], task, p["align"], p["seed"])
     base = None if p["base"] is None else _load(root, p["base"])
