@@ -87,10 +87,9 @@ def analyse(model: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], 
 
 def plot(result: dict, path) -> None:
     """Global-scaling KL and accuracy per model, and per-layer KL at the largest factor, from saved JSON."""
-    import matplotlib
+    from ..report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     f, names, layers = result["factors"], result["names"], result["layers"]
@@ -116,5 +115,4 @@ def plot(result: dict, path) -> None:
     axes[2].set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=35, ha="right", fontsize=7)
     axes[2].set_title(f"KL with one layer x {f[last]}")
     axes[2].legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)

@@ -157,10 +157,9 @@ def compare(model: nn.Module, state_a: Mapping, state_b: Mapping, task, split: s
 
 def plot(result: dict, path) -> None:
     """CKA heatmap and unit-wise correlation (before/after alignment) from a saved ``CKAResult.to_dict()``."""
-    import matplotlib
+    from ..report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     layers = result["layers"]
@@ -183,5 +182,4 @@ def plot(result: dict, path) -> None:
     bars.set_ylim(min(0.0, *[min(v) for _, v in series]), 1.3)
     bars.set_title("layer-wise agreement of A and B")
     bars.legend(fontsize=7, loc="upper center", ncol=2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)

@@ -140,10 +140,9 @@ def compare(model: nn.Module, families: Mapping[str, Sequence[Mapping]], task, s
 
 def plot(result: dict, path) -> None:
     """One panel per family: accuracy vs number of models for each space, from saved JSON."""
-    import matplotlib
+    from ..report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     families = result["families"]
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False, sharey=True)
@@ -156,5 +155,4 @@ def plot(result: dict, path) -> None:
         ax.set_xlabel("models merged")
     axes[0][0].set_ylabel(f"{result['split']} accuracy")
     axes[0][0].legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)

@@ -118,10 +118,9 @@ def stitch(model: nn.Module, state_a: Mapping, state_b: Mapping, task, layers: S
 
 def plot(result: dict, path) -> None:
     """Accuracy of the stitched network per layer (identity and trained map) from a saved result."""
-    import matplotlib
+    from ..report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = result["layers"]
     pos = range(len(layers))
@@ -134,8 +133,7 @@ def plot(result: dict, path) -> None:
     ax.set_ylabel(f"{result['split']} accuracy")
     ax.set_title("stitching A[:l] -> affine -> B[l+1:]")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 __all__ = ["StitchResult", "layer_outputs", "plot", "stitch", "stitch_layer", "stitched_logits", "train_stitch"]

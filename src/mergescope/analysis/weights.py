@@ -109,10 +109,9 @@ def analyse(model: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], 
 def plot(result: dict, path) -> None:
     """Class directions and unit templates as 8x8 images (rows: models), and per-layer norms and
     effective ranks, all read from a saved ``WeightsResult.to_dict()``."""
-    import matplotlib
+    from ..report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = result["names"]
@@ -153,5 +152,4 @@ def plot(result: dict, path) -> None:
         ax.set_title(key.replace("_", " "), fontsize=9)
         if j == 0:
             ax.legend(fontsize=6)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)

@@ -11,24 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..report.figures import pyplot as _pyplot  # one style for every figure
+from ..report.figures import save as _save  # atomic PNG writes without timestamps
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=120, metadata={"Software": None})
-    os.replace(tmp, out)
-    _pyplot().close(fig)
-    return out
 
 
 def plot_path(path, out: str | os.PathLike, title: str = "linear path", extra: dict | None = None) -> Path:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .._version import __version__
+from ..results import write_json
 from .config import STAGES, StudyConfig
 from .family import Family
 from .sections import SECTION_BUILDERS, skipped_section, summary_lines
@@ -44,10 +45,10 @@ def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = Non
             reused_stages.append(name)
         else:
             results[name] = STAGE_FUNCTIONS[name](ctx)
-            _write_json(cache, results[name])
+            write_json(cache, results[name])
         results["timings"][name] = time.perf_counter() - start
     results["models"] = {"trained": family.trained, "reused": family.reused, "stages_reused": reused_stages}
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_report(out)
     return results
 
@@ -108,7 +109,7 @@ def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "s
         results[name] = stage_fns[name]()
         results["timings"][name] = time.perf_counter() - start
     out = Path(out)
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_report(out)
     return results
 
@@ -131,7 +132,7 @@ def write_report(out: str | os.PathLike) -> Path:
                 for name in STAGES if name in results and name in SECTION_BUILDERS]
     for section in sections:
         for table in section.get("tables", []):
-            _write_json(fig_dir / f"{section['id']}.json", results[section["id"]])
+            write_json(fig_dir / f"{section['id']}.json", results[section["id"]])
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results["timings"].items())
     footer = (f"mergescope {results['mergescope_version']}; digits (scikit-learn), fixed seeds; config "
               f"{json.dumps(results['config'])}; stage times: {timings}; models trained {results['models']['trained']}, "
@@ -146,10 +147,3 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
