@@ -128,6 +128,9 @@ def recipes(root: Path) -> dict[str, Path]:
     nan = root / "rnan.safetensors"
     save_file({"w": torch.tensor([float("nan"), 1.0, 2.0, 3.0])}, nan)
     save_file({"w": torch.zeros(4)}, b)
+    big = root / "rbig.safetensors"
+    save_file({"w": torch.full((4,), 60000.0, dtype=torch.float16)}, big)
+    evil = _pickle(root / "revil.pt", {"w": torch.ones(4), "x": Payload()})
     texts = {
         "recipe: not YAML": "models: [unclosed\n",
         "recipe: YAML with python tag": f"!!python/object/apply:os.system ['touch {CANARY}']\n",
@@ -142,6 +145,12 @@ def recipes(root: Path) -> dict[str, Path]:
         "recipe: NaN in merged tensor": f"merge_method: linear\nmodels:\n  - model: {nan}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n",
         "recipe: ties without base": f"merge_method: ties\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, density: 0.5}}\n",
         "recipe: empty file": "",
+        "recipe: density zero": f"merge_method: dare_linear\nbase_model: {b}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, density: 0}}\n",
+        "recipe: NaN weight in a gradient": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [1, .nan]}}\n  - model: {b}\n    parameters: {{weight: 1}}\n",
+        "recipe: infinite lambda": f"merge_method: task_arithmetic\nbase_model: {b}\nparameters: {{lambda: -.inf}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n",
+        "recipe: Inf from fp16 overflow": f"merge_method: linear\nparameters: {{normalize: false}}\nmodels:\n  - model: {big}\n    parameters: {{weight: 1}}\n  - model: {big}\n    parameters: {{weight: 1}}\n",
+        "recipe: model is a pickle payload": f"merge_method: linear\nmodels:\n  - model: {evil}\n    parameters: {{weight: 1}}\n  - model: {a}\n    parameters: {{weight: 1}}\n",
+        "recipe: YAML alias bomb (9^9)": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight:\n{_alias_bomb(9)}",
     }
     out = {}
     for i, (name, text) in enumerate(texts.items()):
@@ -149,6 +158,16 @@ def recipes(root: Path) -> dict[str, Path]:
         path.write_text(text)
         out[name] = path
     return out
+
+
+def _alias_bomb(levels: int) -> str:
+    """'Billion laughs': each level lists the previous one 9 times (9**levels strings if expanded)."""
+    lines, prev = [], None
+    for i in range(levels):
+        items = ", ".join(["lol"] * 9 if prev is None else [f"*l{prev}"] * 9)
+        lines.append(f"        - &l{i} [{items}]\n")
+        prev = i
+    return "".join(lines)
 
 
 def digest(path: Path) -> str:
@@ -181,7 +200,10 @@ def main() -> None:
         ok = (result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
               and not (root / CANARY).exists())
         if cmd[0] == "merge":
-            ok = ok and not Path(cmd[2]).exists()
+            out = Path(cmd[2])
+            leftovers = [p for p in (out, out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.lock"))
+                         if p.exists()]
+            ok = ok and not leftovers
         rows.append({"input": name, "command": cmd[0], "exit_code": result.returncode,
                      "message": lines[-1] if lines else "", "ok": ok})
         print(f"{'ok ' if ok else 'BAD'} {result.returncode}  {name:36s} {lines[-1][:110] if lines else ''}", flush=True)

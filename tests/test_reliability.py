@@ -144,6 +144,25 @@ def test_kill_9_mid_merge_leaves_no_output_and_reruns_are_bit_identical(models, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "saved"]
 
 
+def test_kill_9_as_soon_as_a_shard_file_appears_then_resume(models, reference, tmp_path, monkeypatch):
+    """Killed before any shard is complete: shard files exist but none is vouched for; all are redone."""
+    monkeypatch.chdir(models)
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    proc = cli(merge_args(models / "della.yml", out), cwd=models)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(partial.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists() and partial.is_dir()
+    assert main(merge_args(models / "della.yml", out, "--resume")) == 0
+    assert hashes(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_resume_reports_reused_tensors_and_ignores_a_partial_of_another_recipe(models, reference, tmp_path,
                                                                               monkeypatch):
     monkeypatch.chdir(models)
