@@ -136,6 +136,18 @@ def test_killed_worker_is_retried_by_ray_without_lost_or_duplicated_rows(zoo, tm
     assert heatmaps_figure({"sweep": got}, tmp_path / "heat.png").stat().st_size > 0
 
 
+def test_curve_barriers_equal_fit_curve_run_directly(zoo, tmp_path, ray_cluster):
+    from mergescope.landscape import fit_curve
+
+    spec_file = write(zoo, "curve.yaml", {"kind": "barrier_matrix", "checkpoints": ["m0.safetensors", "m1.safetensors"],
+                                          "points": 5, "path": "bezier", "curve_epochs": 1, "seed": 3})
+    (row,) = sweep.run(spec_file, tmp_path / "c.jsonl", sweep.RayExecutor(workers=1)).rows
+    a, b = (dict(load(zoo / f"m{i}.safetensors")) for i in (0, 1))
+    want = fit_curve(build("mlp", width=WIDTH), a, b, digits(), kind="bezier", epochs=1, seed=3, n=5)
+    assert row["path"]["loss"] == pytest.approx(list(want.curve.loss), rel=1e-5)
+    assert row["barrier_loss"] == pytest.approx(want.barrier_loss, rel=1e-4, abs=1e-6)
+
+
 def test_local_pool_also_survives_a_killed_worker(zoo, tmp_path, monkeypatch):
     marker = tmp_path / "fired"
     monkeypatch.setenv(sweep.FAULT_ENV, str(marker))

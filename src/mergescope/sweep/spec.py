@@ -49,13 +49,16 @@ class _Common(_Strict):
 
 
 class BarrierSweep(_Common):
-    """Every unordered pair of checkpoints: the loss/accuracy barrier of the linear path."""
+    """Every unordered pair of checkpoints: the loss/accuracy barrier of the linear path, or of a
+    Bezier / polychain curve fitted between them (``path``, trained ``curve_epochs`` epochs)."""
 
     kind: Literal["barrier_matrix"]
     points: int = Field(25, ge=2)
     split: Literal["train", "val", "test"] = "test"
     bn_reset: bool = True
     align: Literal["none", "weight"] = "none"
+    path: Literal["line", "bezier", "polychain"] = "line"
+    curve_epochs: int = Field(20, ge=1)
 
     @field_validator("checkpoints")
     @classmethod
@@ -170,6 +173,11 @@ def _common(s) -> dict:
     return {"task": s.task, "seed": s.seed, "model": None if s.model is None else s.model.model_dump()}
 
 
+def _curve(sweep) -> dict:
+    """Curve settings, only for curves (so linear-path ids do not depend on unused fields)."""
+    return {} if sweep.path == "line" else {"path": sweep.path, "curve_epochs": sweep.curve_epochs}
+
+
 def _grid_points(grid: dict[str, list]) -> list[dict]:
     keys = sorted(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
@@ -182,7 +190,8 @@ def expand(sweep, root: str | Path = ".") -> list[TaskSpec]:
     if sweep.kind == "barrier_matrix":
         cks = sweep.checkpoints
         specs = [TaskSpec("barrier", {**common, "i": i, "j": j, "a": cks[i], "b": cks[j], "points": sweep.points,
-                                      "split": sweep.split, "bn_reset": sweep.bn_reset, "align": sweep.align}, root)
+                                      "split": sweep.split, "bn_reset": sweep.bn_reset, "align": sweep.align,
+                                      **_curve(sweep)}, root)
                  for i in range(len(cks)) for j in range(i + 1, len(cks))]
     elif sweep.kind == "evaluate":
         specs = [TaskSpec("evaluate", {**common, "checkpoint": c, "splits": list(sweep.splits)}, root)

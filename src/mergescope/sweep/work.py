@@ -72,7 +72,13 @@ def _barrier(root: str, p: dict) -> dict:
     task = _task(p["task"])
     module = _module(root, p, p["a"])
     a, b = _align(module, [_load(root, p["a"]), _load(root, p["b"])], task, p["align"], p["seed"])
-    path = interpolate(module, a, b, task, n=p["points"], split=p["split"], bn_reset=p["bn_reset"])
+    if p.get("path", "line") == "line":
+        path = interpolate(module, a, b, task, n=p["points"], split=p["split"], bn_reset=p["bn_reset"])
+    else:
+        from ..landscape import fit_curve
+
+        path = fit_curve(module, a, b, task, kind=p["path"], epochs=p["curve_epochs"], seed=p["seed"],
+                         n=p["points"], split=p["split"], bn_reset=p["bn_reset"]).curve
     return {"i": p["i"], "j": p["j"], "a": p["a"], "b": p["b"], "barrier_loss": path.barrier_loss,
             "barrier_acc": path.barrier_acc, "path": path.to_dict()}
 
