@@ -10,7 +10,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from mergescope import sweep
