@@ -93,6 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from mergescope import sweep
+    from mergescope.results import write_json
 
     work = OUT / "sweep_bench"
     names = make_zoo(work, args.models, args.epochs)
@@ -120,7 +121,7 @@ def main() -> None:
         r = results[k]
         workers = int(k[-1])
         r["overhead_per_task_s"] = (r["wall_s"] * workers - per_task * r["tasks"]) / r["tasks"]
-    (OUT / "sweep_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(OUT / "sweep_bench.json", results)
     plot(results, OUT / "sweep_scaling.png")
     print(json.dumps(results, indent=2))
 
