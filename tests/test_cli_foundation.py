@@ -98,3 +98,14 @@ def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
     result = run_cli("inspect", str(bad))
     assert result.returncode == 2
     assert "data_offsets must be [start, end]" in result.stderr and "got [8, 0]" in result.stderr
+
+
+def test_exit_codes_raised_inside_commands_reach_the_shell():
+    @app.command("exit-probe", hidden=True)
+    def probe():
+        raise typer.Exit(130)
+
+    try:
+        assert main(["exit-probe"]) == 130
+    finally:
+        app.registered_commands.pop()

@@ -58,7 +58,7 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) inside a command comes back as n
     except MergescopeError as e:
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except _ClickException as e:  # usage errors: unknown option, missing argument, bad value
         e.show()
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
