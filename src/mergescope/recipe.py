@@ -13,6 +13,7 @@ the top-level one; a filter matches when it is a substring of the tensor name; a
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -259,18 +260,35 @@ def converter(name: str, kind: type, where: str):
                 except ValueError:
                     pass
         elif kind is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
+                number = float(value)
+            elif isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+            if number is not None and not math.isfinite(number):
+                raise MergescopeError(f"{where}: parameter {name!r} must be a finite number, got {value!r}")
+            if number is not None:
+                return number
         else:
             return value
         raise MergescopeError(f"{where}: parameter {name!r} must be {kind.__name__}, got {value!r}")
 
     return convert
+
+
+# Parameters whose meaning fixes a range whatever the method: (low, high], as MergeKit reads them.
+RANGES = {"density": (0.0, 1.0)}
+
+
+def check_range(name: str, value, where: str) -> None:
+    """Refuse a value outside its parameter's range (e.g. density must be a kept fraction in (0, 1])."""
+    if name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = RANGES[name]
+        if not low < value <= high:
+            raise MergescopeError(f"{where}: parameter {name!r} must be in ({low:g}, {high:g}], got {value!r}")
 
 
 def resolve(name: str, kind: type, scopes: list[Parameters | None], tensor_name: str, t: float, where: str):
@@ -280,5 +298,6 @@ def resolve(name: str, kind: type, scopes: list[Parameters | None], tensor_name:
         if scope and name in scope:
             value = evaluate(scope[name], tensor_name, t, convert)
             if value is not None:
+                check_range(name, value, where)
                 return value
     return None

@@ -29,6 +29,8 @@ def merge(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 2GB."),
     copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
                                         help="Copy tokenizer files from the base model."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the hash-verified shards an interrupted run left."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Keep merged tensors with NaN/Inf."),
 ):
     """Merge the models of RECIPE into OUT (same recipes and numbers as mergekit-yaml, streamed)."""
     from ..merge.engine import merge as run
@@ -49,7 +51,8 @@ def merge(
                 bar.update(job, advance=nbytes, description=f"merge {count['done']}/{count['total']} tensors")
 
         result = run(recipe, out, force=force, seed=random_seed, threads=threads, max_shard_size=max_shard_size,
-                     copy_tokenizer=copy_tokenizer, on_tensor=on_tensor, on_plan=on_plan)
+                     copy_tokenizer=copy_tokenizer, on_tensor=on_tensor, on_plan=on_plan, resume=resume,
+                     allow_nonfinite=allow_nonfinite)
     if STATE["quiet"]:
         return
     table = Table(title=f"{out}", show_header=False)
@@ -59,6 +62,8 @@ def merge(
     table.add_row("written", f"{result.bytes_written / 1e9:.3f} GB in {len(result.files)} file(s)")
     table.add_row("time", f"{result.seconds:.2f} s ({result.bytes_read / 1e9 / max(result.seconds, 1e-9):.2f} GB/s read)")
     table.add_row("seed", str(result.seed))
+    if result.reused:
+        table.add_row("resumed", f"{result.reused:,} tensors reused from the interrupted run")
     console.print(table)
     say(f"wrote {out}")
 

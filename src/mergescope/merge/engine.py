@@ -10,12 +10,14 @@ Memory bound: jobs start only while the bytes of the jobs in flight (inputs + ou
 within ``max(largest job, 256 MB)``, and a method's scratch is at most about one tensor plus
 128 K-element chunks. Peak resident memory is therefore about
 ``interpreter + torch (~0.3 GB) + 2 x max(largest job, 256 MB)``, independent of model size.
-Randomized methods draw from a generator seeded by ``(seed, tensor name)``: the same seed gives
-the same bits whatever the thread count or completion order.
+Randomized methods draw from a generator seeded by ``(seed, tensor name)``, and torch runs
+single-threaded inside each worker (intra-op parallel reductions change summation order): the
+same seed gives the same bits whatever the worker count, core count or completion order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,11 +55,12 @@ class MergeResult:
     seconds: float
     files: tuple[str, ...]
     seed: int
+    reused: int = 0  # tensors kept from an interrupted run's verified shards (``resume``)
 
     def to_dict(self) -> dict:
         return {"out": self.out, "method": self.method, "tensors": self.tensors, "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written, "seconds": self.seconds, "files": list(self.files),
-                "seed": self.seed}
+                "seed": self.seed, "reused": self.reused}
 
 
 def release_freed_memory() -> None:
@@ -123,6 +126,23 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
     return out
 
 
+def check_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """Refuse a merged tensor holding NaN/Inf (a bad input or parameter would poison the model silently).
+
+    A finite sum proves every entry finite (one NaN/Inf makes the sum NaN/Inf) at the cost of one
+    read; only a non-finite sum (or an overflowing one) pays for the exact count, in 1 M-entry chunks.
+    """
+    if not tensor.is_floating_point():
+        return
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None))):
+        return
+    flat = tensor.reshape(-1)
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk))
+    if bad:
+        raise MergescopeError(f"tensor {name!r}: merged result has {bad} NaN/Inf value(s) of {flat.numel()}; "
+                              "check the inputs and parameters, or pass --allow-nonfinite to keep them")
+
+
 class _Budget:
     """Admit jobs while the bytes in flight stay under a limit (one job always runs)."""
 
@@ -137,7 +157,7 @@ def _job_bytes(job: planning.Job) -> int:
     return job.nbytes_in + job.nbytes_out
 
 
-def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor) -> tuple[int, int]:
+def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False) -> tuple[int, int]:
     budget = _Budget(max(MIN_BUDGET, max((_job_bytes(j) for j in plan.jobs), default=0)))
     totals = [0, 0]
     lock = threading.Lock()
@@ -147,6 +167,8 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor) -> tuple[int,
         maps = JobMaps()
         try:
             out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed)
+            if not allow_nonfinite:
+                check_finite(job.name, out)
             written = writer.write(job.name, out)
             del out
         finally:
@@ -205,13 +227,16 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
 def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, force: bool = False,
           seed: int | None = None, threads: int | None = None, max_shard_size: int | str = "2GB",
           copy_tokenizer: bool = True, on_tensor: Callable[[str, int], None] | None = None,
-          on_plan: Callable[[int, int], None] | None = None) -> MergeResult:
+          on_plan: Callable[[int, int], None] | None = None, resume: bool = False,
+          allow_nonfinite: bool = False) -> MergeResult:
     """Run a MergeKit-compatible recipe (file path, YAML text, mapping or Recipe) into ``out_dir``.
 
     ``out_dir`` ending in ``.safetensors`` gives one file; otherwise a Hugging Face folder with
     shards of at most ``max_shard_size``, index, config and tokenizer copied from the base model.
     ``on_plan(tensors, bytes)`` is called once before work starts, ``on_tensor(name, bytes_read)``
-    after each tensor (from worker threads).
+    after each tensor (from worker threads). ``resume`` reuses the hash-verified shards that an
+    interrupted run into the same output left in ``.NAME.partial`` (the bytes are those of an
+    uninterrupted run). A merged tensor with NaN/Inf is an error unless ``allow_nonfinite``.
     """
     start = time.perf_counter()
     release_freed_memory()
@@ -231,12 +256,13 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     if on_plan is not None:
         on_plan(len(plan.jobs), sum(j.nbytes_in for j in plan.jobs))
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(1 if threads > 1 else old_threads)
+    torch.set_num_threads(1)  # parallel reductions would make the bits depend on the core count
     try:
-        with atomic_output(out, [Path(m) for m in plan.models], force=force, is_dir=not single) as tmp:
-            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single)
+        with atomic_output(out, [Path(m) for m in plan.models], force=force, is_dir=not single, resume=resume) as tmp:
+            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume)
+            todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
-                read_bytes, written = _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor)
+                read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite)
             except BaseException:
                 writer.abort()
                 raise
@@ -249,4 +275,4 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
             c.close()
     names = tuple(out.name if single else f.name for f in files)
     return MergeResult(str(out), plan.method.name, len(plan.jobs), read_bytes, written,
-                       time.perf_counter() - start, names, seed)
+                       time.perf_counter() - start, names, seed, len(writer.reused))

@@ -5,7 +5,9 @@ their headers and every tensor's offset can be laid out first; each worker threa
 ``pwrite``s its tensor at its offset as soon as it is merged and frees it. Nothing waits in
 memory for a shard to fill (``io.ShardedWriter`` keeps a whole shard), tensors may finish in
 any order, and the bytes on disk do not depend on that order. Headers come from
-``io.safetensors_format.build_header``; the file names and index follow Hugging Face.
+``io.safetensors_format.build_header``; the file names and index follow Hugging Face. A shard
+whose last tensor lands is hashed into the partial folder's done log (``io.atomic.record_done``),
+so ``resume`` reuses it after a crash instead of merging its tensors again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergescopeError
+from ..io.atomic import keep_only, record_done, sha256_file, verified_done
 from ..io.checkpoint import SAFE_INDEX, SAFE_SINGLE
 from ..io.safetensors_format import build_header, tensor_bytes
 
@@ -39,11 +42,20 @@ def split_shards(layout: Layout, max_shard_size: int) -> list[Layout]:
     return shards
 
 
+def _has_layout(path: Path, header: bytes, end: int) -> bool:
+    """Whether ``path`` starts with ``header`` and is ``end`` bytes long (a shard of this very plan)."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size == end and f.read(len(header)) == header
+
+
 class PlannedWriter:
     """Write tensors of a known layout into ``folder`` (HF shards + index) or one ``file``."""
 
     def __init__(self, target: str | os.PathLike, layout: Layout, max_shard_size: int, metadata: dict[str, str],
-                 single_file: bool = False):
+                 single_file: bool = False, resume: bool = False):
+        """``resume`` reuses the shards of an interrupted run into the same folder that the done log
+        vouches for (sha256) and that start with this plan's header; everything else is removed.
+        """
         target = Path(target)
         meta = {"format": "pt", **metadata}
         shards = [layout] if single_file else split_shards(layout, max_shard_size)
@@ -52,25 +64,43 @@ class PlannedWriter:
             paths = [target]
         else:
             paths = [target / (SAFE_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i in range(n)]
-        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        headers = [build_header(shard, meta) for shard in shards]
+        ends = [len(h) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in shard)
+                for h, shard in zip(headers, shards)]
+        self._log_folder = None if single_file else target
+        kept: dict[str, str] = {}
+        if resume and not single_file:
+            done = verified_done(target)
+            kept = {p.name: done[p.name] for p, h, end in zip(paths, headers, ends)
+                    if p.name in done and _has_layout(p, h, end)}
+            keep_only(target, kept)
+        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
         self._written: set[str] = set()
+        self._remaining: list[int] = []
         self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
         self.paths = paths
+        self.reused: set[str] = set()
         self.total_size = 0
         weight_map = {}
-        for path, shard in zip(paths, shards):
-            header = build_header(shard, meta)
+        for i, (path, shard, header) in enumerate(zip(paths, shards, headers)):
+            names = [name for name, _, _ in shard]
+            weight_map.update(dict.fromkeys(names, path.name))
+            self.total_size += ends[i] - len(header)
+            self._remaining.append(len(shard))
+            if path.name in kept:
+                self.reused.update(names)
+                self._written.update(names)
+                self._remaining[i] = 0
+                continue
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             os.pwrite(fd, header, 0)
             offset = len(header)
             for name, dtype, shape in shard:
-                nbytes = math.prod(shape) * dtype.itemsize
-                self._slots[name] = (fd, offset, dtype, tuple(shape))
-                offset += nbytes
-                self.total_size += nbytes
-                weight_map[name] = path.name
+                self._slots[name] = (fd, offset, dtype, tuple(shape), i)
+                offset += math.prod(shape) * dtype.itemsize
             os.ftruncate(fd, offset)
         self._index = None
         if n > 1:
@@ -79,7 +109,7 @@ class PlannedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Store one tensor at its planned place; returns the bytes written."""
-        fd, offset, dtype, shape = self._slots[name]
+        fd, offset, dtype, shape, shard = self._slots[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise MergescopeError(f"tensor {name!r}: merged to {tensor.dtype} {list(tensor.shape)}, "
                                   f"planned {dtype} {list(shape)}")
@@ -91,7 +121,18 @@ class PlannedWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
+        with self._lock:
+            self._remaining[shard] -= 1
+            finished = self._remaining[shard] == 0
+        if finished and self._log_folder is not None:
+            self._log_done(self.paths[shard])
         return done
+
+    def _log_done(self, path: Path) -> None:
+        """Record a complete shard (and its hash) so an interrupted run can be resumed from it."""
+        digest = sha256_file(path)
+        with self._log_lock:
+            record_done(self._log_folder, path, digest)
 
     def close(self) -> list[Path]:
         """Check every tensor was written, close the files, write the index when sharded."""
