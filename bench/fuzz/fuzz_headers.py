@@ -69,8 +69,11 @@ def seed_corpus() -> str:
         write_file(os.path.join(ROOT, "seed.safetensors"), state, {"k": "v"})
         blob = open(os.path.join(ROOT, "seed.safetensors"), "rb").read()
         index = json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in state}}).encode()
+        # FuzzedDataProvider takes the split byte from the *end* of the input
         with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
-            f.write(bytes([len(index)]) + index + blob)
+            f.write(index + blob + bytes([len(index) % 256]))
+        with open(os.path.join(corpus, f"file{i}"), "wb") as f:
+            f.write(blob + bytes([0]))
     return corpus
 
 
