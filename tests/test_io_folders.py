@@ -128,3 +128,14 @@ def test_index_listing_a_tensor_missing_from_its_shard(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(MergescopeError, match="'ghost' is listed in shard"):
         ms.load(tmp_path / "m")
+
+
+def test_a_kill_between_the_two_renames_of_a_forced_replace_loses_nothing(tmp_path):
+    ms.save({"w": torch.ones(2)}, tmp_path / "new")
+    (tmp_path / "new").rename(tmp_path / ".out.partial")  # the finished new output, not yet renamed
+    ms.save({"w": torch.zeros(2)}, tmp_path / "old")
+    (tmp_path / "old").rename(tmp_path / ".out.old")  # the old output, already moved aside
+    with pytest.raises(MergescopeError, match="already exists"):
+        ms.save({"w": torch.full((2,), 5.0)}, tmp_path / "out")  # the next run completes the swap first
+    assert torch.equal(ms.load(tmp_path / "out")["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -105,6 +105,7 @@ def atomic_output(out: str | os.PathLike, inputs: Iterable[Path] = (), force: bo
         raise MergescopeError(os_error_message(out, e)) from None
     partial = out.with_name(f".{out.name}.partial")
     with _exclusive_lock(out):
+        _finish_interrupted_swap(out, partial)
         if (out.exists() or out.is_symlink()) and not force:  # a concurrent run finished while we checked
             raise MergescopeError(f"{out}: already exists; pass --force (force=True) to replace it")
         try:
@@ -129,6 +130,16 @@ def atomic_output(out: str | os.PathLike, inputs: Iterable[Path] = (), force: bo
             if isinstance(e, OSError):
                 raise MergescopeError(os_error_message(out, e)) from None
             raise
+
+
+def _finish_interrupted_swap(out: Path, partial: Path) -> None:
+    """A run killed between moving the old folder aside and renaming the finished partial into
+    place leaves ``.NAME.old`` and a complete ``.NAME.partial`` but no ``NAME``: finish its swap,
+    so neither the old nor the new output is lost."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists() and not (out.exists() or out.is_symlink()) and partial.is_dir():
+        os.replace(partial, out)
+        _remove(old)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
