@@ -296,7 +296,7 @@ def matmul(tr, name, args, kwargs, out):
     la, lb = tr.label_of(a), tr.label_of(b)
     tr.unify(la[-1], lb[-2])
     batch_shape = tuple(out.shape[:-2])
-    batch = _broadcast_labels(tr, [(la[:-2], a.shape[:-2]), (lb[:-2], b.shape[:-2])], batch_shape)
+    batch = tr.broadcast_labels([(la[:-2], a.shape[:-2]), (lb[:-2], b.shape[:-2])], batch_shape)
     _label_outputs(tr, out, batch + (la[-2], lb[-1]))
     return None
 
@@ -312,27 +312,13 @@ def addmm(tr, name, args, kwargs, out):
     return None
 
 
-def _broadcast_labels(tr, labelled, out_shape) -> tuple:
-    res = [None] * len(out_shape)
-    for lab, shape in labelled:
-        for i in range(1, len(shape) + 1):
-            if shape[-i] == 1:
-                continue
-            j = len(out_shape) - i
-            if res[j] is None:
-                res[j] = lab[-i]
-            else:
-                tr.unify(res[j], lab[-i])
-    return tuple(r if r is not None else fixed_dim(s) for r, s in zip(res, out_shape))
-
-
 def sdpa(tr, name, args, kwargs, out):
     """softmax(q k^T) v: q and k share their last axis, k and v their sequence axis."""
     q, k, v = args[0], _arg(args, kwargs, 1, "key"), _arg(args, kwargs, 2, "value")
     lq, lk, lv = tr.label_of(q), tr.label_of(k), tr.label_of(v)
     tr.unify(lq[-1], lk[-1])
     tr.unify(lk[-2], lv[-2])
-    batch = _broadcast_labels(tr, [(lq[:-2], q.shape[:-2]), (lk[:-2], k.shape[:-2]), (lv[:-2], v.shape[:-2])],
+    batch = tr.broadcast_labels([(lq[:-2], q.shape[:-2]), (lk[:-2], k.shape[:-2]), (lv[:-2], v.shape[:-2])],
                               tuple(out.shape[:-2]))
     _label_outputs(tr, out, batch + (lq[-2], lv[-1]))
     return None

@@ -252,12 +252,16 @@ class LabelTracer(TorchFunctionMode):
         return factors[0][0] if len(factors) == 1 and factors[0][0] != FIXED else None
 
     def broadcast(self, tensors: list[torch.Tensor], out_shape) -> tuple:
-        """Right-aligned broadcasting: tie dims of equal size > 1; the output takes their label."""
+        """Right-aligned broadcasting of tensors' labels (see ``broadcast_labels``)."""
+        return self.broadcast_labels([(self.label_of(t), t.shape) for t in tensors], out_shape)
+
+    def broadcast_labels(self, labelled, out_shape) -> tuple:
+        """Right-aligned broadcasting of (label, shape) pairs: tie dims of equal size > 1; the
+        output takes their label."""
         out = [None] * len(out_shape)
-        for t in tensors:
-            lab = self.label_of(t)
-            for i in range(1, t.dim() + 1):
-                if t.shape[-i] == 1:
+        for lab, shape in labelled:
+            for i in range(1, len(shape) + 1):
+                if shape[-i] == 1:
                     continue
                 j = len(out_shape) - i
                 if out[j] is None:
