@@ -24,21 +24,22 @@ from .permute import Permutation, as_perms, compose_heads, identity, permute_ten
 from .spec import PermutationSpec, as_spec
 
 
+def axis_segments(spec: PermutationSpec, tensor: str, axis: int, t: torch.Tensor):
+    """Yield (part, shaped, names) for each segment of ``t``'s unit axis: the slice of the axis, the
+    same slice with the axis split into its factors, and each factor's permutation name."""
+    offset = 0
+    for seg in spec.layout(tensor, axis, t.shape[axis]):
+        sizes = [s for _, s in seg]
+        part = t.narrow(axis, offset, int(np.prod(sizes)))
+        offset += part.shape[axis]
+        yield part, part.reshape(*part.shape[:axis], *sizes, *part.shape[axis + 1:]), [name for name, _ in seg]
+
+
 def unit_rows(spec: PermutationSpec, tensor: str, axis: int, t: torch.Tensor, perm: str) -> list[torch.Tensor]:
     """Views [n_units, -1] of ``t`` with ``perm``'s units as rows (one per place the perm occurs on the axis)."""
-    layout = spec.layout(tensor, axis, t.shape[axis])
-    views, offset = [], 0
-    for seg in layout:
-        sizes = [s for _, s in seg]
-        length = int(np.prod(sizes))
-        part = t.narrow(axis, offset, length)
-        offset += length
-        for i, (name, _) in enumerate(seg):
-            if name != perm:
-                continue
-            shaped = part.reshape(*part.shape[:axis], *sizes, *part.shape[axis + 1:])
-            views.append(shaped.movedim(axis + i, 0).reshape(sizes[i], -1))
-    return views
+    return [shaped.movedim(axis + i, 0).reshape(shaped.shape[axis + i], -1)
+            for _, shaped, names in axis_segments(spec, tensor, axis, t)
+            for i, name in enumerate(names) if name == perm]
 
 
 def cost_matrix(spec: PermutationSpec, perm: str, state_a: Mapping, state_b: Mapping, perms: Mapping) -> np.ndarray:

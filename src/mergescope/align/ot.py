@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import MergescopeError
-from .matching import assign_blocks, unit_rows
+from .matching import assign_blocks, axis_segments, unit_rows
 from .permute import Permutation, identity
 from .spec import PermutationSpec, as_spec
 
@@ -39,15 +39,9 @@ def transport_along(spec: PermutationSpec, mats: Mapping, tensor: str, t: torch.
                     skip: str | None = None) -> torch.Tensor:
     """Multiply each unit axis of ``t`` by its matrix: new unit i = sum_j M[i, j] old unit j."""
     for axis in spec.axes_of().get(tensor, []):
-        layout = spec.layout(tensor, axis, t.shape[axis])
-        parts, offset = [], 0
-        for seg in layout:
-            sizes = [s for _, s in seg]
-            length = int(np.prod(sizes))
-            part = t.narrow(axis, offset, length)
-            offset += length
-            shaped = part.reshape(*part.shape[:axis], *sizes, *part.shape[axis + 1:])
-            for i, (name, _) in enumerate(seg):
+        parts = []
+        for part, shaped, names in axis_segments(spec, tensor, axis, t):
+            for i, name in enumerate(names):
                 if name is None or name == skip or name not in mats:
                     continue
                 m = mats[name].to(shaped.dtype)
