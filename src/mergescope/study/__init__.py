@@ -32,25 +32,39 @@ def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = Non
     family = Family(out / "checkpoints")
     ctx = Context(config, family, tick)
     stages = [s for s in config.stages if s in STAGE_FUNCTIONS]
-    results: dict = {"config": config.to_dict(), "mergescope_version": __version__, "timings": {}}
+    results: dict = {"config": config.to_dict(), "mergescope_version": __version__}
     reused_stages = []
-    for i, name in enumerate(stages):
-        if on_stage is not None:
-            on_stage(name, i, len(stages))
-        start = time.perf_counter()
-        cache = out / "cache" / f"{name}-{_stage_key(config, name)}.json"
-        cached = _read_json(cache)
-        if cached is not None:
-            results[name] = cached
-            reused_stages.append(name)
-        else:
-            results[name] = STAGE_FUNCTIONS[name](ctx)
-            write_json(cache, results[name])
-        results["timings"][name] = time.perf_counter() - start
+
+    def cached_stage(name: str) -> Callable[[], dict]:
+        def run() -> dict:
+            cache = out / "cache" / f"{name}-{_stage_key(config, name)}.json"
+            cached = _read_json(cache)
+            if cached is not None:
+                reused_stages.append(name)
+                return cached
+            result = STAGE_FUNCTIONS[name](ctx)
+            write_json(cache, result)
+            return result
+
+        return run
+
+    results.update(_run_stages({name: cached_stage(name) for name in stages}, on_stage))
     results["models"] = {"trained": family.trained, "reused": family.reused, "stages_reused": reused_stages}
     write_json(out / "results.json", results)
     write_report(out)
     return results
+
+
+def _run_stages(stage_fns: dict[str, Callable[[], dict]], on_stage) -> dict:
+    """Run stages in order with progress and timings: {stage: result, ..., "timings": {stage: s}}."""
+    out: dict = {"timings": {}}
+    for i, (name, fn) in enumerate(stage_fns.items()):
+        if on_stage is not None:
+            on_stage(name, i, len(stage_fns))
+        start = time.perf_counter()
+        out[name] = fn()
+        out["timings"][name] = time.perf_counter() - start
+    return out
 
 
 def _stage_key(config: StudyConfig, stage: str) -> str:
@@ -84,7 +98,6 @@ def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "s
     base = read(cfg.base) if cfg.base else None
     names = list(named)
     pair = {names[0]: named[names[0]], names[1]: named[names[1]]}
-    aligned = measure.align_to_first(module, list(named.values()), task, "weight", cfg.seed)
     group = f"your {len(named)} models"
     stage_fns = {
         "convexity": lambda: measure.paths(measure.all_pairs(module, named), task, cfg.path_points, tick),
@@ -93,28 +106,25 @@ def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "s
         "determinism": lambda: {"skipped": "spawning needs a training function; it runs on the built-in study"},
         "merging": lambda: {"rows": measure.merge_rows(module, named, task, group, base, cfg.seed, tick)
                             + measure.pair_rows(module, *pair.values(), task, f"{names[0]} + {names[1]}", cfg.seed, tick)},
-        "why": lambda: measure.why(module, pair, {"your models": list(named.values()), "your models, aligned": aligned},
-                                   task, tick),
+        "why": lambda: measure.why(module, pair, {
+            "your models": list(named.values()),
+            "your models, aligned": measure.align_to_first(module, list(named.values()), task, "weight", cfg.seed)},
+            task, tick),
     }
     if base is not None:
-        stage_fns["directedness"] = lambda: _directedness(module, base, named, task, cfg.seed)
+        stage_fns["directedness"] = lambda: _directedness(module, base, named, task)
     else:
         stage_fns["directedness"] = lambda: {"skipped": "task vectors need a base model (give 'base:' in the config)"}
-    results: dict = {"config": cfg.model_dump(), "mergescope_version": __version__, "timings": {},
+    results: dict = {"config": cfg.model_dump(), "mergescope_version": __version__,
+                     **_run_stages({name: stage_fns[name] for name in STAGES}, on_stage),
                      "models": {"trained": 0, "reused": len(named) + (base is not None)}}
-    for i, name in enumerate(STAGES):
-        if on_stage is not None:
-            on_stage(name, i, len(STAGES))
-        start = time.perf_counter()
-        results[name] = stage_fns[name]()
-        results["timings"][name] = time.perf_counter() - start
     out = Path(out)
     write_json(out / "results.json", results)
     write_report(out)
     return results
 
 
-def _directedness(module, base, named, task, seed):
+def _directedness(module, base, named, task):
     from ..landscape import task_vectors
 
     return task_vectors(module, base, dict(named), {name: task for name in named}).to_dict()
