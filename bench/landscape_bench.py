@@ -96,10 +96,43 @@ def bench_plane(model, task, grid: int, results: dict, key: str = "plane", repea
         with torch.no_grad():
             peers.append(timed(loss_landscapes.random_plane, copy.deepcopy(model), metric, distance=1, steps=grid,
                                normalization="filter")[1])
-    section.update({"loss_landscapes_s": min(peers), "speedup": min(peers) / t_ours,
-                    "loss_landscapes_side_effects": side})
+    documented = [timed(loss_landscapes.random_plane, copy.deepcopy(model), metric, distance=1, steps=grid,
+                        normalization="filter")[1] for _ in range(repeats)]  # its README calls it without no_grad
+    section.update({"loss_landscapes_s": min(peers), "loss_landscapes_as_documented_s": min(documented),
+                    "speedup": min(peers) / t_ours, "loss_landscapes_side_effects": side,
+                    "dense_floor": dense_floor(model, task, grid * grid, repeats)})
     if key == "plane":
         section["identical_directions"] = compare_identical_directions(model, task, metric, grid)
+
+
+def dense_floor(model, task, points: int, repeats: int) -> dict:
+    """The exact evaluation's compute floor: ``points`` bare forward passes as raw matmuls.
+
+    Any exact plane evaluator must do these multiply-adds (one dense forward per grid point), so
+    this time, and the machine's peak GEMM rate measured on a large square product, bound what
+    any implementation (ours or a peer's) can reach at this thread count.
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if len(layers) != sum(1 for m in model.modules() if len(list(m.children())) == 0):
+        return {"note": "not a pure Linear/ReLU MLP; floor not measured"}
+    x, _ = next(task.batches("train"))
+    weights = [(m.weight.detach().T.contiguous(), m.bias.detach()) for m in layers]
+
+    def forward_all():
+        for _ in range(points):
+            h = x
+            for i, (w, b) in enumerate(weights):
+                h = torch.addmm(b, h, w)
+                if i < len(weights) - 1:
+                    h = torch.relu(h)
+
+    macs = points * len(x) * sum(w.numel() for w, _ in weights)
+    _, t = best_of(repeats, forward_all)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    _, t_peak = best_of(3, torch.mm, a, b)
+    peak = 2 * 2048 ** 3 / t_peak / 1e9
+    return {"points": points, "gmacs": macs / 1e9, "bare_matmul_s": t, "gflops_bare": 2 * macs / t / 1e9,
+            "peak_gemm_gflops": peak, "seconds_at_peak": 2 * macs / peak / 1e9}
 
 
 def compare_identical_directions(model, task, metric, grid: int) -> dict:
