@@ -9,13 +9,14 @@ an output (axis 0: weights, biases, norms) M applies; on input axes U applies; t
 input axes (the classifier) average the two models' contributions.
 
 Unit groups without a traced activation (attention heads) are zipped along the weight-matching
-permutation (cross-model pairs only), which keeps heads whole. Partial zipping (leaving the last
-layers unmerged) needs a two-branch architecture and is not provided here.
+permutation (cross-model pairs only), which keeps heads whole. Partial zipping (``unmerged=K``:
+the last K unit groups keep both models' features, M = U = I) is described in ``partial.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -80,12 +81,16 @@ def _perm_pairs(perm: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _zip_tensor(spec, tensor: str, a: torch.Tensor, b: torch.Tensor, ops: dict, alpha: float) -> torch.Tensor:
-    """Block-diagonal stack of A and B on every unit axis, then M on output axes and U on input axes."""
+    """Block-diagonal stack of A and B on every unit axis, then M on output axes and U on input axes.
+
+    A group whose ``ops`` entry is None stays unmerged (M = U = I): its axis keeps all 2n units.
+    """
     axes = spec.axes_of().get(tensor, [])
-    factored, where = [], []  # factored shape; (factor dim, perm, role) per unit factor
+    factored, where, owner = [], [], []  # factored shape; (factor dim, perm, role) per unit factor; axis of each factor
     for d, size in enumerate(a.shape):
         if d not in axes:
             factored.append(size)
+            owner.append(d)
             continue
         layout = spec.layout(tensor, d, size)
         if len(layout) != 1:
@@ -94,6 +99,7 @@ def _zip_tensor(spec, tensor: str, a: torch.Tensor, b: torch.Tensor, ops: dict, 
             if name is not None:
                 where.append((len(factored), name, "merge" if d == 0 else "unmerge"))
             factored.append(s)
+            owner.append(d)
     big_shape = list(factored)
     for dim, _, _ in where:
         big_shape[dim] *= 2
@@ -106,14 +112,38 @@ def _zip_tensor(spec, tensor: str, a: torch.Tensor, b: torch.Tensor, ops: dict, 
             index[dim] = slice(block * factored[dim], (block + 1) * factored[dim])
         big[tuple(index)] = w * src.to(torch.float64).reshape(factored)
     for dim, name, role in where:
+        if ops[name] is None:
+            continue
         mat = ops[name][0 if role == "merge" else 1]
         big = torch.tensordot(mat, big.movedim(dim, 0), dims=1).movedim(0, dim)
-    return big.reshape(a.shape).to(a.dtype)
+    shape = [math.prod(big.shape[i] for i in range(len(owner)) if owner[i] == d) for d in range(a.dim())]
+    return big.reshape(shape).to(a.dtype)
+
+
+def zip_state(spec, state_a, state_b, ops: dict, alpha: float) -> dict[str, torch.Tensor]:
+    """Zip every tensor with the per-group (M, U^T) in ``ops`` (None: unmerged); unit-free tensors are lerped."""
+    axes = spec.axes_of()
+    merged = {}
+    for k, a in state_a.items():
+        if not a.is_floating_point():
+            merged[k] = a
+        elif k in axes:
+            merged[k] = _zip_tensor(spec, k, a, state_b[k], ops, alpha)
+        else:
+            merged[k] = torch.lerp(a, state_b[k].to(a.dtype), alpha)
+    return merged
 
 
 def zipit(spec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha: float = 0.5,
-          allow_within: bool = True, reset_bn: bool = True, seed: int = 0) -> ZipResult:
-    """Merge B into A by zipping correlated features; BatchNorm statistics are then recomputed on ``batches``."""
+          allow_within: bool = True, reset_bn: bool = True, seed: int = 0, unmerged: int = 0) -> ZipResult:
+    """Merge B into A by zipping correlated features; BatchNorm statistics are then recomputed on ``batches``.
+
+    ``unmerged=K`` leaves the last K unit groups (in the order the run first creates them)
+    unmerged: the state is then *widened* (2n units in those groups, a shared trunk and two tails
+    whose outputs are mixed (1 - alpha) : alpha); build the module with ``partial.zipped_model``.
+    K = 0 is the full zip; K = all groups is the output ensemble.
+    """
+    from . import partial
     from .repair import reset_bn_stats
     from .trace import trace_model
 
@@ -123,20 +153,30 @@ def zipit(spec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha
     if not batches:
         raise MergescopeError("zipit: no batches given")
     stats: dict[str, CorrelationStats] = {}
-    points = None
+    points = order = None
     for x in batches:
         tr_a, tr_b = trace_model(model_a, x, on_unsupported="fix"), trace_model(model_b, x, on_unsupported="fix")
         if points is None:
             points = {p: pt for p, pt in capture_points(tr_a, spec).items()
                       if spec.blocks.get(p, 1) == 1 and p not in spec.heads}
+            order = partial.unit_order(tr_a, spec)
+            tail = partial.tail_groups(order, unmerged)
+            partial.check_attention(spec, order, tail)
         for p, (i, d) in points.items():
             fa, fb = _samples(tr_a.values[i][0], d), _samples(tr_b.values[i][0], d)
             both = torch.cat([fa, fb], dim=1)
             stats.setdefault(p, CorrelationStats()).add(both, both)
+    if tail:
+        identity_ops = {p: None if p in tail else merge_unmerge(_perm_pairs(torch.arange(spec.sizes[p])), spec.sizes[p], 0.5)
+                        for p in spec.perms}
+        partial.check_widening(model_a, zip_state(spec, sa, sa, identity_ops, 0.5), batches[0][:256], tail)
     fallback = weight_matching(spec, sa, sb, seed=seed).perms
     ops, within = {}, {}
     for p in spec.perms:
         n = spec.sizes[p]
+        if p in tail:
+            ops[p] = None
+            continue
         if p in stats:
             corr = stats[p].correlation()
             np.fill_diagonal(corr, -np.inf)
@@ -145,17 +185,15 @@ def zipit(spec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha
             pairs = _perm_pairs(fallback[p])
         within[p] = sum(1 for i, j in pairs if (i < n) == (j < n))
         ops[p] = merge_unmerge(pairs, n, alpha)
-    axes = spec.axes_of()
-    merged = {}
-    for k, a in sa.items():
-        if not a.is_floating_point():
-            merged[k] = a
-        elif k in axes:
-            merged[k] = _zip_tensor(spec, k, a, sb[k], ops, alpha)
-        else:
-            merged[k] = torch.lerp(a, sb[k].to(a.dtype), alpha)
-    if reset_bn:
+    merged = zip_state(spec, sa, sb, ops, alpha)
+    if reset_bn and not tail:
         model = copy.deepcopy(model_a)
         model.load_state_dict(merged)
         merged = reset_bn_stats(model, batches).state_dict()
-    return ZipResult(merged, {"zipped_by_activation": sorted(stats), "same_model_pairs": within, "alpha": alpha})
+    elif reset_bn:
+        merged = reset_bn_stats(partial.zipped_model(model_a, merged), batches).state_dict()
+    info = {"zipped_by_activation": sorted(p for p in stats if p not in tail), "same_model_pairs": within,
+            "alpha": alpha}
+    if tail:
+        info.update({"order": order, "unmerged": tail, **partial.parameter_counts(model_a, merged)})
+    return ZipResult(merged, info)
