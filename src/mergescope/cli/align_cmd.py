@@ -31,6 +31,8 @@ def align(
     repair: bool = typer.Option(False, "--repair",
                                 help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
     alpha: float = typer.Option(0.5, help="Mixing weight of B for --repair and --method zipit."),
+    unmerged: int = typer.Option(0, help="zipit only: leave the last K unit groups unmerged (partial zipping: "
+                                          "a shared trunk and both models' tails, outputs mixed by --alpha)."),
     task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
     seed: int = typer.Option(0, help="Seed (layer order of weight matching, STE data order)."),
     spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),
@@ -48,6 +50,10 @@ def align(
         raise MergescopeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if not 0.0 <= alpha <= 1.0:
         raise MergescopeError(f"--alpha {alpha}: must be within [0, 1]")
+    if unmerged and method != "zipit":
+        raise MergescopeError(f"--unmerged {unmerged}: only --method zipit leaves unit groups unmerged")
+    if unmerged < 0:
+        raise MergescopeError(f"--unmerged {unmerged}: must be 0 or more")
     ca, cb = load(a), load(b)
     options = {"width": width, "depth": depth, "dim": dim, "heads": heads}
     module_a, name, used = model_for(ca, model, **options)
@@ -59,7 +65,10 @@ def align(
     with torch_threads(threads):
         start = time.perf_counter()
         spec = al.permutation_spec(module_a, x)
-        result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha)
+        if unmerged:
+            result = _partial_zip(al, spec, module_a, module_b, the_task, alpha, seed, unmerged)
+        else:
+            result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha)
         state = result.state
         if repair and method not in ("zipit",):
             merged, _, _ = model_for(ca, name, **used)
@@ -76,12 +85,18 @@ def align(
     meta = {**provenance(inputs=[a, b], seed=seed),
             **model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits")),
             "align": json.dumps(recipe, sort_keys=True)}
+    if unmerged:
+        meta = _partial_zip_metadata(meta, result.info)
     save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b])
     if spec_out is not None:
         from .common import write_json
 
         write_json(spec_out, spec.to_dict())
-    if not STATE["quiet"]:
+    if unmerged and not STATE["quiet"]:
+        console.print(_partial_zip_table(spec, result.info, module_a, a.name, b.name))
+        say(f"widened model: zipped_model(ms.tasks.make_model({record[0]!r}, **{record[1]!r}), ms.load({str(out)!r})) "
+            "(from mergescope.align.partial import zipped_model)")
+    elif not STATE["quiet"]:
         table = Table(title=f"align {b.name} -> {a.name} ({method}{', REPAIR' if repair else ''})")
         table.add_column("permutation")
         table.add_column("units", justify="right")
@@ -90,6 +105,39 @@ def align(
             table.add_row(p, str(len(idx)), str(int((idx != torch.arange(len(idx))).sum())))
         console.print(table)
     say(f"wrote {out} ({seconds:.2f}s)")
+
+
+def _partial_zip(al, spec, module_a, module_b, task, alpha: float, seed: int, unmerged: int):
+    """ZipIt! with the last ``unmerged`` unit groups left unmerged, as an AlignResult (merged, no perms)."""
+    zipped = al.zipit(spec, module_a, module_b, task.batches("train", batch_size=512), alpha=alpha, seed=seed,
+                      unmerged=unmerged)
+    return al.AlignResult(zipped.state, {}, "zipit", merged=True, info=zipped.info)
+
+
+def _partial_zip_metadata(meta: dict, info: dict) -> dict:
+    """Move the model record to ``partial_zip``: the widened state no longer fits the recorded architecture,
+    so commands that rebuild the model from metadata must not try."""
+    meta = dict(meta)
+    model = json.loads(meta.pop("model"))
+    meta["align"] = json.dumps({**json.loads(meta["align"]), "unmerged": len(info["unmerged"])}, sort_keys=True)
+    meta["partial_zip"] = json.dumps({"model": model, "unmerged": info["unmerged"], "order": info["order"],
+                                      "alpha": info["alpha"], "parameters": info["parameters"]}, sort_keys=True)
+    return meta
+
+
+def _partial_zip_table(spec, info: dict, module_a, name_a: str, name_b: str) -> Table:
+    """One row per unit group in forward order: zipped (n units) or unmerged (2n units)."""
+    table = Table(title=f"zipit {name_a} + {name_b}: {len(info['unmerged'])} of {len(info['order'])} unit groups unmerged")
+    table.add_column("unit group")
+    table.add_column("state")
+    table.add_column("units", justify="right")
+    for p in info["order"]:
+        n = spec.sizes[p]
+        table.add_row(p, "unmerged" if p in info["unmerged"] else "zipped", str(2 * n if p in info["unmerged"] else n))
+    original = sum(t.numel() for t in module_a.parameters())
+    table.caption = (f"parameters: {info['parameters']:,} stored ({info['nonzero_parameters']:,} non-zero), "
+                     f"one model: {original:,}")
+    return table
 
 
 def register(app) -> None:
