@@ -102,3 +102,17 @@ def test_checkpoint_metadata_rebuilds_the_model(tmp_path):
     assert torch.equal(rebuilt.eval()(x), model.eval()(x))
     with pytest.raises(MergescopeError, match="tensor '.*' has shape .*the model needs"):
         load_state_into(ms.tasks.build("transformer", dim=32), ckpt, "t.safetensors")
+
+
+def test_model_for_ignores_unset_cli_options_and_keeps_recorded_ones(tmp_path):
+    """`--model mlp --width 512` passes dim=None, heads=None from the CLI; those must not reach the factory,
+    and options recorded for the same model fill in what the command line left unset."""
+    ms.save(ms.tasks.build("mlp", width=24, seed=0).state_dict(), tmp_path / "m.safetensors",
+            metadata=model_metadata("mlp", {"width": 24}))
+    ckpt = ms.load(tmp_path / "m.safetensors")
+    _, name, options = model_for(ckpt, "mlp", width=None, depth=None, dim=None, heads=None)
+    assert name == "mlp" and options == {"width": 24}
+    _, _, options = model_for(ckpt, "mlp", width=32, dim=None)
+    assert options == {"width": 32}
+    _, _, options = model_for(ckpt, "cnn", width=None)  # another model: recorded options do not apply
+    assert options == {}

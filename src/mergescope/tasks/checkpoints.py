@@ -35,11 +35,13 @@ def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str
     from . import make_model
 
     recorded = model_spec_of(ckpt)
+    given = {k: v for k, v in options.items() if v is not None}  # unset CLI options arrive as None
     if model is None:
         if recorded is None:
             raise MergescopeError(f"{ckpt.path}: no model recorded in metadata; pass --model NAME or package.module:factory")
-        model, rec_options = recorded
-        options = {**rec_options, **{k: v for k, v in options.items() if v is not None}}
+        model = recorded[0]
+    base = recorded[1] if recorded is not None and recorded[0] == model else {}
+    options = {**base, **given}
     return make_model(model, **options), model, options
 
 
