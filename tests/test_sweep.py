@@ -1,4 +1,5 @@
-"""Sweeps: schema, local vs real Ray cluster (identical tables), a killed worker retried, resume.
+"""Sweeps: schema, local vs real Ray cluster (identical tables), small states through the object
+store, a killed worker retried, resume after a real Ctrl-C, fail-fast on a bad --ray address.
 
 References are independent: task arithmetic and evaluation re-done here with plain torch, the
 barrier matrix from the sequential ``landscape.barrier_matrix``, and hand-made rows for the search.
@@ -8,6 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,14 +103,44 @@ def reference_task_arithmetic(zoo, models, lam):
     return {split: task.evaluate(net, split) for split in ("val", "test")}
 
 
-def test_20_task_sweep_identical_locally_and_on_ray(zoo, tmp_path, ray_cluster):
-    spec_file = write(zoo, "grid.yaml", GRID_20)
+def put_then_delete(ray, monkeypatch) -> list[str]:
+    """Spy on ``ray.put``: record each shared checkpoint's path and delete its file right after the
+    put, so a task that still read it by path would fail."""
+    puts, real_put = [], ray.put
+
+    def spy(value, **kwargs):
+        ref = real_put(value, **kwargs)
+        puts.append(value.path)
+        os.remove(value.path)
+        return ref
+
+    monkeypatch.setattr(ray, "put", spy)
+    return puts
+
+
+def test_20_task_sweep_identical_locally_on_ray_by_path_and_through_the_object_store(zoo, tmp_path, ray_cluster,
+                                                                                      monkeypatch):
+    ray, _ = ray_cluster
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i in range(5):
+        shutil.copy(zoo / f"m{i}.safetensors", folder)
+    spec_file = write(folder, "grid.yaml", GRID_20)
     local = sweep.run(spec_file, tmp_path / "local.jsonl", sweep.LocalExecutor(workers=2))
-    on_ray = sweep.run(spec_file, tmp_path / "ray.jsonl", sweep.RayExecutor(workers=2))
+    on_ray = sweep.run(spec_file, tmp_path / "ray.jsonl", sweep.RayExecutor(workers=2, share_below=0))
     assert local.total == on_ray.total == local.ran == on_ray.ran == 20
     assert (tmp_path / "local.jsonl").read_bytes() == (tmp_path / "ray.jsonl").read_bytes()
     ids = [json.loads(line)["id"] for line in (tmp_path / "ray.jsonl").read_text().splitlines()]
     assert ids == sorted(set(ids)) and len(ids) == 20
+
+    # default threshold (64 MB): every checkpoint is small, so each is put once for all 20 tasks
+    puts = put_then_delete(ray, monkeypatch)
+    executor = sweep.RayExecutor(workers=2)
+    shared = sweep.run(spec_file, tmp_path / "shared.jsonl", executor)
+    want = sorted(str(folder / f"m{i}.safetensors") for i in range(5))  # 4 in the model sets + the base
+    assert sorted(puts) == sorted(executor.shared) == want
+    assert not list(folder.glob("*.safetensors")), "the tasks could only have used the object store"
+    assert shared.ran == 20 and (tmp_path / "shared.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
 
     for row in (r for r in local.rows if r["align"] == "none"):
         ref = reference_task_arithmetic(zoo, row["models"], row["params"]["lambda"])
@@ -145,6 +185,39 @@ def test_curve_barriers_equal_fit_curve_run_directly(zoo, tmp_path, ray_cluster)
     want = fit_curve(build("mlp", width=WIDTH), a, b, digits(), kind="bezier", epochs=1, seed=3, n=5)
     assert row["path"]["loss"] == pytest.approx(list(want.curve.loss), rel=1e-5)
     assert row["barrier_loss"] == pytest.approx(want.barrier_loss, rel=1e-4, abs=1e-6)
+
+
+def test_only_states_up_to_the_threshold_go_through_the_object_store(zoo, tmp_path, ray_cluster, monkeypatch):
+    ray, _ = ray_cluster
+    small = tmp_path / "small.safetensors"
+    shutil.copy(zoo / "m0.safetensors", small)
+    wide = build("mlp", seed=7, width=4 * WIDTH)
+    save(wide.state_dict(), tmp_path / "wide.safetensors", metadata=model_metadata("mlp", {"width": 4 * WIDTH}))
+    small_bytes = sum(t.numel() * t.element_size() for t in load(zoo / "m0.safetensors").values())
+    spec_file = write(tmp_path, "mixed.yaml", {"kind": "evaluate", "checkpoints": ["small.safetensors", "wide.safetensors"]})
+
+    puts = put_then_delete(ray, monkeypatch)
+    executor = sweep.RayExecutor(workers=2, share_below=small_bytes)  # inclusive: small is exactly at it
+    rows = {r["checkpoint"]: r for r in sweep.run(spec_file, tmp_path / "mixed.jsonl", executor).rows}
+    assert puts == [str(small)] and executor.shared == {str(small): small_bytes}
+    assert not small.exists() and (tmp_path / "wide.safetensors").exists()  # the wide one went by path
+
+    narrow = build("mlp", width=WIDTH)
+    narrow.load_state_dict(dict(load(zoo / "m0.safetensors")))
+    task = digits()
+    for name, net in (("small.safetensors", narrow), ("wide.safetensors", wide)):
+        for split in ("val", "test"):
+            ref = task.evaluate(net, split)
+            assert rows[name][f"{split}_accuracy"] == ref["accuracy"]
+            assert rows[name][f"{split}_loss"] == pytest.approx(ref["loss"], rel=1e-6)
+
+
+def test_share_threshold_parsing():
+    assert sweep.RayExecutor(share_below="0").share_below == 0
+    assert sweep.RayExecutor(share_below="64MB").share_below == 64 * 10**6
+    assert sweep.RayExecutor(share_below="1GiB").share_below == 2**30
+    with pytest.raises(MergescopeError, match="--share-below 'lots'"):
+        sweep.RayExecutor(share_below="lots")
 
 
 def test_local_pool_also_survives_a_killed_worker(zoo, tmp_path, monkeypatch):
@@ -194,20 +267,120 @@ def test_coefficient_search_picks_on_val_and_reports_test():
     assert choice.params == {"lambda": 1.0} and choice.test_accuracy == 0.60 and choice.candidates == 3
 
 
-# --- CLI --------------------------------------------------------------------------------------
-def test_cli_sweep_writes_table_and_heatmap_json_and_rejects_bad_files(zoo, tmp_path, ray_cluster):
+# --- resume after a real Ctrl-C ----------------------------------------------------------------
+def complete_rows(path: Path) -> list[str]:
+    """Lines of a results table that are whole JSON rows (a torn last line is not)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [x for x in lines if x.endswith("}") and json.loads(x)]
+
+
+def test_ctrl_c_mid_sweep_then_resume_loses_and_duplicates_nothing(zoo, tmp_path, ray_cluster):
+    """SIGINT to the CLI's whole process group (what Ctrl-C in a terminal does) once the first row is
+    on disk; the rerun with --resume must give the uninterrupted table byte for byte."""
     from mergescope.cli import main
 
-    spec_file = write(zoo, "cli_barrier.yaml", {"kind": "barrier_matrix", "checkpoints": ["m0.safetensors",
-                                                                                        "m1.safetensors"], "points": 3})
-    out, summary = tmp_path / "t.jsonl", tmp_path / "matrix.json"
-    assert main(["-q", "sweep", str(spec_file), "-o", str(out), "-w", "1", "--summary", str(summary)]) == 0
+    names = [f"m{i}.safetensors" for i in range(5)]  # 10 pairs of ~0.4 s each: Ctrl-C lands mid-sweep
+    spec_file = write(zoo, "long.yaml", {"kind": "barrier_matrix", "checkpoints": names, "points": 200})
+    out = tmp_path / "long.jsonl"
+    cli = [sys.executable, "-m", "mergescope", "-q", "sweep", str(spec_file), "-o", str(out), "-w", "1"]
+    proc = subprocess.Popen(cli, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not complete_rows(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err and "Traceback" not in err
+    kept = complete_rows(out)
+    assert 1 <= len(kept) < 10, f"{len(kept)} rows: the interrupt did not land mid-sweep"
+
+    assert main(["-q", "sweep", str(spec_file), "-o", str(out), "-w", "1", "--resume"]) == 0
+    final = out.read_text().splitlines()
+    ids = [json.loads(x)["id"] for x in final]
+    assert ids == sorted(s.id for s in sweep.expand(sweep.read(spec_file), zoo))  # each task exactly once
+    assert set(kept) <= set(final)  # rows finished before Ctrl-C are kept as they were
+    uninterrupted = sweep.run(spec_file, tmp_path / "whole.jsonl", sweep.RayExecutor(workers=2))
+    assert uninterrupted.ran == 10 and out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+# --- a bad --ray address fails fast -----------------------------------------------------------
+def closed_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_unreachable_or_malformed_ray_addresses_are_one_line_errors(monkeypatch):
+    from mergescope.sweep.address import check_reachable
+
+    port = closed_loopback_port()
+    cases = [(f"127.0.0.1:{port}", "connection refused"), (f"ray://127.0.0.1:{port}", "connection refused"),
+             ("no-such-host.invalid:6379", "cannot resolve host 'no-such-host.invalid'"),
+             ("10.0.0.5", "expected 'local', 'auto', HOST:PORT"), ("head:http", "expected")]
+    for address, problem in cases:
+        with pytest.raises(MergescopeError, match=re.escape(problem)) as e:
+            check_reachable(address)
+        assert str(e.value).startswith(f"--ray {address}: ") and "\n" not in str(e.value)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what --ray auto dials
+    with pytest.raises(MergescopeError, match=re.escape(f"--ray auto (127.0.0.1:{port}): cannot reach")):
+        check_reachable("auto")
+
+
+@pytest.mark.parametrize("address", ["closed-port", "no-such-host.invalid:6379"])
+def test_cli_with_a_bad_ray_address_exits_2_at_once(zoo, tmp_path, address):
+    """A fresh process (no Ray connection yet), as a user runs it; Ray alone would retry for minutes."""
+    address = f"127.0.0.1:{closed_loopback_port()}" if address == "closed-port" else address
+    spec_file = write(zoo, "eval1.yaml", {"kind": "evaluate", "checkpoints": ["m0.safetensors"]})
+    out = tmp_path / "never.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "mergescope", "sweep", str(spec_file), "-o", str(out),
+                             "--ray", address], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists()  # refused before the results table is created
+
+
+# --- CLI --------------------------------------------------------------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_sweep() -> tuple[str, list[str]]:
+    """The sweep file and the `mergescope sweep` command the README shows."""
+    text = README.read_text()
+    sweep_yaml = re.search(r"```yaml file=barrier\.yaml\n(.*?)```", text, flags=re.S).group(1)
+    command = re.search(r"^\$ (mergescope sweep barrier\.yaml .*)$", text, flags=re.M).group(1)
+    return sweep_yaml, shlex.split(command)[1:]
+
+
+def test_readme_sweep_gives_identical_tables_locally_and_on_ray_and_feeds_the_heatmap(zoo, tmp_path, ray_cluster,
+                                                                                    monkeypatch):
+    from mergescope.cli import main
+
+    sweep_yaml, args = readme_sweep()
+    names = yaml.safe_load(sweep_yaml)["checkpoints"]
+    for i, name in enumerate(names):
+        shutil.copy(zoo / f"m{i}.safetensors", tmp_path / name)
+    (tmp_path / "barrier.yaml").write_text(sweep_yaml)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", *args]) == 0  # the README's command: the local pool
+    out, summary = tmp_path / args[args.index("-o") + 1], tmp_path / args[args.index("--summary") + 1]
     matrix = json.loads(summary.read_text())
-    assert matrix["names"] == ["m0.safetensors", "m1.safetensors"] and len(matrix["paths"]) == 1
-    assert matrix["barrier_loss"][0][1] == json.loads(out.read_text())["barrier_loss"]
-    assert main(["-q", "sweep", str(spec_file), "-o", str(out)]) == 2  # exists, no --resume
-    on_ray = tmp_path / "ray.jsonl"  # --ray auto uses the running cluster (here: this process's connection)
-    assert main(["-q", "sweep", str(spec_file), "-o", str(on_ray), "--ray", "auto"]) == 0
-    assert on_ray.read_bytes() == out.read_bytes()
+    rows = {(r["i"], r["j"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert matrix["names"] == names and len(matrix["paths"]) == len(rows) == len(names) * (len(names) - 1) // 2
+    assert all(matrix["barrier_loss"][i][j] == matrix["barrier_loss"][j][i] == r["barrier_loss"] for (i, j), r in rows.items())
+
+    # the same file on the Ray cluster (--ray auto: this process's connection), summary drawn as the study heatmap
+    assert main(["-q", "sweep", "barrier.yaml", "-o", "ray.jsonl", "--ray", "auto", "--summary", "ray.json",
+                 "--plot", "ray.png"]) == 0
+    assert (tmp_path / "ray.jsonl").read_bytes() == out.read_bytes()
+    assert json.loads((tmp_path / "ray.json").read_text()) == matrix
+    assert (tmp_path / "ray.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["-q", *args]) == 2  # the table exists: --resume or --force
     bad = write(tmp_path, "bad.yaml", {"kind": "evaluate", "checkpoints": ["x"], "extra": 1})
     assert main(["-q", "sweep", str(bad), "-o", str(tmp_path / "u.jsonl")]) == 2

@@ -71,13 +71,16 @@ def sweep(
                                  "BarrierMatrix dict the study heatmap reads; merge_grid: the coefficient search)."),
     plot: Path = typer.Option(None, "--plot", help="barrier_matrix: also draw the heatmap PNG."),
     retries: int = typer.Option(3, "--retries", help="Times a task whose worker died is re-run."),
+    share_below: str = typer.Option("64MB", "--share-below", help="Ray: checkpoints up to this size are read "
+                                    "once here and shared through the object store; larger ones are read by "
+                                    "path on the workers (0: all by path)."),
 ):
     """Run a sweep: every task's row is written as it finishes, so an interrupted sweep resumes."""
     from .. import sweep as sw
 
     config = sw.read(sweep_file)
     specs = sw.expand(config, root=sweep_file.resolve().parent)
-    executor = sw.make_executor(ray, workers, retries)
+    executor = sw.make_executor(ray, workers, retries, share_below)
     start = time.perf_counter()
     with progress() as bar:
         job = bar.add_task(f"sweep {config.kind}", total=len(specs))
@@ -94,7 +97,7 @@ def sweep(
         except KeyboardInterrupt:
             done = len(sw.read_rows(out))
             err_console.print(f"interrupted: {done} of {len(specs)} rows are in {out}; "
-                              f"rerun with --resume to finish")
+                              f"rerun with --resume to finish", soft_wrap=True)
             raise typer.Exit(130) from None
     seconds = time.perf_counter() - start
     value, data, table = _summary(config.kind, result.rows)
@@ -107,9 +110,11 @@ def sweep(
     if table.row_count <= 40:
         say(table)
     where = f"Ray ({ray})" if ray else "local pool"
+    shared = len(getattr(executor, "shared", {}))
     rate = result.ran / seconds if result.ran else 0.0
     say(f"{result.total} tasks: ran {result.ran}, already done {result.skipped}, on {where} with "
-        f"{executor.workers} workers in {seconds:.1f}s ({rate:.2f} tasks/s); wrote {out}"
+        f"{executor.workers} workers in {seconds:.1f}s ({rate:.2f} tasks/s)"
+        + (f"; {shared} checkpoint(s) sent through the object store" if shared else "") + f"; wrote {out}"
         + (f", {summary}" if summary else "") + (f", {plot}" if plot and config.kind == "barrier_matrix" else ""))
 
 

@@ -2,6 +2,8 @@
 
 One protocol, two implementations with the same task function: a local process pool (spawn
 context, so workers start clean and import torch once) and Ray tasks on a local or remote cluster.
+On Ray, small checkpoints are put into the object store once and passed to tasks as ObjectRefs
+(``sharing``); a bad cluster address fails in seconds instead of Ray's minutes (``address``).
 A worker that dies is retried: Ray re-runs the task (``max_retries``); the local pool is rebuilt
 and the unfinished tasks are resubmitted.
 """
@@ -10,14 +12,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from ..errors import MergescopeError
+from .address import check_reachable
+from .sharing import DEFAULT_SHARE_BELOW, parse_threshold, resolve, small_states
 from .spec import TaskSpec
-from .work import run_task
+from .work import run_task, run_task_with_states
 
 
 class Executor(Protocol):
@@ -68,11 +73,16 @@ class RayExecutor:
     joins the cluster started with ``ray start`` (or $RAY_ADDRESS); anything else is passed to
     ``ray.init(address=...)`` ("HOST:PORT" or "ray://HOST:10001"). If Ray is already initialised
     in this process, that connection is used. At most ``workers`` tasks are in flight (default:
-    the cluster's CPUs)."""
+    the cluster's CPUs). Checkpoints of at most ``share_below`` bytes ("64MB", or 0 for none) are
+    read once here and ``ray.put`` once, and tasks get them as ObjectRefs; larger ones go by path.
+    ``shared`` lists what the last run put (path -> bytes)."""
 
-    def __init__(self, address: str = "auto", workers: int | None = None, max_retries: int = 3):
+    def __init__(self, address: str = "auto", workers: int | None = None, max_retries: int = 3,
+                 share_below: int | str = DEFAULT_SHARE_BELOW):
         self.address, self.max_retries = address, max_retries
         self.workers = workers
+        self.share_below = parse_threshold(share_below)
+        self.shared: dict[str, int] = {}
         self._started = False
 
     def _connect(self):
@@ -81,6 +91,8 @@ class RayExecutor:
         except ImportError:
             raise MergescopeError("--ray needs Ray: pip install 'mergescope[ray]' (or pip install ray)") from None
         if not ray.is_initialized():
+            if self.address != "local":
+                check_reachable(self.address)
             try:
                 if self.address == "local":
                     ray.init(num_cpus=self.workers or default_workers(), include_dashboard=False,
@@ -94,23 +106,40 @@ class RayExecutor:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         return ray
 
+    def _put_small_states(self, ray, specs: Sequence[TaskSpec]) -> dict:
+        """One ``ray.put`` per distinct small checkpoint: resolved path -> ObjectRef."""
+        refs = {}
+        self.shared = {}
+        for path, ckpt in small_states(specs, self.share_below):
+            refs[path] = ray.put(ckpt)
+            self.shared[str(path)] = sum(t.nbytes for t in ckpt.tensors.values())
+        return refs
+
     def run(self, specs: Sequence[TaskSpec]) -> Iterator[dict]:
         ray = self._connect()
-        remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(run_task)
-        queue, in_flight = list(specs)[::-1], []
+        remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(run_task_with_states)
+        queue, in_flight, states = list(specs)[::-1], [], {}
         try:
+            states = self._put_small_states(ray, specs)
             while queue or in_flight:
                 while queue and len(in_flight) < self.workers:
-                    in_flight.append(remote.remote(queue.pop()))
+                    in_flight.append(_submit(remote, queue.pop(), states))
                 done, in_flight = ray.wait(in_flight, num_returns=1)
                 for ref in done:
                     yield _get(ray, ref)
         finally:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
+            states.clear()  # drop the driver's references: Ray frees the shared states
             if self._started:
                 ray.shutdown()
                 self._started = False
+
+
+def _submit(remote, spec: TaskSpec, states: dict):
+    """Submit one task; the shared states it reads go as top-level ObjectRef arguments."""
+    names = sorted({c for c in spec.checkpoints if resolve(spec.root, c) in states})
+    return remote.remote(spec, names, *(states[resolve(spec.root, c)] for c in names))
 
 
 def _get(ray, ref) -> dict:
@@ -123,10 +152,21 @@ def _get(ray, ref) -> dict:
         raise
 
 
-def make_executor(ray_address: str | None = None, workers: int | None = None, max_retries: int = 3) -> Executor:
-    """The local pool, or Ray when an address ("local", "auto", "HOST:PORT", "ray://...") is given."""
+def make_executor(ray_address: str | None = None, workers: int | None = None, max_retries: int = 3,
+                  share_below: int | str = DEFAULT_SHARE_BELOW) -> Executor:
+    """The local pool, or Ray when an address ("local", "auto", "HOST:PORT", "ray://...") is given;
+    ``share_below`` only matters on Ray."""
     if workers is not None and workers < 1:
         raise MergescopeError(f"--workers {workers}: must be at least 1")
     if ray_address:
-        return RayExecutor(ray_address, workers, max_retries)
+        executor = RayExecutor(ray_address, workers, max_retries, share_below)
+        if ray_address != "local" and not _ray_connected():
+            check_reachable(ray_address)  # now, before the caller creates the results table
+        return executor
     return LocalExecutor(workers, max_retries)
+
+
+def _ray_connected() -> bool:
+    """Whether this process already holds a Ray connection (then ``RayExecutor`` uses it as is)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()

@@ -138,6 +138,16 @@ class TaskSpec:
     def id(self) -> str:
         return task_id(self.kind, self.params)
 
+    @property
+    def checkpoints(self) -> tuple[str, ...]:
+        """The checkpoints this task reads, as written in the sweep (relative to ``root``)."""
+        p = self.params
+        if self.kind == "barrier":
+            return (p["a"], p["b"])
+        if self.kind == "evaluate":
+            return (p["checkpoint"],)
+        return (*p["models"], *([] if p["base"] is None else [p["base"]]))
+
 
 def task_id(kind: str, params: dict) -> str:
     """sha256 of the canonical JSON of (kind, params), first 16 hex digits."""

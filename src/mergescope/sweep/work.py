@@ -1,15 +1,18 @@
 """The one task function every executor runs: a TaskSpec in, a JSON-able result row out.
 
-Workers receive checkpoint *paths* and load them themselves, so nothing large crosses process
-or machine boundaries. Rows hold no timings or host names: the same spec gives the same row on
-any worker, which is what makes local and Ray tables identical.
+Workers receive checkpoint *paths* and load them themselves, except that on Ray small states come
+ready-made from the object store (``sharing``); either way a task sees the same tensors. Rows hold
+no timings or host names: the same spec gives the same row on any worker, which is what makes
+local and Ray tables identical.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
+from collections.abc import Mapping
+
+from .sharing import resolve
 
 FAULT_ENV = "MERGESCOPE_SWEEP_FAULT_MARKER"
 
@@ -36,26 +39,36 @@ def _task(name: str):
     return get_task(name)
 
 
-def _path(root: str, ref: str) -> Path:
-    p = Path(ref)
-    return p if p.is_absolute() else Path(root) / p
+class Sources:
+    """Where a task's checkpoints come from: states the driver shared (by the name written in the
+    sweep), else the files, resolved against the sweep's folder."""
+
+    def __init__(self, root: str, shared: Mapping[str, Mapping] | None = None):
+        self.root, self.shared = root, dict(shared or {})
+
+    def open(self, ref: str):
+        """A mapping of tensors with ``.metadata`` and ``.path`` (lazy when read from disk)."""
+        if ref in self.shared:
+            return self.shared[ref]
+        from ..io import load
+
+        return load(resolve(self.root, ref))
+
+    def state(self, ref: str) -> dict:
+        """Tensors a task may change: shared ones are cloned, as every disk load is a private copy-on-write map."""
+        ckpt = self.open(ref)
+        if ref in self.shared:
+            return {k: ckpt[k].clone() for k in ckpt}
+        return {k: ckpt[k] for k in ckpt}
 
 
-def _load(root: str, ref: str) -> dict:
-    from ..io import load
-
-    ckpt = load(_path(root, ref))
-    return {k: ckpt[k] for k in ckpt}
-
-
-def _module(root: str, params: dict, first: str):
-    from ..io import load
+def _module(src: Sources, params: dict, first: str):
     from ..tasks.checkpoints import model_for
 
     model = params.get("model")
     if model is not None:
-        return model_for(load(_path(root, first)), model["name"], **model.get("options", {}))[0]
-    return model_for(load(_path(root, first)))[0]
+        return model_for(src.open(first), model["name"], **model.get("options", {}))[0]
+    return model_for(src.open(first))[0]
 
 
 def _align(module, states: list[dict], task, how: str, seed: int) -> list[dict]:
@@ -66,12 +79,12 @@ def _align(module, states: list[dict], task, how: str, seed: int) -> list[dict]:
     return align_to_first(module, states, task, how, seed)
 
 
-def _barrier(root: str, p: dict) -> dict:
+def _barrier(src: Sources, p: dict) -> dict:
     from ..landscape import interpolate
 
     task = _task(p["task"])
-    module = _module(root, p, p["a"])
-    a, b = _align(module, [_load(root, p["a"]), _load(root, p["b"])], task, p["align"], p["seed"])
+    module = _module(src, p, p["a"])
+    a, b = _align(module, [src.state(p["a"]), src.state(p["b"])], task, p["align"], p["seed"])
     if p.get("path", "line") == "line":
         path = interpolate(module, a, b, task, n=p["points"], split=p["split"], bn_reset=p["bn_reset"])
     else:
@@ -94,10 +107,10 @@ def _evaluate_on(module, state: dict, task, splits) -> dict:
     return out
 
 
-def _evaluate(root: str, p: dict) -> dict:
+def _evaluate(src: Sources, p: dict) -> dict:
     task = _task(p["task"])
-    module = _module(root, p, p["checkpoint"])
-    return {"checkpoint": p["checkpoint"], **_evaluate_on(module, _load(root, p["checkpoint"]), task, p["splits"])}
+    module = _module(src, p, p["checkpoint"])
+    return {"checkpoint": p["checkpoint"], **_evaluate_on(module, src.state(p["checkpoint"]), task, p["splits"])}
 
 
 def method_params(method: str, params: dict, n: int, seed: int) -> dict:
@@ -118,13 +131,13 @@ def method_params(method: str, params: dict, n: int, seed: int) -> dict:
     return out
 
 
-def _merge(root: str, p: dict) -> dict:
+def _merge(src: Sources, p: dict) -> dict:
     from ..study.measure import merge_states
 
     task = _task(p["task"])
-    module = _module(root, p, p["models"][0])
-    states = _align(module, [_load(root, c) for c in p["models"]], task, p["align"], p["seed"])
-    base = None if p["base"] is None else _load(root, p["base"])
+    module = _module(src, p, p["models"][0])
+    states = _align(module, [src.state(c) for c in p["models"]], task, p["align"], p["seed"])
+    base = None if p["base"] is None else src.state(p["base"])
     merged = merge_states(p["method"], states, base, **method_params(p["method"], p["params"], len(states), p["seed"]))
     return {"method": p["method"], "params": p["params"], "models": p["models"], "align": p["align"],
             **_evaluate_on(module, merged, task, ("val", "test"))}
@@ -133,10 +146,17 @@ def _merge(root: str, p: dict) -> dict:
 _KINDS = {"barrier": _barrier, "evaluate": _evaluate, "merge": _merge}
 
 
-def run_task(spec) -> dict:
-    """Run one TaskSpec on one thread and return its row: ``{"id", "kind", ...results}``."""
+def run_task(spec, shared: Mapping[str, Mapping] | None = None) -> dict:
+    """Run one TaskSpec on one thread and return its row: ``{"id", "kind", ...results}``. ``shared``
+    maps checkpoints (as written in the sweep) to states already in memory; the rest are read from disk."""
     import torch
 
     torch.set_num_threads(1)
     inject_fault_once()
-    return {"id": spec.id, "kind": spec.kind, **_KINDS[spec.kind](spec.root, spec.params)}
+    return {"id": spec.id, "kind": spec.kind, **_KINDS[spec.kind](Sources(spec.root, shared), spec.params)}
+
+
+def run_task_with_states(spec, names: list[str], *states: Mapping) -> dict:
+    """``run_task`` for Ray: the shared states are top-level arguments (ObjectRefs on the driver), so
+    Ray hands the task the objects themselves; ``names[i]`` is the checkpoint ``states[i]`` stands for."""
+    return run_task(spec, dict(zip(names, states, strict=True)))
