@@ -179,8 +179,12 @@ def test_parameter_count_follows_the_widened_closed_form(unmerged):
     assert result.info.get("parameters", stored) == stored
     model = zipped_model(a, result.state)
     assert sum(p.numel() for p in model.parameters()) == stored
-    if unmerged == 2:  # layers.1 is block-diagonal: 2 n^2 structural zeros
-        assert result.info["nonzero_parameters"] == stored - 2 * n * n
+    if unmerged == 2:  # layers.1 is block-diagonal (2 n^2 structural zeros): two whole models, one head bias
+        one = sum(p.numel() for p in a.parameters())
+        assert result.info["two_branch_parameters"] == stored - 2 * n * n == 2 * one - c
+        assert int((result.state["layers.1.weight"] == 0).sum()) >= 2 * n * n
+    elif unmerged == 1:
+        assert result.info["two_branch_parameters"] == stored
     assert model.layers[1].in_features == w0 and model.layers[1].out_features == w1
 
 

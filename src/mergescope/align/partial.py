@@ -117,11 +117,23 @@ def _sync_sizes(module: nn.Module) -> None:
         module.num_features = module.running_mean.shape[0]
 
 
-def parameter_counts(template: nn.Module, state) -> dict[str, int]:
-    """Stored parameters of a (widened) state, and how many are non-zero (block-diagonal zeros excluded)."""
-    names = [n for n, _ in template.named_parameters()]
-    return {"parameters": sum(state[n].numel() for n in names),
-            "nonzero_parameters": sum(int(torch.count_nonzero(state[n])) for n in names)}
+def parameter_counts(template: nn.Module, state, spec: PermutationSpec, tail: list[str]) -> dict[str, int]:
+    """Stored parameters of the widened state, and what a trunk + two-tails implementation stores.
+
+    A tensor whose output axis (axis 0) and an input axis both carry unmerged groups is
+    block-diagonal [W_A (+) W_B]: half of its entries are structural zeros a two-branch model
+    does not store.
+    """
+    unmerged_axes: dict[str, set[int]] = {}
+    for p in tail:
+        for tensor, axis in spec.perms[p]:
+            unmerged_axes.setdefault(tensor, set()).add(axis)
+    stored = branches = 0
+    for name, _ in template.named_parameters():
+        n, axes = state[name].numel(), unmerged_axes.get(name, set())
+        stored += n
+        branches += n // 2 if 0 in axes and len(axes) > 1 else n
+    return {"parameters": stored, "two_branch_parameters": branches}
 
 
 @torch.no_grad()

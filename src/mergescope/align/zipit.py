@@ -195,5 +195,5 @@ def zipit(spec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha
     info = {"zipped_by_activation": sorted(p for p in stats if p not in tail), "same_model_pairs": within,
             "alpha": alpha}
     if tail:
-        info.update({"order": order, "unmerged": tail, **partial.parameter_counts(model_a, merged)})
+        info.update({"order": order, "unmerged": tail, **partial.parameter_counts(model_a, merged, spec, tail)})
     return ZipResult(merged, info)

@@ -135,7 +135,7 @@ def _partial_zip_table(spec, info: dict, module_a, name_a: str, name_b: str) -> 
         n = spec.sizes[p]
         table.add_row(p, "unmerged" if p in info["unmerged"] else "zipped", str(2 * n if p in info["unmerged"] else n))
     original = sum(t.numel() for t in module_a.parameters())
-    table.caption = (f"parameters: {info['parameters']:,} stored ({info['nonzero_parameters']:,} non-zero), "
+    table.caption = (f"parameters: {info['parameters']:,} stored ({info['two_branch_parameters']:,} as trunk + two tails), "
                      f"one model: {original:,}")
     return table
 
