@@ -21,29 +21,60 @@ from pathlib import Path
 import torch
 
 import mergescope as ms
-from mergescope.align import align_models, ot_fusion, permutation_spec, repair, zipit
+from mergescope.align import align_models, ot_fusion, permutation_spec, repair, weight_matching, zipit
+from mergescope.align.matching import matching_objective
 from mergescope.landscape import accuracy_barrier, interpolate, loss_barrier
 from mergescope.tasks.checkpoints import model_metadata
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = {"mlp32": ("mlp", {"width": 32}), "mlp128": ("mlp", {"width": 128}), "mlp512": ("mlp", {"width": 512}),
-           "cnn": ("cnn", {"width": 32})}
+           "cnn": ("cnn", {"width": 32}), "cnn-nobn": ("cnn-nobn", {"width": 32})}
 N = 25
+
+
+class CNNNoBN(torch.nn.Module):
+    """The zoo CNN with every conv+BN replaced by a biased conv (no normalization): a net where a BN reset
+    is impossible, so only REPAIR can undo variance collapse. Defined here because the zoo has no BN option."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        conv = lambda cin, cout: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.ReLU())  # noqa: E731
+        self.features = torch.nn.Sequential(conv(1, width), conv(width, 2 * width), torch.nn.MaxPool2d(2),
+                                            conv(2 * width, 2 * width), torch.nn.MaxPool2d(2))
+        self.head = torch.nn.Linear(2 * width * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x.reshape(-1, 1, 8, 8)), 1))
+
+
+def build(name: str, seed: int | None = None, **options) -> torch.nn.Module:
+    """A zoo model, or the bench-local no-BN CNN (same training defaults as the zoo CNN)."""
+    if name != "cnn-nobn":
+        return ms.tasks.build(name, seed=seed, **options)
+    if seed is None:
+        return CNNNoBN(**options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CNNNoBN(**options)
+
+
+def train_defaults(name: str) -> dict:
+    return ms.tasks.TRAIN_DEFAULTS["cnn" if name == "cnn-nobn" else name]
 
 
 def trained(name: str, options: dict, seed: int, task) -> dict:
     path = OUT / "ckpt" / f"{name}_{'_'.join(f'{k}{v}' for k, v in sorted(options.items()))}_s{seed}.safetensors"
     if path.exists():
         return dict(ms.load(path))
-    model = ms.tasks.build(name, seed=seed, **options)
-    ms.tasks.train(model, task, seed=seed, **ms.tasks.TRAIN_DEFAULTS[name])
+    model = build(name, seed=seed, **options)
+    ms.tasks.train(model, task, seed=seed, **train_defaults(name))
     path.parent.mkdir(parents=True, exist_ok=True)
-    ms.save(model.state_dict(), path, metadata=model_metadata(name, options))
+    ms.save(model.state_dict(), path, metadata=model_metadata(name, options) if name != "cnn-nobn" else {})
     return model.state_dict()
 
 
 def module(name, options, state):
-    m = ms.tasks.build(name, **options)
+    m = build(name, **options)
     m.load_state_dict(state)
     return m.eval()
 
@@ -92,7 +123,7 @@ def rebasin_align(name, options, sa, sb, x):
 def run_config(key: str, task, use_rebasin: bool) -> dict:
     name, options = CONFIGS[key]
     sa, sb = trained(name, options, 0, task), trained(name, options, 1, task)
-    template = ms.tasks.build(name, **options)
+    template = build(name, **options)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in template.modules())
     x = next(task.batches("train"))[0][:16]
     train_batches = [xb for xb, _ in task.batches("train")]
@@ -140,6 +171,124 @@ def _row(path, has_bn: bool, seconds: float) -> dict:
                 "curve_acc": list(path.naive_accuracy)}
     return {"seconds": seconds, "barrier_loss": path.barrier_loss, "barrier_acc": path.barrier_acc,
             "curve_acc": list(path.accuracy)}
+
+
+# ---- several seed pairs: the two evidence targets of issue 8 -----------------------------------------
+
+def rebasin_seeded(name, options, sa, sb, x, seed: int):
+    """rebasin draws its layer order from torch's global RNG: seed it so a pair's result is reproducible."""
+    torch.manual_seed(seed)
+    return rebasin_align(name, options, sa, sb, x)
+
+
+def _barriers(path, has_bn: bool) -> dict:
+    """Plain barriers (BN models: interpolated running statistics) and, for BN models, after a BN reset."""
+    if not has_bn:
+        return {"barrier_loss": path.barrier_loss, "barrier_acc": path.barrier_acc}
+    return {"barrier_loss": path.naive_barrier_loss, "barrier_acc": path.naive_barrier_acc,
+            "bn_reset": {"barrier_loss": path.barrier_loss, "barrier_acc": path.barrier_acc}}
+
+
+def study_pair(key: str, seeds: tuple[int, int], task, use_rebasin: bool, restarts: tuple[int, ...]) -> dict:
+    """One seed pair: barriers (+ BN reset, + REPAIR), seconds and matching objective per method."""
+    name, options = CONFIGS[key]
+    sa, sb = trained(name, options, seeds[0], task), trained(name, options, seeds[1], task)
+    template = build(name, **options)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in template.modules())
+    x = next(task.batches("train"))[0][:16]
+    train_batches = [xb for xb, _ in task.batches("train")]
+    spec = permutation_spec(template, x).with_sizes(sa)
+    ma, mb = module(name, options, sa), module(name, options, sb)
+    objective = lambda aligned: matching_objective(spec, {}, sa, aligned)  # noqa: E731
+    aligners = {f"weight r{r}": (lambda r=r: ms.align.apply(spec, weight_matching(spec, sa, sb, seed=seeds[0],
+                                                                                   restarts=r), sb))
+                for r in restarts}
+    aligners["activation"] = lambda: align_models(spec, ma, mb, method="activation", task=task, seed=seeds[0]).state
+    rows = {"naive": {**_barriers(interpolate(template, sa, sb, task, n=N, bn_reset=has_bn), has_bn),
+                      "seconds": 0.0, "objective": objective(sb)}}
+    for method, fn in aligners.items():
+        aligned, seconds = _timed(fn, repeats=3 if method.startswith("weight") else 1)
+        row = {**_barriers(interpolate(template, sa, aligned, task, n=N, bn_reset=has_bn), has_bn),
+               "seconds": seconds, "objective": objective(aligned)}
+        row["repair"] = {k: v for k, v in repaired_path(name, options, sa, aligned, task, train_batches).items()
+                         if k.startswith("barrier")}
+        rows[method] = row
+    if use_rebasin:
+        runs = [rebasin_seeded(name, options, sa, sb, x, seeds[0]) for _ in range(3)]
+        aligned = runs[0][0]
+        rows["rebasin (PyPI)"] = {**_barriers(interpolate(template, sa, aligned, task, n=N, bn_reset=has_bn), has_bn),
+                                  "seconds": min(r[1] for r in runs), "objective": objective(aligned)}
+    return {"seeds": list(seeds), "rows": rows}
+
+
+def _stat(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) over seed pairs."""
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
+def study_summary(pairs: list[dict]) -> dict:
+    """Per method and column: mean and std over pairs of each number (seconds: mean of per-pair minima)."""
+    out = {}
+    for method in pairs[0]["rows"]:
+        rows = [p["rows"][method] for p in pairs]
+        summ = {}
+        for col in ("barrier_loss", "barrier_acc", "seconds", "objective"):
+            summ[col] = _stat([r[col] for r in rows])
+        for sub in ("bn_reset", "repair"):
+            if sub in rows[0]:
+                summ[sub] = {col: _stat([r[sub][col] for r in rows]) for col in ("barrier_loss", "barrier_acc")}
+        out[method] = summ
+    return out
+
+
+def study_markdown(results: dict) -> str:
+    """Table of mean +- std over seed pairs: loss / accuracy-point barriers, + BN reset, + REPAIR, seconds."""
+    lines = ["| model | method | loss barrier | acc. barrier (points) | + BN reset | + REPAIR | seconds | objective |",
+             "|---|---|---|---|---|---|---|---|"]
+    pm = lambda ms_, scale=1.0, d=3: f"{scale * ms_[0]:.{d}f} ± {scale * ms_[1]:.{d}f}"  # noqa: E731
+    cell = lambda r: f"{pm(r['barrier_loss'])} / {pm(r['barrier_acc'], 100, 1)}" if r else "-"  # noqa: E731
+    for key, res in results.items():
+        for method, r in res["summary"].items():
+            lines.append(f"| {key} | {method} | {pm(r['barrier_loss'])} | {pm(r['barrier_acc'], 100, 1)} | "
+                         f"{cell(r.get('bn_reset'))} | {cell(r.get('repair'))} | {pm(r['seconds'], d=2)} | "
+                         f"{pm(r['objective'], d=2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _diff(name: str, a: list[dict], b: list[dict]) -> str:
+    """``name``: mean +- std over pairs of (a - b), loss barrier and accuracy points, and a's wins/ties/losses."""
+    dl = [x["barrier_loss"] - y["barrier_loss"] for x, y in zip(a, b)]
+    da = [100 * (x["barrier_acc"] - y["barrier_acc"]) for x, y in zip(a, b)]
+    record = f"{sum(v < -1e-4 for v in dl)}/{sum(abs(v) <= 1e-4 for v in dl)}/{sum(v > 1e-4 for v in dl)}"
+    return (f"{name}: loss {_stat(dl)[0]:+.4f} ± {_stat(dl)[1]:.4f}, acc. {_stat(da)[0]:+.2f} ± {_stat(da)[1]:.2f} points "
+            f"(lower loss barrier in / tied / higher: {record} pairs)")
+
+
+def paired_differences(results: dict) -> str:
+    """Paired (same seed pair) differences that decide the two claims: REPAIR vs BN reset, ours vs rebasin."""
+    lines = []
+    for key, res in results.items():
+        pairs = res["pairs"]
+        for method in pairs[0]["rows"]:
+            rows = [p["rows"][method] for p in pairs]
+            if "repair" in rows[0]:
+                base = "bn_reset" if "bn_reset" in rows[0] else None
+                lines.append(_diff(f"{key} {method}: REPAIR - {'BN reset' if base else 'plain'}",
+                                   [r["repair"] for r in rows], [r[base] if base else r for r in rows]))
+            if "rebasin (PyPI)" in pairs[0]["rows"] and method.startswith("weight"):
+                lines.append(_diff(f"{key} {method} - rebasin", rows, [p["rows"]["rebasin (PyPI)"] for p in pairs]))
+    return "\n".join(lines) + "\n"
+
+
+def run_study(keys: list[str], n_pairs: int, task, use_rebasin: bool, restarts: tuple[int, ...]) -> dict:
+    results = {}
+    for key in keys:
+        pairs = [study_pair(key, (2 * i, 2 * i + 1), task, use_rebasin and CONFIGS[key][0] == "mlp", restarts)
+                 for i in range(n_pairs)]
+        results[key] = {"pairs": pairs, "summary": study_summary(pairs)}
+        print(f"{key}: done", file=sys.stderr, flush=True)
+    return results
 
 
 def minilm() -> dict:
@@ -212,6 +361,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rebasin-path", default=None, help="folder holding the rebasin package (and torchview)")
     parser.add_argument("--minilm", action="store_true", help="only time spec + weight matching on MiniLM")
     parser.add_argument("--table", action="store_true", help="only print the markdown table of the last results")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="seed-pair study instead: pairs (0,1), (2,3), ...; weight matching, activation matching, "
+                             "BN reset, REPAIR and rebasin; mean +- std (writes align_pairs.json/.md)")
+    parser.add_argument("--restarts", default="1,3", help="weight-matching restarts compared in the pair study")
+    parser.add_argument("--tag", default="", help="pair study: write align_pairs<TAG>.json/.md")
     args = parser.parse_args(argv)
     if args.table:
         print(markdown(json.loads((OUT / "align_barriers.json").read_text())), end="")
@@ -233,6 +387,16 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     task = ms.tasks.digits()
+    if args.pairs:
+        keys = args.configs.split(",") if args.configs != ",".join(CONFIGS) else list(CONFIGS)
+        restarts = tuple(int(r) for r in args.restarts.split(","))
+        results = run_study(keys, args.pairs, task, use_rebasin, restarts)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"align_pairs{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+        text = study_markdown(results) + "\n" + paired_differences(results)
+        (OUT / f"align_pairs{args.tag}.md").write_text(text)
+        print(text, end="")
+        return
     results = {key: run_config(key, task, use_rebasin and CONFIGS[key][0] == "mlp") for key in args.configs.split(",")}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "align_barriers.json").write_text(json.dumps(results, indent=2) + "\n")

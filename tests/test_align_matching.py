@@ -104,7 +104,7 @@ def _reference_weight_matching(wa, ba, wb, bb, seed, max_iter=100):
 def test_weight_matching_agrees_with_a_numpy_reference(trained):
     sa, sb = trained("mlp", 0, 8, width=48), trained("mlp", 1, 8, width=48)
     spec = permutation_spec(ms.tasks.build("mlp", width=48), torch.randn(2, 64))
-    ours = weight_matching(spec, sa, sb, seed=4)
+    ours = weight_matching(spec, sa, sb, seed=4, restarts=1)  # the reference is one descent from the identity
     w = lambda s: [s[f"layers.{i}.weight"].double().numpy() for i in range(2)] + [s["head.weight"].double().numpy()]  # noqa: E731
     b = lambda s: [s[f"layers.{i}.bias"].double().numpy() for i in range(2)]  # noqa: E731
     ref = _reference_weight_matching(w(sa), b(sa), w(sb), b(sb), seed=4)

@@ -3,7 +3,9 @@
 Weight matching maximizes sum_l <W_l^A, P_l W_l^B P_{l-1}^T> by coordinate descent: with every
 other permutation held, the best P_l is a linear assignment problem on
 C = sum_{(tensor, axis) in P_l} A_(axis) B'_(axis)^T (scipy's ``linear_sum_assignment``); layers
-are visited in a seeded random order until no step improves. Block-structured (attention)
+are visited in a seeded random order until no step improves. The descent only reaches a local
+optimum that depends on its start and order, so a cold start runs ``restarts`` descents (identity,
+then seeded random permutations) and keeps the one with the highest objective. Block-structured (attention)
 permutations are solved two-level: an assignment inside every pair of heads, then an assignment
 of heads on those values (heads move Q/K and V/O together).
 
@@ -20,7 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import MergescopeError
-from .permute import Permutation, as_perms, compose_heads, identity, permute_tensor
+from .permute import Permutation, as_perms, compose_heads, identity, permute_tensor, random_permutation
 from .spec import PermutationSpec, as_spec
 
 
@@ -131,20 +133,21 @@ def _descent_step(spec, unit, state_a, state_b, perms) -> bool:
     return True
 
 
-def weight_matching(spec, state_a: Mapping, state_b: Mapping, seed: int = 0, max_iter: int = 100,
-                    init=None, only: Iterable[str] | None = None) -> Permutation:
-    """Permutation of B's units maximizing the inner product of A's and B's weights (Git Re-Basin).
+def matching_objective(spec: PermutationSpec, perms: Mapping, state_a: Mapping, state_b: Mapping) -> float:
+    """sum over the tensors the spec moves of <W_A, P(W_B)>: what weight matching maximizes."""
+    return float(sum((state_a[t].detach().to(torch.float64)
+                      * permute_tensor(spec, perms, t, state_b[t].detach().to(torch.float64))).sum()
+                     for t in spec.axes_of()))
 
-    ``init`` starts from a given permutation; ``only`` limits the descent to some perms (the rest
-    stay as in ``init``).
-    """
-    spec = as_spec(spec).with_sizes(state_a)
-    perms = {**identity(spec), **(as_perms(init) if init is not None else {})}
-    units = _units(spec)
-    if only is not None:
-        only = set(only)
-        units = [u for u in units if set(u[1]) & only or u[0] in only]
-    rng = np.random.default_rng(seed)
+
+def _random_start(spec: PermutationSpec, perms: dict, names: set[str], generator: torch.Generator) -> dict:
+    """``perms`` with the perms in ``names`` replaced by a uniformly random permutation (head blocks respected)."""
+    drawn = random_permutation(spec, generator=generator).perms
+    return {p: drawn[p] if p in names else q for p, q in perms.items()}
+
+
+def _descend(spec, units, state_a, state_b, perms: dict, rng: np.random.Generator, max_iter: int) -> int:
+    """Coordinate descent from ``perms`` (updated in place) until a sweep improves nothing; returns the sweeps."""
     neighbours = _neighbours(spec, units)
     dirty = set(range(len(units)))  # a unit whose cost matrix may have changed since it was solved
     iterations = 0
@@ -159,7 +162,43 @@ def weight_matching(spec, state_a: Mapping, state_b: Mapping, seed: int = 0, max
                 dirty |= neighbours[k]
         if not improved:
             break
-    return Permutation(perms, method="weight", info={"iterations": iterations, "seed": seed})
+    return iterations
+
+
+def weight_matching(spec, state_a: Mapping, state_b: Mapping, seed: int = 0, max_iter: int = 100,
+                    init=None, only: Iterable[str] | None = None, restarts: int = 1) -> Permutation:
+    """Permutation of B's units maximizing the inner product of A's and B's weights (Git Re-Basin).
+
+    ``init`` starts from a given permutation (one descent: a warm start is refined, not replaced);
+    otherwise ``restarts`` descents start from the identity and from ``restarts - 1`` random
+    permutations drawn from ``seed``, and the highest objective wins (the first start on ties), so
+    more restarts never lower the objective. ``only`` limits the descent to some perms (the rest
+    stay as in ``init``).
+    """
+    if restarts < 1:
+        raise MergescopeError(f"weight_matching: restarts must be >= 1, got {restarts}")
+    spec = as_spec(spec).with_sizes(state_a)
+    moved = spec.axes_of()  # float64 once, shared by every step of every start
+    state_a = {t: state_a[t].detach().to(torch.float64) for t in moved}
+    state_b = {t: state_b[t].detach().to(torch.float64) for t in moved}
+    start = {**identity(spec), **(as_perms(init) if init is not None else {})}
+    units = _units(spec)
+    if only is not None:
+        only = set(only)
+        units = [u for u in units if set(u[1]) & only or u[0] in only]
+    free = {p for head, names in units for p in names + ((head,) if head is not None else ())}
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    best, objectives, sweeps = None, [], []
+    for k in range(1 if init is not None else restarts):
+        perms = dict(start) if k == 0 else _random_start(spec, start, free, generator)
+        sweeps.append(_descend(spec, units, state_a, state_b, perms, rng, max_iter))
+        objectives.append(matching_objective(spec, perms, state_a, state_b))
+        if best is None or objectives[-1] > objectives[best[0]]:
+            best = (k, perms)
+    return Permutation(best[1], method="weight", info={"iterations": sweeps[best[0]], "seed": seed,
+                                                       "objective": objectives[best[0]], "start": best[0],
+                                                       "objectives": objectives})
 
 
 # ---- activation matching ----------------------------------------------------------------
