@@ -58,6 +58,8 @@ def run_specs(specs, out, executor: Executor | None = None, resume: bool = False
                 on_row(skipped + ran, len(specs), row)
     except BaseException:
         writer.close(sort=False)
+        if not writer.rows:  # failed before its first row (no cluster, bad checkpoint): leave no empty table
+            writer.path.unlink(missing_ok=True)
         raise
     writer.close(sort=True)
     wanted = {s.id for s in specs}
