@@ -272,5 +272,8 @@ def test_cli_writes_the_widened_checkpoint(tmp_path, capsys):
     record = json.loads(written.metadata["partial_zip"])
     assert record["model"]["name"] == "mlp" and record["unmerged"] == ["layers.1.weight:0"]
     assert "model" not in written.metadata  # the widened state no longer fits the recorded architecture
+    rebuilt = zipped_model(ms.tasks.make_model(record["model"]["name"], **record["model"]["options"]), written).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), zipped_model(a, expected).eval()(X))
     assert main(["align", str(paths[0]), str(paths[1]), "-o", str(tmp_path / "w.safetensors"),
                  "--method", "weight", "--unmerged", "1"]) == 2
