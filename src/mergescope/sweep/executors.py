@@ -101,9 +101,10 @@ class RayExecutor:
                     ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except ConnectionError as e:
                 hint = "" if os.environ.get("RAY_AUTH_MODE") else (
-                    "; a cluster from `ray start` may want token authentication: set RAY_AUTH_MODE=token "
-                    "(the token is read from ~/.ray/auth_token or $RAY_AUTH_TOKEN)")
-                raise MergescopeError(f"--ray {self.address}: cannot connect to a Ray cluster ({e}){hint}") from None
+                    "; if a Ray head does listen there, it may want token authentication (`ray start` turns it "
+                    "on): set RAY_AUTH_MODE=token (token from ~/.ray/auth_token or $RAY_AUTH_TOKEN)")
+                raise MergescopeError(f"--ray {self.address}: something answers, but not as a Ray cluster we may "
+                                      f"join ({e}){hint}") from None
             self._started = True
         if self.workers is None:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
