@@ -10,6 +10,7 @@ from .api import AlignResult, align_models, interpolate_states
 from .many import ManyResult, align_to_reference, merge_many
 from .matching import activation_matching, weight_matching
 from .ot import FusionResult, ot_alignment, ot_fusion
+from .partial import zipped_model
 from .permute import Permutation, apply, random_permutation
 from .repair import repair, reset_bn_stats
 from .spec import PermutationSpec, as_spec
@@ -20,4 +21,4 @@ from .zipit import ZipResult, zipit
 __all__ = ["AlignResult", "FusionResult", "ManyResult", "Permutation", "PermutationSpec", "ZipResult",
            "activation_matching", "align_models", "align_to_reference", "apply", "as_spec", "interpolate_states",
            "merge_many", "ot_alignment", "ot_fusion", "permutation_spec", "random_permutation", "repair",
-           "reset_bn_stats", "ste_matching", "weight_matching", "zipit"]
+           "reset_bn_stats", "ste_matching", "weight_matching", "zipit", "zipped_model"]

@@ -34,13 +34,18 @@ def interpolate_states(state_a: Mapping, state_b: Mapping, alpha: float) -> dict
 
 
 def align_models(spec, model_a: nn.Module, model_b: nn.Module, method: str = "weight", task=None, seed: int = 0,
-                 alpha: float = 0.5, batch_size: int = 512) -> AlignResult:
-    """Run one alignment method; data-driven ones read ``task``'s train split."""
+                 alpha: float = 0.5, batch_size: int = 512, unmerged: int = 0) -> AlignResult:
+    """Run one alignment method; data-driven ones read ``task``'s train split.
+
+    ``unmerged`` (zipit only): leave the last K unit groups unmerged (partial zipping, a widened state).
+    """
     from . import matching
 
     sa, sb = model_a.state_dict(), model_b.state_dict()
     if method in ("activation", "ste", "zipit") and task is None:
         raise MergescopeError(f"align: method {method!r} needs data (a task)")
+    if unmerged and method != "zipit":
+        raise MergescopeError(f"align: unmerged={unmerged} applies to method 'zipit' only, not {method!r}")
     if method == "weight":
         perm = matching.weight_matching(spec, sa, sb, seed=seed)
     elif method == "activation":
@@ -56,7 +61,8 @@ def align_models(spec, model_a: nn.Module, model_b: nn.Module, method: str = "we
     elif method == "zipit":
         from .zipit import zipit
 
-        merged = zipit(spec, model_a, model_b, task.batches("train", batch_size=batch_size), alpha=alpha)
+        merged = zipit(spec, model_a, model_b, task.batches("train", batch_size=batch_size), alpha=alpha, seed=seed,
+                       unmerged=unmerged)
         return AlignResult(merged.state, {}, "zipit", merged=True, info=merged.info)
     else:
         raise MergescopeError(f"align: unknown method {method!r} (weight, activation, ste, ot, zipit)")

@@ -65,10 +65,8 @@ def align(
     with torch_threads(threads):
         start = time.perf_counter()
         spec = al.permutation_spec(module_a, x)
-        if unmerged:
-            result = _partial_zip(al, spec, module_a, module_b, the_task, alpha, seed, unmerged)
-        else:
-            result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha)
+        result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha,
+                                 unmerged=unmerged)
         state = result.state
         if repair and method not in ("zipit",):
             merged, _, _ = model_for(ca, name, **used)
@@ -95,7 +93,7 @@ def align(
     if unmerged and not STATE["quiet"]:
         console.print(_partial_zip_table(spec, result.info, module_a, a.name, b.name))
         say(f"widened model: zipped_model(ms.tasks.make_model({record[0]!r}, **{record[1]!r}), ms.load({str(out)!r})) "
-            "(from mergescope.align.partial import zipped_model)")
+            "(from mergescope.align import zipped_model)")
     elif not STATE["quiet"]:
         table = Table(title=f"align {b.name} -> {a.name} ({method}{', REPAIR' if repair else ''})")
         table.add_column("permutation")
@@ -105,13 +103,6 @@ def align(
             table.add_row(p, str(len(idx)), str(int((idx != torch.arange(len(idx))).sum())))
         console.print(table)
     say(f"wrote {out} ({seconds:.2f}s)")
-
-
-def _partial_zip(al, spec, module_a, module_b, task, alpha: float, seed: int, unmerged: int):
-    """ZipIt! with the last ``unmerged`` unit groups left unmerged, as an AlignResult (merged, no perms)."""
-    zipped = al.zipit(spec, module_a, module_b, task.batches("train", batch_size=512), alpha=alpha, seed=seed,
-                      unmerged=unmerged)
-    return al.AlignResult(zipped.state, {}, "zipit", merged=True, info=zipped.info)
 
 
 def _partial_zip_metadata(meta: dict, info: dict) -> dict:
