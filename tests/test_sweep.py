@@ -317,6 +317,26 @@ def test_ctrl_c_mid_sweep_then_resume_loses_and_duplicates_nothing(zoo, tmp_path
     assert uninterrupted.ran == 10 and out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
 
 
+def test_ctrl_c_between_writing_a_row_and_recording_it_keeps_the_row(zoo, tmp_path, ray_cluster, monkeypatch):
+    """The window the real Ctrl-C above hits most often: the row is flushed, fsync is running."""
+    spec_file = write(zoo, "eval2.yaml", {"kind": "evaluate", "checkpoints": ["m0.safetensors", "m1.safetensors"]})
+    out, calls, real_fsync = tmp_path / "k.jsonl", [], os.fsync
+
+    def fsync_then_ctrl_c(fd):
+        real_fsync(fd)
+        calls.append(fd)
+        if len(calls) == 2:  # the first is the empty table's creation, the second the first row
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", fsync_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(spec_file, out, sweep.RayExecutor(workers=1))
+    monkeypatch.undo()
+    assert len(complete_rows(out)) == 1
+    resumed = sweep.run(spec_file, out, sweep.RayExecutor(workers=1), resume=True)
+    assert (resumed.skipped, resumed.ran) == (1, 1) and len(complete_rows(out)) == 2
+
+
 # --- a bad --ray address fails fast -----------------------------------------------------------
 def closed_loopback_port() -> int:
     with socket.socket() as s:

@@ -113,7 +113,7 @@ def sweep(
     shared = len(getattr(executor, "shared", {}))
     rate = result.ran / seconds if result.ran else 0.0
     say(f"{result.total} tasks: ran {result.ran}, already done {result.skipped}, on {where} with "
-        f"{executor.workers} workers in {seconds:.1f}s ({rate:.2f} tasks/s)"
+        f"{executor.workers or 'no'} workers in {seconds:.1f}s ({rate:.2f} tasks/s)"
         + (f"; {shared} checkpoint(s) sent through the object store" if shared else "") + f"; wrote {out}"
         + (f", {summary}" if summary else "") + (f", {plot}" if plot and config.kind == "barrier_matrix" else ""))
 

@@ -1,9 +1,10 @@
 """Sweeps: grids of merges, evaluations and pairwise barriers, on a local process pool or on Ray.
 
 A sweep YAML (``spec``) expands into picklable task specs with stable ids; an executor
-(``executors``) runs the same task function (``work.run_task``) locally or as Ray tasks; rows go
-to a JSON-lines table as they finish (``results``), so an interrupted sweep resumes; ``tables``
-turns rows into a barrier matrix or a validation-picked coefficient search.
+(``executors``) runs the same task function (``work.run_task``) locally or as Ray tasks (small
+checkpoints reach Ray tasks through the object store, ``sharing``; a dead ``--ray`` address fails
+fast, ``address``); rows go to a JSON-lines table as they finish (``results``), so an interrupted
+sweep resumes; ``tables`` turns rows into a barrier matrix or a validation-picked coefficient search.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def run_specs(specs, out, executor: Executor | None = None, resume: bool = False
                 on_row(skipped + ran, len(specs), row)
     except BaseException:
         writer.close(sort=False)
-        if not writer.rows:  # failed before its first row (no cluster, bad checkpoint): leave no empty table
-            writer.path.unlink(missing_ok=True)
+        if not read_rows(writer.path):  # failed before its first row (no cluster, bad checkpoint): no empty
+            writer.path.unlink(missing_ok=True)  # table left; asks the file, as Ctrl-C can land mid-``add``
         raise
     writer.close(sort=True)
     wanted = {s.id for s in specs}

@@ -120,6 +120,8 @@ class RayExecutor:
         return refs
 
     def run(self, specs: Sequence[TaskSpec]) -> Iterator[dict]:
+        if not specs:  # e.g. resuming a finished sweep: no cluster to start or join
+            return
         ray = self._connect()
         remote = ray.remote(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)(run_task_with_states)
         queue, in_flight, states = list(specs)[::-1], [], {}
