@@ -194,7 +194,8 @@ def test_only_states_up_to_the_threshold_go_through_the_object_store(zoo, tmp_pa
     wide = build("mlp", seed=7, width=4 * WIDTH)
     save(wide.state_dict(), tmp_path / "wide.safetensors", metadata=model_metadata("mlp", {"width": 4 * WIDTH}))
     small_bytes = sum(t.numel() * t.element_size() for t in load(zoo / "m0.safetensors").values())
-    spec_file = write(tmp_path, "mixed.yaml", {"kind": "evaluate", "checkpoints": ["small.safetensors", "wide.safetensors"]})
+    spec_file = write(tmp_path, "mixed.yaml",
+                      {"kind": "evaluate", "checkpoints": ["small.safetensors", "wide.safetensors"]})
 
     puts = put_then_delete(ray, monkeypatch)
     executor = sweep.RayExecutor(workers=2, share_below=small_bytes)  # inclusive: small is exactly at it
@@ -401,7 +402,8 @@ def test_readme_sweep_gives_identical_tables_locally_and_on_ray_and_feeds_the_he
     matrix = json.loads(summary.read_text())
     rows = {(r["i"], r["j"]): r for r in map(json.loads, out.read_text().splitlines())}
     assert matrix["names"] == names and len(matrix["paths"]) == len(rows) == len(names) * (len(names) - 1) // 2
-    assert all(matrix["barrier_loss"][i][j] == matrix["barrier_loss"][j][i] == r["barrier_loss"] for (i, j), r in rows.items())
+    loss = matrix["barrier_loss"]
+    assert all(loss[i][j] == loss[j][i] == r["barrier_loss"] for (i, j), r in rows.items())
 
     # the same file on the Ray cluster (--ray auto: this process's connection), summary drawn as the study heatmap
     assert main(["-q", "sweep", "barrier.yaml", "-o", "ray.jsonl", "--ray", "auto", "--summary", "ray.json",

@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from ..errors import MergescopeError
-from .address import check_reachable
+from .address import check_reachable, dialled_address
 from .sharing import DEFAULT_SHARE_BELOW, parse_threshold, resolve, small_states
 from .spec import TaskSpec
 from .work import run_task, run_task_with_states
@@ -100,11 +100,8 @@ class RayExecutor:
                 else:
                     ray.init(address=self.address, log_to_driver=False, configure_logging=False)
             except ConnectionError as e:
-                hint = "" if os.environ.get("RAY_AUTH_MODE") else (
-                    "; if a Ray head does listen there, it may want token authentication (`ray start` turns it "
-                    "on): set RAY_AUTH_MODE=token (token from ~/.ray/auth_token or $RAY_AUTH_TOKEN)")
-                raise MergescopeError(f"--ray {self.address}: something answers, but not as a Ray cluster we may "
-                                      f"join ({e}){hint}") from None
+                hint = _auth_hint(self.address)
+                raise MergescopeError(f"--ray {self.address}: cannot join a Ray cluster ({e}){hint}") from None
             self._started = True
         if self.workers is None:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -140,6 +137,15 @@ class RayExecutor:
             if self._started:
                 ray.shutdown()
                 self._started = False
+
+
+def _auth_hint(address: str) -> str:
+    """Why a head that accepts TCP may still refuse us: Ray 2.60's `ray start` turns on token
+    authentication, and ray.init sends the token to an explicit address only with RAY_AUTH_MODE=token."""
+    if os.environ.get("RAY_AUTH_MODE") or dialled_address(address) is None:
+        return ""
+    return ("; if a Ray head does listen there, it may want token authentication: set RAY_AUTH_MODE=token "
+            "(token from ~/.ray/auth_token or $RAY_AUTH_TOKEN)")
 
 
 def _submit(remote, spec: TaskSpec, states: dict):
