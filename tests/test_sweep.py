@@ -137,7 +137,7 @@ def test_20_task_sweep_identical_locally_on_ray_by_path_and_through_the_object_s
     puts = put_then_delete(ray, monkeypatch)
     executor = sweep.RayExecutor(workers=2)
     shared = sweep.run(spec_file, tmp_path / "shared.jsonl", executor)
-    want = sorted(str(folder / f"m{i}.safetensors") for i in range(5))  # 4 in the model sets + the base
+    want = sorted(str((folder / f"m{i}.safetensors").resolve()) for i in range(5))  # 4 in the model sets + the base
     assert sorted(puts) == sorted(executor.shared) == want
     assert not list(folder.glob("*.safetensors")), "the tasks could only have used the object store"
     assert shared.ran == 20 and (tmp_path / "shared.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
@@ -194,19 +194,19 @@ def test_only_states_up_to_the_threshold_go_through_the_object_store(zoo, tmp_pa
     wide = build("mlp", seed=7, width=4 * WIDTH)
     save(wide.state_dict(), tmp_path / "wide.safetensors", metadata=model_metadata("mlp", {"width": 4 * WIDTH}))
     small_bytes = sum(t.numel() * t.element_size() for t in load(zoo / "m0.safetensors").values())
-    spec_file = write(tmp_path, "mixed.yaml",
-                      {"kind": "evaluate", "checkpoints": ["small.safetensors", "wide.safetensors"]})
+    names = ["small.safetensors", "./small.safetensors", "wide.safetensors"]  # small spelled twice: 2 tasks, 1 put
+    spec_file = write(tmp_path, "mixed.yaml", {"kind": "evaluate", "checkpoints": names})
 
     puts = put_then_delete(ray, monkeypatch)
     executor = sweep.RayExecutor(workers=2, share_below=small_bytes)  # inclusive: small is exactly at it
     rows = {r["checkpoint"]: r for r in sweep.run(spec_file, tmp_path / "mixed.jsonl", executor).rows}
-    assert puts == [str(small)] and executor.shared == {str(small): small_bytes}
+    assert puts == [str(small.resolve())] and executor.shared == {str(small.resolve()): small_bytes}
     assert not small.exists() and (tmp_path / "wide.safetensors").exists()  # the wide one went by path
 
     narrow = build("mlp", width=WIDTH)
     narrow.load_state_dict(dict(load(zoo / "m0.safetensors")))
     task = digits()
-    for name, net in (("small.safetensors", narrow), ("wide.safetensors", wide)):
+    for name, net in (("small.safetensors", narrow), ("./small.safetensors", narrow), ("wide.safetensors", wide)):
         for split in ("val", "test"):
             ref = task.evaluate(net, split)
             assert rows[name][f"{split}_accuracy"] == ref["accuracy"]
@@ -346,7 +346,11 @@ def closed_loopback_port() -> int:
 
 
 def test_unreachable_or_malformed_ray_addresses_are_one_line_errors(monkeypatch):
-    from mergescope.sweep.address import check_reachable
+    from mergescope.sweep.address import check_reachable, host_port
+
+    assert host_port("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert host_port("ray://head.example:10001") == ("head.example", 10001)
+    assert host_port("[::1]:6379") == ("::1", 6379)
 
     port = closed_loopback_port()
     cases = [(f"127.0.0.1:{port}", "connection refused"), (f"ray://127.0.0.1:{port}", "connection refused"),

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from ..errors import MergescopeError
 from .address import check_reachable, dialled_address
-from .sharing import DEFAULT_SHARE_BELOW, parse_threshold, resolve, small_states
+from .sharing import DEFAULT_SHARE_BELOW, parse_threshold, same_file_key, small_states
 from .spec import TaskSpec
 from .work import run_task, run_task_with_states
 
@@ -150,8 +150,8 @@ def _auth_hint(address: str) -> str:
 
 def _submit(remote, spec: TaskSpec, states: dict):
     """Submit one task; the shared states it reads go as top-level ObjectRef arguments."""
-    names = sorted({c for c in spec.checkpoints if resolve(spec.root, c) in states})
-    return remote.remote(spec, names, *(states[resolve(spec.root, c)] for c in names))
+    names = sorted({c for c in spec.checkpoints if same_file_key(spec.root, c) in states})
+    return remote.remote(spec, names, *(states[same_file_key(spec.root, c)] for c in names))
 
 
 def _get(ray, ref) -> dict:

@@ -53,6 +53,11 @@ def resolve(root: str | os.PathLike, ref: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def same_file_key(root: str | os.PathLike, ref: str) -> Path:
+    """One key per file however the sweep spells it ("a.safetensors", "./a.safetensors", a symlink)."""
+    return resolve(root, ref).resolve()
+
+
 def parse_threshold(size: int | str) -> int:
     """'64MB' -> 64e6 bytes (decimal, like --max-shard-size), '1GiB' -> 2**30; 0 shares nothing."""
     from ..io.writer import parse_size
@@ -71,11 +76,11 @@ def state_nbytes(ckpt) -> int:
 
 
 def distinct_checkpoints(specs: Iterable) -> list[Path]:
-    """Every checkpoint the specs read, resolved, each once, in order of first use."""
+    """Every file the specs read, each once (``same_file_key``), in order of first use."""
     seen: dict[Path, None] = {}
     for spec in specs:
         for ref in spec.checkpoints:
-            seen.setdefault(resolve(spec.root, ref), None)
+            seen.setdefault(same_file_key(spec.root, ref), None)
     return list(seen)
 
 
