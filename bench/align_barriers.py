@@ -206,6 +206,8 @@ def study_pair(key: str, seeds: tuple[int, int], task, use_rebasin: bool, restar
     aligners["activation"] = lambda: align_models(spec, ma, mb, method="activation", task=task, seed=seeds[0]).state
     rows = {"naive": {**_barriers(interpolate(template, sa, sb, task, n=N, bn_reset=has_bn), has_bn),
                       "seconds": 0.0, "objective": objective(sb)}}
+    rows["naive"]["repair"] = {k: v for k, v in repaired_path(name, options, sa, sb, task, train_batches).items()
+                               if k.startswith("barrier")}  # the unaligned path: the strongest variance collapse
     for method, fn in aligners.items():
         aligned, seconds = _timed(fn, repeats=3 if method.startswith("weight") else 1)
         row = {**_barriers(interpolate(template, sa, aligned, task, n=N, bn_reset=has_bn), has_bn),
@@ -277,8 +279,73 @@ def paired_differences(results: dict) -> str:
                 lines.append(_diff(f"{key} {method}: REPAIR - {'BN reset' if base else 'plain'}",
                                    [r["repair"] for r in rows], [r[base] if base else r for r in rows]))
             if "rebasin (PyPI)" in pairs[0]["rows"] and method.startswith("weight"):
-                lines.append(_diff(f"{key} {method} - rebasin", rows, [p["rows"]["rebasin (PyPI)"] for p in pairs]))
+                peer = [p["rows"]["rebasin (PyPI)"] for p in pairs]
+                lines.append(_diff(f"{key} {method} - rebasin", rows, peer))
+                ratio = sorted(q["seconds"] / r["seconds"] for r, q in zip(rows, peer))
+                lines.append(f"{key} {method}: faster than rebasin in {sum(v > 1 for v in ratio)}/{len(ratio)} pairs, "
+                             f"rebasin/ours time ratio median {ratio[len(ratio) // 2]:.2f} (range {ratio[0]:.2f}-{ratio[-1]:.2f}); "
+                             f"higher objective in {sum(r['objective'] > q['objective'] for r, q in zip(rows, peer))}/{len(ratio)}")
     return "\n".join(lines) + "\n"
+
+
+def bn_gap(key: str, n_pairs: int, task, restarts: int = 1) -> list[dict]:
+    """Why REPAIR ties a BN reset: at t = 0.5 after the reset, each BN output unit's std and mean next to
+    REPAIR's targets (interpolated endpoint statistics), per aligned seed pair and BN layer."""
+    from mergescope.align.repair import channel_stats, repair_points, reset_bn_stats
+
+    name, options = CONFIGS[key]
+    batches = [xb for xb, _ in task.batches("train")]
+    out = []
+    for i in range(n_pairs):
+        sa, sb = trained(name, options, 2 * i, task), trained(name, options, 2 * i + 1, task)
+        ma, mb = module(name, options, sa), module(name, options, sb)
+        spec = permutation_spec(ma, batches[0][:16])
+        for method in ("weight", "activation"):
+            if method == "weight":
+                aligned = ms.align.apply(spec, weight_matching(spec, sa, sb, seed=2 * i, restarts=restarts), sb)
+            else:
+                aligned = align_models(spec, ma, mb, method=method, task=task, seed=2 * i).state
+            mid = reset_bn_stats(module(name, options, {k: torch.lerp(sa[k].float(), aligned[k].float(), 0.5)
+                                                         if sa[k].is_floating_point() else sa[k] for k in sa}), batches)
+            points = repair_points(mid, batches[0])
+            st_a, st_b = channel_stats(ma, points, batches), channel_stats(module(name, options, aligned), points, batches)
+            st_m = channel_stats(mid, points, batches)
+            for p in points:
+                target_mean, target_std = (st_a[p][0] + st_b[p][0]) / 2, (st_a[p][1] + st_b[p][1]) / 2
+                ratio = st_m[p][1] / target_std
+                out.append({"seeds": [2 * i, 2 * i + 1], "method": method, "layer": p,
+                            "std_ratio_mean": float(ratio.mean()), "std_ratio_min": float(ratio.min()),
+                            "std_ratio_max": float(ratio.max()),
+                            "mean_gap_in_stds": float(((st_m[p][0] - target_mean).abs() / target_std).mean())})
+    return out
+
+
+def rebasin_why(key: str, n_pairs: int, task) -> list[dict]:
+    """Is rebasin's answer a local optimum of Git Re-Basin's objective? Our descent started from it: units it
+    moves, objective before/after, loss barrier before/after; and how often rebasin lists each parameter per perm."""
+    from collections import Counter
+
+    from rebasin import PermutationCoordinateDescent
+
+    name, options = CONFIGS[key]
+    template = build(name, **options)
+    x = next(task.batches("train"))[0][:16]
+    spec = permutation_spec(template, x)
+    out = []
+    for i in range(n_pairs):
+        sa, sb = trained(name, options, 2 * i, task), trained(name, options, 2 * i + 1, task)
+        theirs, _ = rebasin_seeded(name, options, sa, sb, x, 2 * i)
+        refined = weight_matching(spec, sa, theirs, seed=0)
+        moved = sum(int((q != torch.arange(len(q))).sum()) for q in refined.perms.values())
+        bar = lambda s: interpolate(template, sa, s, task, n=N).barrier_loss  # noqa: E731
+        out.append({"seeds": [2 * i, 2 * i + 1], "units": sum(len(q) for q in refined.perms.values()), "moved": moved,
+                    "objective_rebasin": matching_objective(spec, {}, sa, theirs),
+                    "objective_refined": refined.info["objective"], "barrier_rebasin": bar(theirs),
+                    "barrier_refined": bar(ms.align.apply(spec, refined, theirs))})
+    pcd = PermutationCoordinateDescent(module(name, options, sa), module(name, options, sb), x)
+    listed = [dict(Counter(f"{tuple(info.parameter_b.shape)} axis {info.axis}" for info in infos))
+              for _, infos in pcd.pinit.model_graph.permutation_to_info]
+    return [{"listed_per_perm": listed}] + out
 
 
 def run_study(keys: list[str], n_pairs: int, task, use_rebasin: bool, restarts: tuple[int, ...]) -> dict:
@@ -366,7 +433,15 @@ def main(argv=None) -> None:
                              "BN reset, REPAIR and rebasin; mean +- std (writes align_pairs.json/.md)")
     parser.add_argument("--restarts", default="1,3", help="weight-matching restarts compared in the pair study")
     parser.add_argument("--tag", default="", help="pair study: write align_pairs<TAG>.json/.md")
+    parser.add_argument("--rebasin-why", action="store_true",
+                        help="with --pairs and --rebasin-path: our descent from rebasin's answer (align_rebasin_why.json)")
+    parser.add_argument("--bn-gap", action="store_true",
+                        help="with --pairs: BN CNN midpoint after a reset vs REPAIR's targets (align_bn_gap.json)")
     args = parser.parse_args(argv)
+    if args.table and args.pairs:  # reprint a pair study from its JSON
+        results = json.loads((OUT / f"align_pairs{args.tag}.json").read_text())
+        print(study_markdown(results) + "\n" + paired_differences(results), end="")
+        return
     if args.table:
         print(markdown(json.loads((OUT / "align_barriers.json").read_text())), end="")
         return
@@ -387,6 +462,26 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     task = ms.tasks.digits()
+    if args.pairs and args.rebasin_why:
+        rows = {key: rebasin_why(key, args.pairs, task) for key in args.configs.split(",")}
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "align_rebasin_why.json").write_text(json.dumps(rows, indent=2) + "\n")
+        for key, (listed, *pairs) in rows.items():
+            print(key, "rebasin lists per perm:", listed["listed_per_perm"])
+            for r in pairs:
+                print(f"{key} {r['seeds']}: our descent from rebasin moves {r['moved']}/{r['units']} units, objective "
+                      f"{r['objective_rebasin']:.3f} -> {r['objective_refined']:.3f}, loss barrier "
+                      f"{r['barrier_rebasin']:.4f} -> {r['barrier_refined']:.4f}")
+        return
+    if args.pairs and args.bn_gap:
+        rows = bn_gap("cnn", args.pairs, task)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "align_bn_gap.json").write_text(json.dumps(rows, indent=2) + "\n")
+        ratios = [r["std_ratio_mean"] for r in rows]
+        print(f"BN outputs after reset / REPAIR target std: mean per layer {min(ratios):.3f}..{max(ratios):.3f}, "
+              f"units {min(r['std_ratio_min'] for r in rows):.3f}..{max(r['std_ratio_max'] for r in rows):.3f}; "
+              f"mean gap {max(r['mean_gap_in_stds'] for r in rows):.3f} target stds at most (layer means)")
+        return
     if args.pairs:
         keys = args.configs.split(",") if args.configs != ",".join(CONFIGS) else list(CONFIGS)
         restarts = tuple(int(r) for r in args.restarts.split(","))

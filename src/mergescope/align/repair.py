@@ -8,8 +8,16 @@ match the interpolation of the endpoints' statistics,
     mu_target = (1 - alpha) mu_A + alpha mu_B,   sigma_target = (1 - alpha) sigma_A + alpha sigma_B,
 
 folding the per-unit affine correction into the layer that produces the unit (a BatchNorm's
-affine, or a Linear/Conv's weight and bias). A plain BatchNorm reset only recomputes the running
-statistics on data (the cheap partial fix the paper compares against).
+affine, or a Linear/Conv's weight and bias). As in the paper, the corrected statistics are the
+per-channel pre-activations (a BatchNorm's output, else the Linear/Conv output before the
+nonlinearity) at every such layer, shortcut branches included, measured on the given data, and each
+layer is corrected after the ones before it (the paper's exact, forward-pass variant).
+
+A plain BatchNorm reset only recomputes the running statistics on data. In a network whose every
+REPAIR point is a BatchNorm output, the reset already sets each unit's mean to the interpolated
+beta and its std to |interpolated gamma|, which are within a few percent of the REPAIR targets
+(1-2% on the zoo CNN), so REPAIR equals the reset up to noise there: it matters where nothing can
+be reset (networks without BatchNorm), the case the paper introduced it for.
 Both take their data as a list of input batches (or (input, target) pairs).
 """
 
