@@ -8,6 +8,12 @@ folder with --rebasin-path, e.g. a ``pip install --no-deps --target`` folder).
     .venv/bin/python bench/align_barriers.py [--configs mlp32,mlp128,mlp512,cnn] [--rebasin-path DIR]
 
 Writes bench/out/align_barriers.json and .png (trained checkpoints cached in bench/out/ckpt/).
+
+Seed-pair study (one pair is within noise): ``--pairs N`` trains seeds 0..2N-1 and reports mean +- std
+over the pairs (0,1), (2,3), ... for naive, weight matching with each of ``--restarts``, activation
+matching, BN reset, REPAIR and rebasin, plus paired differences (align_pairs<TAG>.json/.md);
+``--rebasin-why`` descends from rebasin's answer, ``--bn-gap`` compares a BN reset with REPAIR's
+targets. ``cnn-nobn`` is the CNN without BatchNorm (where only REPAIR can undo variance collapse).
 """
 
 from __future__ import annotations
@@ -424,7 +430,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated of {', '.join(CONFIGS)} (default: all; the every-method run skips cnn-nobn)")
     parser.add_argument("--rebasin-path", default=None, help="folder holding the rebasin package (and torchview)")
     parser.add_argument("--minilm", action="store_true", help="only time spec + weight matching on MiniLM")
     parser.add_argument("--table", action="store_true", help="only print the markdown table of the last results")
@@ -463,7 +470,7 @@ def main(argv=None) -> None:
         pass
     task = ms.tasks.digits()
     if args.pairs and args.rebasin_why:
-        rows = {key: rebasin_why(key, args.pairs, task) for key in args.configs.split(",")}
+        rows = {key: rebasin_why(key, args.pairs, task) for key in (args.configs or "mlp32,mlp128").split(",")}
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "align_rebasin_why.json").write_text(json.dumps(rows, indent=2) + "\n")
         for key, (listed, *pairs) in rows.items():
@@ -483,7 +490,7 @@ def main(argv=None) -> None:
               f"mean gap {max(r['mean_gap_in_stds'] for r in rows):.3f} target stds at most (layer means)")
         return
     if args.pairs:
-        keys = args.configs.split(",") if args.configs != ",".join(CONFIGS) else list(CONFIGS)
+        keys = args.configs.split(",") if args.configs else list(CONFIGS)
         restarts = tuple(int(r) for r in args.restarts.split(","))
         results = run_study(keys, args.pairs, task, use_rebasin, restarts)
         OUT.mkdir(parents=True, exist_ok=True)
@@ -492,7 +499,8 @@ def main(argv=None) -> None:
         (OUT / f"align_pairs{args.tag}.md").write_text(text)
         print(text, end="")
         return
-    results = {key: run_config(key, task, use_rebasin and CONFIGS[key][0] == "mlp") for key in args.configs.split(",")}
+    keys = args.configs.split(",") if args.configs else [k for k in CONFIGS if k != "cnn-nobn"]
+    results = {key: run_config(key, task, use_rebasin and CONFIGS[key][0] == "mlp") for key in keys}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "align_barriers.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, OUT / "align_barriers.png")
