@@ -34,53 +34,23 @@ from mergescope.tasks.checkpoints import model_metadata
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = {"mlp32": ("mlp", {"width": 32}), "mlp128": ("mlp", {"width": 128}), "mlp512": ("mlp", {"width": 512}),
-           "cnn": ("cnn", {"width": 32}), "cnn-nobn": ("cnn-nobn", {"width": 32})}
+           "cnn": ("cnn", {"width": 32}), "cnn-nobn": ("cnn", {"width": 32, "batchnorm": False})}
 N = 25
-
-
-class CNNNoBN(torch.nn.Module):
-    """The zoo CNN with every conv+BN replaced by a biased conv (no normalization): a net where a BN reset
-    is impossible, so only REPAIR can undo variance collapse. Defined here because the zoo has no BN option."""
-
-    def __init__(self, width: int = 32, num_classes: int = 10):
-        super().__init__()
-        conv = lambda cin, cout: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.ReLU())  # noqa: E731
-        self.features = torch.nn.Sequential(conv(1, width), conv(width, 2 * width), torch.nn.MaxPool2d(2),
-                                            conv(2 * width, 2 * width), torch.nn.MaxPool2d(2))
-        self.head = torch.nn.Linear(2 * width * 4, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.features(x.reshape(-1, 1, 8, 8)), 1))
-
-
-def build(name: str, seed: int | None = None, **options) -> torch.nn.Module:
-    """A zoo model, or the bench-local no-BN CNN (same training defaults as the zoo CNN)."""
-    if name != "cnn-nobn":
-        return ms.tasks.build(name, seed=seed, **options)
-    if seed is None:
-        return CNNNoBN(**options)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CNNNoBN(**options)
-
-
-def train_defaults(name: str) -> dict:
-    return ms.tasks.TRAIN_DEFAULTS["cnn" if name == "cnn-nobn" else name]
 
 
 def trained(name: str, options: dict, seed: int, task) -> dict:
     path = OUT / "ckpt" / f"{name}_{'_'.join(f'{k}{v}' for k, v in sorted(options.items()))}_s{seed}.safetensors"
     if path.exists():
         return dict(ms.load(path))
-    model = build(name, seed=seed, **options)
-    ms.tasks.train(model, task, seed=seed, **train_defaults(name))
+    model = ms.tasks.build(name, seed=seed, **options)
+    ms.tasks.train(model, task, seed=seed, **ms.tasks.TRAIN_DEFAULTS[name])
     path.parent.mkdir(parents=True, exist_ok=True)
-    ms.save(model.state_dict(), path, metadata=model_metadata(name, options) if name != "cnn-nobn" else {})
+    ms.save(model.state_dict(), path, metadata=model_metadata(name, options))
     return model.state_dict()
 
 
 def module(name, options, state):
-    m = build(name, **options)
+    m = ms.tasks.build(name, **options)
     m.load_state_dict(state)
     return m.eval()
 
@@ -129,7 +99,7 @@ def rebasin_align(name, options, sa, sb, x):
 def run_config(key: str, task, use_rebasin: bool) -> dict:
     name, options = CONFIGS[key]
     sa, sb = trained(name, options, 0, task), trained(name, options, 1, task)
-    template = build(name, **options)
+    template = ms.tasks.build(name, **options)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in template.modules())
     x = next(task.batches("train"))[0][:16]
     train_batches = [xb for xb, _ in task.batches("train")]
@@ -199,7 +169,7 @@ def study_pair(key: str, seeds: tuple[int, int], task, use_rebasin: bool, restar
     """One seed pair: barriers (+ BN reset, + REPAIR), seconds and matching objective per method."""
     name, options = CONFIGS[key]
     sa, sb = trained(name, options, seeds[0], task), trained(name, options, seeds[1], task)
-    template = build(name, **options)
+    template = ms.tasks.build(name, **options)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in template.modules())
     x = next(task.batches("train"))[0][:16]
     train_batches = [xb for xb, _ in task.batches("train")]
@@ -334,7 +304,7 @@ def rebasin_why(key: str, n_pairs: int, task) -> list[dict]:
     from rebasin import PermutationCoordinateDescent
 
     name, options = CONFIGS[key]
-    template = build(name, **options)
+    template = ms.tasks.build(name, **options)
     x = next(task.batches("train"))[0][:16]
     spec = permutation_spec(template, x)
     out = []

@@ -53,9 +53,10 @@ def _check_equivalent(model: nn.Module, x, seed: int = 0) -> PermutationSpec:
     return spec
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer"])
-def test_zoo_models_are_invariant_under_random_permutations(name):
-    model = _randomize_buffers(ms.tasks.build(name, seed=0), seed=1)
+@pytest.mark.parametrize("name, options", [("mlp", {}), ("cnn", {}), ("cnn", {"batchnorm": False}), ("resnet", {}),
+                                           ("transformer", {})])
+def test_zoo_models_are_invariant_under_random_permutations(name, options):
+    model = _randomize_buffers(ms.tasks.build(name, seed=0, **options), seed=1)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     spec = _check_equivalent(model, x)
     head = [k for k in model.state_dict() if k.startswith("head.")]

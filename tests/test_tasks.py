@@ -116,3 +116,12 @@ def test_model_for_ignores_unset_cli_options_and_keeps_recorded_ones(tmp_path):
     assert options == {"width": 32}
     _, _, options = model_for(ckpt, "cnn", width=None)  # another model: recorded options do not apply
     assert options == {}
+
+
+def test_cnn_without_batchnorm_has_biased_convs_and_no_norm_layers():
+    plain, normed = ms.tasks.build("cnn", seed=0, batchnorm=False), ms.tasks.build("cnn", seed=0)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    convs = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(c.bias is not None for c in convs)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in normed.modules())
+    assert plain(torch.randn(5, 64)).shape == (5, 10)

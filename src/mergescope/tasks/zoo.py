@@ -29,17 +29,24 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-def conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+def conv_bn(cin: int, cout: int, kernel: int = 3, batchnorm: bool = True) -> nn.Sequential:
+    """conv + BN + ReLU; without BN the conv gets a bias instead (conv + ReLU)."""
+    conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=not batchnorm)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU()) if batchnorm else nn.Sequential(conv, nn.ReLU())
 
 
 class CNN(nn.Module):
-    """Three conv+BN+ReLU blocks on the 8x8 image, max-pooled to 2x2, flattened into a linear head."""
+    """Three conv+BN+ReLU blocks on the 8x8 image, max-pooled to 2x2, flattened into a linear head.
 
-    def __init__(self, width: int = 32, num_classes: int = 10):
+    ``batchnorm=False`` drops the BN layers (biased convs): a net where a BN reset is impossible and
+    only REPAIR can undo the variance collapse of interpolation (Jordan et al. 2023).
+    """
+
+    def __init__(self, width: int = 32, num_classes: int = 10, batchnorm: bool = True):
         super().__init__()
+        block = lambda cin, cout: conv_bn(cin, cout, batchnorm=batchnorm)  # noqa: E731
         self.features = nn.Sequential(
-            conv_bn(1, width), conv_bn(width, 2 * width), nn.MaxPool2d(2), conv_bn(2 * width, 2 * width), nn.MaxPool2d(2)
+            block(1, width), block(width, 2 * width), nn.MaxPool2d(2), block(2 * width, 2 * width), nn.MaxPool2d(2)
         )
         self.head = nn.Linear(2 * width * 4, num_classes)
 
@@ -137,7 +144,7 @@ class TinyViT(nn.Module):
 # name -> (class, {option: default}); the defaults reach the accuracy targets on digits.
 ZOO: dict[str, tuple[type[nn.Module], dict]] = {
     "mlp": (MLP, {"width": 512, "depth": 2}),
-    "cnn": (CNN, {"width": 32}),
+    "cnn": (CNN, {"width": 32, "batchnorm": True}),
     "resnet": (ResNet, {"width": 16}),
     "transformer": (TinyViT, {"dim": 32, "depth": 2, "heads": 4}),
 }
