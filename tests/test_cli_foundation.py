@@ -50,6 +50,17 @@ def test_train_then_inspect_json(tmp_path, capsys):
     assert info["metadata"]["seed"] == "5"
 
 
+def test_train_cnn_without_batchnorm_records_it(tmp_path, capsys):
+    out = tmp_path / "c.safetensors"
+    assert main(["train", "--model", "cnn", "--width", "4", "--no-batchnorm", "--epochs", "1", "-o", str(out)]) == 0
+    ref = load_file(out)
+    assert not any("running_mean" in k for k in ref) and "features.0.0.bias" in ref
+    assert json.loads(ms.load(out).metadata["model"]) == {"name": "cnn", "options": {"width": 4, "batchnorm": False}}
+    capsys.readouterr()
+    assert main(["train", "--model", "mlp", "--no-batchnorm", "--epochs", "1", "-o", str(tmp_path / "m.safetensors")]) == 2
+    assert "unknown option(s) batchnorm" in capsys.readouterr().err
+
+
 def test_train_is_reproducible_and_continues_from_a_checkpoint(tmp_path):
     args = ["train", "--model", "mlp", "--width", "16", "--epochs", "1", "--seed", "2"]
     assert main([*args, "-o", str(tmp_path / "a.safetensors")]) == 0

@@ -62,6 +62,8 @@ def train(
     depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
     dim: int = typer.Option(None, help="Embedding dim (transformer)."),
     heads: int = typer.Option(None, help="Attention heads (transformer)."),
+    batchnorm: bool = typer.Option(None, "--batchnorm/--no-batchnorm",
+                                   help="cnn: with or without BatchNorm [default: with]."),
     seed: int = typer.Option(0, help="Seed for initialization and data order."),
     epochs: int = typer.Option(None, help="Epochs (default: the zoo model's)."),
     lr: float = typer.Option(None, help="Peak learning rate (default: the zoo model's)."),
@@ -79,7 +81,8 @@ def train(
     check_output_path(out, [init_from] if init_from else [], force)  # fail before training, not after
     label_set = _parse_classes(classes)
     task = digits(classes=label_set)
-    given = {k: v for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads}.items() if v is not None}
+    given = {k: v for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads,
+                               "batchnorm": batchnorm}.items() if v is not None}
     if init_from is not None:
         source = load(init_from)
         module, model, options = model_for(source, model, **given)
