@@ -106,6 +106,12 @@ def timed(cmd: list[str]) -> dict:
     return {"wall_s": round(wall, 3), "peak_rss_gb": round(int(max_kb) / 1e6, 3)}
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Median wall time and largest peak RSS over repeated runs (all walls kept)."""
+    walls = sorted(r["wall_s"] for r in runs)
+    return {"wall_s": walls[len(walls) // 2], "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "walls_s": walls}
+
+
 def read_speed(folders: list[Path]) -> tuple[float, int]:
     """Seconds to read every input tensor file sequentially (page cache warm) and the bytes read."""
     files = [f for d in folders for f in sorted(d.glob("*.safetensors"))]
@@ -163,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,slerp")
     parser.add_argument("--work", type=Path, default=OUT / "fixture")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Runs per tool, alternating; the row keeps the median wall and the largest peak RSS.")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     folders = build_fixture(args.work / args.size, args.size)
@@ -181,12 +189,15 @@ def main(argv=None) -> int:
         cfg = OUT / f"{method}.yml"
         cfg.write_text(recipe(method, folders))
         mk_out, ms_out = OUT / f"mk-{method}", OUT / f"ms-{method}"
-        for d in (mk_out, ms_out):
-            shutil.rmtree(d, ignore_errors=True)
-        mk = timed([str(VENV / "mergekit-yaml"), str(cfg), str(mk_out), "--random-seed", "0", "--lazy-unpickle",
-                    "--quiet", "--no-copy-tokenizer"])
-        ours = timed([str(VENV / "mergescope"), "--quiet", "merge", str(cfg), str(ms_out), "--random-seed", "0",
-                      "--threads", str(args.threads), "--max-shard-size", "2GB"])
+        mk_runs, ours_runs = [], []
+        for _ in range(args.repeats):  # alternate the tools so both see the same machine state
+            for d in (mk_out, ms_out):
+                shutil.rmtree(d, ignore_errors=True)
+            mk_runs.append(timed([str(VENV / "mergekit-yaml"), str(cfg), str(mk_out), "--random-seed", "0",
+                                  "--lazy-unpickle", "--quiet", "--no-copy-tokenizer"]))
+            ours_runs.append(timed([str(VENV / "mergescope"), "--quiet", "merge", str(cfg), str(ms_out), "--random-seed",
+                                    "0", "--threads", str(args.threads), "--max-shard-size", "2GB"]))
+        mk, ours = summarize(mk_runs), summarize(ours_runs)
         diff, differing, compared = max_diff(mk_out, ms_out) if method != "dare_ties" else (None, None, None)
         row = {"mergekit": mk, "mergescope": ours, "wall_ratio": round(ours["wall_s"] / mk["wall_s"], 3),
                "rss_ratio": round(ours["peak_rss_gb"] / mk["peak_rss_gb"], 3),

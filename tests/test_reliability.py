@@ -199,6 +199,23 @@ def test_done_log_trusts_only_files_whose_hash_matches(tmp_path):
     assert verified_done(tmp_path) == {"a.bin": good}
 
 
+def test_done_log_holds_every_finished_shard_but_the_last_one(tmp_path):
+    """Earlier shards are logged with their sha256 (hashlib over the file's bytes); the last shard to
+    finish is not hashed, since the run completes right after it."""
+    from mergescope.merge.writer import PlannedWriter
+
+    layout = [(f"t{i}", torch.float32, (256,)) for i in range(3)]
+    writer = PlannedWriter(tmp_path, layout, max_shard_size=1024, metadata={})
+    assert len(writer.paths) == 3
+    assert verified_done(tmp_path) == {}
+    for i in (1, 0, 2):
+        writer.write(f"t{i}", torch.full((256,), float(i)))
+    writer.close()
+    first, second = writer.paths[1].name, writer.paths[0].name
+    assert verified_done(tmp_path) == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+                                       for name in (first, second)}
+
+
 def test_ctrl_c_keeps_the_partial_folder_for_resume_and_a_plain_run_cleans_it(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with atomic_output(tmp_path / "out") as tmp:

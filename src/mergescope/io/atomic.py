@@ -165,7 +165,7 @@ def verified_done(folder: str | os.PathLike) -> dict[str, str]:
     try:
         lines = (folder / DONE_LOG).read_text().splitlines()
     except (OSError, UnicodeDecodeError):
-        return set()
+        return {}
     for line in lines:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             entry = json.loads(line)
