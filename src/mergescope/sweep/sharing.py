@@ -5,8 +5,9 @@ file is read N-1 times, on whichever node runs the pair, and every node needs th
 path. A checkpoint whose tensors total at most ``share_below`` bytes is instead read once on the
 driver and put into the object store once; tasks receive its ObjectRef as a top-level argument,
 so Ray resolves it before the task starts (fetched once per node into its shared-memory store,
-each worker unpickles its own copy) and the worker never opens the file. Larger checkpoints still go by path: the object store keeps every shared
-state for the whole sweep, so only small ones are worth a permanent copy there.
+each worker unpickles its own copy) and the worker never opens the file. Larger checkpoints still
+go by path: the object store keeps every shared state for the whole sweep, so only small ones are
+worth a permanent copy there.
 """
 
 from __future__ import annotations
