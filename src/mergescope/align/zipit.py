@@ -15,7 +15,6 @@ the last K unit groups keep both models' features, M = U = I) is described in ``
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -186,11 +185,7 @@ def zipit(spec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha
         within[p] = sum(1 for i, j in pairs if (i < n) == (j < n))
         ops[p] = merge_unmerge(pairs, n, alpha)
     merged = zip_state(spec, sa, sb, ops, alpha)
-    if reset_bn and not tail:
-        model = copy.deepcopy(model_a)
-        model.load_state_dict(merged)
-        merged = reset_bn_stats(model, batches).state_dict()
-    elif reset_bn:
+    if reset_bn:  # zipped_model holds the state whatever its widths (full zip: the same shapes as A)
         merged = reset_bn_stats(partial.zipped_model(model_a, merged), batches).state_dict()
     info = {"zipped_by_activation": sorted(p for p in stats if p not in tail), "same_model_pairs": within,
             "alpha": alpha}
