@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.markup import escape
 
 try:  # typer >= 0.20 vendors click
     from typer._click import ClickException as _ClickException
@@ -18,7 +17,7 @@ except ImportError:  # pragma: no cover
 
 from .._version import __version__
 from ..errors import MergescopeError
-from .common import STATE, err_console
+from .common import STATE, err_console, printable
 
 app = typer.Typer(
     name="mergescope",
@@ -58,9 +57,9 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) inside a command comes back as n
+        code = app(args=argv, prog_name="mergescope", standalone_mode=False)  # typer.Exit(n) inside a command comes back as n
     except MergescopeError as e:
-        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {printable(e)}", highlight=False, soft_wrap=True)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
@@ -70,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except _ClickException as e:  # usage errors: unknown option, missing argument, bad value
-        e.show()
+    except _ClickException as e:  # usage errors: unknown option, missing argument, bad value: one line too
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(e.format_message().split())
+        err_console.print(f"[red]error:[/red] {printable(message)}{printable(hint)}", highlight=False, soft_wrap=True)
         return 2
     return code if isinstance(code, int) else 0
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import MergescopeError
-from .common import STATE, console, say, torch_threads
+from .common import STATE, console, finite, say, torch_threads
 from ..tasks.checkpoints import task_for
 
 METHODS = ("weight", "activation", "ste", "ot", "zipit")
@@ -23,28 +23,29 @@ def align(
     b: Path = typer.Argument(..., help="Checkpoint whose hidden units are reordered to match A."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
     method: str = typer.Option("weight", help=f"Alignment method: {', '.join(METHODS)}."),
-    model: str = typer.Option(None, help="Model (zoo name or package.module:factory) if the checkpoint lacks it."),
-    width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
-    depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
-    dim: int = typer.Option(None, help="Embedding dim (transformer)."),
-    heads: int = typer.Option(None, help="Attention heads (transformer)."),
+    model: str = typer.Option(None, help="Model: a zoo name, or package.module:factory (runs YOUR code, by design); "
+                               "default: the zoo model A records (a checkpoint can never name code to run)."),
+    width: int = typer.Option(None, min=1, max=16384, help="Hidden width (mlp, cnn, resnet)."),
+    depth: int = typer.Option(None, min=1, max=64, help="Hidden layers (mlp) or blocks (transformer)."),
+    dim: int = typer.Option(None, min=1, max=4096, help="Embedding dim (transformer)."),
+    heads: int = typer.Option(None, min=1, max=64, help="Attention heads (transformer)."),
     repair: bool = typer.Option(False, "--repair",
                                 help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
-    alpha: float = typer.Option(0.5, help="Mixing weight of B for --repair and --method zipit."),
-    unmerged: int = typer.Option(0, help="zipit only: leave the last K unit groups unmerged (partial zipping: "
+    alpha: float = typer.Option(0.5, callback=finite(0, 1), help="Mixing weight of B for --repair and --method zipit."),
+    unmerged: int = typer.Option(0, min=0, max=10000, help="zipit only: leave the last K unit groups unmerged (partial zipping: "
                                           "a shared trunk and both models' tails, outputs mixed by --alpha)."),
     task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
-    seed: int = typer.Option(0, help="Seed (layer order of weight matching, STE data order)."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed (layer order of weight matching, STE data order)."),
     spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),
-    threads: int = typer.Option(1, help="Torch threads."),
+    threads: int = typer.Option(1, min=1, max=1024, help="Torch threads."),
     force: bool = typer.Option(False, help="Replace an existing output."),
 ):
     """Align B to A (weight/activation/STE matching, OT, ZipIt!) and save it; optionally REPAIR the merge."""
     import torch
 
     from .. import align as al
-    from ..io import load, provenance, save
-    from ..tasks.checkpoints import load_state_into, model_for, model_spec_of
+    from ..io import check_output_path, check_side_outputs, load, provenance, save
+    from ..tasks.checkpoints import load_state_into, model_for
 
     if method not in METHODS:
         raise MergescopeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -54,6 +55,8 @@ def align(
         raise MergescopeError(f"--unmerged {unmerged}: only --method zipit leaves unit groups unmerged")
     if unmerged < 0:
         raise MergescopeError(f"--unmerged {unmerged}: must be 0 or more")
+    check_output_path(out, [a, b], force)  # fail before aligning, not after
+    check_side_outputs([a, b], files=[spec_out], main=out)
     ca, cb = load(a), load(b)
     options = {"width": width, "depth": depth, "dim": dim, "heads": heads}
     module_a, name, used = model_for(ca, model, **options)
@@ -76,7 +79,7 @@ def align(
             batches = [xb for xb, _ in the_task.batches("train")]
             state = al.repair(merged, module_a, aligned_b, batches, alpha=alpha).state_dict()
         seconds = time.perf_counter() - start
-    record = model_spec_of(ca) or (name, used)
+    record = (name, used)
     from ..tasks.checkpoints import model_metadata
 
     recipe = {"method": method, "repair": repair, "alpha": alpha if repair or method == "zipit" else None}

@@ -10,13 +10,16 @@ import typer
 from rich.table import Table
 
 from ..errors import MergescopeError
+from ..io import check_side_outputs
 from .common import STATE, console, progress, say, torch_threads, write_json
 from ..tasks.checkpoints import task_for
 
 CKPTS = typer.Argument(..., help="Checkpoints of one architecture (.safetensors files or folders).")
-TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (default: the task the checkpoint records).")
-MODEL = typer.Option(None, help="Model (zoo name or package.module:factory) when the checkpoints do not record it.")
-THREADS = typer.Option(1, help="Torch threads.")
+TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (runs YOUR code, by design). Default: the "
+                    "built-in task the checkpoints record; a checkpoint can never name code to run.")
+MODEL = typer.Option(None, help="Model: a zoo name, or package.module:factory (imports and runs YOUR code, by design). "
+                     "Default: the zoo model the checkpoints record; a checkpoint can never name code to run.")
+THREADS = typer.Option(1, min=1, max=1024, help="Torch threads.")
 OUT = typer.Option(Path("analysis-out"), "--out", "-o", help="Folder for the JSON result and the PNG figure.")
 
 analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
@@ -98,6 +101,7 @@ def ensemble(
     for m in methods:
         if m not in ens.METHODS:
             raise MergescopeError(f"--method {m!r}: choose from {', '.join(ens.METHODS)} or all")
+    check_side_outputs(checkpoints, files=[json_out])
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
         results = [ens.evaluate(module, list(states.values()), task_obj, method=m, split=split) for m in methods]
@@ -123,8 +127,11 @@ def soup(
 ):
     """Model soup (Wortsman et al. 2022): uniform, or greedy by validation accuracy; reported on test."""
     from ..analysis.soups import soup as make_soup
-    from ..io import provenance, save
+    from ..io import check_output_path, provenance, save
 
+    check_side_outputs(checkpoints, files=[json_out], main=out)
+    if out is not None:
+        check_output_path(out, checkpoints, force)
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
         result = make_soup(module, list(states.values()), task_obj, kind=kind)
@@ -139,9 +146,10 @@ def soup(
         write_json(json_out, {"members": names, **result.to_dict()})
     if out is not None:
         from ..io import load
+        from ..tasks.checkpoints import passed_metadata
 
         first = load(checkpoints[0]).metadata
-        meta = {**provenance(inputs=checkpoints), **{k: first[k] for k in ("model", "task") if k in first},
+        meta = {**provenance(inputs=checkpoints), **passed_metadata(first),
                 "soup": json.dumps({"kind": kind, "included": [names[i] for i in result.included]})}
         save(result.state, out, metadata=meta, force=force, inputs=checkpoints)
         say(f"wrote {out}")
@@ -155,6 +163,7 @@ def analyse_weights(checkpoints: list[Path] = CKPTS, out: Path = OUT, task: str 
     """First-layer unit templates and class directions as 8x8 images; per-layer norms and ranks."""
     from ..analysis import weights
 
+    check_side_outputs(checkpoints, folders=[(out, ["weights.json", "weights.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
         result = weights.analyse(module, states, task_obj)
@@ -172,8 +181,8 @@ def analyse_weights(checkpoints: list[Path] = CKPTS, out: Path = OUT, task: str 
 def analyse_spaces(
     checkpoints: list[Path] = typer.Argument(None, help="A family of checkpoints (omit with --zoo)."),
     zoo: str = typer.Option(None, help="Train the families here instead: mlp, cnn, resnet or transformer."),
-    n: int = typer.Option(8, help="Models per family with --zoo."),
-    epochs: int = typer.Option(None, help="Training epochs with --zoo (default: the zoo model's)."),
+    n: int = typer.Option(8, min=2, max=256, help="Models per family with --zoo."),
+    epochs: int = typer.Option(None, min=1, max=100000, help="Training epochs with --zoo (default: the zoo model's)."),
     align: bool = typer.Option(True, help="Add the family aligned to its first model (needs mergescope.align)."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
@@ -181,6 +190,7 @@ def analyse_spaces(
     from ..analysis import spaces
     from ..ensemble import split_tensors
 
+    check_side_outputs(checkpoints or [], folders=[(out, ["spaces.json", "spaces.png"])])
     with torch_threads(threads):
         if zoo:
             from ..tasks import build, get_task
@@ -229,6 +239,7 @@ def analyse_scaling(
         values = tuple(float(f) for f in factors.split(","))
     except ValueError:
         raise MergescopeError(f"--factors {factors!r}: expected comma-separated numbers") from None
+    check_side_outputs(checkpoints, folders=[(out, ["scaling.json", "scaling.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
         result = scaling.analyse(module, states, task_obj, factors=values)
@@ -246,13 +257,14 @@ def analyse_scaling(
 def analyse_stitch(
     model_a: Path = typer.Argument(..., help="Model whose early layers are used."),
     model_b: Path = typer.Argument(..., help="Model whose later layers receive them."),
-    epochs: int = typer.Option(5, help="Epochs to train each stitching layer."),
-    seed: int = typer.Option(0, help="Seed for the stitching data order."),
+    epochs: int = typer.Option(5, min=1, max=100000, help="Epochs to train each stitching layer."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for the stitching data order."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Stitch A's layer l into B's layer l+1 with a trained affine map; penalty per layer."""
     from ..analysis import stitching
 
+    check_side_outputs([model_a, model_b], folders=[(out, ["stitch.json", "stitch.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load([model_a, model_b], model, task)
         a, b = states.values()
@@ -277,6 +289,7 @@ def analyse_cka(
     from ..analysis import similarity, spaces
     from ..ensemble import split_tensors
 
+    check_side_outputs([model_a, model_b], folders=[(out, ["cka.json", "cka.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load([model_a, model_b], model, task)
         a, b = states.values()

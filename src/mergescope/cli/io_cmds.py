@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import MergescopeError
-from .common import STATE, console, progress, say
+from .common import STATE, console, finite, printable, progress, say
 
 
 def _human(n: float) -> str:
@@ -23,7 +23,7 @@ def _human(n: float) -> str:
 def inspect(
     path: Path = typer.Argument(..., help="A .safetensors/.pt/.bin file or a Hugging Face model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    top: int = typer.Option(10, help="How many of the largest tensors to list."),
+    top: int = typer.Option(10, min=0, max=10**6, help="How many of the largest tensors to list."),
 ):
     """Tensor count, parameter count, dtypes, total bytes, largest tensors and metadata of a checkpoint."""
     from ..io import load, summarize
@@ -34,7 +34,7 @@ def inspect(
         return
     if STATE["quiet"]:
         return
-    table = Table(title=f"{path}", show_header=False)
+    table = Table(title=printable(path), show_header=False)
     table.add_row("files", str(info["files"]))
     table.add_row("tensors", f"{info['tensors']:,}")
     table.add_row("parameters", f"{info['parameters']:,}")
@@ -45,12 +45,12 @@ def inspect(
     for col in ("name", "shape", "dtype", "bytes"):
         largest.add_column(col)
     for row in info["largest"]:
-        largest.add_row(row["name"], str(row["shape"]), row["dtype"], _human(row["bytes"]))
+        largest.add_row(printable(row["name"]), str(row["shape"]), row["dtype"], _human(row["bytes"]))
     console.print(largest)
     if info["metadata"]:
         meta = Table(title="metadata", show_header=False)
         for k, v in info["metadata"].items():
-            meta.add_row(k, v if len(v) < 200 else v[:197] + "...")
+            meta.add_row(printable(k[:200]), printable(v if len(v) < 200 else v[:197] + "..."))
         console.print(meta)
 
 
@@ -58,15 +58,15 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
     model: str = typer.Option(None, help="Zoo model (mlp, cnn, resnet, transformer) or package.module:factory "
                                          "[default: mlp, or the --from checkpoint's]."),
-    width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
-    depth: int = typer.Option(None, help="Hidden layers (mlp) or blocks (transformer)."),
-    dim: int = typer.Option(None, help="Embedding dim (transformer)."),
-    heads: int = typer.Option(None, help="Attention heads (transformer)."),
+    width: int = typer.Option(None, min=1, max=16384, help="Hidden width (mlp, cnn, resnet)."),
+    depth: int = typer.Option(None, min=1, max=64, help="Hidden layers (mlp) or blocks (transformer)."),
+    dim: int = typer.Option(None, min=1, max=4096, help="Embedding dim (transformer)."),
+    heads: int = typer.Option(None, min=1, max=64, help="Attention heads (transformer)."),
     batchnorm: bool = typer.Option(None, "--batchnorm/--no-batchnorm",
                                    help="cnn: with or without BatchNorm [default: with]."),
-    seed: int = typer.Option(0, help="Seed for initialization and data order."),
-    epochs: int = typer.Option(None, help="Epochs (default: the zoo model's)."),
-    lr: float = typer.Option(None, help="Peak learning rate (default: the zoo model's)."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for initialization and data order."),
+    epochs: int = typer.Option(None, min=1, max=100000, help="Epochs (default: the zoo model's)."),
+    lr: float = typer.Option(None, callback=finite(0, 10, open_low=True), help="Peak learning rate (default: the zoo model's)."),
     init_from: Path = typer.Option(None, "--from", help="Continue training from this checkpoint."),
     classes: str = typer.Option(None, help="Train only on these labels, e.g. 0,1,2,3,4 (label-subset tasks)."),
     force: bool = typer.Option(False, help="Replace an existing output."),

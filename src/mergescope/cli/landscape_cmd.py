@@ -8,16 +8,19 @@ import typer
 from rich.table import Table
 
 from ..errors import MergescopeError
-from .common import STATE, console, progress, say, torch_threads, write_json
+from ..io import check_output_path, check_side_outputs
+from .common import STATE, console, finite, progress, say, torch_threads, write_json
 from ..tasks.checkpoints import task_for
 
 landscape = typer.Typer(name="landscape", help="Loss-landscape geometry: paths, barriers, curves, planes, curvature, "
                         "stability, task vectors.", no_args_is_help=True)
 
 OUT = typer.Option(Path("landscape-out"), "--out", "-o", help="Folder for the JSON result and the PNG figure.")
-TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (default: the task recorded in the checkpoint).")
-MODEL = typer.Option(None, help="Model (zoo name or package.module:factory) when the checkpoint does not record it.")
-THREADS = typer.Option(1, help="Torch threads.")
+TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (runs YOUR code, by design). Default: the "
+                    "built-in task the checkpoint records; a checkpoint can never name code to run.")
+MODEL = typer.Option(None, help="Model: a zoo name, or package.module:factory (imports and runs YOUR code, by design). "
+                     "Default: the zoo model the checkpoint records; a checkpoint can never name code to run.")
+THREADS = typer.Option(1, min=1, max=1024, help="Torch threads.")
 SPLIT = typer.Option("test", help="Split the path is reported on (train is always measured too).")
 
 
@@ -69,17 +72,18 @@ def _show(*tables) -> None:
 def line(
     a: Path = typer.Argument(..., help="First checkpoint."),
     b: Path = typer.Argument(..., help="Second checkpoint."),
-    n: int = typer.Option(25, help="Points along the path (endpoints included)."),
+    n: int = typer.Option(25, min=2, max=10001, help="Points along the path (endpoints included)."),
     split: str = SPLIT,
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
-    robust_eps: float = typer.Option(0.0, help="Also measure the robust path: PGD L-inf radius in input units (0: off)."),
-    robust_steps: int = typer.Option(5, help="PGD steps for the robust path."),
+    robust_eps: float = typer.Option(0.0, callback=finite(0, 1e6), help="Also measure the robust path: PGD L-inf radius in input units (0: off)."),
+    robust_steps: int = typer.Option(5, min=1, max=1000, help="PGD steps for the robust path."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Loss and accuracy along the straight line between two models; loss and accuracy barriers."""
     from ..landscape import interpolate, robust_interpolate
     from ..landscape.plots import plot_path
 
+    check_side_outputs([a, b], folders=[(out, ["line.json", "line.png"])])
     module, (ca, cb) = _load_models([a, b], model)
     the_task = task_for(ca, task)
     with torch_threads(threads), progress() as bar:
@@ -106,7 +110,7 @@ def line(
 
 def matrix(
     checkpoints: list[Path] = typer.Argument(..., help="Two or more checkpoints of one architecture."),
-    n: int = typer.Option(11, help="Points along each path."),
+    n: int = typer.Option(11, min=2, max=10001, help="Points along each path."),
     split: str = SPLIT,
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
@@ -117,6 +121,7 @@ def matrix(
 
     if len(checkpoints) < 2:
         raise MergescopeError("matrix: give at least two checkpoints")
+    check_side_outputs(checkpoints, folders=[(out, ["matrix.json", "matrix.png"])])
     module, ckpts = _load_models(checkpoints, model)
     names = [p.stem if p.suffix else p.name for p in checkpoints]
     if len(set(names)) != len(names):
@@ -145,16 +150,16 @@ def curve(
     kind: str = typer.Option("bezier", help="bezier or polychain."),
     align: str = typer.Option("none", help="Align B's neurons to A first: none, weight, activation or pam "
                               "(weight matching re-solved each epoch, Tatro et al.)."),
-    epochs: int = typer.Option(20, help="Epochs of curve training on the train split."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate of the bend."),
-    seed: int = typer.Option(0, help="Seed for t sampling and data order."),
-    n: int = typer.Option(25, help="Points along the curve for evaluation."),
+    epochs: int = typer.Option(20, min=1, max=100000, help="Epochs of curve training on the train split."),
+    lr: float = typer.Option(1e-3, callback=finite(0, 10, open_low=True), help="Adam learning rate of the bend."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for t sampling and data order."),
+    n: int = typer.Option(25, min=2, max=10001, help="Points along the curve for evaluation."),
     split: str = SPLIT,
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
     save_midpoint: Path = typer.Option(None, help="Also save the curve's midpoint phi(1/2) as a checkpoint "
                                        "(e.g. for `landscape plane A B MID`)."),
-    robust_eps: float = typer.Option(0.0, help="Also measure curve and line on PGD inputs of this L-inf radius (0: off)."),
-    robust_steps: int = typer.Option(5, help="PGD steps for the robust measurements."),
+    robust_eps: float = typer.Option(0.0, callback=finite(0, 1e6), help="Also measure curve and line on PGD inputs of this L-inf radius (0: off)."),
+    robust_steps: int = typer.Option(5, min=1, max=1000, help="PGD steps for the robust measurements."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Fit a Bezier/polychain curve between two models (optionally aligned) and compare it with the line."""
@@ -162,6 +167,9 @@ def curve(
     from ..landscape.plots import plot_curve
 
     how = None if align.lower() in ("none", "") else align.lower()
+    check_side_outputs([a, b], folders=[(out, ["curve.json", "curve.png"])], main=save_midpoint)
+    if save_midpoint is not None:
+        check_output_path(save_midpoint, [a, b], force=False)
     module, (ca, cb) = _load_models([a, b], model)
     the_task = task_for(ca, task)
     with torch_threads(threads), progress() as bar:
@@ -193,10 +201,11 @@ def _save_midpoint(result, template_ckpt, path: Path, inputs: list[Path]) -> Non
     import torch
 
     from ..io import provenance, save
+    from ..tasks.checkpoints import passed_metadata
 
     mid = result.state_at(0.5)
     state = {k: mid[k].to(template_ckpt[k].dtype) if k in mid else template_ckpt[k] for k in template_ckpt}
-    meta = {k: v for k, v in template_ckpt.metadata.items() if k in ("model", "task")}
+    meta = passed_metadata(template_ckpt.metadata)
     meta["curve"] = json.dumps({"kind": result.kind, "align": result.align, "epochs": result.epochs, "t": 0.5})
     save({k: torch.as_tensor(v) for k, v in state.items()}, path, metadata={**provenance(inputs=inputs), **meta},
          inputs=inputs)
@@ -206,13 +215,13 @@ def _save_midpoint(result, template_ckpt, path: Path, inputs: list[Path]) -> Non
 def plane(
     checkpoints: list[Path] = typer.Argument(..., help="One checkpoint (random filter-normalized plane around it) "
                                              "or three (the plane through them)."),
-    grid: int = typer.Option(25, help="Grid points per axis."),
-    span: float = typer.Option(1.0, help="Random plane: coordinates in [-span, span]."),
-    margin: float = typer.Option(0.25, help="Three-model plane: margin around the three points (fraction)."),
-    seed: int = typer.Option(0, help="Seed of the random directions."),
+    grid: int = typer.Option(25, min=2, max=1001, help="Grid points per axis."),
+    span: float = typer.Option(1.0, callback=finite(0, 1e6, open_low=True), help="Random plane: coordinates in [-span, span]."),
+    margin: float = typer.Option(0.25, callback=finite(0, 100), help="Three-model plane: margin around the three points (fraction)."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the random directions."),
     split: str = typer.Option("train", help="Split evaluated on the grid."),
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
-    chunk: int = typer.Option(32, help="Grid points evaluated together (vmap)."),
+    chunk: int = typer.Option(32, min=1, max=4096, help="Grid points evaluated together (vmap)."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Loss and accuracy on a 2-D plane: filter-normalized random directions (Li et al.) or through three models."""
@@ -222,6 +231,7 @@ def plane(
 
     if len(checkpoints) not in (1, 3):
         raise MergescopeError(f"plane: give 1 or 3 checkpoints, got {len(checkpoints)}")
+    check_side_outputs(checkpoints, folders=[(out, ["plane.json", "plane.png"])])
     module, ckpts = _load_models(checkpoints, model)
     the_task = task_for(ckpts[0], task)
     with torch_threads(threads), progress() as bar:
@@ -255,18 +265,19 @@ def _plane_table(result) -> Table:
 
 def sharpness(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to measure."),
-    k: int = typer.Option(5, help="How many top eigenvalues."),
+    k: int = typer.Option(5, min=1, max=1000, help="How many top eigenvalues."),
     method: str = typer.Option("lanczos", help="lanczos or power."),
-    samples: int = typer.Option(64, help="Hutchinson probe vectors for the trace (0: skip the trace)."),
-    batches: int = typer.Option(None, help="Use only the first N batches of the split (default: all of it)."),
+    samples: int = typer.Option(64, min=0, max=100000, help="Hutchinson probe vectors for the trace (0: skip the trace)."),
+    batches: int = typer.Option(None, min=1, max=10**6, help="Use only the first N batches of the split (default: all of it)."),
     split: str = typer.Option("train", help="Split the loss is taken over."),
-    seed: int = typer.Option(0, help="Seed of the start / probe vectors."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the start / probe vectors."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Top Hessian eigenvalues (Lanczos or power iteration on HVPs) and Hessian trace (Hutchinson)."""
     from ..landscape import hessian_eigenvalues, hessian_trace
     from ..landscape.plots import plot_sharpness
 
+    check_side_outputs([checkpoint], folders=[(out, ["sharpness.json", "sharpness.png"])])
     module, (ckpt,) = _load_models([checkpoint], model)
     the_task = task_for(ckpt, task)
     with torch_threads(threads):
@@ -290,12 +301,12 @@ def sharpness(
 
 def stability(
     model: str = typer.Option("mlp", help="Zoo model (or package.module:factory) trained from scratch."),
-    width: int = typer.Option(None, help="Hidden width (mlp, cnn, resnet)."),
+    width: int = typer.Option(None, min=1, max=16384, help="Hidden width (mlp, cnn, resnet)."),
     ks: str = typer.Option("0,1,2,5", help="Spawn epochs k, comma-separated."),
-    epochs: int = typer.Option(None, help="Epochs of the full run (default: the zoo model's)."),
-    lr: float = typer.Option(None, help="Peak learning rate (default: the zoo model's)."),
-    seed: int = typer.Option(0, help="Seed of the initialization and of the parent's data order."),
-    n: int = typer.Option(11, help="Points along each children path."),
+    epochs: int = typer.Option(None, min=1, max=100000, help="Epochs of the full run (default: the zoo model's)."),
+    lr: float = typer.Option(None, callback=finite(0, 10, open_low=True), help="Peak learning rate (default: the zoo model's)."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the initialization and of the parent's data order."),
+    n: int = typer.Option(11, min=2, max=10001, help="Points along each children path."),
     split: str = SPLIT,
     out: Path = OUT, task: str = typer.Option("digits", help="Task: 'digits' or package.module:factory."),
     threads: int = THREADS,
@@ -310,6 +321,7 @@ def stability(
         spawn = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         raise MergescopeError(f"--ks {ks!r}: expected comma-separated integers like 0,1,2,5") from None
+    check_side_outputs([], folders=[(out, ["stability.json", "stability.png"])])
     defaults = TRAIN_DEFAULTS.get(model, {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 32})
     epochs = epochs or defaults["epochs"]
     options = {"width": width} if width else {}
@@ -347,6 +359,7 @@ def taskvec(
         lambdas = [float(s) for s in scales.split(",") if s.strip()]
     except ValueError:
         raise MergescopeError(f"--scales {scales!r}: expected comma-separated numbers") from None
+    check_side_outputs([base, *finetuned], folders=[(out, ["taskvec.json", "taskvec.png"])])
     module, ckpts = _load_models([base, *finetuned], model)
     names = [p.stem for p in finetuned]
     if len(set(names)) != len(names):

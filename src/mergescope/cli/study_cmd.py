@@ -13,14 +13,17 @@ from .common import STATE, console, progress, say, torch_threads
 def study(
     out: Path = typer.Option(Path("study"), "--out", "-o", help="Folder for report.html, results.json, figures/, checkpoints/."),
     quick: bool = typer.Option(False, "--quick", help="Small widths and few epochs (about a minute)."),
-    seed: int = typer.Option(0, help="Seed of the whole study."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the whole study."),
     stages: str = typer.Option(None, help="Comma-separated subset of stages to run."),
-    threads: int = typer.Option(1, help="torch threads (small models run fastest on one)."),
-    config: Path = typer.Option(None, "--config", help="Study YAML for your own checkpoints (model, task, checkpoints, base)."),
+    threads: int = typer.Option(1, min=1, max=1024, help="torch threads (small models run fastest on one)."),
+    config: Path = typer.Option(None, "--config", help="Study YAML for your own checkpoints (model, task, checkpoints, "
+                                "base). Its model and task may be package.module:factory: that runs YOUR code, by "
+                                "design; only use configs you trust."),
 ):
     """Train (or reuse) the digits model family, measure the four landscape characteristics, compare every
     merge method, and write a self-contained report.html."""
     from ..errors import MergescopeError
+    from ..io import check_side_outputs
     from ..study import STAGES, StudyConfig, run_study
 
     overrides = {"seed": seed}
@@ -30,6 +33,13 @@ def study(
         if unknown:
             raise MergescopeError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
         overrides["stages"] = chosen
+    inputs = []
+    if config is not None:
+        from ..study.custom import read_config
+
+        cfg = read_config(config)
+        inputs = [config, *cfg.named_checkpoints.values(), cfg.base]
+    check_side_outputs(inputs, folders=[(out, ["results.json", "report.html"])])
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("study", total=None)
         hooks = {"on_stage": lambda name, i, n: bar.update(job, description=f"stage {i + 1}/{n}: {name}"),

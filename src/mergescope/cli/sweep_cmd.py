@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..io import check_side_outputs
+from ..sweep.sharing import same_file_key
 from .common import err_console, progress, say, write_json
 
 
@@ -63,14 +65,14 @@ def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML (kind: barrier_matrix | merge_grid | evaluate)."),
     ray: str = typer.Option(None, "--ray", help="Run as Ray tasks: 'local' (start a local cluster), 'auto' "
                             "(the cluster from `ray start` / $RAY_ADDRESS), or HOST:PORT / ray://HOST:10001."),
-    workers: int = typer.Option(None, "--workers", "-w", help="Parallel tasks (default: all local cores / cluster CPUs)."),
+    workers: int = typer.Option(None, "--workers", "-w", min=1, max=4096, help="Parallel tasks (default: all local cores / cluster CPUs)."),
     out: Path = typer.Option(Path("results.jsonl"), "--out", "-o", help="Results table (JSON lines, one row per task)."),
     resume: bool = typer.Option(False, "--resume", help="Keep rows already in --out and run only the missing tasks."),
     force: bool = typer.Option(False, "--force", help="Start --out over if it exists."),
     summary: Path = typer.Option(None, "--summary", help="Write the summary JSON (barrier_matrix: the "
                                  "BarrierMatrix dict the study heatmap reads; merge_grid: the coefficient search)."),
     plot: Path = typer.Option(None, "--plot", help="barrier_matrix: also draw the heatmap PNG."),
-    retries: int = typer.Option(3, "--retries", help="Times a task whose worker died is re-run."),
+    retries: int = typer.Option(3, "--retries", min=0, max=100, help="Times a task whose worker died is re-run."),
     share_below: str = typer.Option("64MB", "--share-below", help="Ray: checkpoints up to this size are read "
                                     "once here and shared through the object store; larger ones are read by "
                                     "path on the workers (0: all by path)."),
@@ -80,6 +82,8 @@ def sweep(
 
     config = sw.read(sweep_file)
     specs = sw.expand(config, root=sweep_file.resolve().parent)
+    inputs = {same_file_key(s.root, ref) for s in specs for ref in s.checkpoints}
+    check_side_outputs([sweep_file, *sorted(inputs)], files=[out, summary, plot])
     executor = sw.make_executor(ray, workers, retries, share_below)
     start = time.perf_counter()
     with progress() as bar:

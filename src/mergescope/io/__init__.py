@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_output_path, check_side_outputs
 from .checkpoint import Checkpoint, load, summarize
 from .provenance import fingerprint, provenance
 from .safetensors_format import DTYPES, SafetensorsFile, read_header, write_file
@@ -16,7 +16,8 @@ from .writer import ShardedWriter, copy_aux_files, parse_size
 
 __all__ = [
     "Checkpoint", "DTYPES", "SafetensorsFile", "ShardedWriter", "atomic_output", "check_output_path",
-    "copy_aux_files", "fingerprint", "load", "parse_size", "provenance", "read_header", "save", "summarize",
+    "check_side_outputs", "copy_aux_files", "fingerprint", "load", "parse_size", "provenance", "read_header", "save",
+    "summarize",
     "write_file",
 ]
 

@@ -28,17 +28,77 @@ from ..errors import MergescopeError
 DONE_LOG = ".done.jsonl"
 
 
-def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Refuse outputs that would overwrite or live inside an input (or contain one)."""
+# Beside an output go ``.NAME.partial``, ``.NAME.lock`` and ``.NAME.old``: NAME must leave room.
+MAX_NAME_BYTES = 255 - len("..partial")
+
+
+def check_name(out: Path) -> None:
+    """Refuse an output whose name (or temporary sibling's name) the file system cannot hold."""
+    if not out.name or out.name in (".", ".."):
+        raise MergescopeError(f"{out}: not a file or folder name")
+    size = len(os.fsencode(out.name))
+    if size > MAX_NAME_BYTES:
+        raise MergescopeError(f"{str(out)[:80]}...: output name is {size} bytes, at most {MAX_NAME_BYTES} are allowed")
+
+
+def _overlap(out: Path, inputs: Iterable[Path]) -> Path | None:
+    """The input that ``out`` is or lies inside (symlinks resolved), if any."""
     target = out.resolve()
     for inp in inputs:
         src = Path(inp).resolve()
-        if target == src or target.is_relative_to(src) or (src.is_relative_to(target) and force):
-            raise MergescopeError(f"{out}: output path is or overlaps input {inp}; choose another output")
-        if src.is_relative_to(target):
+        if target == src or target.is_relative_to(src):
+            return Path(inp)
+    return None
+
+
+def check_output_path(out: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse outputs that would overwrite or live inside an input (or contain one)."""
+    out = Path(out)
+    check_name(out)
+    inputs = list(inputs)
+    target = out.resolve()
+    hit = _overlap(out, inputs)
+    if hit is not None:
+        raise MergescopeError(f"{out}: output path is or overlaps input {hit}; choose another output")
+    for inp in inputs:
+        if Path(inp).resolve().is_relative_to(target):
             raise MergescopeError(f"{out}: output path contains input {inp}; choose another output")
     if (out.exists() or out.is_symlink()) and not force:
         raise MergescopeError(f"{out}: already exists; pass --force (force=True) to replace it")
+
+
+def check_side_outputs(inputs: Iterable[Path], files: Iterable[Path | None] = (),
+                       folders: Iterable[tuple[Path, Iterable[str]] | None] = (),
+                       main: Path | None = None) -> None:
+    """The one guard for every option that writes a file or a folder of results.
+
+    ``files`` are written whole (JSON, PNG, a spec, a table); ``folders`` are (folder, names of
+    the files written into it). Refused: a file or folder that is, or lies inside, an input
+    (symlinks resolved, so a link to a checkpoint counts), a file path that is a folder, a folder
+    path that is a file, a name too long, and two outputs on the same path. Run before any work.
+    """
+    inputs = [Path(p) for p in inputs if p is not None]
+    written: dict[Path, Path] = {}
+    for folder, names in (f for f in folders if f is not None):
+        folder = Path(folder)
+        check_name(folder)
+        if folder.exists() and not folder.is_dir():
+            raise MergescopeError(f"{folder}: exists and is not a folder; choose another output folder")
+        hit = _overlap(folder, inputs)
+        if hit is not None:
+            raise MergescopeError(f"{folder}: output folder is or lies inside input {hit}; choose another")
+        files = [*files, *(folder / name for name in names)]
+    for path in (Path(f) for f in files if f is not None):
+        check_name(path)
+        hit = _overlap(path, inputs)
+        if hit is not None:
+            raise MergescopeError(f"{path}: would overwrite input {hit}; choose another output")
+        if path.is_dir():
+            raise MergescopeError(f"{path}: is a folder; give a file name")
+        key = path.resolve()
+        if key in written:
+            raise MergescopeError(f"{path}: given for two outputs ({written[key]} too); choose different paths")
+        written[key] = path
 
 
 def _remove(p: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 from ..errors import MergescopeError
 from .checkpoint import PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE
 from .safetensors_format import DTYPE_NAMES, write_file
+from .untrusted import link_allowed, open_regular
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -90,20 +91,71 @@ TENSOR_FILES = (".safetensors", *PICKLE_SUFFIXES)
 INDEX_FILES = (SAFE_INDEX, "pytorch_model.bin.index.json")
 
 
-def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy a HF folder's non-tensor files (config.json, tokenizer files, ...) into ``dst``."""
+MAX_AUX_FILE_BYTES = 1 << 30  # config/tokenizer files: the largest real tokenizer.json is ~30 MB
+
+
+def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike, limit: int = MAX_AUX_FILE_BYTES) -> list[str]:
+    """Copy a HF folder's non-tensor files (config.json, tokenizer files, ...) into ``dst``.
+
+    Only regular files are copied, by content, each at most ``limit`` bytes; a symlink is read
+    only where ``link_allowed`` says (inside the folder, or an HF cache snapshot's blobs), a
+    symlinked subfolder is never entered, and a FIFO or device is refused: a crafted model folder
+    can neither pull a local file into the merged output nor stream ``/dev/zero`` into it.
+    Returns the copied paths relative to ``src``.
+    """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         return []
     copied = []
-    for item in sorted(src.iterdir()):
-        if item.name.startswith(".") or item.name in INDEX_FILES or item.suffix in TENSOR_FILES:
+    for item in _aux_files(src, src):
+        rel = item.relative_to(src)
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _copy_regular(item, target, limit)
+        copied.append(str(rel))
+    return copied
+
+
+def _aux_files(root: Path, folder: Path) -> list[Path]:
+    """The files of ``folder`` (recursively) that ``copy_aux_files`` copies, checked one by one."""
+    found = []
+    for item in sorted(folder.iterdir()):
+        top = folder == root
+        if item.name.startswith(".") or (top and (item.name in INDEX_FILES or item.suffix in TENSOR_FILES)):
             continue
-        if item.is_symlink() and not item.resolve().is_relative_to(src.resolve()):
+        if item.is_symlink() and not link_allowed(root, item):
             raise MergescopeError(f"{item}: symlink points outside the model folder; not copied")
         if item.is_dir():
-            shutil.copytree(item, dst / item.name, symlinks=False)
+            if item.is_symlink():
+                raise MergescopeError(f"{item}: symlinked folder; mergescope does not copy through folder links")
+            found += _aux_files(root, item)
         else:
-            shutil.copyfile(item, dst / item.name)
-        copied.append(item.name)
-    return copied
+            found.append(item)
+    return found
+
+
+def _copy_regular(src: Path, dst: Path, limit: int) -> None:
+    """Copy one regular file (opened without blocking, so a FIFO is refused, not waited on)."""
+    fd = open_regular(src, "model folder file")
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise MergescopeError(f"{src}: {size} bytes, over the {limit}-byte limit for a config/tokenizer file")
+        with os.fdopen(fd, "rb", closefd=False) as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(_Capped(fin, limit), fout)
+    finally:
+        os.close(fd)
+
+
+class _Capped:
+    """A reader that fails once more than ``limit`` bytes came out (a file growing while copied)."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left, self.limit = f, limit, limit
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n if n >= 0 else self.left + 1)
+        self.left -= len(data)
+        if self.left < 0:
+            raise MergescopeError(f"{self.f.name}: grew past the {self.limit}-byte limit while being copied")
+        return data

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import MergescopeError
+from .zoo import ZOO, check_zoo_options
+
+# The only tasks a checkpoint may record: digits, or digits restricted to some classes.
+TASK_PATTERN = re.compile(r"digits(?:\[([0-9](?:,[0-9]){0,9})\])?")
 
 
 def model_metadata(name: str, options: Mapping, task: str = "digits", **extra) -> dict[str, str]:
@@ -18,23 +23,69 @@ def model_metadata(name: str, options: Mapping, task: str = "digits", **extra) -
             **{k: str(v) for k, v in extra.items()}}
 
 
-def model_spec_of(ckpt) -> tuple[str, dict] | None:
-    """(name, options) recorded in a checkpoint's metadata, or None."""
+def model_spec_of(ckpt, trusted: Collection[str] = ()) -> tuple[str, dict] | None:
+    """(name, options) recorded in a checkpoint's metadata, or None.
+
+    A file must never choose code to run: the recorded name must be a zoo model (or one of the
+    factories in ``trusted``, which only the user can give); anything else is refused here,
+    before it could be imported.
+    """
     raw = getattr(ckpt, "metadata", {}).get("model")
     if raw is None:
         return None
+    where = getattr(ckpt, "path", "checkpoint")
     try:
         spec = json.loads(raw)
-        return spec["name"], dict(spec.get("options", {}))
-    except (ValueError, KeyError, TypeError):
-        raise MergescopeError(f"{ckpt.path}: metadata 'model' is not valid JSON with name/options") from None
+        name, options = spec["name"], spec.get("options", {})
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise MergescopeError(f"{where}: metadata 'model' is not valid JSON with name/options") from None
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise MergescopeError(f"{where}: metadata 'model' must hold a name string and an options mapping")
+    if name not in ZOO and name not in trusted:
+        raise MergescopeError(
+            f"{where}: metadata names model {_shown(name)}, which is not a zoo model ({', '.join(ZOO)}); "
+            "a checkpoint cannot choose code to run: pass --model yourself if you trust it")
+    if name in ZOO:
+        check_zoo_options(name, options, where=f"{where}: metadata 'model'")
+    return name, dict(options)
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """A metadata string quoted for an error line: control characters escaped, length capped."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def passed_metadata(meta: Mapping[str, str]) -> dict[str, str]:
+    """The model/task records an output may inherit from an input: only ones a later run would
+    accept from the file itself (a zoo model, a digits task), so a payload never spreads."""
+    out = {}
+    try:
+        if "model" in meta and model_spec_of(_Meta(meta)) is not None:
+            out["model"] = meta["model"]
+    except MergescopeError:
+        pass
+    if TASK_PATTERN.fullmatch(meta.get("task", "")):
+        out["task"] = meta["task"]
+    return out
+
+
+class _Meta:
+    """Just enough of a checkpoint (``metadata``, ``path``) for ``model_spec_of``."""
+
+    def __init__(self, metadata: Mapping[str, str], path: str = "metadata"):
+        self.metadata, self.path = metadata, path
 
 
 def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str, dict]:
-    """Build the module a checkpoint belongs to: from ``model``/options if given, else its metadata."""
+    """Build the module a checkpoint belongs to: from ``model``/options if given, else its metadata.
+
+    A ``model`` given by the user may be a ``package.module:factory`` (their own code, by
+    design); the metadata may only name a zoo model (``model_spec_of``).
+    """
     from . import make_model
 
-    recorded = model_spec_of(ckpt)
+    recorded = _recorded_unless_given(ckpt, model)
     given = {k: v for k, v in options.items() if v is not None}  # unset CLI options arrive as None
     if model is None:
         if recorded is None:
@@ -43,6 +94,17 @@ def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str
     base = recorded[1] if recorded is not None and recorded[0] == model else {}
     options = {**base, **given}
     return make_model(model, **options), model, options
+
+
+def _recorded_unless_given(ckpt, model: str | None) -> tuple[str, dict] | None:
+    """The metadata's model record; when the user names the model, a record the file got wrong
+    (or a factory other than the one named) is ignored rather than fatal."""
+    if model is None:
+        return model_spec_of(ckpt)
+    try:
+        return model_spec_of(ckpt, trusted=(model,))
+    except MergescopeError:
+        return None
 
 
 def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike = "state") -> nn.Module:
@@ -64,14 +126,13 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source
 
 def task_for(ckpt, spec: str | None = None):
     """The task named on the command line, else the one `mergescope train` recorded (digits or a subset)."""
-    import re
-
     from . import digits, get_task
 
     if spec:
         return get_task(spec)
     recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
-    match = re.fullmatch(r"digits(?:\[([0-9,]+)\])?", recorded)
+    match = TASK_PATTERN.fullmatch(recorded)
     if match is None:
-        raise MergescopeError(f"{ckpt.path}: records task {recorded!r}; pass --task")
+        raise MergescopeError(f"{ckpt.path}: records task {_shown(recorded)}, which is not a built-in task; "
+                              "a checkpoint cannot choose code to run: pass --task yourself")
     return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()

@@ -157,14 +157,40 @@ TRAIN_DEFAULTS: dict[str, dict] = {
 }
 
 
+# Bounds on zoo options: any value inside builds in well under a GB; a checkpoint's metadata or a
+# command line asking for more (``--width 10**9``) is refused before anything is allocated.
+OPTION_BOUNDS: dict[str, tuple[int, int]] = {"width": (1, 16384), "depth": (1, 64), "dim": (1, 4096), "heads": (1, 64)}
+
+
+def check_zoo_options(name: str, options: dict, where: str | None = None) -> None:
+    """Refuse unknown options, values of the wrong type and sizes outside ``OPTION_BOUNDS``."""
+    where = where or f"model {name!r}"
+    defaults = ZOO[name][1]
+    unknown = set(options) - set(defaults)
+    if unknown:
+        shown = ", ".join(sorted(str(k)[:40] for k in unknown))
+        raise MergescopeError(f"{where}: unknown option(s) {shown} (valid: {', '.join(defaults)})")
+    for key, value in options.items():
+        if value is None:
+            continue
+        if isinstance(defaults[key], bool):
+            if not isinstance(value, bool):
+                raise MergescopeError(f"{where}: option {key!r} must be true or false, got {repr(value)[:40]}")
+            continue
+        lo, hi = OPTION_BOUNDS.get(key, (1, 2**31 - 1))
+        if type(value) is not int or not lo <= value <= hi:
+            raise MergescopeError(f"{where}: option {key!r} must be an integer in [{lo}, {hi}], got {repr(value)[:40]}")
+    dim, heads = options.get("dim") or defaults.get("dim"), options.get("heads") or defaults.get("heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise MergescopeError(f"{where}: dim {dim} must be a multiple of heads {heads}")
+
+
 def build(name: str, seed: int | None = None, **options) -> nn.Module:
     """Build a zoo model by name; unknown names/options are clear errors. ``seed`` fixes init."""
     if name not in ZOO:
         raise MergescopeError(f"unknown model {name!r} (zoo: {', '.join(ZOO)}; or give package.module:factory)")
     cls, defaults = ZOO[name]
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise MergescopeError(f"model {name!r}: unknown option(s) {', '.join(sorted(unknown))} (valid: {', '.join(defaults)})")
+    check_zoo_options(name, options)
     kwargs = {**defaults, **{k: v for k, v in options.items() if v is not None}}
     if seed is None:
         return cls(**kwargs)
