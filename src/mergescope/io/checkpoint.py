@@ -4,20 +4,26 @@ Layouts: a ``.safetensors`` file; a folder with ``model.safetensors`` or a shard
 ``model.safetensors.index.json``; ``.pt/.pth/.bin`` files (and ``pytorch_model.bin`` folders),
 read only through ``torch.load(weights_only=True)`` so no checkpoint can run code.
 Opening reads headers only; tensors are read when accessed.
+
+Every file is opened as an untrusted input (``untrusted``): only regular files (a FIFO never
+blocks), and every file a folder's layout names - ``model.safetensors``, an index, its shards,
+``pytorch_model.bin`` - must stay inside the folder, symlinks resolved (one rule for all).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from ..errors import MergescopeError
-from .safetensors_format import DTYPE_NAMES, SafetensorsFile, TensorInfo
+from .safetensors_format import DTYPE_NAMES, SafetensorsFile, TensorInfo, short_repr
+from .untrusted import inside_folder, open_regular, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -34,11 +40,12 @@ class Checkpoint(Mapping):
     """
 
     def __init__(self, path: Path, files: list[SafetensorsFile] | None = None, weight_map: dict[str, int] | None = None,
-                 eager: dict[str, torch.Tensor] | None = None):
+                 eager: dict[str, torch.Tensor] | None = None, sources: dict[str, "_Source"] | None = None):
         self.path = path
         self._files = files or []
         self._weight_map = weight_map or {}
         self._eager = eager
+        self._sources = sources or {}  # eager tensors memory-mapped from a torch zip file: where from
 
     @property
     def files(self) -> list[Path]:
@@ -50,17 +57,36 @@ class Checkpoint(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._eager is not None:
-            return self._eager[name]
+            t = self._eager[name]
+            self._check_source(name)
+            return t
         try:
-            return self._files[self._weight_map[name]].get(name)
+            f = self._files[self._weight_map[name]]
         except KeyError:
             raise KeyError(name) from None
+        return f.get(name)
 
     def read(self, name: str) -> torch.Tensor:
         """Copy a tensor out of the file (no memory map kept); see ``SafetensorsFile.read``."""
         if self._eager is not None:
-            return self._eager[name].clone()
+            t = self._eager[name]
+            self._check_source(name)
+            return t.clone()
         return self._files[self._weight_map[name]].read(name)
+
+    def locate(self, name: str) -> tuple[Path, int, torch.dtype, tuple[int, ...]] | None:
+        """(file, absolute byte offset, dtype, shape) of a safetensors tensor; None for torch files."""
+        if self._eager is not None:
+            return None
+        f = self._files[self._weight_map[name]]
+        info = f.tensors[name]
+        return f.path, f.data_start + info.start, info.dtype, info.shape
+
+    def _check_source(self, name: str) -> None:
+        """A tensor mapped from a torch zip file whose file has shrunk since would SIGBUS when touched."""
+        source = self._sources.get(name)
+        if source is not None:
+            source.check(name)
 
     def info(self, name: str) -> TensorInfo:
         if self._eager is not None:
@@ -82,23 +108,37 @@ class Checkpoint(Mapping):
             f.close()
 
 
-def _inside(folder: Path, shard: str, index_path: Path) -> Path:
-    """Resolve a shard name from an index, refusing anything that leaves the folder."""
-    if os.path.isabs(shard) or ".." in Path(shard).parts or not shard:
-        raise MergescopeError(f"{index_path}: shard path {shard!r} leaves the model folder")
-    target = (folder / shard).resolve()
-    if not target.is_relative_to(folder.resolve()):
-        raise MergescopeError(f"{index_path}: shard path {shard!r} resolves outside the model folder (symlink?)")
-    if not target.is_file():
-        raise MergescopeError(f"{index_path}: shard {shard!r} is missing")
-    return folder / shard
+class _Source:
+    """A torch zip file whose tensors are memory-mapped: its inode and size when it was loaded."""
+
+    def __init__(self, path: Path, st: os.stat_result):
+        self.path, self.inode, self.size = path, (st.st_dev, st.st_ino), st.st_size
+
+    def check(self, name: str) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return  # removed or renamed: the map keeps the old file alive
+        if (st.st_dev, st.st_ino) == self.inode and st.st_size < self.size:
+            raise MergescopeError(f"{self.path}: tensor {short_repr(name)}: the file shrank from {self.size} to "
+                                  f"{st.st_size} bytes while being read (truncated?)")
+
+
+def _inside(folder: Path, name: str, where: Path) -> Path:
+    """``folder / name`` if it is a regular file inside ``folder`` (symlinks resolved), else one line."""
+    try:
+        return inside_folder(folder, name, where)
+    except MergescopeError:
+        raise
+    except RuntimeError as e:  # pathlib: "Symlink loop from ..."
+        raise MergescopeError(f"{where}: path {short_repr(name)} cannot be resolved ({e})") from None
+    except (OSError, ValueError) as e:  # name too long, embedded NUL byte, permission denied
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MergescopeError(f"{where}: path {short_repr(name)} cannot be read ({reason})") from None
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergescopeError(f"{index_path}: cannot read index ({e})") from None
+    index = read_json(index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise MergescopeError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
@@ -106,7 +146,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def _open_sharded(folder: Path) -> Checkpoint:
-    index_path = folder / SAFE_INDEX
+    index_path = _inside(folder, SAFE_INDEX, folder)
     weight_map = _read_index(index_path)
     shard_names = sorted(set(weight_map.values()))
     files = [SafetensorsFile(_inside(folder, s, index_path)) for s in shard_names]
@@ -115,66 +155,126 @@ def _open_sharded(folder: Path) -> Checkpoint:
     for name, shard in weight_map.items():
         i = position[shard]
         if name not in files[i].tensors:
-            raise MergescopeError(f"{index_path}: tensor {name!r} is listed in shard {shard!r} but not stored there")
+            raise MergescopeError(f"{index_path}: tensor {short_repr(name)} is listed in shard {short_repr(shard)} "
+                                  "but not stored there")
         resolved[name] = i
     for i, f in enumerate(files):
         for name in f.tensors:
             if resolved.get(name) != i:
-                raise MergescopeError(f"{f.path}: tensor {name!r} is not listed for this shard in {SAFE_INDEX}")
+                raise MergescopeError(f"{f.path}: tensor {short_repr(name)} is not listed for this shard in {SAFE_INDEX}")
     return Checkpoint(folder, files, resolved)
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True; anything that needs arbitrary pickle is refused."""
+def _reason(e: BaseException, proc_path: str, path: Path, limit: int = 300) -> str:
+    """One line from an exception torch raised: its weights-only verdict or its first line, capped.
+
+    torch's weights-only refusal opens with advice to retry with ``weights_only=False`` (exactly
+    what must not be done with a stranger's file); the reason proper follows "WeightsUnpickler error:".
+    """
+    text = str(e).strip().replace(proc_path, str(path))
+    verdict = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S)
+    if verdict and verdict.group(1).strip():
+        line = " ".join(verdict.group(1).split())
+    else:
+        line = text.splitlines()[0] if text else ""
+    kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    if not isinstance(e, pickle.UnpicklingError):
+        line = f"{kind}: {line}" if line else kind
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _load_pickle(path: Path) -> tuple[dict[str, torch.Tensor], _Source | None]:
+    """torch.load with weights_only=True; anything that needs arbitrary pickle is refused.
+
+    The file is opened as a regular file first (a FIFO is refused without blocking) and torch
+    reads that very inode through ``/proc/self/fd``. torch's warnings (e.g. on pickle protocol
+    4/5) are silenced: the refusal, if any, is the one line. A truncated or corrupt file is one
+    line too, whatever exception torch's readers raise. Returns the state and, for a zip file
+    (memory-mapped), the ``_Source`` to check before touching its tensors.
+    """
+    fd = open_regular(path, "checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MergescopeError(
-            f"{path}: refused: not a plain tensor checkpoint loadable with weights_only=True; "
-            f"mergescope never runs arbitrary pickle code ({first})"
-        ) from None
+        st = os.fstat(fd)
+        try:
+            is_zip = os.pread(fd, 4, 0) == b"PK\x03\x04"
+        except OSError as e:
+            raise MergescopeError(f"{path}: cannot read ({e.strerror or e})") from None
+        if st.st_size == 0:
+            raise MergescopeError(f"{path}: empty file, not a torch checkpoint")
+        proc_path = f"/proc/self/fd/{fd}"
+        source = proc_path if os.path.exists(proc_path) else str(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(source, map_location="cpu", weights_only=True, mmap=is_zip)
+        except pickle.UnpicklingError as e:
+            raise MergescopeError(
+                f"{path}: refused: not a plain tensor checkpoint loadable with weights_only=True; "
+                f"mergescope never runs arbitrary pickle code ({_reason(e, proc_path, path)})"
+            ) from None
+        except MemoryError:
+            raise MergescopeError(f"{path}: cannot load torch checkpoint (out of memory; corrupt sizes?)") from None
+        except (KeyboardInterrupt, SystemExit, MergescopeError):
+            raise
+        except Exception as e:  # torch's zip and legacy readers raise anything on truncated/corrupt bytes
+            raise MergescopeError(f"{path}: cannot load torch checkpoint (truncated or corrupt?): "
+                                  f"{_reason(e, proc_path, path)}") from None
+    finally:
+        os.close(fd)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise MergescopeError(f"{path}: expected a mapping of tensor names to tensors")
-    return obj
+    return obj, (_Source(path, st) if is_zip else None)
 
 
-def _is_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+def _open_pickle_file(path: Path, where: Path) -> Checkpoint:
+    state, source = _load_pickle(path)
+    return Checkpoint(where, eager=state, sources=dict.fromkeys(state, source) if source else None)
 
 
 def _open_pickle_folder(folder: Path) -> Checkpoint:
-    index_path = folder / PT_INDEX
-    if index_path.exists():
-        weight_map = _read_index(index_path)
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(_load_pickle(_inside(folder, shard, index_path)))
-        return Checkpoint(folder, eager=state)
-    return Checkpoint(folder, eager=_load_pickle(folder / PT_SINGLE))
+    if not os.path.lexists(folder / PT_INDEX):
+        return _open_pickle_file(_inside(folder, PT_SINGLE, folder), folder)
+    index_path = _inside(folder, PT_INDEX, folder)
+    weight_map = _read_index(index_path)
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, _Source] = {}
+    for shard in sorted(set(weight_map.values())):
+        part, source = _load_pickle(_inside(folder, shard, index_path))
+        state.update(part)
+        if source is not None:
+            sources.update(dict.fromkeys(part, source))
+    return Checkpoint(folder, eager=state, sources=sources)
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint file or Hugging Face folder lazily (headers only)."""
     path = Path(path)
-    if not path.exists():
+    try:
+        return _load(path)
+    except OSError as e:  # e.g. a folder without search permission
+        raise MergescopeError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _load(path: Path) -> Checkpoint:
+    if not os.path.lexists(path) or not path.exists():
         raise MergescopeError(f"{path}: no such file or folder (mergescope reads local paths only; nothing is downloaded)")
     if path.is_dir():
-        if (path / SAFE_INDEX).exists():
+        # lexists: a dangling or escaping symlink is named and refused by ``_inside``, not skipped
+        if os.path.lexists(path / SAFE_INDEX):
             return _open_sharded(path)
-        if (path / SAFE_SINGLE).exists():
-            return load(path / SAFE_SINGLE)
-        if (path / PT_INDEX).exists() or (path / PT_SINGLE).exists():
+        if os.path.lexists(path / SAFE_SINGLE):
+            f = SafetensorsFile(_inside(path, SAFE_SINGLE, path))
+            return Checkpoint(f.path, [f], dict.fromkeys(f.tensors, 0))
+        if os.path.lexists(path / PT_INDEX) or os.path.lexists(path / PT_SINGLE):
             return _open_pickle_folder(path)
         raise MergescopeError(f"{path}: folder holds no {SAFE_SINGLE}, {SAFE_INDEX}, {PT_SINGLE} or {PT_INDEX}")
     if path.suffix == ".safetensors":
         f = SafetensorsFile(path)
         return Checkpoint(path, [f], dict.fromkeys(f.tensors, 0))
     if path.suffix in PICKLE_SUFFIXES:
-        return Checkpoint(path, eager=_load_pickle(path))
+        return _open_pickle_file(path, path)
     raise MergescopeError(f"{path}: unknown checkpoint type (expected .safetensors, {', '.join(PICKLE_SUFFIXES)} or a folder)")
 
 

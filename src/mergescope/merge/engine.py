@@ -202,6 +202,55 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     return totals[0], totals[1]
 
 
+def _read_config(path: Path, where: Path) -> dict:
+    """``config.json`` at ``path`` as a dict that can be written back; every problem is one line naming ``where``.
+
+    ``where`` is the donor's own file (``path`` may be its copy in the partial output folder).
+    Garbage, non-UTF-8 text, JSON nested too deeply or holding a huge integer, a FIFO and a
+    non-object are refused.
+    """
+    from ..io.untrusted import parse_json, read_bytes
+
+    try:
+        data = read_bytes(path, "config.json")
+    except MergescopeError as e:
+        raise MergescopeError(str(e).replace(str(path), str(where), 1)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergescopeError(f"{where}: config.json is not UTF-8 text (byte {e.start})") from None
+    config = parse_json(text, str(where), "config.json")
+    if not isinstance(config, dict):
+        raise MergescopeError(f"{where}: config.json must be a JSON object, got {type(config).__name__}")
+    _dump_config(config, where)  # it is written back after the merge: fail now, not after the work
+    return config
+
+
+def _dump_config(config: dict, where: Path) -> str:
+    try:
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except RecursionError:
+        raise MergescopeError(f"{where}: config.json is nested too deeply") from None
+    except (TypeError, ValueError) as e:  # mixed key types cannot be sorted; huge integers
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MergescopeError(f"{where}: config.json cannot be rewritten ({first})") from None
+
+
+def _check_donor_config(donor: str | os.PathLike) -> None:
+    """Refuse an unusable base ``config.json`` before merging (it is rewritten into the output)."""
+    donor = Path(donor)
+    if donor.is_dir() and os.path.lexists(donor / "config.json"):
+        from ..io.untrusted import inside_folder
+
+        try:
+            inside_folder(donor, "config.json", donor)
+        except MergescopeError:  # (a ValueError too)
+            raise
+        except (RuntimeError, OSError, ValueError) as e:  # symlink loop, name unreadable
+            raise MergescopeError(f"{donor / 'config.json'}: cannot read config.json ({e})") from None
+        _read_config(donor / "config.json", donor / "config.json")
+
+
 def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenizer: bool) -> None:
     """Copy config/tokenizer files from the donor (base) model and fix the config's layer count/dtype."""
     donor = Path(plan.donor)
@@ -213,7 +262,7 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
                     (tmp / name).unlink()
     config_path = tmp / "config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text())
+        config = _read_config(config_path, donor / "config.json")
         if plan.stacked and "num_hidden_layers" in config:
             config["num_hidden_layers"] = plan.num_layers
         out_dtype = recipe.out_dtype or recipe.dtype
@@ -222,7 +271,7 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
             for key in ("torch_dtype", "dtype"):
                 if key in config:
                     config[key] = name
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config_path.write_text(_dump_config(config, donor / "config.json"))
     if recipe.text:
         (tmp / "mergescope_recipe.yml").write_text(recipe.text)
 
@@ -249,6 +298,8 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     shard_bytes = parse_size(max_shard_size)
     ckpts = planning.open_models(recipe)
     plan = planning.build(recipe, ckpts)
+    if Path(out_dir).suffix != ".safetensors":  # a folder output carries the base's config.json
+        _check_donor_config(plan.donor)
     layout = [(j.name, j.dtype, j.shape) for j in plan.jobs]
     dtype = planning.DTYPES[recipe.dtype] if recipe.dtype else None
     donor_meta = ckpts[plan.donor].metadata

@@ -5,17 +5,25 @@ for every input tensor; mapping the tensor's range instead reads the page cache 
 map lives only while the job that needs it runs, so the mapped pages leave the resident set as
 soon as the tensor is merged (a checkpoint-wide map would keep every touched page resident).
 Non-safetensors checkpoints (torch pickles) fall back to ``Checkpoint.read``.
+
+Inputs may change while a merge runs: each map is made from a regular file (``open_regular``)
+whose current size (``fstat``) covers the tensor's byte range, so an input truncated after its
+header was read is a one-line error naming the file and tensor, not a SIGBUS.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+import os
 from pathlib import Path
 
 import torch
 
-from ..io import Checkpoint, read_header
+from ..errors import MergescopeError
+from ..io import Checkpoint
+from ..io.safetensors_format import short_repr
+from ..io.untrusted import open_regular
 
 
 class Locator:
@@ -24,14 +32,12 @@ class Locator:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.where: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] | None = None
-        files = ckpt.files
-        if files and all(Path(f).suffix == ".safetensors" for f in files) and len(ckpt) > 0:
-            where = {}
-            for path in files:
-                data_start, tensors, _ = read_header(path)
-                for name, info in tensors.items():
-                    where[name] = (Path(path), data_start + info.start, info.dtype, info.shape)
-            self.where = where if set(where) == set(ckpt) else None
+        locate = getattr(ckpt, "locate", None)
+        if locate is not None and len(ckpt) > 0:
+            # The headers the checkpoint validated when it was opened (the plan was built from
+            # them too); reading them again could see a file changed in the meantime.
+            where = {name: locate(name) for name in ckpt}
+            self.where = where if all(w is not None for w in where.values()) else None
 
 
 class JobMaps:
@@ -48,9 +54,18 @@ class JobMaps:
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), offset - start + numel * dtype.itemsize, offset=start,
-                               access=mmap.ACCESS_COPY)
+        end = offset + numel * dtype.itemsize
+        fd = open_regular(path, "checkpoint")
+        try:
+            size = os.fstat(fd).st_size
+            if size < end:  # mapping past the end of the file would SIGBUS on first touch
+                raise MergescopeError(f"{path}: tensor {short_repr(name)}: the file is now {size} bytes but the tensor "
+                                      f"ends at byte {end} (truncated while the merge ran?)")
+            mapped = mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise MergescopeError(f"{path}: tensor {short_repr(name)}: cannot map ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
         self._maps.append(mapped)
         return torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset - start).view(shape)
 
