@@ -33,6 +33,7 @@ import torch
 from ..errors import MergescopeError
 from ..io import atomic_output, copy_aux_files, parse_size, provenance
 from ..recipe import Recipe, read
+from ..tasks.checkpoints import passed_metadata
 from . import plan as planning
 from .reader import JobMaps, Locator
 from .writer import PlannedWriter
@@ -40,7 +41,6 @@ from .writer import PlannedWriter
 MIN_BUDGET = 256 * 10**6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
-PASSED_METADATA = ("model", "task")
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     dtype = planning.DTYPES[recipe.dtype] if recipe.dtype else None
     donor_meta = ckpts[plan.donor].metadata
     meta = provenance(inputs=list(plan.models), recipe_text=recipe.text, seed=seed, merge_method=plan.method.name)
-    meta.update({k: donor_meta[k] for k in PASSED_METADATA if k in donor_meta})
+    meta.update(passed_metadata(donor_meta))  # zoo model / built-in task records only: a payload never spreads
     out = Path(out_dir)
     single = out.suffix == ".safetensors"
     if on_plan is not None:
