@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as sps
 
 from mergescope.study import STAGES
 
@@ -36,13 +38,35 @@ def test_study_writes_results_figures_and_report(study_dir):
     assert list((study_dir / "checkpoints").glob("*.safetensors"))
 
 
-def test_report_numbers_match_results(study_dir):
+def test_every_replicate_is_kept_and_the_report_shows_their_intervals(study_dir):
     results = json.loads((study_dir / "results.json").read_text())
     html = (study_dir / "report.html").read_text()
-    for row in results["merging"]["rows"]:
-        assert f"{row['accuracy']:.4f}" in html
-    for path in results["convexity"]["paths"].values():
-        assert f"{path['barrier_loss']:.4f}" in html
+    n = results["replicates"]
+    assert n >= 2 and all(len(results[stage]["replicates"]) == n for stage in STAGES)
+    # replicates are independent runs: their seeds (and so their numbers) differ
+    merges = [{(r["models"], r["method"]): r["accuracy"] for r in rep["rows"]} for rep in results["merging"]["replicates"]]
+    assert merges[0].keys() == merges[1].keys() and merges[0] != merges[1]
+    for key in merges[0]:  # each method's cell is the mean ± 95% t-interval of its replicates, recomputed here
+        values = [100 * m[key] for m in merges]
+        mean, sem = np.mean(values), np.std(values, ddof=1) / np.sqrt(n)
+        assert f"{mean:.2f} ± {sps.t.ppf(0.975, n - 1) * sem:.2f}" in html, key
+    for label in results["convexity"]["replicates"][0]["paths"]:
+        values = [r["paths"][label]["barrier_loss"] for r in results["convexity"]["replicates"]]
+        assert f"{np.mean(values):.3f}" in html
+
+
+def test_selection_is_made_on_validation(study_dir):
+    """The highlighted best merge of each set is the one with the best mean validation accuracy."""
+    from mergescope.study.sections import group_verdicts
+
+    reps = json.loads((study_dir / "results.json").read_text())["merging"]["replicates"]
+    for group in dict.fromkeys(r["models"] for r in reps[0]["rows"]):
+        chosen = group_verdicts(reps, group)["best_merge"]["method"]
+        merges = {r["method"] for r in reps[0]["rows"] if r["models"] == group
+                  and r["family"] in ("weight aggregation", "neuron alignment")}
+        val = {m: np.mean([r["val_accuracy"] for rep in reps for r in rep["rows"]
+                           if r["models"] == group and r["method"] == m]) for m in merges}
+        assert val[chosen] == max(val.values())
 
 
 def test_report_renders_in_headless_chromium(study_dir):
@@ -64,6 +88,8 @@ def test_report_renders_in_headless_chromium(study_dir):
         assert all(complete and width > 0 for _, complete, width in images), images
         sections = driver.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id);")
         assert set(STAGES) <= set(sections)
+        titles = driver.execute_script("return Array.from(document.querySelectorAll('section h2')).map(h => h.textContent);")
+        assert [t.split(".")[0] for t in titles] == [str(i) for i in range(1, len(titles) + 1)], titles
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
         ARTIFACTS.mkdir(exist_ok=True)

@@ -1,8 +1,9 @@
 """Rethink-Merge analysis 1 (arXiv 2411.09263): what weights encode, and what averaging does to it.
 
-For 8x8 digits, weights live in image space, so they can be looked at:
+For 8x8 digits, weights live in image space, so they can be looked at (any other input is drawn
+as a 1 x L strip, e.g. an MNIST-1D signal of length 40):
 
-- *Unit templates*: rows of the first Linear layer (when it reads the 64 pixels) as 8x8 images.
+- *Unit templates*: rows of the first Linear layer (when it reads the raw inputs) as images.
 - *Class directions*: d_c = E_x[d z_c / d x], the mean input-gradient of each class logit over a
   split, as an 8x8 image (for a linear model this is exactly the class's weight row; it works for
   any architecture).
@@ -106,9 +107,20 @@ def analyse(model: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], 
     return WeightsResult(tuple(named), classes, unit_templates, layer, stats)
 
 
-def plot(result: dict, path) -> None:
-    """Class directions and unit templates as 8x8 images (rows: models), and per-layer norms and
-    effective ranks, all read from a saved ``WeightsResult.to_dict()``."""
+def template_image(values):
+    """A template as an image: square inputs (8x8 digits) as a square, any other input as a 1 x L strip."""
+    import math
+
+    import numpy as np
+
+    flat = np.asarray(values, dtype=float).reshape(-1)
+    side = math.isqrt(flat.size)
+    return flat.reshape(side, side) if side * side == flat.size else flat.reshape(1, -1)
+
+
+def plot(result: dict, path, title: str | None = None) -> None:
+    """Class directions and unit templates as images (rows: models, one colour scale per kind with its
+    colour bar), and per-layer norms and effective ranks, all read from a saved ``WeightsResult.to_dict()``."""
     from ..report.figures import pyplot, save
 
     plt = pyplot()
@@ -119,8 +131,13 @@ def plot(result: dict, path) -> None:
     n_cls = len(result["class_templates"][names[0]])
     n_units = len(units[names[0]]) if units else 0
     cols = n_cls + (n_units + 1 if n_units else 0)
-    fig = plt.figure(figsize=(0.75 * cols + 1, 0.8 * len(names) + 3.4))
-    grid = fig.add_gridspec(len(names) + 1, cols, height_ratios=[1] * len(names) + [3.2], hspace=0.35)
+    strip = template_image(result["class_templates"][names[0]][0]).shape[0] == 1
+    row_h = 0.45 if strip else 0.95
+    fig = plt.figure(figsize=(0.8 * cols + 2.2, row_h * len(names) + 3.8))
+    grid = fig.add_gridspec(len(names) + 1, cols + 1, height_ratios=[row_h] * len(names) + [3.0],
+                            width_ratios=[1] * cols + [0.25], hspace=0.45, wspace=0.08)
+    scales = {"class": max(np.abs(np.asarray(result["class_templates"][n])).max() for n in names) or 1.0}
+    images = {}
     for r, name in enumerate(names):
         blocks = [("class", result["class_templates"][name], 0)]
         if n_units:
@@ -128,22 +145,28 @@ def plot(result: dict, path) -> None:
         for kind, templates, start in blocks:
             for c, t in enumerate(templates):
                 ax = fig.add_subplot(grid[r, start + c])
-                img = np.asarray(t).reshape(8, 8)
-                lim = np.abs(img).max() or 1.0
-                ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
+                lim = scales[kind] if kind == "class" else (np.abs(np.asarray(t)).max() or 1.0)  # units: own scale
+                images[kind] = ax.imshow(template_image(t), cmap="RdBu_r", vmin=-lim, vmax=lim,
+                                         aspect="auto" if strip else "equal")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(f"{c}" if kind == "class" else f"u{c}", fontsize=7)
-                if c == 0:
-                    ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-    fig.text(0.5 * n_cls / cols, 0.99, "class directions E[dz_c/dx]", ha="center", fontsize=9)
+                    ax.set_title(f"class {c}" if kind == "class" else f"unit {c}", fontsize=7)
+                if c == 0 and kind == "class":
+                    ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center", fontweight="bold")
+    bar = fig.colorbar(images["class"], cax=fig.add_subplot(grid[:len(names), cols]))
+    bar.set_label("class directions dz_c/dx", fontsize=7)
+    top = 1.0 - 0.1 / (row_h * len(names) + 3.8)
+    fig.text(0.45 * n_cls / (cols + 0.25), top, "class directions E[dz_c/dx] (shared colour scale)", ha="center",
+             fontsize=9)
     if n_units:
-        fig.text((n_cls + 1 + 0.5 * n_units) / cols, 0.99, f"first-layer units ({result['unit_layer']})",
+        fig.text((n_cls + 1 + 0.5 * n_units) / (cols + 0.25), top,
+                 f"first-layer units ({result['unit_layer']}; each on its own symmetric scale)",
                  ha="center", fontsize=9)
     layers = list(result["stats"][names[0]])
     for j, key in enumerate(("norm", "effective_rank")):
-        ax = fig.add_subplot(grid[len(names), j * cols // 2:(j + 1) * cols // 2 - (0 if j else 1)])
+        half = (cols + 1) // 2
+        ax = fig.add_subplot(grid[len(names), j * half:(j + 1) * half - 1 if j == 0 else cols])
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             ax.bar(np.arange(len(layers)) + i * width, [result["stats"][name][l][key] for l in layers], width, label=name)
@@ -151,5 +174,7 @@ def plot(result: dict, path) -> None:
                       rotation=40, ha="right", fontsize=7)
         ax.set_title(key.replace("_", " "), fontsize=9)
         if j == 0:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, y=1.02)
     save(fig, path)

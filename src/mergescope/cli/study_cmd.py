@@ -13,20 +13,24 @@ from .common import STATE, console, progress, say, torch_threads
 def study(
     out: Path = typer.Option(Path("study"), "--out", "-o", help="Folder for report.html, results.json, figures/, checkpoints/."),
     quick: bool = typer.Option(False, "--quick", help="Small widths and few epochs (about a minute)."),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the whole study."),
+    seed: int = typer.Option(None, min=0, max=2**32 - 1, help="Seed of the whole study [default: 0, or the --config's]."),
+    replicates: int = typer.Option(None, min=1, max=50, help="Independent replicates of every measurement (new seeds "
+                                   "each) [default: 3, --quick 2]; the report shows means with 95% intervals."),
+    workers: int = typer.Option(None, min=1, max=64, help="Processes running replicates in parallel "
+                                "[default: one per core, at most 2]."),
     stages: str = typer.Option(None, help="Comma-separated subset of stages to run."),
     threads: int = typer.Option(1, min=1, max=1024, help="torch threads (small models run fastest on one)."),
     config: Path = typer.Option(None, "--config", help="Study YAML for your own checkpoints (model, task, checkpoints, "
                                 "base). Its model and task may be package.module:factory: that runs YOUR code, by "
                                 "design; only use configs you trust."),
 ):
-    """Train (or reuse) the digits model family, measure the four landscape characteristics, compare every
-    merge method, and write a self-contained report.html."""
+    """Train (or reuse) the digits and MNIST-1D model families over several replicates, measure the four
+    landscape characteristics with 95% intervals, compare every merge method, and write report.html."""
     from ..errors import MergescopeError
     from ..io import check_side_outputs
     from ..study import STAGES, StudyConfig, run_study
 
-    overrides = {"seed": seed}
+    overrides = {k: v for k, v in {"seed": seed, "replicates": replicates, "workers": workers}.items() if v is not None}
     if stages:
         chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
         unknown = set(chosen) - set(STAGES)
@@ -47,7 +51,10 @@ def study(
         if config is not None:
             from ..study import run_custom_study
 
-            results = run_custom_study(config, out, **hooks)
+            if replicates is not None or quick:
+                raise MergescopeError("--replicates/--quick apply to the built-in study; with --config your "
+                                      "checkpoints are the one replicate")
+            results = run_custom_study(config, out, seed=seed, stages=overrides.get("stages"), **hooks)
         else:
             settings = StudyConfig.quick_config(**overrides) if quick else StudyConfig(**overrides)
             results = run_study(out, settings, **hooks)
@@ -59,7 +66,8 @@ def study(
         table.add_row(line)
     if not STATE["quiet"]:
         console.print(table)
-    say(f"report: {out / 'report.html'}  ({sum(results['timings'].values()):.0f}s; models trained "
+    seconds = results.get("wall_seconds", sum(results["timings"].values()))
+    say(f"report: {out / 'report.html'}  ({seconds:.0f}s; {results['replicates']} replicate(s); models trained "
         f"{results['models']['trained']}, reused {results['models']['reused']})")
 
 

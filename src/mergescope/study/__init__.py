@@ -16,7 +16,7 @@ from .._version import __version__
 from ..results import write_json
 from .config import STAGES, StudyConfig
 from .family import Family
-from .sections import SECTION_BUILDERS, skipped_section, summary_lines
+from .sections import SECTION_BUILDERS, number_sections, skipped_section, summary_lines
 from .stages import STAGE_FUNCTIONS, Context
 
 __all__ = ["STAGES", "StudyConfig", "run_custom_study", "run_study", "write_report"]
@@ -25,34 +25,90 @@ __all__ = ["STAGES", "StudyConfig", "run_custom_study", "run_study", "write_repo
 def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = None,
               on_stage: Callable[[str, int, int], None] | None = None,
               tick: Callable[[str], None] = lambda message: None) -> dict:
-    """Run every configured stage; returns the results dict that is also saved as results.json."""
+    """Run every configured stage on every replicate; returns the results dict also saved as results.json.
+
+    Replicates are independent (disjoint seeds), so they run in parallel processes, each with one
+    torch thread; every (stage, replicate) result is cached under ``out/cache`` and reused only for
+    the same config, stage, replicate and mergescope version. ``results[stage]["replicates"]`` keeps
+    every replicate's values, in replicate order, whatever process computed them.
+    """
     config = config or StudyConfig()
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    family = Family(out / "checkpoints")
-    ctx = Context(config, family, tick)
     stages = [s for s in config.stages if s in STAGE_FUNCTIONS]
-    results: dict = {"config": config.to_dict(), "mergescope_version": __version__}
-    reused_stages = []
-
-    def cached_stage(name: str) -> Callable[[], dict]:
-        def run() -> dict:
-            cache = out / "cache" / f"{name}-{_stage_key(config, name)}.json"
-            cached = _read_json(cache)
-            if cached is not None:
-                reused_stages.append(name)
-                return cached
-            result = STAGE_FUNCTIONS[name](ctx)
-            write_json(cache, result)
-            return result
-
-        return run
-
-    results.update(_run_stages({name: cached_stage(name) for name in stages}, on_stage))
-    results["models"] = {"trained": family.trained, "reused": family.reused, "stages_reused": reused_stages}
+    start = time.perf_counter()
+    jobs = list(range(config.replicates))
+    done = _run_replicates(config, out, stages, jobs, on_stage, tick)
+    results: dict = {"config": config.to_dict(), "mergescope_version": __version__, "replicates": config.replicates,
+                     "timings": {name: sum(done[r]["timings"][name] for r in jobs) for name in stages}}
+    for name in stages:
+        results[name] = {"replicates": [done[r][name] for r in jobs]}
+    results["models"] = {"trained": sum(done[r]["trained"] for r in jobs),
+                         "reused": sum(done[r]["reused"] for r in jobs),
+                         "stages_reused": [s for s in stages if all(s in done[r]["stages_reused"] for r in jobs)]}
+    results["wall_seconds"] = time.perf_counter() - start
     write_json(out / "results.json", results)
     write_report(out)
     return results
+
+
+def _run_replicates(config: StudyConfig, out: Path, stages: list[str], jobs: list[int], on_stage, tick) -> dict:
+    """{replicate: its results}, in worker processes when more than one core and replicate are available."""
+    workers = min(config.workers or min(2, os.cpu_count() or 1), len(jobs))
+    total = len(jobs) * len(stages)
+    finished = [0]
+
+    def report(message: str) -> None:
+        if message.startswith("stage "):
+            if on_stage is not None:
+                on_stage(message.removeprefix("stage "), finished[0], total)
+            finished[0] += 1
+        tick(message)
+
+    if workers <= 1:
+        return {r: replicate_job(config, out, r, stages, report) for r in jobs}
+    import multiprocessing
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")  # forking a process that has run torch can deadlock
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        messages = manager.Queue()
+        futures = {pool.submit(replicate_job, config, out, r, stages, messages.put): r for r in jobs}
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while True:
+                try:
+                    report(messages.get_nowait())
+                except queue_module.Empty:
+                    break
+        return {futures[f]: f.result() for f in futures}
+
+
+def replicate_job(config: StudyConfig, out: Path, replicate: int, stages: list[str],
+                  report: Callable[[str], None] = lambda message: None) -> dict:
+    """Every stage of one replicate (run in a worker process): results, timings, models trained/reused."""
+    import torch
+
+    torch.set_num_threads(1)
+    family = Family(out / "checkpoints")
+    ctx = Context(config, family, replicate, report)
+    done: dict = {"timings": {}, "stages_reused": []}
+    for name in stages:
+        report(f"stage {name} (replicate {replicate + 1}/{config.replicates})")
+        start = time.perf_counter()
+        cache = out / "cache" / f"{name}-r{replicate}-{_stage_key(config, name, replicate)}.json"
+        cached = _read_json(cache)
+        if cached is not None:
+            done["stages_reused"].append(name)
+            done[name] = cached
+        else:
+            done[name] = STAGE_FUNCTIONS[name](ctx)
+            write_json(cache, done[name])
+        done["timings"][name] = time.perf_counter() - start
+    done["trained"], done["reused"] = family.trained, family.reused
+    return done
 
 
 def _run_stages(stage_fns: dict[str, Callable[[], dict]], on_stage) -> dict:
@@ -67,18 +123,26 @@ def _run_stages(stage_fns: dict[str, Callable[[], dict]], on_stage) -> dict:
     return out
 
 
-def _stage_key(config: StudyConfig, stage: str) -> str:
-    """A stage's results are reused only for the same config, stage and mergescope version."""
+def _stage_key(config: StudyConfig, stage: str, replicate: int = 0) -> str:
+    """A stage's results are reused only for the same config, stage, replicate and mergescope version."""
     import hashlib
 
-    text = json.dumps({"config": config.to_dict(), "stage": stage, "version": __version__}, sort_keys=True)
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("workers", "stages", "replicates")}
+    text = json.dumps({"config": settings, "stage": stage, "replicate": replicate, "version": __version__},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "study",
                      on_stage: Callable[[str, int, int], None] | None = None,
-                     tick: Callable[[str], None] = lambda message: None) -> dict:
-    """The same measurements on a user's checkpoints (see ``study.custom`` for the YAML)."""
+                     tick: Callable[[str], None] = lambda message: None, seed: int | None = None,
+                     stages: tuple[str, ...] | None = None) -> dict:
+    """The same measurements on a user's checkpoints (see ``study.custom`` for the YAML).
+
+    ``seed`` (default: the YAML's) drives alignment and curve fitting; ``stages`` picks a subset.
+    The user's checkpoints are one replicate: the report shows each figure without an interval and
+    says so. Stages that cannot apply (spawning needs training; task vectors need a base) say why.
+    """
     from ..io import load
     from ..tasks import get_task, make_model
     from ..tasks.checkpoints import load_state_into
@@ -86,6 +150,7 @@ def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "s
     from .custom import read_config
 
     cfg = read_config(config_path)
+    seed = cfg.seed if seed is None else seed
     task = get_task(cfg.task, **cfg.task_options)
     module = make_model(cfg.model, **cfg.model_options)
 
@@ -100,31 +165,34 @@ def run_custom_study(config_path: str | os.PathLike, out: str | os.PathLike = "s
     pair = {names[0]: named[names[0]], names[1]: named[names[1]]}
     group = f"your {len(named)} models"
     stage_fns = {
-        "convexity": lambda: measure.paths(measure.all_pairs(module, named), task, cfg.path_points, tick),
-        "connectivity": lambda: measure.connectivity(module, named, task, cfg.path_points, cfg.curve_epochs, cfg.seed,
-                                                     tick),
+        "convexity": lambda: measure.paths(measure.all_pairs(module, named, task), cfg.path_points, tick),
+        "connectivity": lambda: {
+            "pairs": {f"{names[0]} - {names[1]}": measure.pair_connectivity(
+                module, *pair.values(), task, cfg.path_points, cfg.curve_epochs, seed, tick=tick)},
+            "matrices": measure.matrices(module, named, task, cfg.path_points, seed, tick)},
         "determinism": lambda: {"skipped": "spawning needs a training function; it runs on the built-in study"},
-        "merging": lambda: {"rows": measure.merge_rows(module, named, task, group, base, cfg.seed, tick)
-                            + measure.pair_rows(module, *pair.values(), task, f"{names[0]} + {names[1]}", cfg.seed, tick)},
-        "why": lambda: measure.why(module, pair, {
+        "merging": lambda: {"rows": measure.merge_rows(module, named, task, group, base, seed, tick)
+                            + measure.pair_rows(module, *pair.values(), task, f"{names[0]} + {names[1]}", seed, tick)},
+        "why": lambda: measure.why(module, {f"{names[0]} + {names[1]}": pair}, {
             "your models": list(named.values()),
-            "your models, aligned": measure.align_to_first(module, list(named.values()), task, "weight", cfg.seed)},
+            "your models, aligned": measure.align_to_first(module, list(named.values()), task, "weight", seed)},
             task, tick),
+        "directedness": ((lambda: _directedness(module, base, named, task)) if base is not None else
+                         (lambda: {"skipped": "task vectors need a base model (give 'base:' in the config)"})),
     }
-    if base is not None:
-        stage_fns["directedness"] = lambda: _directedness(module, base, named, task)
-    else:
-        stage_fns["directedness"] = lambda: {"skipped": "task vectors need a base model (give 'base:' in the config)"}
-    results: dict = {"config": cfg.model_dump(), "mergescope_version": __version__,
-                     **_run_stages({name: stage_fns[name] for name in STAGES}, on_stage),
-                     "models": {"trained": 0, "reused": len(named) + (base is not None)}}
+    chosen = [name for name in STAGES if stages is None or name in stages]
+    ran = _run_stages({name: stage_fns[name] for name in chosen}, on_stage)
+    results: dict = {"config": {**cfg.model_dump(), "seed": seed}, "mergescope_version": __version__, "replicates": 1,
+                     "custom": True, "timings": ran.pop("timings"),
+                     **{name: value if "skipped" in value else {"replicates": [value]} for name, value in ran.items()},
+                     "models": {"trained": 0, "reused": len(named) + (base is not None), "stages_reused": []}}
     out = Path(out)
     write_json(out / "results.json", results)
     write_report(out)
     return results
 
 
-def _directedness(module, base, named, task):
+def _directedness(module, base, named, task) -> dict:
     from ..landscape import task_vectors
 
     return task_vectors(module, base, dict(named), {name: task for name in named}).to_dict()
@@ -137,18 +205,22 @@ def write_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     results = json.loads((out / "results.json").read_text())
     fig_dir = out / "figures"
-    sections = [skipped_section(name, results[name]) if "skipped" in results[name] else
-                SECTION_BUILDERS[name](results[name], fig_dir)
-                for name in STAGES if name in results and name in SECTION_BUILDERS]
+    sections = number_sections([skipped_section(name, results[name]) if "skipped" in results[name] else
+                                SECTION_BUILDERS[name](results[name], fig_dir)
+                                for name in STAGES if name in results and name in SECTION_BUILDERS])
     for section in sections:
-        for table in section.get("tables", []):
+        if section.get("tables"):
             write_json(fig_dir / f"{section['id']}.json", results[section["id"]])
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results["timings"].items())
-    footer = (f"mergescope {results['mergescope_version']}; digits (scikit-learn), fixed seeds; config "
-              f"{json.dumps(results['config'])}; stage times: {timings}; models trained {results['models']['trained']}, "
-              f"reused from cache {results['models']['reused']}.")
-    return render_report("mergescope study: digits model zoo", summary_lines(results), sections, footer,
-                         out / "report.html", fig_dir)
+    custom = results.get("custom", False)
+    data = (f"your models ({results['config']['model']}) on {results['config']['task']}" if custom else
+            "digits (scikit-learn) and MNIST-1D (generated offline), fixed seeds")
+    footer = (f"mergescope {results['mergescope_version']}; {data}; {results['replicates']} replicate(s); config "
+              f"{json.dumps(results['config'])}; compute per stage (all replicates): {timings}; models trained "
+              f"{results['models']['trained']}, reused from cache {results['models']['reused']}.")
+    title = (f"mergescope study: your {results['config']['model']} models" if custom else
+             "mergescope study: digits and MNIST-1D model zoo")
+    return render_report(title, summary_lines(results), sections, footer, out / "report.html", fig_dir)
 
 
 def _read_json(path: Path):

@@ -18,7 +18,7 @@ import torch
 from .._version import __version__
 from ..errors import MergescopeError
 from ..io import load, save
-from ..tasks import TRAIN_DEFAULTS, build, digits, train
+from ..tasks import TRAIN_DEFAULTS, build, get_task, train
 from ..tasks.checkpoints import load_state_into, model_metadata
 
 
@@ -33,11 +33,15 @@ class Recipe:
     parent: Recipe | None = None
     classes: tuple[int, ...] | None = None
     lr: float | None = None
+    task: str = "digits"
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "options": dict(self.options), "seed": self.seed, "epochs": self.epochs,
-                "parent": None if self.parent is None else self.parent.to_dict(),
-                "classes": None if self.classes is None else list(self.classes), "lr": self.lr, "version": __version__}
+        d = {"model": self.model, "options": dict(self.options), "seed": self.seed, "epochs": self.epochs,
+             "parent": None if self.parent is None else self.parent.to_dict(),
+             "classes": None if self.classes is None else list(self.classes), "lr": self.lr, "version": __version__}
+        if self.task != "digits":  # digits recipes keep their keys (and cached checkpoints)
+            d["task"] = self.task
+        return d
 
     @property
     def key(self) -> str:
@@ -45,8 +49,9 @@ class Recipe:
 
 
 def recipe(model: str, seed: int, epochs: int, parent: Recipe | None = None, classes=None, lr: float | None = None,
-           **options) -> Recipe:
-    return Recipe(model, tuple(sorted(options.items())), seed, epochs, parent, tuple(classes) if classes else None, lr)
+           task: str = "digits", **options) -> Recipe:
+    return Recipe(model, tuple(sorted(options.items())), seed, epochs, parent, tuple(classes) if classes else None, lr,
+                  task)
 
 
 @dataclass
@@ -77,7 +82,8 @@ class Family:
                 state = None  # a damaged cache entry is simply retrained
         if state is None:
             state = self._train(r)
-            meta = {**model_metadata(r.model, dict(r.options)), "study_recipe": expected, "seed": str(r.seed)}
+            meta = {**model_metadata(r.model, dict(r.options), task=self._task(r).name), "study_recipe": expected,
+                    "seed": str(r.seed)}
             save(state, path, metadata=meta, force=True)
             self.trained += 1
         else:
@@ -95,5 +101,9 @@ class Family:
         if r.lr is not None:
             params["lr"] = r.lr
         if r.epochs > 0:
-            train(net, digits(classes=r.classes), seed=r.seed, **params)
+            train(net, self._task(r), seed=r.seed, **params)
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    @staticmethod
+    def _task(r: Recipe):
+        return get_task(r.task, classes=r.classes) if r.classes else get_task(r.task)

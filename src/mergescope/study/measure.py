@@ -36,7 +36,19 @@ def with_state(module: nn.Module, state: State) -> nn.Module:
 
 
 def evaluate_state(module: nn.Module, state: State, task) -> dict:
-    return task.evaluate(with_state(module, state), "test")
+    """Test accuracy/loss (reported) and validation accuracy/loss (used for every selection)."""
+    net = with_state(module, state)
+    test, val = task.evaluate(net, "test"), task.evaluate(net, "val")
+    return {**test, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
+
+
+def ensemble_row(module: nn.Module, states: Sequence[State], task, method: str) -> tuple[dict, float]:
+    """An output ensemble's test and validation figures, and the seconds its test evaluation took."""
+    from .. import ensemble
+
+    result, seconds = timed(lambda: ensemble.evaluate(module, states, task, method=method))
+    val = ensemble.evaluate(module, states, task, method=method, split="val")
+    return {"accuracy": result.accuracy, "loss": result.loss, "val_accuracy": val.accuracy, "val_loss": val.loss}, seconds
 
 
 def spec_for(module: nn.Module, task):
@@ -70,43 +82,56 @@ def align_to_first(module: nn.Module, states: Sequence[State], task, method: str
 
 
 # --- mode convexity ---------------------------------------------------------------------------
-def paths(pairs: Mapping[str, tuple[nn.Module, State, State]], task, n: int, tick: Tick = _noop) -> dict:
-    """Linear path (with BN reset where present) for each labelled pair."""
+def paths(pairs: Mapping[str, tuple[nn.Module, State, State, object]], n: int, tick: Tick = _noop) -> dict:
+    """Linear path (with BN reset where present) for each labelled (module, A, B, task)."""
     from ..landscape import interpolate
 
     out = {}
-    for label, (module, a, b) in pairs.items():
+    for label, (module, a, b, task) in pairs.items():
         out[label] = interpolate(module, a, b, task, n=n).to_dict()
         tick(f"path {label}")
     return {"paths": out}
 
 
-def all_pairs(module: nn.Module, named: Mapping[str, State], limit: int = 6) -> dict:
-    return {f"{x} - {y}": (module, named[x], named[y]) for x, y in list(combinations(named, 2))[:limit]}
+def all_pairs(module: nn.Module, named: Mapping[str, State], task, limit: int = 6) -> dict:
+    return {f"{x} - {y}": (module, named[x], named[y], task) for x, y in list(combinations(named, 2))[:limit]}
 
 
 # --- connectivity -----------------------------------------------------------------------------
-def connectivity(module: nn.Module, named: Mapping[str, State], task, n: int, curve_epochs: int, seed: int,
-                 tick: Tick = _noop) -> dict:
-    """Barrier matrices naive vs aligned (weight, activation), and Bezier curves without/with alignment."""
-    from ..landscape import barrier_matrix, fit_curve
+def matrices(module: nn.Module, named: Mapping[str, State], task, n: int, seed: int, tick: Tick = _noop) -> dict:
+    """Pairwise barrier matrices of the named models: naive, and after aligning each to the first."""
+    from ..landscape import barrier_matrix
 
     names, states = list(named), list(named.values())
-    matrices = {"naive": barrier_matrix(module, states, task, names=names, n=n).to_dict()}
+    out = {"naive": barrier_matrix(module, states, task, names=names, n=n).to_dict()}
     tick("barrier matrix naive")
     for method in ("weight", "activation"):
         aligned = align_to_first(module, states, task, method, seed)
-        matrices[f"{method} matching"] = barrier_matrix(module, aligned, task, names=names, n=n).to_dict()
+        out[f"{method} matching"] = barrier_matrix(module, aligned, task, names=names, n=n).to_dict()
         tick(f"barrier matrix {method}")
-    for m in matrices.values():
+    for m in out.values():
         m.pop("paths", None)
-    curves = {}
-    for how in (None, "activation"):
-        curve = fit_curve(module, states[0], states[1], task, kind="bezier", align=how, epochs=curve_epochs,
-                          seed=seed, n=n)
-        curves["aligned" if how else "unaligned"] = curve.to_dict()
-        tick(f"curve {how}")
-    return {"matrices": matrices, "curves": curves, "pair": names[:2]}
+    return out
+
+
+def pair_connectivity(module: nn.Module, a: State, b: State, task, n: int, curve_epochs: int, seed: int,
+                      curves: bool = True, tick: Tick = _noop) -> dict:
+    """One pair: the straight line naive and after weight / activation matching (BatchNorm statistics
+    recomputed at every point where the model has them), and quadratic Bezier curves fitted without and
+    with activation matching (Garipov et al.; Tatro et al.). Every path carries test and train barriers."""
+    from ..landscape import fit_curve, interpolate
+
+    out = {"line": interpolate(module, a, b, task, n=n).to_dict()}
+    for method in ("weight", "activation"):
+        _, b_aligned = align_to_first(module, [a, b], task, method, seed)
+        out[f"{method} matching"] = interpolate(module, a, b_aligned, task, n=n).to_dict()
+        tick(f"line after {method} matching")
+    if curves:
+        for how, key in ((None, "curve"), ("activation", "aligned curve")):
+            result = fit_curve(module, a, b, task, kind="bezier", align=how, epochs=curve_epochs, seed=seed, n=n)
+            out[key] = result.curve.to_dict()
+            tick(f"curve {key}")
+    return out
 
 
 # --- merging outcome --------------------------------------------------------------------------
@@ -114,13 +139,12 @@ def merge_rows(module: nn.Module, named: Mapping[str, State], task, group: str, 
                seed: int = 0, tick: Tick = _noop) -> list[dict]:
     """Single models, weight aggregation (task-vector methods need ``base``), data-aware merges,
     MergeMany, and output ensembles, all on the same models."""
-    from .. import ensemble
     from ..align.many import merge_many
     from ..merge import data_aware
 
     states, n = list(named.values()), len(named)
     rows = [{"models": group, "family": "single model", "method": name, **evaluate_state(module, s, task),
-             "seconds": 0.0} for name, s in named.items()]
+             "seconds": None} for name, s in named.items()]
 
     def add(family, method, make):
         state, seconds = timed(make)
@@ -143,22 +167,23 @@ def merge_rows(module: nn.Module, named: Mapping[str, State], task, group: str, 
     add("neuron alignment", "MergeMany (weight matching) + average",
         lambda: merge_many(spec_for(module, task), states, seed=seed).mean)
     for method in ("probs", "logits", "vote"):
-        result, seconds = timed(lambda: ensemble.evaluate(module, states, task, method=method))
-        rows.append({"models": group, "family": "ensembling", "method": f"ensemble ({method})",
-                     "accuracy": result.accuracy, "loss": result.loss, "seconds": seconds})
+        figures, seconds = ensemble_row(module, states, task, method)
+        rows.append({"models": group, "family": "ensembling", "method": f"ensemble ({method})", **figures,
+                     "seconds": seconds})
     return rows
 
 
 def pair_rows(module: nn.Module, a: State, b: State, task, group: str, seed: int = 0, tick: Tick = _noop) -> list[dict]:
     """Every neuron-alignment method on one pair (matching, + REPAIR, OT, ZipIt!) vs the naive average."""
-    from .. import align, ensemble
+    from .. import align
 
     spec = spec_for(module, task)
     model_a, model_b = with_state(module, a), with_state(module, b)
     rows = [{"models": group, "family": "single model", "method": label, **evaluate_state(module, s, task),
-             "seconds": 0.0} for label, s in (("model A", a), ("model B", b))]
+             "seconds": None} for label, s in (("model A", a), ("model B", b))]
+    naive, seconds = timed(lambda: align.interpolate_states(a, b, 0.5))
     rows.append({"models": group, "family": "weight aggregation", "method": "linear (naive average)",
-                 **evaluate_state(module, align.interpolate_states(a, b, 0.5), task), "seconds": 0.0})
+                 **evaluate_state(module, naive, task), "seconds": seconds})
     for method in ("weight", "activation", "ot", "zipit"):
         result, seconds = timed(lambda: align.align_models(spec, model_a, model_b, method, task=task, seed=seed))
         merged = result.state if result.merged else align.interpolate_states(a, result.state, 0.5)
@@ -175,22 +200,24 @@ def pair_rows(module: nn.Module, a: State, b: State, task, group: str, seed: int
             state, extra = timed(repaired)
             rows.append({"models": group, "family": "neuron alignment", "method": "activation matching + REPAIR",
                          **evaluate_state(module, state, task), "seconds": seconds + extra})
-    result, seconds = timed(lambda: ensemble.evaluate(module, [a, b], task))
-    rows.append({"models": group, "family": "ensembling", "method": "ensemble (probs)", "accuracy": result.accuracy,
-                 "loss": result.loss, "seconds": seconds})
+    figures, seconds = ensemble_row(module, [a, b], task, "probs")
+    rows.append({"models": group, "family": "ensembling", "method": "ensemble (probs)", **figures, "seconds": seconds})
     return rows
 
 
 # --- why weight averaging works ---------------------------------------------------------------
-def why(module: nn.Module, pair: Mapping[str, State], families: Mapping[str, Sequence[State]], task,
-        tick: Tick = _noop) -> dict:
-    """Rethink-Merge analyses: weight templates/statistics, weight vs feature space, scaling stability."""
+def why(module: nn.Module, pairs: Mapping[str, Mapping[str, State]], families: Mapping[str, Sequence[State]], task,
+        tick: Tick = _noop, templates: bool = True) -> dict:
+    """Rethink-Merge analyses: weight templates/statistics, weight vs feature space, and scaling
+    stability of each pair and its average."""
     from ..analysis import scaling, spaces, weights
 
-    out = {"weights": weights.analyse(module, dict(pair), task).to_dict()}
-    tick("weights")
+    out = {}
+    if templates:
+        out["weights"] = {label: weights.analyse(module, dict(pair), task).to_dict() for label, pair in pairs.items()}
+        tick("weights")
     out["spaces"] = spaces.compare(module, families, task).to_dict()
     tick("spaces")
-    out["scaling"] = scaling.analyse(module, dict(pair), task).to_dict()
+    out["scaling"] = {label: scaling.analyse(module, dict(pair), task).to_dict() for label, pair in pairs.items()}
     tick("scaling")
     return out

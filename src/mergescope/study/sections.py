@@ -1,10 +1,28 @@
-"""Turn saved stage results into report sections: figures (drawn from the JSON) and plain readings."""
+"""Turn saved stage results into report sections: figures (drawn from the JSON) and plain readings.
+
+Every stage result holds ``replicates`` (one dict per replicate). Numbers are shown as the mean
+with a 95% interval over replicates, and every sentence that compares two conditions comes from a
+paired ``stats.compare``: "A beats B" only when the interval of the difference excludes 0, else
+"tie within noise". Selections (best merge, best member) are made on the validation split; test
+is only reported.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..report import figures as F
+from .stats import compare, interval
+
+DESIGN = "Replicates are independent training runs with disjoint seeds; intervals are 95% Student-t intervals."
+
+
+def _reps(res: dict) -> list[dict]:
+    return res["replicates"]
+
+
+def _iv(values, digits: int = 3, scale: float = 1.0) -> str:
+    return interval(values).text(digits, scale)
 
 
 def _mean_off_diagonal(m) -> float:
@@ -12,183 +30,313 @@ def _mean_off_diagonal(m) -> float:
     return sum(m[i][j] for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
 
 
+def _pts(values) -> list[float]:
+    return [100 * v for v in values]
+
+
+# ----------------------------------------------------------------------------- 1. mode convexity
+
 def convexity_section(res: dict, fig_dir: Path) -> dict:
-    paths = res["paths"]
-    F.paths_figure(paths, fig_dir / "convexity.png", "Mode convexity: linear interpolation between two models")
-    if res.get("same_basin") and res.get("independent"):
-        same, indep = paths[res["same_basin"]], paths[res["independent"]]
-        cost = (f"averaging them naively destroys accuracy" if indep["barrier_acc"] > 0.10 else
-                f"averaging them naively costs up to {100 * indep['barrier_acc']:.1f} accuracy points")
-        reading = (f"Fine-tunes of one parent: loss barrier {same['barrier_loss']:.3f}"
-                   + (" (one convex basin, so averaging their weights is safe)" if same["barrier_loss"] < 0.05 else "")
-                   + f". Independent seeds: barrier {indep['barrier_loss']:.3f} "
-                   f"({100 * indep['barrier_acc']:.1f} accuracy points): {cost}.")
-    else:
-        reading = "Loss barriers along the straight lines: " + "; ".join(
-            f"{k} {v['barrier_loss']:.3f} ({100 * v['barrier_acc']:.1f} pts)" for k, v in paths.items()) + (
-            ". A barrier near 0 means the two models share a convex basin and can be averaged directly.")
-    rows = [{"pair": k, "loss barrier": v["barrier_loss"], "accuracy barrier (pts)": 100 * v["barrier_acc"],
-             "train loss barrier": v["train_barrier_loss"],
-             "naive-BN loss barrier": v["naive_barrier_loss"] if v["naive_barrier_loss"] is not None else "-"}
-            for k, v in paths.items()]
-    return {"id": "convexity", "title": "1. Mode convexity: is there a low-loss straight line?",
+    reps = _reps(res)
+    labels = list(reps[0]["paths"])
+    paths = {label: [r["paths"][label] for r in reps] for label in labels}
+    F.band_paths_figure(paths, fig_dir / "convexity.png", "Mode convexity: linear interpolation between two models")
+    barrier = {label: [p["barrier_loss"] for p in ps] for label, ps in paths.items()}
+    acc = {label: [p["barrier_acc"] for p in ps] for label, ps in paths.items()}
+    reading = "Test loss barrier (mean ± 95% interval over replicates): " + "; ".join(
+        f"{label} {_iv(barrier[label])} ({_iv(acc[label], 1, 100)} accuracy points)" for label in labels) + "."
+    if res.get("same_basin") in barrier and res.get("independent") in barrier:
+        c = compare("fine-tunes of one parent", barrier[res["same_basin"]], "independent seeds",
+                    barrier[res["independent"]], higher_is_better=False)
+        reading += " " + _cap(c.sentence("the loss barrier (lower is better)")) + "."
+    rows = [{"pair": label, "replicates": len(paths[label]), "test loss barrier": _iv(barrier[label]),
+             "test accuracy barrier (pts)": _iv(acc[label], 2, 100),
+             "train loss barrier": _iv([p["train_barrier_loss"] for p in paths[label]]),
+             "loss barrier, BN statistics interpolated": _iv([p["naive_barrier_loss"] for p in paths[label]])
+             if paths[label][0]["naive_barrier_loss"] is not None else "-"} for label in labels]
+    return {"id": "convexity", "title": "Mode convexity: is there a low-loss straight line?",
             "intro": "Loss and accuracy on the test split along theta(t) = (1-t) A + t B. The barrier is the largest "
                      "rise above the straight line between the endpoint values; BatchNorm statistics are recomputed "
-                     "at every point (the naive, interpolated-statistics barrier is listed too).",
+                     "at every point (the barrier with interpolated statistics is listed too). " + DESIGN,
             "figures": [{"file": "convexity.png", "caption": reading}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}
 
 
-def merging_section(res: dict, fig_dir: Path) -> dict:
-    rows = res["rows"]
-    F.merge_table_figure(rows, fig_dir / "merging.png")
-    table_rows = []
-    for group in dict.fromkeys(r["models"] for r in rows):
-        sub = [r for r in rows if r["models"] == group]
-        best = {}
-        for r in sub:
-            if r["family"] != "single model" and r["accuracy"] > best.get(r["family"], {"accuracy": -1})["accuracy"]:
-                best[r["family"]] = r
-        for r in sub:
-            table_rows.append({"models": group, "family": r["family"], "method": r["method"],
-                               "test accuracy": r["accuracy"], "test loss": r["loss"], "seconds": r["seconds"],
-                               "_best": best.get(r["family"]) is r})
-    top = {g: max((r for r in rows if r["models"] == g and r["family"] != "ensembling" and r["family"] != "single model"),
-                  key=lambda r: r["accuracy"]) for g in dict.fromkeys(r["models"] for r in rows)}
-    reading = " ".join(f"For {g}, the best single merged model is {r['method']} ({100 * r['accuracy']:.1f}%)."
-                       for g, r in top.items())
-    return {"id": "merging", "title": "6. Merging outcome: every method on the same models",
-            "intro": "Test accuracy of each merge (one model) and each output ensemble (N models' cost). The best of "
-                     "each family is highlighted.",
-            "figures": [{"file": "merging.png", "caption": reading}],
-            "tables": [{"columns": ["models", "family", "method", "test accuracy", "test loss", "seconds"],
-                        "rows": table_rows}]}
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+# ----------------------------------------------------------------------------- 2. connectivity
+
+PATH_KINDS = (("line", "straight line"), ("weight matching", "line after weight matching"),
+              ("activation matching", "line after activation matching"), ("curve", "Bezier curve"),
+              ("aligned curve", "Bezier curve after activation matching"))
 
 
 def connectivity_section(res: dict, fig_dir: Path) -> dict:
-    matrices, curves = res["matrices"], res["curves"]
+    reps = _reps(res)
+    archs = list(reps[0]["pairs"])
+    values = {split: {arch: {label: [r["pairs"][arch][key][field] for r in reps]
+                             for key, label in PATH_KINDS if key in reps[0]["pairs"][arch]}
+                      for arch in archs}
+              for split, field in (("test", "barrier_loss"), ("train", "train_barrier_loss"))}
+    F.barrier_bars_figure({}, fig_dir / "connectivity_curves.png",
+                          "Connectivity: barriers of lines and fitted curves, before and after alignment",
+                          "loss barrier", panels={f"{split} split": data for split, data in values.items()})
+    readings = [_alignment_reading(arch, values["test"][arch]) for arch in archs]
+    curve_readings = [_curve_reading(arch, values["test"][arch], values["train"][arch]) for arch in archs
+                      if "Bezier curve" in values["test"][arch]]
+    matrices = reps[0]["matrices"]
     F.heatmaps_figure(matrices, fig_dir / "connectivity_matrix.png", "barrier_loss",
-                      "Pairwise loss barriers between independent seeds: naive vs after neuron alignment")
-    un, al = curves["unaligned"], curves["aligned"]
-    pair = " and ".join(res.get("pair", ["A", "B"]))
-    F.paths_figure({"straight line": un["line"], "Bezier curve": un["curve"],
-                    "line after alignment": al["aligned_line"], "Bezier curve after alignment": al["curve"]},
-                   fig_dir / "connectivity_curves.png", "Connectivity: fitted curves vs straight lines")
-
-    means = {name: _mean_off_diagonal(m["barrier_loss"]) for name, m in matrices.items()}
-    best = min(means, key=means.get)
-    reading = "Mean pairwise loss barrier: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) + ". "
-    reading += (f"Undoing the permutation symmetry ({best}) removes most of the barrier: independent runs land in "
-                f"the same basin up to a relabelling of their hidden units." if means[best] < means["naive"] / 2 else
-                "Alignment does not remove most of the barrier for these models.")
-    curve_reading = _curve_reading(pair, un, al)
-    rows = [{"paths": k, "mean loss barrier": v,
-             "mean accuracy barrier (pts)": 100 * _mean_off_diagonal(matrices[k]["barrier_acc"])} for k, v in means.items()]
-    rows += [{"paths": f"Bezier curve ({k})", "mean loss barrier": c["barrier_loss"],
-              "mean accuracy barrier (pts)": 100 * c["barrier_acc"]} for k, c in curves.items()]
-    return {"id": "connectivity", "title": "2. Connectivity: are minima joined by low-loss paths?",
-            "intro": "Barriers between every pair of independently trained MLPs, before and after aligning each to "
-                     "the first (weight matching, activation matching); then a quadratic Bezier curve fitted between "
-                     "two of them (Garipov et al. 2018), without and with alignment (Tatro et al. 2020).",
-            "figures": [{"file": "connectivity_matrix.png", "caption": reading},
-                        {"file": "connectivity_curves.png", "caption": curve_reading}],
+                      "Pairwise loss barriers between independent MLP seeds (replicate 1): naive vs aligned")
+    means = {name: [_mean_off_diagonal(r["matrices"][name]["barrier_loss"]) for r in reps] for name in matrices}
+    matrix_reading = ("Mean pairwise loss barrier among the independent MLPs: " + ", ".join(
+        f"{name} {_iv(v)}" for name, v in means.items()) + ". " + _cap(compare(
+            "weight matching", means["weight matching"], "no alignment", means["naive"],
+            higher_is_better=False).sentence("the mean barrier")) + ".")
+    rows = [{"architecture": arch, "path": label, "replicates": len(v),
+             "test loss barrier": _iv(v), "train loss barrier": _iv(values["train"][arch][label])}
+            for arch in archs for label, v in values["test"][arch].items()]
+    return {"id": "connectivity", "title": "Connectivity: are minima joined by low-loss paths?",
+            "intro": "For pairs of independently trained models: the straight line, the line after aligning B's "
+                     "hidden units to A (weight or activation matching; BatchNorm statistics recomputed, which is "
+                     "REPAIR's correction for BN models), and a quadratic Bezier curve fitted between them without "
+                     "and with activation matching (Garipov et al. 2018; Tatro et al. 2020), each on test and train. "
+                     + DESIGN,
+            "figures": [{"file": "connectivity_curves.png", "caption": " ".join(readings + curve_readings)},
+                        {"file": "connectivity_matrix.png", "caption": matrix_reading}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}
 
 
-def _curve_reading(pair: str, un: dict, al: dict) -> str:
-    """Say what the curve numbers show, without claiming more than they do."""
-    line = un["line"]["barrier_loss"]
-    text = (f"Between {pair}: straight line {line:.3f}, fitted Bezier curve {un['barrier_loss']:.3f}; after "
-            f"activation matching, line {al['aligned_line']['barrier_loss']:.3f} and curve {al['barrier_loss']:.3f}. ")
-    if un["barrier_loss"] < line / 5:
-        text += "The minima are joined by a low-loss curve even without alignment (connectivity)"
-    else:
-        text += "Without alignment no low-loss curve was found in this budget"
-    best_aligned = min(al["barrier_loss"], al["aligned_line"]["barrier_loss"])
-    text += ("; after alignment even the straight path is (nearly) barrier-free." if best_aligned < line / 5 else
-             "; alignment does not remove the barrier here.")
-    return text
+def _best_alignment(test: dict) -> str:
+    aligned = [k for k in test if k.startswith("line after")]
+    return min(aligned, key=lambda k: interval(test[k]).mean)
 
+
+def _alignment_reading(arch: str, test: dict) -> str:
+    best = _best_alignment(test)
+    c = compare(best, test[best], "the straight line", test["straight line"], higher_is_better=False)
+    return (f"{arch}: straight line {_iv(test['straight line'])}, {best} {_iv(test[best])}; "
+            + c.sentence("the test loss barrier") + ".")
+
+
+def _curve_reading(arch: str, test: dict, train: dict) -> str:
+    """Tatro et al.'s claim, checked: is the curve fitted after alignment lower than the one without?"""
+    parts = []
+    for split, data in (("test", test), ("train", train)):
+        c = compare("the aligned curve", data["Bezier curve after activation matching"], "the unaligned curve",
+                    data["Bezier curve"], higher_is_better=False)
+        parts.append(c.sentence(f"the {split} barrier"))
+    line = compare("the aligned curve", test["Bezier curve after activation matching"], "the aligned line",
+                   test["line after activation matching"], higher_is_better=False)
+    return f"{arch} curves: " + "; ".join(parts) + "; " + line.sentence("the test barrier") + "."
+
+
+# ----------------------------------------------------------------------------- 3. determinism
 
 def determinism_section(res: dict, fig_dir: Path) -> dict:
-    F.stability_figure(res, fig_dir / "determinism.png")
-    ks, barriers = res["ks"], res["barrier_loss"]
-    stable = [k for k, b in zip(ks, barriers) if b < 0.05]
-    reading = (f"Children spawned at epoch {ks[0]} are separated by a loss barrier of {barriers[0]:.3f}; "
-               f"spawned at epoch {ks[-1]}, by {barriers[-1]:.3f}. "
-               + (f"From epoch {stable[0]} on, runs are stable to SGD noise (barrier < 0.05): their fate is "
-                  f"decided early, and their weights can be averaged." if stable else
-                  "No spawn point here gives a barrier under 0.05: training noise still moves runs to different basins."))
-    rows = [{"spawn epoch k": k, "loss barrier": b, "accuracy barrier (pts)": 100 * a,
-             "child A accuracy": c[0], "child B accuracy": c[1]}
-            for k, b, a, c in zip(ks, barriers, res["barrier_acc"], res["child_accuracy"])]
-    return {"id": "determinism", "title": "3. Determinism: when does a run commit to its basin?",
-            "intro": "Instability analysis (Frankle et al. 2020) on the MLP: train a parent for k epochs, copy it, train both copies "
-                     "to the end with different data orders, and measure the barrier between them.",
-            "figures": [{"file": "determinism.png", "caption": reading}],
+    reps = _reps(res)
+    settings = {label: [r["settings"][label] for r in reps] for label in reps[0]["settings"]}
+    F.stability_figure(settings, fig_dir / "determinism.png")
+    readings, rows = [], []
+    for label, runs in settings.items():
+        ks = runs[0]["ks"]
+        per_k = [[run["barrier_loss"][i] for run in runs] for i in range(len(ks))]
+        first, last = interval(per_k[0]), interval(per_k[-1])
+        shows = "clearly above 0" if first.excludes_zero() and first.mean > 0 else "not distinguishable from 0"
+        fall = compare(f"k={ks[0]}", per_k[0], f"k={ks[-1]}", per_k[-1])
+        falls = ("and it falls as shared training grows: " + fall.sentence("the barrier") if fall.winner == f"k={ks[0]}"
+                 else "; " + fall.sentence("the barrier"))
+        readings.append(f"{label}: children spawned at k={ks[0]} are separated by a test loss barrier of "
+                        f"{first.text()} ({shows}), at k={ks[-1]} by {last.text()} {falls}.")
+        for i, k in enumerate(ks):
+            rows.append({"setting": label, "spawn epoch k": k, "replicates": len(runs),
+                         "test loss barrier": _iv(per_k[i]),
+                         "test accuracy barrier (pts)": _iv([run["barrier_acc"][i] for run in runs], 2, 100),
+                         "child accuracy (%)": _iv([a for run in runs for a in run["child_accuracy"][i]], 1, 100)})
+    return {"id": "determinism", "title": "Determinism: when does a run commit to its basin?",
+            "intro": "Instability analysis (Frankle et al. 2020): train a parent for k epochs, copy it, train both "
+                     "copies to the end with different data orders, and measure the barrier between them. An "
+                     "accuracy barrier smaller than one test example (100/N points) is noise. " + DESIGN,
+            "figures": [{"file": "determinism.png", "caption": " ".join(readings)}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}
 
 
+# ----------------------------------------------------------------------------- 4. directedness
+
 def directedness_section(res: dict, fig_dir: Path) -> dict:
-    F.task_vector_figure(res, fig_dir / "directedness.png")
-    names = res["names"]
-    off = [res["cosine"][i][j] for i in range(len(names)) for j in range(len(names)) if i < j]
-    shape = ("nearly orthogonal" if max(abs(c) for c in off) < 0.3 else "far from parallel" if max(off) < 0.7
-             else "largely aligned")
-    reading = (f"Task vectors (fine-tune minus parent) are {shape} (cosine {min(off):.2f} to {max(off):.2f}). Adding them with lambda {res['chosen_scale']:g} "
-               f"(chosen on validation) gives " + ", ".join(f"{n} {100 * res['chosen_test'][n]:.1f}%" for n in names)
-               + " vs the fine-tunes' " + ", ".join(f"{100 * res['individual_test'][n]:.1f}%" for n in names) + ".")
-    if res["negation"]:
-        reading += " Subtracting a task vector (scale chosen on validation): " + "; ".join(
-            f"{n}: {100 * v['chosen_target_test']:.1f}% on it, {100 * v['chosen_control_test']:.1f}% on the rest"
-            for n, v in res["negation"].items()) + "."
-    rows = [{"task": n, "parent": res["base_test"][n], "fine-tune": res["individual_test"][n],
-             "task arithmetic": res["chosen_test"][n], "norm of tau": res["norms"][i]} for i, n in enumerate(names)]
-    return {"id": "directedness", "title": "4. Directedness: do task-specific directions exist?",
+    reps = _reps(res)
+    F.task_vector_figure(reps, fig_dir / "directedness.png")
+    names = reps[0]["names"]
+    pairs = [(i, j) for i in range(len(names)) for j in range(len(names)) if i < j]
+    cos = [r["cosine"][i][j] for r in reps for i, j in pairs]
+    lambdas = ", ".join(f"{r['chosen_scale']:g}" for r in reps)
+    reading = (f"Cosine between the task vectors (fine-tune minus parent): {_iv(cos, 2)} over {len(reps)} "
+               f"replicate(s). Adding them (lambda chosen on validation: {lambdas}): ")
+    per_task = []
+    for n in names:
+        arith, ft, base = ([r[k][n] for r in reps] for k in ("chosen_test", "individual_test", "base_test"))
+        vs_ft = compare("task arithmetic", arith, f"the fine-tune for {n}", ft)
+        vs_base = compare("task arithmetic", arith, "the parent", base)
+        per_task.append(f"on {n}, {_iv(arith, 1, 100)}% vs fine-tune {_iv(ft, 1, 100)}% and parent "
+                        f"{_iv(base, 1, 100)}% ({vs_ft.sentence('test accuracy', 1, 100, ' pts')}; "
+                        f"{vs_base.sentence('test accuracy', 1, 100, ' pts')})")
+    reading += "; ".join(per_task) + "."
+    if reps[0]["negation"]:
+        reading += " Subtracting a task vector: " + "; ".join(
+            f"{n}: {_iv([r['negation'][n]['chosen_target_test'] for r in reps], 1, 100)}% on it, "
+            f"{_iv([r['negation'][n]['chosen_control_test'] for r in reps], 1, 100)}% on the rest"
+            for n in reps[0]["negation"]) + "."
+    rows = [{"task": n, "replicates": len(reps), "parent (%)": _iv([r["base_test"][n] for r in reps], 1, 100),
+             "fine-tune (%)": _iv([r["individual_test"][n] for r in reps], 1, 100),
+             "task arithmetic (%)": _iv([r["chosen_test"][n] for r in reps], 1, 100),
+             "norm of tau": _iv([r["norms"][i] for r in reps], 2)} for i, n in enumerate(names)]
+    return {"id": "directedness", "title": "Directedness: do task-specific directions exist?",
             "intro": "Fine-tune the parent on disjoint label subsets; the task vectors tau = theta_ft - theta_parent "
-                     "are added (task arithmetic) or subtracted (negation) with a scale chosen on the validation split.",
+                     "are added (task arithmetic) or subtracted (negation) with a scale chosen on the validation "
+                     "split, and reported on test. " + DESIGN,
             "figures": [{"file": "directedness.png", "caption": reading}],
             "tables": [{"columns": list(rows[0]), "rows": rows}]}
 
 
+# ----------------------------------------------------------------------------- 5. merging outcome
+
+def aggregate_rows(reps: list[dict]) -> list[dict]:
+    """One row per (models, method) with every replicate's values, in first-seen order."""
+    merged: dict = {}
+    for rep in reps:
+        for r in rep["rows"]:
+            key = (r["models"], r["method"])
+            row = merged.setdefault(key, {"models": r["models"], "family": r["family"], "method": r["method"],
+                                          "accuracy": [], "loss": [], "val_accuracy": [], "seconds": []})
+            for k in ("accuracy", "loss", "val_accuracy", "seconds"):
+                row[k].append(r.get(k))
+    return list(merged.values())
+
+
+def group_verdicts(reps: list[dict], group: str) -> dict:
+    """For one set of models: the best merge and ensemble chosen on validation, the best member chosen on
+    validation per replicate, and the paired comparisons between them on test."""
+    rows = [r for r in aggregate_rows(reps) if r["models"] == group]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    merges = [r for r in rows if r["family"] in ("weight aggregation", "neuron alignment")]
+    ensembles = [r for r in rows if r["family"] == "ensembling"]
+    best_merge = max(merges, key=lambda r: mean(r["val_accuracy"]))
+    best_ensemble = max(ensembles, key=lambda r: mean(r["val_accuracy"]))
+    singles = [[r for r in rep["rows"] if r["models"] == group and r["family"] == "single model"] for rep in reps]
+    best_member = [max(s, key=lambda r: r["val_accuracy"])["accuracy"] for s in singles]
+    naive = next(r for r in merges if r["method"].startswith("linear"))
+    return {"rows": rows, "best_merge": best_merge, "best_ensemble": best_ensemble, "best_member": best_member,
+            "members": len(singles[0]), "naive": naive,
+            "merge_vs_member": compare(best_merge["method"], best_merge["accuracy"], "the best member",
+                                       best_member),
+            "merge_vs_ensemble": compare(best_merge["method"], best_merge["accuracy"], best_ensemble["method"],
+                                         best_ensemble["accuracy"]),
+            "naive_vs_member": compare("the naive average", naive["accuracy"], "the best member", best_member)}
+
+
+def merging_section(res: dict, fig_dir: Path) -> dict:
+    reps = _reps(res)
+    rows = aggregate_rows(reps)
+    F.merge_table_figure(rows, fig_dir / "merging.png")
+    readings, table_rows = [], []
+    for group in dict.fromkeys(r["models"] for r in rows):
+        v = group_verdicts(reps, group)
+        readings.append(_merge_reading(group, v))
+        for r in v["rows"]:
+            vote = r["method"] == "ensemble (vote)"
+            table_rows.append({
+                "models": group, "family": r["family"], "method": r["method"], "replicates": len(r["accuracy"]),
+                "val accuracy (%)": _iv(r["val_accuracy"], 2, 100), "test accuracy (%)": _iv(r["accuracy"], 2, 100),
+                "test loss": "n/a (votes)" if vote else _iv(r["loss"]),
+                "seconds": "-" if r["seconds"][0] is None else f"{sum(r['seconds']) / len(r['seconds']):.3f}",
+                "_best": r is v["best_merge"] or r is v["best_ensemble"]})
+    return {"id": "merging", "title": "Merging outcome: every method on the same models",
+            "intro": "Test accuracy of each merge (one model) and each output ensemble (N models' inference cost), "
+                     "next to the members. The best merge and the best ensemble of each set are chosen on the "
+                     "validation split (highlighted) and compared on test with the best single member, itself "
+                     "chosen on validation. A vote ensemble has no meaningful loss (its likelihood is clipped), so "
+                     "none is shown. " + DESIGN,
+            "figures": [{"file": "merging.png", "caption": " ".join(readings)}],
+            "tables": [{"columns": ["models", "family", "method", "replicates", "val accuracy (%)",
+                                    "test accuracy (%)", "test loss", "seconds"], "rows": table_rows}]}
+
+
+def _merge_reading(group: str, v: dict) -> str:
+    m, e = v["best_merge"], v["best_ensemble"]
+    return (f"{group}: the best merge on validation is {m['method']} ({_iv(m['accuracy'], 1, 100)}% test), the best "
+            f"member {_iv(v['best_member'], 1, 100)}%, {e['method']} {_iv(e['accuracy'], 1, 100)}% at {v['members']}x "
+            f"the inference cost; {v['merge_vs_member'].sentence('test accuracy', 1, 100, ' pts')}; "
+            f"{v['merge_vs_ensemble'].sentence('test accuracy', 1, 100, ' pts')}.")
+
+
+# ----------------------------------------------------------------------------- 6. why
+
 def why_section(res: dict, fig_dir: Path) -> dict:
-    from ..analysis import scaling, spaces, weights
+    from ..analysis import scaling, spaces
 
-    weights.plot(res["weights"], fig_dir / "why_weights.png")
-    spaces.plot(res["spaces"], fig_dir / "why_spaces.png")
-    scaling.plot(res["scaling"], fig_dir / "why_scaling.png")
-    fam = res["spaces"]["families"]
-    k = res["spaces"]["sizes"][-1]
-    space_reading = " ".join(
-        f"{name}: weight average {100 * c['weight_average'][-1]:.1f}% vs output (probs) average "
-        f"{100 * c['probs'][-1]:.1f}% at {k} models." for name, c in fam.items())
-    scaling_reading = _scaling_reading(res["scaling"])
-    return {"id": "why", "title": "7. Why weight averaging works (Rethink-Merge analyses)",
-            "intro": "What the weights encode (first-layer templates as 8x8 images), when averaging in weight space "
-                     "matches averaging features or outputs, and how stable predictions are when weights are scaled.",
-            "figures": [{"file": "why_weights.png", "caption": "First-layer weights seen as 8x8 digit templates, per "
-                         "class direction and per unit, for two fine-tunes and their average, with per-layer norms and "
-                         "effective ranks below."},
-                        {"file": "why_spaces.png", "caption": space_reading},
-                        {"file": "why_scaling.png", "caption": scaling_reading}]}
+    reps = _reps(res)
+    figures = []
+    if reps[0].get("weights"):
+        F.templates_figure(reps[0]["weights"], fig_dir / "why_weights.png",
+                           "What the weights encode: class directions of each model and of the average (replicate 1)")
+        figures.append({"file": "why_weights.png", "caption": _weights_reading(reps[0]["weights"])})
+    spaces.plot(reps[0]["spaces"], fig_dir / "why_spaces.png")
+    figures.append({"file": "why_spaces.png", "caption": _spaces_reading(reps)})
+    for i, label in enumerate(reps[0]["scaling"]):
+        name = f"why_scaling_{i}.png"
+        scaling.plot(reps[0]["scaling"][label], fig_dir / name)
+        figures.append({"file": name, "caption": f"{label} (replicate 1 drawn). " + _scaling_reading(
+            [r["scaling"][label] for r in reps])})
+    return {"id": "why", "title": "Why weight averaging works (Rethink-Merge analyses)",
+            "intro": "What the weights encode (class directions and first-layer units drawn as images of the input), "
+                     "when averaging in weight space matches averaging features or outputs, and how stable "
+                     "predictions are when weights are scaled. " + DESIGN,
+            "figures": figures}
 
 
-def _scaling_reading(res: dict) -> str:
-    """Say what the numbers show: is the average's norm smaller, and its response to scaling flatter?"""
-    norms = res["norms"]
-    kl_at_max = {name: res["global"][name]["kl"][-1] for name in res["names"]}
-    members = [n for n in res["names"] if n != "average"]
-    text = "Weight norms: " + ", ".join(f"{k} {v:.2f}" for k, v in norms.items()) + ". "
-    if "average" not in norms:
-        return text
-    smaller = norms["average"] < min(norms[m] for m in members) - 1e-6
-    flatter = kl_at_max["average"] < min(kl_at_max[m] for m in members)
-    text += ("The average has a smaller norm than its members" if smaller else
-             "The average's norm is no smaller than its members' (they are too close for averaging to shrink it)")
-    text += (f"; its predictions move less under scaling (KL at x{res['factors'][-1]}: "
-             + ", ".join(f"{k} {v:.3g}" for k, v in kl_at_max.items()) + ")"
-             + (": averaging acts as a regularizer." if flatter else ": no flatter response here."))
-    return text
+def _weights_reading(pairs: dict) -> str:
+    """How far each average's first layer lies from its members (relative distance), per pair."""
+    parts = []
+    for label, result in pairs.items():
+        members = [n for n in result["names"] if n != "average"]
+        first = list(result["stats"][members[0]])[0]
+        dist = ", ".join(f"{result['stats'][n][first]['distance_to_average']:.2f}" for n in members)
+        parts.append(f"{label}: {dist}")
+    return ("Rows: each model of a pair, then their weight average, on one colour scale. Relative distance of "
+            "each member's first layer to the average: " + "; ".join(parts) + ". A large distance means the "
+            "average's directions are a blur of its members'.")
+
+
+def _spaces_reading(reps: list[dict]) -> str:
+    fams = reps[0]["spaces"]["families"]
+    k = reps[0]["spaces"]["sizes"][-1]
+    parts = []
+    for name in fams:
+        w = [r["spaces"]["families"][name]["weight_average"][-1] for r in reps]
+        p = [r["spaces"]["families"][name]["probs"][-1] for r in reps]
+        parts.append(f"{name}: weight average {_iv(w, 1, 100)}% vs output average {_iv(p, 1, 100)}% "
+                     f"({compare('the weight average', w, 'the output average', p).sentence('accuracy', 1, 100, ' pts')})")
+    return f"At {k} models (drawn: replicate 1): " + "; ".join(parts) + "."
+
+
+def _scaling_reading(reps: list[dict]) -> str:
+    """Say only what the replicates support: is the average's norm smaller, its response to scaling flatter?"""
+    members = [n for n in reps[0]["names"] if n != "average"]
+    if "average" not in reps[0]["norms"]:
+        return ""
+    norm_avg = [r["norms"]["average"] for r in reps]
+    norm_members = [min(r["norms"][m] for m in members) for r in reps]
+    kl_avg = [r["global"]["average"]["kl"][-1] for r in reps]
+    kl_members = [min(r["global"][m]["kl"][-1] for m in members) for r in reps]
+    factor = reps[0]["factors"][-1]
+    return (f"Norm of the average {_iv(norm_avg, 2)} vs the smaller member's {_iv(norm_members, 2)}: "
+            + compare("the average", norm_avg, "the smaller member", norm_members, higher_is_better=False
+                      ).sentence("the weight norm (smaller first)", 2)
+            + f". KL of predictions after scaling by x{factor:g}: average {_iv(kl_avg, 3)}, most stable member "
+            f"{_iv(kl_members, 3)}: "
+            + compare("the average", kl_avg, "the most stable member", kl_members, higher_is_better=False
+                      ).sentence("the change in predictions (smaller first)", 3) + ".")
 
 
 SECTION_BUILDERS = {
@@ -201,8 +349,8 @@ SECTION_BUILDERS = {
 }
 
 
-TITLES = {"convexity": "1. Mode convexity", "connectivity": "2. Connectivity", "determinism": "3. Determinism",
-          "directedness": "4. Directedness", "merging": "6. Merging outcome", "why": "7. Why weight averaging works"}
+TITLES = {"convexity": "Mode convexity", "connectivity": "Connectivity", "determinism": "Determinism",
+          "directedness": "Directedness", "merging": "Merging outcome", "why": "Why weight averaging works"}
 
 
 def skipped_section(stage: str, res: dict) -> dict:
@@ -210,46 +358,64 @@ def skipped_section(stage: str, res: dict) -> dict:
     return {"id": stage, "title": f"{TITLES[stage]}: not measured", "intro": res["skipped"]}
 
 
+def number_sections(sections: list[dict]) -> list[dict]:
+    """Number the sections 1..N in the order shown (skipped ones included)."""
+    return [{**s, "title": f"{i}. {s['title']}"} for i, s in enumerate(sections, 1)]
+
+
+# ----------------------------------------------------------------------------- summary
+
 def summary_lines(results: dict) -> list[str]:
-    """Plain-language answers drawn from the numbers: which merge to use for which models, and why."""
+    """Plain-language answers drawn from the verdicts: which merge to use for which models, and why."""
     lines = []
     conv = results.get("convexity", {})
-    if conv.get("same_basin") and conv.get("independent"):
-        same = conv["paths"][conv["same_basin"]]["barrier_loss"]
-        indep = conv["paths"][conv["independent"]]["barrier_loss"]
-        lines.append(f"Models fine-tuned from one parent share a basin (loss barrier {same:.3f} vs {indep:.3f} for "
-                     f"independent seeds): for them, weight averaging (linear, task arithmetic, TIES) is the cheap "
-                     f"and accurate choice.")
+    if "replicates" in conv and conv["replicates"][0].get("same_basin"):
+        reps = conv["replicates"]
+        same = [r["paths"][r["same_basin"]]["barrier_loss"] for r in reps]
+        indep = [r["paths"][r["independent"]]["barrier_loss"] for r in reps]
+        c = compare("fine-tunes of one parent", same, "independent seeds", indep, higher_is_better=False)
+        lines.append(f"Loss barrier between two MLP fine-tunes of one parent {_iv(same)} vs two independent seeds "
+                     f"{_iv(indep)}: " + c.sentence("the barrier") + ".")
     conn = results.get("connectivity", {})
-    if "matrices" in conn:
-        means = {k: _mean_off_diagonal(m["barrier_loss"]) for k, m in conn["matrices"].items()}
-        best = min(means, key=means.get)
-        lines.append(f"Independently trained models are separated by barriers (mean {means['naive']:.3f}) that "
-                     f"{best} cuts to {means[best]:.3f}: align neurons before averaging them, or ensemble.")
+    if "replicates" in conn:
+        reps = conn["replicates"]
+        for arch in reps[0]["pairs"]:
+            test = {label: [r["pairs"][arch][key]["barrier_loss"] for r in reps]
+                    for key, label in PATH_KINDS if key in reps[0]["pairs"][arch]}
+            lines.append(_alignment_reading(arch, test))
+            if "Bezier curve" in test:
+                c = compare("the curve fitted after alignment", test["Bezier curve after activation matching"],
+                            "the curve without", test["Bezier curve"], higher_is_better=False)
+                claim = "as Tatro et al. report" if c.winner == c.a else "unlike Tatro et al.'s finding that it is lower"
+                lines.append(f"{arch}: {c.sentence('the test barrier')} ({claim}).")
     det = results.get("determinism", {})
-    if "ks" in det:
-        stable = [k for k, b in zip(det["ks"], det["barrier_loss"]) if b < 0.05]
-        if stable and stable[0] == 0:
-            lines.append("Runs from the same initialization already end in one basin whatever the data order "
-                         "(barrier < 0.05 when spawned at epoch 0): a shared start is enough to make them mergeable.")
-        elif stable:
-            lines.append(f"Runs sharing at least {stable[0]} epoch(s) of training end in one basin (barrier < 0.05): "
-                         f"shared early training is what makes later runs mergeable.")
-        else:
-            lines.append(f"Runs spawned as late as epoch {det['ks'][-1]} still diverge into different basins.")
+    if "replicates" in det:
+        reps = det["replicates"]
+        for label in reps[0]["settings"]:
+            runs = [r["settings"][label] for r in reps]
+            ks = runs[0]["ks"]
+            first = interval([run["barrier_loss"][0] for run in runs])
+            fall = compare(f"k={ks[0]}", [run["barrier_loss"][0] for run in runs], f"k={ks[-1]}",
+                           [run["barrier_loss"][-1] for run in runs])
+            if first.excludes_zero() and first.mean > 0 and fall.winner == fall.a:
+                lines.append(f"{label}: runs from one initialization end in different basins (barrier "
+                             f"{first.text()} when split at k={ks[0]}), and shared training lowers it ({fall.sentence('the barrier')}).")
+            else:
+                lines.append(f"{label}: the barrier at k={ks[0]} is {first.text()}; "
+                             + ("it is clearly above 0 but " if first.excludes_zero() and first.mean > 0 else "")
+                             + f"{fall.sentence('the barrier')}: no effect of shared training is shown here.")
     dirn = results.get("directedness", {})
-    if "chosen_test" in dirn:
-        lines.append(f"Task vectors of label-subset fine-tunes add up (task arithmetic at lambda "
-                     f"{dirn['chosen_scale']:g}: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in dirn["chosen_test"].items())
-                     + "): merging fine-tunes for different tasks works by adding their directions.")
-    merge = results.get("merging", {}).get("rows", [])
-    for group in dict.fromkeys(r["models"] for r in merge):
-        sub = [r for r in merge if r["models"] == group and r["family"] != "single model"]
-        best_one = max((r for r in sub if r["family"] != "ensembling"), key=lambda r: r["accuracy"])
-        best_ens = max((r for r in sub if r["family"] == "ensembling"), key=lambda r: r["accuracy"], default=None)
-        line = f"{group}: best single merged model is {best_one['method']} ({100 * best_one['accuracy']:.1f}% test)"
-        if best_ens is not None:
-            line += (f"; the best ensemble reaches {100 * best_ens['accuracy']:.1f}% at {group.split()[0]}x the "
-                     f"inference cost")
-        lines.append(line + ".")
+    if "replicates" in dirn:
+        reps = dirn["replicates"]
+        for n in reps[0]["names"]:
+            arith = [r["chosen_test"][n] for r in reps]
+            base = [r["base_test"][n] for r in reps]
+            c = compare("task arithmetic", arith, "the parent", base)
+            lines.append(f"Task arithmetic on {n}: {_iv(arith, 1, 100)}% vs the parent's {_iv(base, 1, 100)}% "
+                         f"({c.sentence('test accuracy', 1, 100, ' pts')}).")
+    merge = results.get("merging", {})
+    if "replicates" in merge:
+        reps = merge["replicates"]
+        for group in dict.fromkeys(r["models"] for r in reps[0]["rows"]):
+            lines.append(_merge_reading(group, group_verdicts(reps, group)))
     return lines
