@@ -236,3 +236,11 @@ def test_slerp_is_accurate_on_large_tensors():
     theta = np.arccos(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
     expected = (np.sin(0.6 * theta) * x + np.sin(0.4 * theta) * y) / np.sin(theta)
     np.testing.assert_allclose(_np(out), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear", "dare_ties", "ties", "breadcrumbs"])
+def test_zero_size_tensors_merge_to_zero_size(method):
+    """A [0, 4] tensor (an empty buffer some checkpoints carry) merges without ranking anything."""
+    ts = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    out = M.get(method)(ts, torch.zeros(0, 4), weight=[1.0, 1.0], density=[0.5, 0.5], seed=0)
+    assert out.shape == (0, 4)

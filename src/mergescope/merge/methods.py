@@ -163,7 +163,7 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     """
     if density >= 1:
         return None
-    if density <= 0:
+    if density <= 0 or magnitude.numel() == 0:  # nothing kept, or nothing to rank (a [0, n] tensor)
         return torch.zeros(magnitude.numel(), dtype=torch.bool)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergescopeError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
