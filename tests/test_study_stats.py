@@ -66,3 +66,10 @@ def test_interval_dict_keeps_every_replicate():
     d = interval([1.0, 2.0, 4.0]).to_dict()
     assert d["values"] == [1.0, 2.0, 4.0] and d["n"] == 3
     assert math.isclose(d["low"] + d["high"], 2 * d["mean"])
+
+
+def test_a_win_is_reported_as_a_positive_gap_with_its_interval():
+    c = compare("aligned", [0.1, 0.12, 0.11], "naive", [0.9, 1.0, 0.95], higher_is_better=False)
+    text = c.sentence("the barrier")
+    gap = interval([0.8, 0.88, 0.84])
+    assert text.startswith(f"aligned beats naive on the barrier by {gap.mean:.3f} (95% CI [{gap.low:.3f}, {gap.high:.3f}]")

@@ -147,8 +147,10 @@ def determinism_section(res: dict, fig_dir: Path) -> dict:
         fall = compare(f"k={ks[0]}", per_k[0], f"k={ks[-1]}", per_k[-1])
         falls = ("and it falls as shared training grows: " + fall.sentence("the barrier") if fall.winner == f"k={ks[0]}"
                  else "; " + fall.sentence("the barrier"))
+        example = 100 / runs[0]["test_examples"] if runs[0].get("test_examples") else None
         readings.append(f"{label}: children spawned at k={ks[0]} are separated by a test loss barrier of "
-                        f"{first.text()} ({shows}), at k={ks[-1]} by {last.text()} {falls}.")
+                        f"{first.text()} ({shows}), at k={ks[-1]} by {last.text()} {falls}."
+                        + (f" One test example is {example:.2f} accuracy points." if example else ""))
         for i, k in enumerate(ks):
             rows.append({"setting": label, "spawn epoch k": k, "replicates": len(runs),
                          "test loss barrier": _iv(per_k[i]),
@@ -232,7 +234,9 @@ def group_verdicts(reps: list[dict], group: str) -> dict:
                                        best_member),
             "merge_vs_ensemble": compare(best_merge["method"], best_merge["accuracy"], best_ensemble["method"],
                                          best_ensemble["accuracy"]),
-            "naive_vs_member": compare("the naive average", naive["accuracy"], "the best member", best_member)}
+            "naive_vs_member": compare("the naive average", naive["accuracy"], "the best member", best_member),
+            "ensemble_vs_member": compare(best_ensemble["method"], best_ensemble["accuracy"], "the best member",
+                                          best_member)}
 
 
 def merging_section(res: dict, fig_dir: Path) -> dict:
@@ -260,6 +264,27 @@ def merging_section(res: dict, fig_dir: Path) -> dict:
             "figures": [{"file": "merging.png", "caption": " ".join(readings)}],
             "tables": [{"columns": ["models", "family", "method", "replicates", "val accuracy (%)",
                                     "test accuracy (%)", "test loss", "seconds"], "rows": table_rows}]}
+
+
+def merge_advice(group: str, v: dict) -> str:
+    """One recommendation per set of models, from the paired verdicts only."""
+    m, e, n = v["best_merge"], v["best_ensemble"], v["members"]
+    merge_wins = v["merge_vs_member"].winner == m["method"]
+    member_wins = v["merge_vs_member"].winner == "the best member"
+    ensemble_wins = v["ensemble_vs_member"].winner == e["method"]
+    if merge_wins:
+        advice = f"merge with {m['method']}: it beats the best single member"
+    elif member_wins:
+        advice = f"do not merge: the best merge ({m['method']}) loses to simply keeping the best member"
+    else:
+        advice = (f"{m['method']} (best merge on validation) and the best member tie within noise: no measurable "
+                  "gain or loss from merging")
+    if ensemble_wins:
+        advice += f"; the {n}-model {e['method']} beats the best member, at {n}x the inference cost"
+    else:
+        advice += f"; the {n}-model {e['method']} shows no measurable gain over the best member either"
+    return (f"{group}: {advice} (test accuracy: merge {_iv(m['accuracy'], 1, 100)}%, best member "
+            f"{_iv(v['best_member'], 1, 100)}%, ensemble {_iv(e['accuracy'], 1, 100)}%; n={len(v['best_member'])}).")
 
 
 def _merge_reading(group: str, v: dict) -> str:
@@ -416,6 +441,7 @@ def summary_lines(results: dict) -> list[str]:
     merge = results.get("merging", {})
     if "replicates" in merge:
         reps = merge["replicates"]
-        for group in dict.fromkeys(r["models"] for r in reps[0]["rows"]):
-            lines.append(_merge_reading(group, group_verdicts(reps, group)))
+        advice = [merge_advice(group, group_verdicts(reps, group))
+                  for group in dict.fromkeys(r["models"] for r in reps[0]["rows"])]
+        lines = advice + lines  # the answer to "which merge should I use?" first, the evidence after
     return lines

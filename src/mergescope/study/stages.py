@@ -140,7 +140,8 @@ def determinism(ctx: Context) -> dict:
         init = build(model, seed=ctx.seed + 300, **options)
         result = spawn_stability(init, task, ks=ks, epochs=epochs, lr=lr, seed=ctx.seed + 300, n=c.path_points,
                                  on_epoch=ctx.tick)
-        out[label] = {**result.to_dict(), "model": model, "options": options, "lr": lr}
+        out[label] = {**result.to_dict(), "model": model, "options": options, "lr": lr,
+                      "test_examples": task.size("test")}
         out[label].pop("paths", None)
     return {"settings": out}
 

@@ -85,16 +85,20 @@ class Comparison:
         return self.a if a_larger == self.higher_is_better else self.b
 
     def sentence(self, what: str, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
-        """'A beats B on <what> by d (95% CI [lo, hi], n=3)' or '... tie within noise ...'."""
+        """'A beats B on <what> by d (95% CI [lo, hi], n=3)' with the gap oriented in the winner's favour,
+        or 'A and B tie within noise on <what> (A - B = d, 95% CI [lo, hi], n=3)'."""
         d = self.difference
         if d.half is None:
             return f"{self.a} vs {self.b} on {what}: one replicate only, no comparison possible"
-        ci = f"95% CI [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]{unit}, n={d.n}"
         if self.winner is None:
-            return f"{self.a} and {self.b} tie within noise on {what} (difference {scale * d.mean:+.{digits}f}{unit}, {ci})"
+            ci = f"95% CI [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]{unit}, n={d.n}"
+            return (f"{self.a} and {self.b} tie within noise on {what} "
+                    f"(difference {scale * d.mean:+.{digits}f}{unit}, {ci})")
+        sign = 1.0 if d.mean > 0 else -1.0  # the gap in the winner's favour is positive
+        low, high = sorted((sign * scale * d.low, sign * scale * d.high))
         loser = self.b if self.winner == self.a else self.a
-        gap = abs(scale * d.mean)
-        return f"{self.winner} beats {loser} on {what} by {gap:.{digits}f}{unit} ({ci})"
+        return (f"{self.winner} beats {loser} on {what} by {sign * scale * d.mean:.{digits}f}{unit} "
+                f"(95% CI [{low:.{digits}f}, {high:.{digits}f}]{unit}, n={d.n})")
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "difference": self.difference.to_dict(),
