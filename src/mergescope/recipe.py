@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .errors import MergescopeError
 
@@ -64,12 +64,24 @@ class SliceSource(_Strict):
 
     _check = field_validator("model", mode="before")(classmethod(lambda cls, v: _model_path(v)))
 
-    @field_validator("layer_range")
-    @classmethod
-    def _range(cls, v):
-        if not 0 <= v[0] < v[1]:
-            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
-        return v
+    @model_validator(mode="after")
+    def _range(self):
+        start, end = self.layer_range
+        if not 0 <= start < end:
+            raise ValueError(f"model {self.model!r}: layer_range {_show_range(self.layer_range)} must be [start, end) "
+                             "with 0 <= start < end")
+        return self
+
+
+def _short_int(v: int) -> str:
+    """An integer for an error line; a 4,000-digit one is shortened, not printed whole."""
+    text = str(v)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
+
+
+def _show_range(r) -> str:
+    """A layer range for an error line."""
+    return f"[{_short_int(r[0])}, {_short_int(r[1])}]"
 
 
 class OutputSlice(_Strict):
@@ -84,7 +96,8 @@ class OutputSlice(_Strict):
             raise ValueError("a slice needs at least one source")
         lengths = {s.layer_range[1] - s.layer_range[0] for s in v}
         if len(lengths) > 1:
-            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            shown = ", ".join(_short_int(n) for n in sorted(lengths))
+            raise ValueError(f"all sources of a slice must span the same number of layers, got [{shown}]")
         return v
 
 
@@ -100,6 +113,7 @@ class Recipe(_Strict):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     text: str = ""
+    source: str = "recipe"  # where it was read from (the file, or "recipe"): error lines name it
 
     _check = field_validator("base_model", mode="before")(classmethod(lambda cls, v: v if v is None else _model_path(v)))
 
@@ -159,7 +173,10 @@ def _valid_keys(loc: tuple) -> list[str]:
         nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource}.get(part)
         if nested is not None:
             model = nested
-    return [k for k in model.model_fields if k != "text"]
+    return [k for k in model.model_fields if k not in _INTERNAL]
+
+
+_INTERNAL = ("text", "source")  # Recipe fields mergescope fills in, never keys of a recipe file
 
 
 def parse(data: Any, text: str = "", where: str = "recipe") -> Recipe:
@@ -169,10 +186,11 @@ def parse(data: Any, text: str = "", where: str = "recipe") -> Recipe:
     for key, why in _UNSUPPORTED.items():
         if data.get(key) is not None:
             raise MergescopeError(f"{where}: {why}")
-    if "text" in data:
-        raise MergescopeError(f"{where}: unknown key 'text'; valid keys: {', '.join(_valid_keys(('text',)))}")
+    for key in _INTERNAL:
+        if key in data:
+            raise MergescopeError(f"{where}: unknown key {key!r}; valid keys: {', '.join(_valid_keys((key,)))}")
     try:
-        recipe = Recipe.model_validate({**data, "text": text})
+        recipe = Recipe.model_validate({**data, "text": text, "source": where})
     except ValidationError as e:
         errors = e.errors()
         extra = [err for err in errors if err["type"] == "extra_forbidden"]
@@ -183,8 +201,14 @@ def parse(data: Any, text: str = "", where: str = "recipe") -> Recipe:
 
 
 def read(source: str | os.PathLike | dict | Recipe) -> Recipe:
-    """A recipe from a YAML file path, YAML text, a mapping, or a Recipe (returned as is)."""
+    """A recipe from a YAML file path, YAML text, a mapping, or a Recipe (returned as is).
+
+    Files and text go through ``io.untrusted``: regular UTF-8 files only (a FIFO is refused, never
+    waited on), at most ``MAX_TEXT_BYTES``, YAML aliases bounded, every parse failure one line.
+    """
     import yaml
+
+    from .io.untrusted import parse_yaml, read_text
 
     if isinstance(source, Recipe):
         return source
@@ -194,16 +218,9 @@ def read(source: str | os.PathLike | dict | Recipe) -> Recipe:
     text = str(source)
     if isinstance(source, os.PathLike) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
         path = Path(source)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise MergescopeError(f"{path}: cannot read recipe ({e.strerror or e})") from None
         where = str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MergescopeError(f"{where}: not valid YAML ({first})") from None
+        text = read_text(path, "recipe")
+    data = parse_yaml(text, where)
     return parse(data, text=text, where=where)
 
 
@@ -262,33 +279,87 @@ def converter(name: str, kind: type, where: str):
         elif kind is float:
             number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value)
+                try:
+                    number = float(value)
+                except OverflowError:  # an integer of hundreds of digits
+                    number = math.inf
             elif isinstance(value, str):
                 try:
                     number = float(value)
                 except ValueError:
                     pass
             if number is not None and not math.isfinite(number):
-                raise MergescopeError(f"{where}: parameter {name!r} must be a finite number, got {value!r}")
+                raise MergescopeError(f"{where}: parameter {name!r} must be a finite number, got {_short(value)}")
+            if number is not None and abs(number) > FLOAT_LIMIT:
+                raise MergescopeError(f"{where}: parameter {name!r} must be at most {FLOAT_LIMIT:.4g} in magnitude "
+                                      f"(merges compute in float32), got {_short(value)}")
             if number is not None:
                 return number
         else:
             return value
-        raise MergescopeError(f"{where}: parameter {name!r} must be {kind.__name__}, got {value!r}")
+        raise MergescopeError(f"{where}: parameter {name!r} must be {kind.__name__}, got {_short(value)}")
 
     return convert
 
 
+def _short(value) -> str:
+    """``repr`` of a parameter value for an error line, cut to 60 characters (no 4,000-digit lines)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit
+        return "an integer of more than 4300 digits"
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 # Parameters whose meaning fixes a range whatever the method: (low, high], as MergeKit reads them.
 RANGES = {"density": (0.0, 1.0)}
+# Integer parameters that set a loop count: [low, high] (karcher's iterations; 10,000 is far past convergence).
+INT_RANGES = {"max_iter": (1, 10_000)}
+# Largest magnitude of any float parameter: merges compute in float32 (a weight of 1e308 would overflow the
+# moment it meets a tensor), and the largest float32 is also far beyond any meaningful coefficient.
+FLOAT_LIMIT = 3.4028234663852886e38
 
 
 def check_range(name: str, value, where: str) -> None:
     """Refuse a value outside its parameter's range (e.g. density must be a kept fraction in (0, 1])."""
-    if name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if name in RANGES:
         low, high = RANGES[name]
         if not low < value <= high:
-            raise MergescopeError(f"{where}: parameter {name!r} must be in ({low:g}, {high:g}], got {value!r}")
+            raise MergescopeError(f"{where}: parameter {name!r} must be in ({low:g}, {high:g}], got {_short(value)}")
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
+        if not low <= value <= high:
+            raise MergescopeError(f"{where}: parameter {name!r} must be in [{low}, {high}], got {_short(value)}")
+
+
+def check_parameters(method_name: str, params: dict, where: str, n_models: int | None = None) -> dict:
+    """Validate a flat mapping of method parameters (as a sweep grid point gives them) with the same
+    rules as a recipe: only the method's parameter names, the right type, finite floats within float32
+    range, densities in (0, 1]; a per-model parameter may be one value or a list (of ``n_models``
+    values when given). Returns the converted values."""
+    from .merge.methods import get
+
+    method = get(method_name)
+    known = {p.name: p for p in method.params}
+    out = {}
+    for key, value in params.items():
+        p = known.get(key)
+        if p is None:
+            raise MergescopeError(f"{where}: parameter {key!r} is not used by {method.name}; "
+                                  f"valid: {', '.join(known) or '(none)'}")
+        convert = converter(key, p.kind, where)
+        values = value if isinstance(value, list) and p.scope != "shared" else [value]
+        if isinstance(value, list) and p.scope != "shared" and n_models is not None and len(value) != n_models:
+            raise MergescopeError(f"{where}: parameter {key!r} lists {len(value)} values for {n_models} models")
+        if value is None or any(v is None or isinstance(v, (list, dict)) for v in values):
+            raise MergescopeError(f"{where}: parameter {key!r} must be {p.kind.__name__}, got {_short(value)}")
+        converted = [convert(v) for v in values]
+        for v in converted:
+            check_range(key, v, where)
+        out[key] = converted if values is value else converted[0]
+    return out
 
 
 def resolve(name: str, kind: type, scopes: list[Parameters | None], tensor_name: str, t: float, where: str):

@@ -6,10 +6,25 @@ architecture table is needed. ``models`` recipes merge every tensor under its ow
 from the first slice's sources and the rest of the non-layer tensors from the last slice's.
 Gradients are read at ``t = layer / (layers - 1)`` of the output slice, ``t = 0`` elsewhere
 (MergeKit 0.1.5's planner).
+
+Checks made here, on headers only, before any tensor is read:
+
+* every ``layer_range`` lies inside the layers its model has; at most ``MAX_OUTPUT_LAYERS`` output layers;
+* the output tensors are the union of the inputs' tensors (not the first model's list). A tensor in
+  every input is merged. One that some inputs lack is an error naming it and the models that lack it,
+  except where the base model decides: a tensor *only the base has* is copied from the base by the
+  methods that return the base when no model differs from it (task arithmetic, TIES, DARE, breadcrumbs,
+  DELLA, SCE: what MergeKit computes with no task vector); a tensor *only the base lacks* is merged
+  from the other models by methods whose base is optional (nuslerp, multislerp). Everything else with
+  a partial tensor (methods that ignore the base, slerp, nearswap, model_stock, a task-vector method
+  whose base lacks the tensor) is an error;
+* per-model weights must sum to a finite float32 value (a sum of huge weights would overflow while
+  normalising).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +33,13 @@ import torch
 
 from ..errors import MergescopeError
 from ..io import Checkpoint, load
-from ..recipe import Parameters, Recipe, resolve
+from ..recipe import FLOAT_LIMIT, Parameters, Recipe, resolve
 from .methods import Method, get
+
+MAX_OUTPUT_LAYERS = 10_000  # layers of a stacked output: 50x the deepest published frankenmerges
+# Methods that return the base unchanged when no other model has the tensor (no task vector to add).
+COPIES_FROM_BASE = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                              "breadcrumbs_ties", "della", "della_linear", "sce"})
 
 LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<index>\d+)(?P<suffix>\..+)$")
 PRE = re.compile(r"embed|wte|wpe|tok_emb|pos_emb|patch_emb|cls_token")
@@ -87,8 +107,48 @@ def open_models(recipe: Recipe) -> dict[str, Checkpoint]:
     return opened
 
 
+def _short_int(v: int) -> str:
+    """An integer for an error line; a 4,000-digit one is shortened, not printed whole."""
+    text = str(v)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
+
+
+def _show_range(start: int, stop: int) -> str:
+    return f"[{_short_int(start)}, {_short_int(stop)}]"
+
+
+def _check_layer_ranges(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> None:
+    """Every slice source's layer_range inside the layers its model has; the output not absurdly deep.
+    Runs before planning, whose work grows with the ranges."""
+    layers: dict[str, int] = {}
+    total = 0
+    for i, sl in enumerate(recipe.slices or ()):
+        for j, src in enumerate(sl.sources):
+            where = f"{recipe.source}: slices[{i}].sources[{j}]"
+            start, stop = src.layer_range
+            if not 0 <= start < stop:
+                raise MergescopeError(f"{where}: model {src.model!r}: layer_range "
+                                      f"{_show_range(start, stop)} must be [start, end) with 0 <= start < end")
+            if src.model not in layers:
+                layers[src.model] = count_layers(ckpts[src.model])
+            n = layers[src.model]
+            if n == 0:
+                raise MergescopeError(f"{where}: model {src.model!r} has no numbered layers "
+                                      "(tensor names like '...layers.N...', 'h.N', 'blocks.N', 'layer.N'), so "
+                                      f"layer_range {_show_range(start, stop)} selects nothing")
+            if stop > n:
+                raise MergescopeError(f"{where}: model {src.model!r} has {n} layers, but "
+                                      f"layer_range {_show_range(start, stop)} reaches layer {_short_int(stop - 1)} "
+                                      f"(a range must lie within [0, {n}])")
+        total += sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+    if total > MAX_OUTPUT_LAYERS:
+        raise MergescopeError(f"{recipe.source}: the slices stack {_short_int(total)} layers, over the limit of "
+                              f"{MAX_OUTPUT_LAYERS}")
+
+
 def _slices(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> list[tuple[list[_Source], str | None, Parameters | None]]:
     if recipe.slices:
+        _check_layer_ranges(recipe, ckpts)
         return [([_Source(s.model, *s.layer_range, s.parameters) for s in sl.sources],
                  sl.base_model or recipe.base_model, sl.parameters) for sl in recipe.slices]
     sources = [_Source(m.model, 0, count_layers(ckpts[m.model]), m.parameters) for m in recipe.models]
@@ -144,6 +204,7 @@ def _job(method: Method, out_name: str, sources: list[_Source], base: str | None
                 where = f"model {src.model!r} tensor {in_name!r}"
                 values[p.name] = _default(method, p, resolve(p.name, p.kind, scopes, in_name, t, where), where)
         per_input.append(values)
+    _check_weight_sum(method, f"{recipe.source}: tensor {out_name!r}", per_input, base_pos)
     infos = []
     for src, in_name in zip(sources, input_names):
         if in_name not in ckpts[src.model]:
@@ -160,6 +221,25 @@ def _job(method: Method, out_name: str, sources: list[_Source], base: str | None
         out_dtype = infos[base_pos or 0].dtype
     return Job(out_name, tuple((models.index(s.model), n) for s, n in zip(sources, input_names)), base_pos,
                shared, tuple(per_input), tuple(infos[0].shape), out_dtype, sum(i.nbytes for i in infos))
+
+
+def _check_weight_sum(method: Method, where: str, per_input: list[dict], base_pos: int | None) -> None:
+    """Refuse per-model weights whose sum (the normaliser of linear, TIES, DELLA, multislerp...) is
+    beyond float32: each weight is finite and in range (``recipe.converter``), but 1e38 + 1e38 + 1e38
+    would overflow in the middle of the merge."""
+    for p in method.params:
+        if p.scope == "shared" or p.name != "weight":
+            continue
+        weights = [v[p.name] for i, v in enumerate(per_input) if p.name in v and v[p.name] is not None
+                   and not (p.scope == "non_base" and i == base_pos)]
+        if not weights:
+            continue
+        total = math.fsum(float(w) for w in weights)
+        magnitude = math.fsum(abs(float(w)) for w in weights)
+        if not math.isfinite(magnitude) or magnitude > FLOAT_LIMIT:
+            raise MergescopeError(f"{where}: parameter 'weight': the models' weights add up to "
+                                  f"{magnitude:.4g} in magnitude (sum {total:.4g}), beyond float32 range "
+                                  f"({FLOAT_LIMIT:.4g}); the merge would overflow")
 
 
 VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings|embed_out|output\\.weight$")
@@ -184,6 +264,54 @@ def _default(method: Method, p, value, where: str):
     return p.default
 
 
+def _union(keys_per_source: list[list]) -> list[tuple[object, frozenset[int]]]:
+    """The keys any source has, in first-seen order (the first source's order, then each later
+    source's new keys), each with the positions of the sources that have it."""
+    have: dict[object, set[int]] = {}
+    for pos, keys in enumerate(keys_per_source):
+        for key in keys:
+            have.setdefault(key, set()).add(pos)
+    return [(key, frozenset(positions)) for key, positions in have.items()]
+
+
+def _present_sources(method: Method, out_name: str, sources: list[_Source], base: str | None,
+                     have: frozenset[int]) -> list[int]:
+    """Which sources merge a tensor that only the sources at ``have`` hold (see the module docstring)."""
+    if len(have) == len(sources):
+        return list(range(len(sources)))
+    base_pos = next((i for i, s in enumerate(sources) if s.model == base), None) if method.base != "ignored" else None
+    missing = [sources[i].model for i in range(len(sources)) if i not in have]
+    present = [sources[i].model for i in sorted(have)]
+    if base_pos is not None and have == {base_pos}:
+        if method.name in COPIES_FROM_BASE:
+            return [base_pos]
+        raise MergescopeError(f"tensor {out_name!r} is only in the base model {base!r} (missing from "
+                              f"{_names(missing)}); merge method {method.name!r} cannot merge it from the base alone")
+    if base_pos is not None and missing == [base]:
+        if method.base == "optional":
+            return sorted(have)
+        raise MergescopeError(f"tensor {out_name!r} is missing from the base model {base!r} (present in "
+                              f"{_names(present)}); merge method {method.name!r} needs the base's tensor")
+    raise MergescopeError(f"tensor {out_name!r} is missing from {_names(missing)} but present in {_names(present)}; "
+                          "a tensor is merged only when every model has it")
+
+
+def _names(models: list[str]) -> str:
+    unique = list(dict.fromkeys(models))
+    shown = ", ".join(repr(m) for m in unique[:4])
+    return shown + (f" and {len(unique) - 4} more" if len(unique) > 4 else "")
+
+
+def _layer_table(ckpt: Checkpoint) -> dict[int, list[tuple[str, str]]]:
+    """layer index -> [(prefix, suffix)] of the tensors in that layer, in file order (one pass over the names)."""
+    table: dict[int, list[tuple[str, str]]] = {}
+    for name in ckpt:
+        m = LAYER.match(name)
+        if m:
+            table.setdefault(int(m.group("index")), []).append((m.group("prefix"), m.group("suffix")))
+    return table
+
+
 def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     """The job list for a recipe (reads checkpoint headers only)."""
     method = get(recipe.merge_method)
@@ -197,38 +325,40 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     jobs: list[Job] = []
 
-    def add(out_name, sources, base, slice_params, input_names, t):
-        jobs.append(_job(method, out_name, sources, base, slice_params, recipe, ckpts, models, input_names, t, dtype))
+    def add(out_name, sources, base, slice_params, input_names, t, have):
+        keep = _present_sources(method, out_name, sources, base, have)
+        jobs.append(_job(method, out_name, [sources[i] for i in keep], base, slice_params, recipe, ckpts, models,
+                         [input_names[i] for i in keep], t, dtype))
+
+    def outer(sources, pick):
+        """Non-layer tensors of a slice's sources that ``pick`` selects, as (name, holders)."""
+        return _union([[n for n in ckpts[s.model] if layer_index(n) is None and pick(n)] for s in sources])
 
     first, last = slices[0], slices[-1]
-    lead = ckpts[first[0][0].model]
-    outer = [n for n in lead if layer_index(n) is None]
     if not recipe.slices:
         sources, base, params = first
         n_layers = sources[0].stop
-        for name in lead:
+        for name, have in _union([list(ckpts[s.model]) for s in sources]):
             idx = layer_index(name)
             t = 0.0 if idx is None else (idx / (n_layers - 1) if n_layers > 1 else 1.0)
-            add(name, sources, base, params, [name] * len(sources), t)
+            add(name, sources, base, params, [name] * len(sources), t, have)
         return Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False)
-    for name in (n for n in outer if PRE.search(n)):
-        add(name, first[0], first[1], first[2], [name] * len(first[0]), 0.0)
+    for name, have in outer(first[0], lambda n: PRE.search(n)):
+        add(name, first[0], first[1], first[2], [name] * len(first[0]), 0.0, have)
+    tables: dict[str, dict[int, list[tuple[str, str]]]] = {}
     out_layer = 0
     for sources, base, params in slices:
+        for s in sources:
+            if s.model not in tables:
+                tables[s.model] = _layer_table(ckpts[s.model])
         length = sources[0].stop - sources[0].start
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
-            template = ckpts[sources[0].model]
-            for name in template:
-                m = LAYER.match(name)
-                if not m or int(m.group("index")) != sources[0].start + offset:
-                    continue
-                pre, suf = m.group("prefix"), m.group("suffix")
-                add(f"{pre}{out_layer}{suf}", sources, base, params,
-                    [f"{pre}{s.start + offset}{suf}" for s in sources], t)
+            for (pre, suf), have in _union([tables[s.model].get(s.start + offset, []) for s in sources]):
+                add(f"{pre}{out_layer}{suf}", sources, base, params, [f"{pre}{s.start + offset}{suf}" for s in sources],
+                    t, have)
             out_layer += 1
-    lead_last = ckpts[last[0][0].model]
-    for name in (n for n in lead_last if layer_index(n) is None and not PRE.search(n)):
-        add(name, last[0], last[1], last[2], [name] * len(last[0]), 0.0)
+    for name, have in outer(last[0], lambda n: not PRE.search(n)):
+        add(name, last[0], last[1], last[2], [name] * len(last[0]), 0.0, have)
     donor = recipe.base_model or models[0]
     return Plan(method, tuple(models), tuple(jobs), donor, out_layer, True)

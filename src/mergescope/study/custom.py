@@ -17,10 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import MergescopeError
+
+MAX_CHECKPOINTS = 141  # the study measures every pair: at most 9,870 pairs, as a sweep allows 10,000 tasks
+MAX_POINTS = 1_001  # points on each path
+MAX_CURVE_EPOCHS = 10_000
 
 
 class CustomStudy(BaseModel):
@@ -34,9 +37,9 @@ class CustomStudy(BaseModel):
     task_options: dict[str, Any] = {}
     checkpoints: list[str] | dict[str, str]
     base: str | None = None
-    path_points: int = 25
-    curve_epochs: int = 20
-    seed: int = 0
+    path_points: int = Field(25, ge=2, le=MAX_POINTS)
+    curve_epochs: int = Field(20, ge=1, le=MAX_CURVE_EPOCHS)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
     @property
     def named_checkpoints(self) -> dict[str, str]:
@@ -47,11 +50,16 @@ class CustomStudy(BaseModel):
 
 def read_config(path: str | Path) -> CustomStudy:
     """Parse and validate a study YAML; paths are relative to the YAML's folder."""
+    from ..io.untrusted import read_yaml
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MergescopeError(f"{path}: cannot read study config ({str(e).splitlines()[0]})") from None
+        raw = read_yaml(path, "study config")  # regular UTF-8 file, aliases bounded, one-line errors
+    except MergescopeError as e:
+        problem = str(e).removeprefix(f"{path}: ")
+        if problem.startswith("cannot read"):
+            raise
+        raise MergescopeError(f"{path}: cannot read study config ({problem})") from None
     if not isinstance(raw, dict):
         raise MergescopeError(f"{path}: study config must be a mapping")
     try:
@@ -59,11 +67,17 @@ def read_config(path: str | Path) -> CustomStudy:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise MergescopeError(f"{path}: {where}: {err['msg']}") from None
+        raise MergescopeError(f"{path}: {where}: {' '.join(err['msg'].split())}") from None
     except TypeError as e:
-        raise MergescopeError(f"{path}: {e}") from None
+        raise MergescopeError(f"{path}: {' '.join(str(e).split())}") from None
     if len(config.named_checkpoints) < 2:
         raise MergescopeError(f"{path}: checkpoints: need at least 2 models to study")
+    if len(config.checkpoints) > MAX_CHECKPOINTS:
+        raise MergescopeError(f"{path}: checkpoints: {len(config.checkpoints)} models, over the limit of "
+                              f"{MAX_CHECKPOINTS} (the study measures every pair)")
+    if isinstance(config.checkpoints, list) and len(config.named_checkpoints) < len(config.checkpoints):
+        raise MergescopeError(f"{path}: checkpoints: two files share a name "
+                              "(give a mapping {name: path} instead of a list)")
     root = path.parent
 
     def resolve(p: str) -> str:

@@ -20,6 +20,23 @@ from .spec import TaskSpec, expand, parse, read, task_id
 from .tables import Choice, barrier_matrix_from_rows, coefficient_search
 from .work import FAULT_ENV, run_task
 
+HOLD_ENV = "MERGESCOPE_SWEEP_HOLD_AFTER_FIRST_ROW"
+HOLD_LIMIT_S = 300.0
+
+
+def _hold_after_first_row() -> None:
+    """Test hook: with $MERGESCOPE_SWEEP_HOLD_AFTER_FIRST_ROW naming a file, the driver stops once the
+    first row of this run is on disk, until that file exists (at most ``HOLD_LIMIT_S``), so a test's
+    Ctrl-C always lands mid-sweep however busy the machine is. Unset (always, outside tests): no effect."""
+    marker = os.environ.get(HOLD_ENV)
+    if not marker:
+        return
+    import time
+
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -54,9 +71,12 @@ def run_specs(specs, out, executor: Executor | None = None, resume: bool = False
     skipped, ran = len(specs) - len(todo), 0
     try:
         for row in executor.run(todo):
-            ran += writer.add(row)
+            added = writer.add(row)
+            ran += added
             if on_row is not None:
-                on_row(skipped + ran, len(specs), row)
+                on_row(skipped + ran, len(specs), writer.rows[row["id"]])
+            if added and ran == 1:
+                _hold_after_first_row()
     except BaseException:
         writer.close(sort=False)
         if not read_rows(writer.path):  # failed before its first row (no cluster, bad checkpoint): no empty
@@ -68,6 +88,6 @@ def run_specs(specs, out, executor: Executor | None = None, resume: bool = False
     return SweepResult(str(out), len(specs), ran, skipped, rows)
 
 
-__all__ = ["Choice", "Executor", "FAULT_ENV", "LocalExecutor", "RayExecutor", "ResultsWriter", "SweepResult",
+__all__ = ["Choice", "Executor", "FAULT_ENV", "HOLD_ENV", "LocalExecutor", "RayExecutor", "ResultsWriter", "SweepResult",
            "TaskSpec", "barrier_matrix_from_rows", "coefficient_search", "expand", "make_executor", "parse", "read",
            "read_rows", "run", "run_specs", "run_task", "task_id", "write_sorted"]

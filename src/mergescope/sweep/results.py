@@ -3,11 +3,16 @@
 Every row is appended, flushed and fsync'ed as soon as it arrives, so Ctrl-C or a crash loses
 at most the task in flight; ``--resume`` reads the ids already present (ignoring a torn last
 line) and skips them. Sorting by id at the end makes local and Ray tables byte-identical.
+
+Rows are strict JSON (RFC 8259): a metric that is not a finite number (a diverged merge gives a
+NaN or infinite loss) is written as ``null``, meaning "not a finite number"; the tables
+(``tables``) read ``null`` back as NaN. No ``NaN``/``Infinity`` token is ever written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,20 +20,36 @@ from pathlib import Path
 from ..errors import MergescopeError
 
 
+def finite_or_null(value):
+    """``value`` with every non-finite float (NaN, +-Inf), however deeply nested, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def _dumps(row: dict) -> str:
-    return json.dumps(row, sort_keys=True, separators=(",", ":"))
+    return json.dumps(finite_or_null(row), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def read_rows(path: str | os.PathLike) -> dict[str, dict]:
     """Rows by id; lines that do not parse (a torn write) are skipped, the first row of an id wins."""
+    from ..io.untrusted import open_regular
+
     rows: dict[str, dict] = {}
     path = Path(path)
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    fd = open_regular(path, "results table")  # a FIFO or folder is refused, never waited on
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    for line in text.splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, ValueError):  # torn, nested too deeply, huge integer
             continue
         if isinstance(row, dict) and "id" in row:
             rows.setdefault(row["id"], row)
@@ -67,6 +88,7 @@ class ResultsWriter:
         """Append ``row`` unless its id is already in the table; returns whether it was written."""
         if row["id"] in self.rows:
             return False
+        row = finite_or_null(row)  # what is kept in memory is what the file says
         self._file.write(_dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

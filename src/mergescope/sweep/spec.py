@@ -3,6 +3,11 @@
 A sweep expands into small, pure, picklable ``TaskSpec``s. Each has a stable id, the hash of its
 kind and parameters (checkpoints as written in the YAML, relative to it), so a resumed run, a
 moved sweep folder and a Ray run all agree on which rows already exist.
+
+Sizes are bounded before anything is expanded or launched: at most ``MAX_TASKS`` tasks per sweep
+(counted arithmetically from the file, never by building the list), ``points`` <= ``MAX_POINTS``,
+``curve_epochs`` <= ``MAX_CURVE_EPOCHS``. Merge-grid values obey the recipe rules
+(``recipe.check_parameters``): only the method's parameters, finite numbers, density in (0, 1].
 """
 
 from __future__ import annotations
@@ -10,16 +15,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import MergescopeError
 
 SPLITS = ("train", "val", "test")
+MAX_TASKS = 10_000  # tasks per sweep: a 141-checkpoint barrier matrix, or a 10,000-point grid
+MAX_POINTS = 1_001  # points on each path (t = 0, 0.001, ..., 1)
+MAX_CURVE_EPOCHS = 10_000
+MAX_SEED = 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -36,13 +46,13 @@ class ModelRef(_Strict):
 class _Common(_Strict):
     checkpoints: list[str] = Field(min_length=1)
     task: str = "digits"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     model: ModelRef | None = None
 
     @field_validator("checkpoints")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        dup = sorted({c for c in v if v.count(c) > 1})
+        dup = sorted(c for c, n in Counter(v).items() if n > 1)
         if dup:
             raise ValueError(f"checkpoints listed twice: {dup}")
         return v
@@ -53,12 +63,12 @@ class BarrierSweep(_Common):
     Bezier / polychain curve fitted between them (``path``, trained ``curve_epochs`` epochs)."""
 
     kind: Literal["barrier_matrix"]
-    points: int = Field(25, ge=2)
+    points: int = Field(25, ge=2, le=MAX_POINTS)
     split: Literal["train", "val", "test"] = "test"
     bn_reset: bool = True
     align: Literal["none", "weight"] = "none"
     path: Literal["line", "bezier", "polychain"] = "line"
-    curve_epochs: int = Field(20, ge=1)
+    curve_epochs: int = Field(20, ge=1, le=MAX_CURVE_EPOCHS)
 
     @field_validator("checkpoints")
     @classmethod
@@ -116,6 +126,61 @@ class MergeGridSweep(_Common):
         return self
 
 
+def _check_grid(sweep: MergeGridSweep) -> None:
+    """Every grid value of every method obeys the recipe rules (``recipe.check_parameters``) for every
+    model-set size; a method that needs a base has one, and every model set has a size the method takes.
+    Each value is checked on its own (not the Cartesian product), so the work is linear in the file."""
+    from ..merge.methods import get
+    from ..recipe import check_parameters
+
+    sets = sweep.model_sets or [list(sweep.checkpoints)]
+    for i, m in enumerate(sweep.methods):
+        method = get(m.method)
+        where = f"methods.{i} ({m.method})"
+        if method.base == "required" and sweep.base is None:
+            raise MergescopeError(f"{where}: merge method {m.method!r} needs 'base'")
+        for models in sets:
+            n = len(models) + (1 if sweep.base is not None and method.base != "ignored" else 0)
+            if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+                raise MergescopeError(f"{where}: a model set of {len(models)} checkpoint(s) gives {n} models (with "
+                                      "the base), but "
+                                      f"{m.method} takes {method.min_inputs}" +
+                                      ("" if method.max_inputs == method.min_inputs else
+                                       " or more" if method.max_inputs is None else f" to {method.max_inputs}"))
+        for key, values in m.grid.items():
+            if key == "seed" and method.random:
+                for v in values:
+                    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
+                        raise MergescopeError(f"{where}: grid.seed: seeds must be integers in [0, 2**63-1], got {v!r}")
+                continue
+            n_values = {len(models) for models in sets}
+            for v in values:
+                for n in sorted(n_values):
+                    check_parameters(m.method, {key: v}, f"{where}: grid.{key}", n)
+
+
+def count_tasks(sweep) -> int:
+    """How many tasks ``expand`` would make, computed from the lengths alone (nothing is built)."""
+    n = len(sweep.checkpoints)
+    if sweep.kind == "barrier_matrix":
+        return n * (n - 1) // 2
+    if sweep.kind == "evaluate":
+        return n
+    sets = len(sweep.model_sets) if sweep.model_sets else 1
+    points = sum(math.prod(len(v) for v in m.grid.values()) for m in sweep.methods)
+    return points * sets * len(sweep.align)
+
+
+def check_size(sweep, source: str = "sweep") -> int:
+    """The task count, or a one-line error when it is over ``MAX_TASKS``."""
+    count = count_tasks(sweep)
+    if count > MAX_TASKS:
+        shown = f"{count:,}" if count < 10**30 else f"about 10^{len(str(count)) - 1}"
+        raise MergescopeError(f"{source}: the sweep expands to {shown} tasks, over the limit of {MAX_TASKS:,} "
+                              "per sweep; split it into several sweeps")
+    return count
+
+
 Sweep = Annotated[Union[BarrierSweep, EvaluateSweep, MergeGridSweep], Field(discriminator="kind")]
 
 
@@ -158,22 +223,30 @@ def task_id(kind: str, params: dict) -> str:
 def parse(data: Any, source: str = "sweep") -> BarrierSweep | EvaluateSweep | MergeGridSweep:
     """Validate a sweep mapping; any problem becomes one MergescopeError line naming the field."""
     try:
-        return _File(sweep=data).sweep
+        sweep = _File(sweep=data).sweep
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "sweep"
-        raise MergescopeError(f"{source}: {where}: {first['msg']} ({e.error_count()} problem(s))") from None
+        raise MergescopeError(f"{source}: {where}: {_one_line(first['msg'])} ({e.error_count()} problem(s))") from None
+    check_size(sweep, source)
+    if sweep.kind == "merge_grid":
+        try:
+            _check_grid(sweep)
+        except MergescopeError as e:
+            raise MergescopeError(f"{source}: {e}") from None
+    return sweep
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def read(path: str | Path):
-    """Read and validate a sweep YAML file."""
+    """Read and validate a sweep YAML file (a regular UTF-8 file; aliases bounded; one-line errors)."""
+    from ..io.untrusted import read_yaml
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise MergescopeError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise MergescopeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise MergescopeError(f"{path}: a sweep file must be a mapping with a 'kind' key")
     return parse(data, str(path))
@@ -194,7 +267,8 @@ def _grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def expand(sweep, root: str | Path = ".") -> list[TaskSpec]:
-    """The sweep's task specs, in a deterministic order (ids are unique)."""
+    """The sweep's task specs, in a deterministic order (ids are unique); at most ``MAX_TASKS``."""
+    check_size(sweep)
     root = str(root)
     common = _common(sweep)
     if sweep.kind == "barrier_matrix":

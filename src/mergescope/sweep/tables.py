@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -10,9 +11,14 @@ from ..errors import MergescopeError
 from ..landscape import BarrierMatrix, PathResult
 
 
+def _num(x) -> float:
+    """A metric as stored in a row: ``null`` (written for NaN/Inf, see ``results``) reads as NaN."""
+    return math.nan if x is None else float(x)
+
+
 def _path_from_dict(d: dict) -> PathResult:
     def tup(v):
-        return None if v is None else tuple(float(x) for x in v)
+        return None if v is None else tuple(_num(x) for x in v)
 
     return PathResult(t=tup(d["t"]), split=d["split"], loss=tup(d["loss"]), accuracy=tup(d["accuracy"]),
                       train_loss=tup(d["train_loss"]), train_accuracy=tup(d["train_accuracy"]),
@@ -39,8 +45,8 @@ def barrier_matrix_from_rows(rows: Iterable[dict], names: Sequence[str] | None =
     paths = []
     for (i, j) in sorted(by_pair):
         r = by_pair[(i, j)]
-        loss[i][j] = loss[j][i] = float(r["barrier_loss"])
-        acc[i][j] = acc[j][i] = float(r["barrier_acc"])
+        loss[i][j] = loss[j][i] = _num(r["barrier_loss"])
+        acc[i][j] = acc[j][i] = _num(r["barrier_acc"])
         paths.append(_path_from_dict(r["path"]))
     first = paths[0]
     return BarrierMatrix(tuple(names) if names is not None else tuple(labels), tuple(map(tuple, loss)),
@@ -68,6 +74,13 @@ class Choice:
                 "test_accuracy": self.test_accuracy, "test_loss": self.test_loss, "id": self.id}
 
 
+def _rank(r: dict) -> tuple:
+    """Best validation accuracy first, then lower validation loss, then id; a metric that is null (not a
+    finite number: the merge diverged) ranks last."""
+    acc, loss = _num(r["val_accuracy"]), _num(r["val_loss"])
+    return (-acc if math.isfinite(acc) else math.inf, loss if math.isfinite(loss) else math.inf, r["id"])
+
+
 def coefficient_search(rows: Iterable[dict]) -> list[Choice]:
     """Per (method, models, align): the grid point with the best validation accuracy (ties: lower
     validation loss, then id), reported with its *test* numbers, so test data never picks a coefficient."""
@@ -79,7 +92,7 @@ def coefficient_search(rows: Iterable[dict]) -> list[Choice]:
     out = []
     for key in sorted(groups):
         cands = groups[key]
-        best = min(cands, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["id"]))
+        best = min(cands, key=_rank)
         out.append(Choice(best["method"], tuple(best["models"]), best["align"], best["params"], len(cands),
                           best["val_accuracy"], best["val_loss"], best["test_accuracy"], best["test_loss"], best["id"]))
     return out

@@ -115,11 +115,15 @@ def _evaluate(src: Sources, p: dict) -> dict:
 
 def method_params(method: str, params: dict, n: int, seed: int) -> dict:
     """Recipe-style parameters for ``n`` models: per-model scalars are broadcast to lists, a missing
-    required per-model weight is 1.0 for each model, random methods get the sweep seed."""
+    required per-model weight is 1.0 for each model, random methods get the sweep seed. Values are
+    checked and converted as a recipe's are (``recipe.check_parameters``: "false" is False, 1 is 1.0)."""
     from ..merge.methods import get
+    from ..recipe import check_parameters
 
     m = get(method)
-    out = dict(params)
+    grid_seed = {"seed": params["seed"]} if m.random and "seed" in params else {}
+    out = {**check_parameters(method, {k: v for k, v in params.items() if k not in grid_seed}, f"merge {method}", n),
+           **grid_seed}
     for p in m.params:
         if p.scope != "shared":
             if p.name not in out and p.required:
