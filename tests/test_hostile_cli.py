@@ -282,3 +282,13 @@ def test_inspect_escapes_control_characters(tmp_path):
 def test_error_lines_escape_control_characters(tmp_path):
     out = attack(["inspect", "bad\x1b[2J\nname.safetensors"], tmp_path)
     assert_refused(out, "\\x1b[2J\\nname.safetensors")
+
+
+def test_strict_json_writes_non_finite_numbers_as_null(tmp_path):
+    """Summaries of sweeps with a diverged run stay standard JSON (a bare NaN token is not JSON)."""
+    from mergescope.results import write_json
+
+    write_json(tmp_path / "s.json", {"loss": [float("nan"), 1.5], "worst": float("-inf")}, strict=True)
+    text = (tmp_path / "s.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard token {c}")) == \
+        {"loss": [None, 1.5], "worst": None}

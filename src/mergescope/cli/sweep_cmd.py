@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from .common import err_console, progress, say, write_json
 
 
 def _f(x, digits: int = 4) -> str:
+    """A number for a table cell; a missing or non-finite value (a diverged run) is '-'."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
@@ -23,7 +27,7 @@ def _barrier_table(matrix) -> Table:
     for name in matrix.names:
         table.add_column(Path(name).stem, justify="right")
     for name, row in zip(matrix.names, matrix.loss):
-        table.add_row(Path(name).stem, *(f"{v:.3f}" for v in row))
+        table.add_row(Path(name).stem, *(_f(v, 3) for v in row))
     return table
 
 
@@ -106,7 +110,7 @@ def sweep(
     seconds = time.perf_counter() - start
     value, data, table = _summary(config.kind, result.rows)
     if summary:
-        write_json(summary, data)
+        write_json(summary, data, strict=True)  # a diverged run's NaN is written as null: valid JSON
     if plot and config.kind == "barrier_matrix":
         from ..report.figures import heatmaps_figure
 
