@@ -75,10 +75,11 @@ def check_side_outputs(inputs: Iterable[Path], files: Iterable[Path | None] = ()
     ``files`` are written whole (JSON, PNG, a spec, a table); ``folders`` are (folder, names of
     the files written into it). Refused: a file or folder that is, or lies inside, an input
     (symlinks resolved, so a link to a checkpoint counts), a file path that is a folder, a folder
-    path that is a file, a name too long, and two outputs on the same path. Run before any work.
+    path that is a file, a name too long, and two outputs on the same path (``main``, the command's
+    checkpoint output, checked by ``check_output_path``, counts too). Run before any work.
     """
     inputs = [Path(p) for p in inputs if p is not None]
-    written: dict[Path, Path] = {}
+    written: dict[Path, Path] = {} if main is None else {Path(main).resolve(): Path(main)}
     for folder, names in (f for f in folders if f is not None):
         folder = Path(folder)
         check_name(folder)
