@@ -224,29 +224,42 @@ def task_vector_figure(reps: list[dict], out) -> Path:
 
 def templates_figure(pairs: dict[str, dict], out, title: str) -> Path:
     """Class directions E[dz_c/dx] as images of the input, rows grouped by pair (member, member, average),
-    all on one colour scale with its colour bar (``pairs[label]`` is a WeightsResult dict)."""
+    all on one colour scale with its colour bar (``pairs[label]`` is a WeightsResult dict).
+
+    Drawn as one mosaic image (templates separated by blank gaps) rather than one axes per template:
+    the same picture at a fraction of the drawing time.
+    """
     from ..analysis.weights import template_image
 
     plt = pyplot()
     rows = [(label, name, res["class_templates"][name]) for label, res in pairs.items() for name in res["names"]]
     n_cls = len(rows[0][2])
-    strip = template_image(rows[0][2][0]).shape[0] == 1
-    lim = max(np.abs(np.asarray(t)).max() for _, _, t in rows) or 1.0
-    fig, axes = plt.subplots(len(rows), n_cls, figsize=(min(0.75 * n_cls + 2.5, 10), (0.35 if strip else 0.78) * len(rows) + 0.9),
-                             squeeze=False)
-    for r, (label, name, templates) in enumerate(rows):
+    h, w = template_image(rows[0][2][0]).shape
+    strip = h == 1
+    gap, pair_gap = 1, 2
+    heights, y = [], 0
+    for i, (label, _, _) in enumerate(rows):
+        if i and rows[i - 1][0] != label:
+            y += pair_gap
+        heights.append(y)
+        y += h + gap
+    mosaic = np.full((y - gap, n_cls * (w + gap) - gap), np.nan)
+    for (label, name, templates), top in zip(rows, heights):
         for c, t in enumerate(templates):
-            ax = axes[r, c]
-            im = ax.imshow(template_image(t), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto" if strip else "equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"class {c}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"{label}: {name}", fontsize=7, rotation=0, ha="right", va="center")
-        if r + 1 < len(rows) and rows[r + 1][0] != label:  # a gap line between pairs
-            for ax in axes[r]:
-                ax.spines["bottom"].set_visible(True)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="mean input-gradient of the class logit")
-    fig.suptitle(title)
+            mosaic[top:top + h, c * (w + gap):c * (w + gap) + w] = template_image(t)
+    lim = np.nanmax(np.abs(mosaic)) or 1.0
+    fig, ax = plt.subplots(figsize=(min(0.75 * n_cls + 3, 10), (0.3 if strip else 0.72) * len(rows) + 1.2))
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("white")
+    im = ax.imshow(mosaic, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto" if strip else "equal",
+                   interpolation="nearest")
+    ax.set_xticks([c * (w + gap) + (w - 1) / 2 for c in range(n_cls)], [f"class {c}" for c in range(n_cls)],
+                  fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([top + (h - 1) / 2 for top in heights], [f"{label}: {name}" for label, name, _ in rows], fontsize=8)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.tick_params(length=0)
+    fig.colorbar(im, ax=ax, shrink=0.7, label="mean input-gradient of the class logit")
+    ax.set_title(title, fontsize=10, pad=22)
     return save(fig, out)

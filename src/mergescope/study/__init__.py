@@ -65,8 +65,11 @@ def _run_replicates(config: StudyConfig, out: Path, stages: list[str], jobs: lis
             finished[0] += 1
         tick(message)
 
-    if workers <= 1:
-        return {r: replicate_job(config, out, r, stages, report) for r in jobs}
+    cached = [r for r in jobs if all(_cache_path(out, config, name, r).is_file() for name in stages)]
+    done = {r: replicate_job(config, out, r, stages, report) for r in cached}  # a warm rerun starts no process
+    jobs = [r for r in jobs if r not in cached]
+    if workers <= 1 or len(jobs) <= 1:
+        return {**done, **{r: replicate_job(config, out, r, stages, report) for r in jobs}}
     import multiprocessing
     import queue as queue_module
     from concurrent.futures import ProcessPoolExecutor, wait
@@ -83,7 +86,7 @@ def _run_replicates(config: StudyConfig, out: Path, stages: list[str], jobs: lis
                     report(messages.get_nowait())
                 except queue_module.Empty:
                     break
-        return {futures[f]: f.result() for f in futures}
+        return {**done, **{futures[f]: f.result() for f in futures}}
 
 
 def replicate_job(config: StudyConfig, out: Path, replicate: int, stages: list[str],
@@ -91,14 +94,22 @@ def replicate_job(config: StudyConfig, out: Path, replicate: int, stages: list[s
     """Every stage of one replicate (run in a worker process): results, timings, models trained/reused."""
     import torch
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread each is fastest, and bit-identical across machines
+    try:
+        return _replicate(config, out, replicate, stages, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replicate(config: StudyConfig, out: Path, replicate: int, stages: list[str], report) -> dict:
     family = Family(out / "checkpoints")
     ctx = Context(config, family, replicate, report)
     done: dict = {"timings": {}, "stages_reused": []}
     for name in stages:
         report(f"stage {name} (replicate {replicate + 1}/{config.replicates})")
         start = time.perf_counter()
-        cache = out / "cache" / f"{name}-r{replicate}-{_stage_key(config, name, replicate)}.json"
+        cache = _cache_path(out, config, name, replicate)
         cached = _read_json(cache)
         if cached is not None:
             done["stages_reused"].append(name)
@@ -121,6 +132,10 @@ def _run_stages(stage_fns: dict[str, Callable[[], dict]], on_stage) -> dict:
         out[name] = fn()
         out["timings"][name] = time.perf_counter() - start
     return out
+
+
+def _cache_path(out: Path, config: StudyConfig, stage: str, replicate: int) -> Path:
+    return out / "cache" / f"{stage}-r{replicate}-{_stage_key(config, stage, replicate)}.json"
 
 
 def _stage_key(config: StudyConfig, stage: str, replicate: int = 0) -> str:

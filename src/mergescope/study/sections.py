@@ -308,11 +308,10 @@ def why_section(res: dict, fig_dir: Path) -> dict:
         figures.append({"file": "why_weights.png", "caption": _weights_reading(reps[0]["weights"])})
     spaces.plot(reps[0]["spaces"], fig_dir / "why_spaces.png")
     figures.append({"file": "why_spaces.png", "caption": _spaces_reading(reps)})
-    for i, label in enumerate(reps[0]["scaling"]):
-        name = f"why_scaling_{i}.png"
-        scaling.plot(reps[0]["scaling"][label], fig_dir / name)
-        figures.append({"file": name, "caption": f"{label} (replicate 1 drawn). " + _scaling_reading(
-            [r["scaling"][label] for r in reps])})
+    labels = list(reps[0]["scaling"])
+    scaling.plot(reps[0]["scaling"][labels[0]], fig_dir / "why_scaling.png")
+    figures.append({"file": "why_scaling.png", "caption": f"Drawn: {labels[0]} (replicate 1). " + " ".join(
+        f"{label}: " + _scaling_reading([r["scaling"][label] for r in reps]) for label in labels)})
     return {"id": "why", "title": "Why weight averaging works (Rethink-Merge analyses)",
             "intro": "What the weights encode (class directions and first-layer units drawn as images of the input), "
                      "when averaging in weight space matches averaging features or outputs, and how stable "

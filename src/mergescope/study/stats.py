@@ -9,6 +9,7 @@ from these verdicts only, so they cannot claim more than the numbers show.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 CONFIDENCE = 0.95
 
 
+@functools.lru_cache(maxsize=256)
 def _t_quantile(dof: int, confidence: float = CONFIDENCE) -> float:
     from scipy.stats import t
 
