@@ -1,21 +1,24 @@
-"""Tasks (data + loss + metrics) and the built-in digits model zoo."""
+"""Tasks (data + loss + metrics): the built-in digits and MNIST-1D tasks, and the model zoo."""
 
 from __future__ import annotations
 
 from .base import SPLITS, Task, TensorClassificationTask
 from .digits import digits
 from .factory import resolve
+from .mnist1d import mnist1d
 from .train import train
 from .zoo import TRAIN_DEFAULTS, ZOO, build, model_options
 
 __all__ = ["SPLITS", "TRAIN_DEFAULTS", "Task", "TensorClassificationTask", "ZOO", "build", "digits", "get_task",
-           "make_model", "model_options", "resolve", "seeded_model", "train"]
+           "make_model", "mnist1d", "model_options", "resolve", "seeded_model", "train"]
 
 
 def get_task(spec: str = "digits", **kwargs) -> Task:
-    """A built-in task by name ('digits') or a user's ``package.module:factory``."""
+    """A built-in task by name ('digits', 'mnist1d') or a user's ``package.module:factory``."""
     if spec == "digits":
         return digits(**kwargs)
+    if spec == "mnist1d":
+        return mnist1d(**kwargs)
     return resolve(spec)(**kwargs)
 
 

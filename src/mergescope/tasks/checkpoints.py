@@ -13,8 +13,9 @@ from torch import nn
 from ..errors import MergescopeError
 from .zoo import ZOO, check_zoo_options
 
-# The only tasks a checkpoint may record: digits, or digits restricted to some classes.
-TASK_PATTERN = re.compile(r"digits(?:\[([0-9](?:,[0-9]){0,9})\])?")
+# The only tasks a checkpoint may record: a built-in task (digits, mnist1d), or one restricted to
+# some classes. Group 1 is the task, group 2 the classes.
+TASK_PATTERN = re.compile(r"(digits|mnist1d)(?:\[([0-9](?:,[0-9]){0,9})\])?")
 
 
 def model_metadata(name: str, options: Mapping, task: str = "digits", **extra) -> dict[str, str]:
@@ -125,8 +126,8 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source
 
 
 def task_for(ckpt, spec: str | None = None):
-    """The task named on the command line, else the one `mergescope train` recorded (digits or a subset)."""
-    from . import digits, get_task
+    """The task named on the command line, else the one `mergescope train` recorded (built-in or a subset)."""
+    from . import digits, get_task, mnist1d
 
     if spec:
         return get_task(spec)
@@ -135,4 +136,5 @@ def task_for(ckpt, spec: str | None = None):
     if match is None:
         raise MergescopeError(f"{ckpt.path}: records task {_shown(recorded)}, which is not a built-in task; "
                               "a checkpoint cannot choose code to run: pass --task yourself")
-    return digits(classes=tuple(int(c) for c in match.group(1).split(","))) if match.group(1) else digits()
+    build = {"digits": digits, "mnist1d": mnist1d}[match.group(1)]
+    return build(classes=tuple(int(c) for c in match.group(2).split(","))) if match.group(2) else build()
