@@ -16,14 +16,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# Runs the CLI and prints the peak RSS (KiB) of this very process on the last stderr line.
+# Runs the CLI and prints the peak RSS (KiB) of this very process on the last stderr line. VmHWM is
+# the high-water mark of this process's own address space; getrusage's ru_maxrss is not: Linux
+# carries it across fork and exec, so it would report the (large) pytest parent's size.
 _RUNNER = (
-    "import resource, sys\n"
+    "import sys\n"
     "from mergescope.cli import main\n"
+    "def hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return line.split()[1]\n"
+    "    return '0'\n"
     "try:\n"
     "    code = main(sys.argv[1:])\n"
     "finally:\n"
-    "    sys.stderr.write('\\n@@maxrss ' + str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) + '\\n')\n"
+    "    sys.stderr.write('\\n@@maxrss ' + hwm() + '\\n')\n"
     "sys.exit(code)\n"
 )
 

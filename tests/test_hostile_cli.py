@@ -71,13 +71,17 @@ def test_metadata_naming_a_task_is_refused(tmp_path, task):
     assert_refused(out, "a.safetensors", "not a built-in task", "--task")
 
 
-def test_zoo_options_from_metadata_are_bounded(tmp_path):
-    """A zoo name with a width of 10**9 would allocate ~250 GB: refused before building."""
-    big = json.dumps({"name": "mlp", "options": {"width": 10**9, "depth": 1}})
-    zoo_checkpoint(tmp_path / "a.safetensors", model=big)
+@pytest.mark.parametrize("record, problem", [
+    ({"name": "mlp", "options": {"width": 10**9, "depth": 1}}, "16384"),  # ~250 GB
+    ({"name": "cnn", "options": {"width": 16384}}, "parameters"),  # within the width bound, ~58 GB
+    ({"name": "transformer", "options": {"dim": 4096, "depth": 64}}, "parameters"),
+])
+def test_zoo_options_from_metadata_are_bounded(tmp_path, record, problem):
+    """A zoo name with huge options would allocate until it fails: refused before building."""
+    zoo_checkpoint(tmp_path / "a.safetensors", model=json.dumps(record))
     zoo_checkpoint(tmp_path / "b.safetensors", seed=1)
     out = attack(["ensemble", "a.safetensors", "b.safetensors"], tmp_path)
-    assert_refused(out, "a.safetensors", "width", "16384", max_rss_mb=1200)
+    assert_refused(out, "a.safetensors", problem, max_rss_mb=1200)
 
 
 def test_user_given_model_overrides_hostile_metadata(tmp_path, evil):

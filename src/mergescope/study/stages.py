@@ -130,15 +130,16 @@ def determinism(ctx: Context) -> dict:
     settings = {
         "digits MLP": ("mlp", {"width": c.mlp_width, "depth": 2}, ctx.task, c.spawn_epochs, c.spawn_total_epochs,
                        TRAIN_DEFAULTS["mlp"]["lr"]),
-        f"MNIST-1D {c.mnist1d_spawn_model.upper()}": (c.mnist1d_spawn_model, {"width": c.mnist1d_spawn_width,
-                                                                              **_mnist1d_inputs(c.mnist1d_spawn_model)},
-                                                      ctx.mnist1d, c.mnist1d_spawn_ks, c.mnist1d_spawn_epochs,
-                                                      c.mnist1d_spawn_lr),
+        f"MNIST-1D {c.mnist1d_spawn_model.upper()}, lr {c.mnist1d_spawn_lr:g}": (
+            c.mnist1d_spawn_model, {"width": c.mnist1d_spawn_width, **_mnist1d_inputs(c.mnist1d_spawn_model)},
+            ctx.mnist1d, c.mnist1d_spawn_ks, c.mnist1d_spawn_epochs, c.mnist1d_spawn_lr),
     }
     out = {}
     for label, (model, options, task, ks, epochs, lr) in settings.items():
         init = build(model, seed=ctx.seed + 300, **options)
-        result = spawn_stability(init, task, ks=ks, epochs=epochs, lr=lr, seed=ctx.seed + 300, n=c.path_points,
+        defaults = TRAIN_DEFAULTS[model]
+        result = spawn_stability(init, task, ks=ks, epochs=epochs, lr=lr, weight_decay=defaults["weight_decay"],
+                                 batch_size=defaults["batch_size"], seed=ctx.seed + 300, n=c.path_points,
                                  on_epoch=ctx.tick)
         out[label] = {**result.to_dict(), "model": model, "options": options, "lr": lr,
                       "test_examples": task.size("test")}

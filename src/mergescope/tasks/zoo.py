@@ -202,6 +202,11 @@ OPTION_BOUNDS: dict[str, tuple[int, int]] = {"width": (1, 16384), "depth": (1, 6
                                              "in_features": (1, 4096)}
 
 
+# The zoo is for small models: options may not ask for more (a checkpoint's metadata naming
+# cnn width 16384 would otherwise allocate ~13 GB before its tensors are even compared).
+MAX_PARAMETERS = 100_000_000
+
+
 def check_zoo_options(name: str, options: dict, where: str | None = None) -> None:
     """Refuse unknown options, values of the wrong type and sizes outside ``OPTION_BOUNDS``."""
     where = where or f"model {name!r}"
@@ -223,6 +228,20 @@ def check_zoo_options(name: str, options: dict, where: str | None = None) -> Non
     dim, heads = options.get("dim") or defaults.get("dim"), options.get("heads") or defaults.get("heads")
     if dim is not None and heads is not None and dim % heads:
         raise MergescopeError(f"{where}: dim {dim} must be a multiple of heads {heads}")
+    given = {k: v for k, v in options.items() if v is not None}
+    larger = any(type(v) is int and v > defaults[k] for k, v in given.items() if not isinstance(defaults[k], bool))
+    if larger and parameter_count(name, given) > MAX_PARAMETERS:  # default sizes are known to be small
+        count = parameter_count(name, given)
+        raise MergescopeError(f"{where}: these options give {count:,} parameters, over the zoo's limit of "
+                              f"{MAX_PARAMETERS:,}; use your own model (--model package.module:factory) for that size")
+
+
+def parameter_count(name: str, options: dict) -> int:
+    """Parameters the zoo model would have, counted on the meta device (nothing is allocated)."""
+    cls = ZOO[name][0]
+    with torch.device("meta"):
+        module = cls(**{**ZOO[name][1], **options})
+    return sum(p.numel() for p in module.parameters())
 
 
 def build(name: str, seed: int | None = None, **options) -> nn.Module:
