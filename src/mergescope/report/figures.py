@@ -62,10 +62,11 @@ def band_paths_figure(paths: dict[str, list[dict]], out, title: str) -> Path:
             mean, half = np.array([m for m, _ in stats]), np.array([h for _, h in stats])
             line, = ax.plot(t, mean, marker=".", ms=3, label=f"{label} (n={len(reps)})", color=color)
             color = line.get_color()
-            ax.fill_between(t, mean - half, mean + half, color=color, alpha=0.2, lw=0)
+            top = 100.0 if key == "accuracy" else np.inf  # bands clipped to the values that can occur
+            ax.fill_between(t, np.clip(mean - half, 0, top), np.clip(mean + half, 0, top), color=color, alpha=0.2, lw=0)
     axes[0].set(xlabel="t (0 = model A, 1 = model B)", ylabel="test loss", title="loss along the path")
     axes[1].set(xlabel="t (0 = model A, 1 = model B)", ylabel="test accuracy (%)", title="accuracy along the path")
-    fig.suptitle(title + " (mean and 95% interval over replicates)")
+    fig.suptitle(title + " (mean and 95% interval over replicates, clipped to possible values)")
     _legend_below(fig, axes)
     return save(fig, out)
 
@@ -202,7 +203,8 @@ def task_vector_figure(reps: list[dict], out) -> Path:
         stats = [_interval([100 * v for v in vals]) for vals in zip(*series)]
         mean, half = np.array([m for m, _ in stats]), np.array([h for _, h in stats])
         line, = ax.plot(xs[:len(mean)], mean, style, ms=3, label=label, color=color)
-        ax.fill_between(xs[:len(mean)], mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
+        ax.fill_between(xs[:len(mean)], np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100),
+                        color=line.get_color(), alpha=0.2, lw=0)
         return line
 
     for name in names:

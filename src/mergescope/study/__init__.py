@@ -17,7 +17,7 @@ from ..results import write_json
 from .config import STAGES, StudyConfig
 from .family import Family
 from .sections import SECTION_BUILDERS, number_sections, skipped_section, summary_lines
-from .stages import STAGE_FUNCTIONS, Context
+from .stages import STAGE_FUNCTIONS, STAGE_RECIPES, Context
 
 __all__ = ["STAGES", "StudyConfig", "run_custom_study", "run_study", "write_report"]
 
@@ -37,39 +37,75 @@ def run_study(out: str | os.PathLike = "study", config: StudyConfig | None = Non
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     stages = [s for s in config.stages if s in STAGE_FUNCTIONS]
     start = time.perf_counter()
-    jobs = list(range(config.replicates))
-    done = _run_replicates(config, out, stages, jobs, on_stage, tick)
+    units = [(r, name) for name in stages for r in range(config.stage_replicates(name))]
+    done, training = _run_units(config, out, units, on_stage, tick)
+    reps = {name: range(config.stage_replicates(name)) for name in stages}
     results: dict = {"config": config.to_dict(), "mergescope_version": __version__, "replicates": config.replicates,
-                     "timings": {name: sum(done[r]["timings"][name] for r in jobs) for name in stages}}
+                     "timings": {"training": training["seconds"],
+                                 **{name: sum(done[r]["timings"][name] for r in reps[name]) for name in stages}}}
     for name in stages:
-        results[name] = {"replicates": [done[r][name] for r in jobs]}
-    results["models"] = {"trained": sum(done[r]["trained"] for r in jobs),
-                         "reused": sum(done[r]["reused"] for r in jobs),
-                         "stages_reused": [s for s in stages if all(s in done[r]["stages_reused"] for r in jobs)]}
+        results[name] = {"replicates": [done[r][name] for r in reps[name]]}
+    results["models"] = {"trained": training["trained"], "reused": training["reused"],
+                         "stages_reused": [s for s in stages if all(s in done[r]["stages_reused"] for r in reps[s])]}
     results["wall_seconds"] = time.perf_counter() - start
     write_json(out / "results.json", results)
     write_report(out)
     return results
 
 
-def _run_replicates(config: StudyConfig, out: Path, stages: list[str], jobs: list[int], on_stage, tick) -> dict:
-    """{replicate: its results}, in worker processes when more than one core and replicate are available."""
-    workers = min(config.workers or min(2, os.cpu_count() or 1), len(jobs))
-    total = len(jobs) * len(stages)
-    finished = [0]
+# Rough relative cost of each stage, so the longest units start first and both cores finish together.
+STAGE_COST = {"connectivity": 5, "convexity": 4, "determinism": 4, "merging": 3, "why": 1, "directedness": 1}
+
+
+def _run_units(config: StudyConfig, out: Path, units: list[tuple[int, str]], on_stage, tick):
+    """Every (stage, replicate) result, computed in units that keep every core busy.
+
+    First every model the uncached units need is trained (parents, then the rest: one unit per
+    model), then every uncached (stage, replicate) runs as its own unit, longest first. Units
+    run in worker processes (one torch thread each); cached results load inline, so a warm
+    rerun starts no process. Returns ({replicate: {stage: result, "timings", "stages_reused"}},
+    {"seconds", "trained", "reused"}).
+    """
+    done = {r: {"timings": {}, "stages_reused": []} for r, _ in units}
+    todo = []
+    for r, name in units:
+        cached = _read_json(_cache_path(out, config, name, r))
+        if cached is None:
+            todo.append((r, name))
+        else:
+            done[r][name], done[r]["timings"][name] = cached, 0.0
+            done[r]["stages_reused"].append(name)
+    recipes = _needed_recipes(config, todo)
+    parents = list({p.key: p for p in (r.parent for r in recipes.values() if r.parent is not None)}.values())
+    others = [r for key, r in recipes.items() if key not in {p.key for p in parents}]
+    todo.sort(key=lambda unit: -STAGE_COST.get(unit[1], 1))
+    training = {"seconds": 0.0, "trained": 0, "reused": 0}
+    total, finished = len(todo), [0]
 
     def report(message: str) -> None:
-        if message.startswith("stage "):
-            if on_stage is not None:
-                on_stage(message.removeprefix("stage "), finished[0], total)
+        if message.startswith("stage ") and on_stage is not None:
+            on_stage(message.removeprefix("stage "), finished[0], total)
             finished[0] += 1
         tick(message)
 
-    cached = [r for r in jobs if all(_cache_path(out, config, name, r).is_file() for name in stages)]
-    done = {r: replicate_job(config, out, r, stages, report) for r in cached}  # a warm rerun starts no process
-    jobs = [r for r in jobs if r not in cached]
-    if workers <= 1 or len(jobs) <= 1:
-        return {**done, **{r: replicate_job(config, out, r, stages, report) for r in jobs}}
+    def collect(kind: str, key, value) -> None:
+        if kind == "train":
+            training["seconds"] += value["seconds"]
+            training["trained"] += value["trained"]
+            training["reused"] += value["reused"]
+        else:
+            r, name = key
+            done[r][name], done[r]["timings"][name] = value["result"], value["seconds"]
+
+    workers = min(config.workers or min(2, os.cpu_count() or 1), max(len(others), len(todo), 1))
+    phases = [[("train", p.key, (config, out, p)) for p in parents],
+              [("train", r.key, (config, out, r)) for r in others],
+              [("stage", unit, (config, out, *unit)) for unit in todo]]
+    if workers <= 1 or len(todo) <= 1:
+        for phase in phases:
+            for kind, key, args in phase:
+                collect(kind, key, UNIT_FUNCTIONS[kind](*args, report=report))
+        return done, training
     import multiprocessing
     import queue as queue_module
     from concurrent.futures import ProcessPoolExecutor, wait
@@ -77,49 +113,64 @@ def _run_replicates(config: StudyConfig, out: Path, stages: list[str], jobs: lis
     ctx = multiprocessing.get_context("spawn")  # forking a process that has run torch can deadlock
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         messages = manager.Queue()
-        futures = {pool.submit(replicate_job, config, out, r, stages, messages.put): r for r in jobs}
-        pending = set(futures)
-        while pending:
-            _, pending = wait(pending, timeout=0.2)
-            while True:
-                try:
-                    report(messages.get_nowait())
-                except queue_module.Empty:
-                    break
-        return {**done, **{futures[f]: f.result() for f in futures}}
+        for phase in phases:
+            futures = {pool.submit(UNIT_FUNCTIONS[kind], *args, report=messages.put): (kind, key)
+                       for kind, key, args in phase}
+            pending = set(futures)
+            while pending:
+                finished_now, pending = wait(pending, timeout=0.2)
+                while True:
+                    try:
+                        report(messages.get_nowait())
+                    except queue_module.Empty:
+                        break
+                for f in finished_now:
+                    collect(*futures[f], f.result())
+    return done, training
 
 
-def replicate_job(config: StudyConfig, out: Path, replicate: int, stages: list[str],
-                  report: Callable[[str], None] = lambda message: None) -> dict:
-    """Every stage of one replicate (run in a worker process): results, timings, models trained/reused."""
+def _needed_recipes(config: StudyConfig, todo: list[tuple[int, str]]) -> dict:
+    """{key: recipe} of every model the (replicate, stage) units will read, deduplicated."""
+    needed = {}
+    for r, name in todo:
+        for recipe in STAGE_RECIPES[name](Context(config, None, r)):
+            needed[recipe.key] = recipe
+    return needed
+
+
+def _one_thread(fn):
+    """Run ``fn`` with one torch thread (small models: fastest, and bit-identical across machines)."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: one thread each is fastest, and bit-identical across machines
+    torch.set_num_threads(1)
     try:
-        return _replicate(config, out, replicate, stages, report)
+        return fn()
     finally:
         torch.set_num_threads(threads)
 
 
-def _replicate(config: StudyConfig, out: Path, replicate: int, stages: list[str], report) -> dict:
+def train_unit(config: StudyConfig, out: Path, recipe, report: Callable[[str], None] = lambda m: None) -> dict:
+    """Train (or find cached) one model of the family."""
     family = Family(out / "checkpoints")
-    ctx = Context(config, family, replicate, report)
-    done: dict = {"timings": {}, "stages_reused": []}
-    for name in stages:
-        report(f"stage {name} (replicate {replicate + 1}/{config.replicates})")
-        start = time.perf_counter()
-        cache = _cache_path(out, config, name, replicate)
-        cached = _read_json(cache)
-        if cached is not None:
-            done["stages_reused"].append(name)
-            done[name] = cached
-        else:
-            done[name] = STAGE_FUNCTIONS[name](ctx)
-            write_json(cache, done[name])
-        done["timings"][name] = time.perf_counter() - start
-    done["trained"], done["reused"] = family.trained, family.reused
-    return done
+    start = time.perf_counter()
+    _one_thread(lambda: family.state(recipe))
+    report(f"model {recipe.model} seed {recipe.seed}")
+    return {"seconds": time.perf_counter() - start, "trained": family.trained, "reused": family.reused}
+
+
+def stage_unit(config: StudyConfig, out: Path, replicate: int, name: str,
+               report: Callable[[str], None] = lambda m: None) -> dict:
+    """One stage on one replicate (its models are already trained), cached under ``out/cache``."""
+    report(f"stage {name} (replicate {replicate + 1}/{config.stage_replicates(name)})")
+    ctx = Context(config, Family(out / "checkpoints"), replicate, report)
+    start = time.perf_counter()
+    result = _one_thread(lambda: STAGE_FUNCTIONS[name](ctx))
+    write_json(_cache_path(out, config, name, replicate), result)
+    return {"result": result, "seconds": time.perf_counter() - start}
+
+
+UNIT_FUNCTIONS = {"train": train_unit, "stage": stage_unit}
 
 
 def _run_stages(stage_fns: dict[str, Callable[[], dict]], on_stage) -> dict:
@@ -142,7 +193,8 @@ def _stage_key(config: StudyConfig, stage: str, replicate: int = 0) -> str:
     """A stage's results are reused only for the same config, stage, replicate and mergescope version."""
     import hashlib
 
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("workers", "stages", "replicates")}
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in ("workers", "stages", "replicates", "determinism_replicates")}
     text = json.dumps({"config": settings, "stage": stage, "replicate": replicate, "version": __version__},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -134,6 +134,8 @@ def determinism(ctx: Context) -> dict:
             c.mnist1d_spawn_model, {"width": c.mnist1d_spawn_width, **_mnist1d_inputs(c.mnist1d_spawn_model)},
             ctx.mnist1d, c.mnist1d_spawn_ks, c.mnist1d_spawn_epochs, c.mnist1d_spawn_lr),
     }
+    if ctx.replicate >= c.replicates:  # the extra replicates are for MNIST-1D, where the effect is small
+        settings.pop("digits MLP")
     out = {}
     for label, (model, options, task, ks, epochs, lr) in settings.items():
         init = build(model, seed=ctx.seed + 300, **options)
@@ -204,4 +206,16 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], dict]] = {
     "directedness": directedness,
     "merging": merging,
     "why": why,
+}
+
+
+# The models each stage reads, so the runner can train them all (in parallel) before the stages run.
+STAGE_RECIPES: dict[str, Callable[[Context], list[Recipe]]] = {
+    "convexity": lambda ctx: (ctx.finetunes()[:2] + ctx.independents()[:2] + ctx.pair("cnn") + ctx.pair("transformer")
+                              + ctx.pair("mnist1d")),
+    "connectivity": lambda ctx: ctx.independents() + ctx.pair("cnn") + ctx.pair("transformer"),
+    "determinism": lambda ctx: [],
+    "directedness": lambda ctx: [ctx.parent, *ctx.subset_finetunes()],
+    "merging": lambda ctx: [ctx.parent, *ctx.finetunes(), *ctx.independents(), *ctx.pair("mnist1d")],
+    "why": lambda ctx: ctx.finetunes() + ctx.independents(),
 }

@@ -86,20 +86,21 @@ class Comparison:
         a_larger = self.difference.mean > 0
         return self.a if a_larger == self.higher_is_better else self.b
 
-    def sentence(self, what: str, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    def sentence(self, what: str, digits: int = 3, scale: float = 1.0, unit: str = "", verb: str = "beats") -> str:
         """'A beats B on <what> by d (95% CI [lo, hi], n=3)' with the gap oriented in the winner's favour,
         or 'A and B tie within noise on <what> (A - B = d, 95% CI [lo, hi], n=3)'."""
         d = self.difference
+        on = f" on {what}" if what else ""
         if d.half is None:
-            return f"{self.a} vs {self.b} on {what}: one replicate only, no comparison possible"
+            return f"{self.a} vs {self.b}{on}: one replicate only, no comparison possible"
         if self.winner is None:
             ci = f"95% CI [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]{unit}, n={d.n}"
-            return (f"{self.a} and {self.b} tie within noise on {what} "
+            return (f"{self.a} and {self.b} tie within noise{on} "
                     f"(difference {scale * d.mean:+.{digits}f}{unit}, {ci})")
         sign = 1.0 if d.mean > 0 else -1.0  # the gap in the winner's favour is positive
         low, high = sorted((sign * scale * d.low, sign * scale * d.high))
         loser = self.b if self.winner == self.a else self.a
-        return (f"{self.winner} beats {loser} on {what} by {sign * scale * d.mean:.{digits}f}{unit} "
+        return (f"{self.winner} {verb} {loser}{on} by {sign * scale * d.mean:.{digits}f}{unit} "
                 f"(95% CI [{low:.{digits}f}, {high:.{digits}f}]{unit}, n={d.n})")
 
     def to_dict(self) -> dict:
