@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import struct
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -25,49 +23,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hostile import CANARY, Outcome, assert_refused, attack, snapshot  # noqa: E402
+from hostile import CANARY, assert_refused, attack, run_inprocess  # noqa: E402
 
 import mergescope as ms  # noqa: E402
-from mergescope.cli import main  # noqa: E402
 from mergescope.errors import MergescopeError  # noqa: E402
 from mergescope.io import write_file  # noqa: E402
 from mergescope.merge.reader import JobMaps, Locator  # noqa: E402
 
 DEEP = 100_000  # nesting depth of the JSON bombs
 HUGE_INT = "9" * 5000  # over Python's 4,300-digit int conversion limit
-
-
-class Hung(BaseException):
-    """Raised by the in-process guard; a BaseException so no handler can turn it into a refusal."""
-
-
-def run_inprocess(args: list[str], cwd: Path, capsys, timeout: int = 20) -> Outcome:
-    """``mergescope ARGS`` in this process: an ``Outcome`` whose stderr includes any Python warning."""
-    before = snapshot(cwd)
-    old_cwd = os.getcwd()
-
-    def on_alarm(*_):
-        raise Hung(f"mergescope {' '.join(args)} blocked for {timeout} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    start = time.monotonic()
-    os.chdir(cwd)
-    capsys.readouterr()
-    signal.alarm(timeout)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            code = main(args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        os.chdir(old_cwd)
-    seconds = time.monotonic() - start
-    captured = capsys.readouterr()
-    stderr = captured.err + "".join(f"\n{w.category.__name__}: {w.message}" for w in caught)
-    after = snapshot(cwd)
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    return Outcome(code, captured.out, stderr.strip(), 0.0, changed, seconds)
 
 
 # ---- building blocks ------------------------------------------------------------------------------

@@ -24,11 +24,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hostile import Outcome, assert_refused, attack, snapshot  # noqa: E402
+from hostile import Hung, assert_refused, attack, run_inprocess  # noqa: E402
 
 from mergescope import recipe as R  # noqa: E402
 from mergescope import sweep  # noqa: E402
-from mergescope.cli import main  # noqa: E402
 from mergescope.errors import MergescopeError  # noqa: E402
 from mergescope.io import load, save  # noqa: E402
 from mergescope.merge import methods as M  # noqa: E402
@@ -36,36 +35,6 @@ from mergescope.sweep.results import ResultsWriter  # noqa: E402
 
 HUGE_INT = "9" * 5000  # over Python's 4,300-digit int conversion limit
 LAYERS = 2
-
-
-class Hung(BaseException):
-    """Raised by the in-process guard; a BaseException so no handler can turn it into a refusal."""
-
-
-def run_inprocess(args: list[str], cwd: Path, capsys, timeout: int = 20) -> Outcome:
-    """``mergescope ARGS`` in this process (cwd = ``cwd``), as an ``Outcome``; SIGALRM ends a hang."""
-    before = snapshot(cwd)
-    old_cwd = os.getcwd()
-
-    def on_alarm(*_):
-        raise Hung(f"mergescope {' '.join(args)} blocked for {timeout} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    start = time.monotonic()
-    os.chdir(cwd)
-    capsys.readouterr()
-    signal.alarm(timeout)
-    try:
-        code = main(args)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        os.chdir(old_cwd)
-    seconds = time.monotonic() - start
-    captured = capsys.readouterr()
-    after = snapshot(cwd)
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    return Outcome(code, captured.out, captured.err.strip(), 0.0, changed, seconds)
 
 
 def toy(path: Path, seed: int, drop: tuple[str, ...] = (), extra: tuple[str, ...] = (), layers: int = LAYERS) -> None:
