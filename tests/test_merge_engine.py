@@ -202,3 +202,10 @@ def test_resident_memory_is_bounded_by_a_few_tensors(tmp_path):
     # two jobs in flight, each 3 inputs + output + masks/scratch of ~4 MB tensors
     assert growth < 0.75 * model_bytes, f"peak RSS grew by {growth / 1e6:.0f} MB for {model_bytes / 1e6:.0f} MB models"
     assert len(load(tmp_path / "out")) == 24
+
+
+def test_ms_merge_is_the_callable_package_from_the_first_access():
+    """``ms.merge`` is one object (callable, with ``.methods``) whether or not a merge module was imported."""
+    code = ("import mergescope as ms; m = ms.merge; assert callable(m) and m.methods.get('ties').name == 'ties'; "
+            "import mergescope.merge.plan; assert ms.merge is m and ms.merge.engine.merge")
+    subprocess.run([sys.executable, "-c", code], check=True)

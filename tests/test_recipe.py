@@ -138,3 +138,12 @@ def test_slices_renumber_layers(folder):
     by_name = {j.name: j for j in plan.jobs}
     assert by_name["model.layers.3.mlp.up_proj.weight"].inputs == ((plan.models.index(f"{folder}/b"), "model.layers.2.mlp.up_proj.weight"),)
     assert plan.num_layers == 4 and plan.stacked
+
+
+@pytest.mark.parametrize("name,vocab", [("output.weight", True), ("model.output.weight", True),
+                                        ("lm_head.weight", True), ("model.embed_tokens.weight", True),
+                                        ("blk.0.attn_output.weight", False), ("model.layers.0.mlp.up_proj.weight", False),
+                                        ("output.weight.bias", False)])
+def test_vocabulary_tensor_names(name, vocab):
+    """``output.weight`` (the GGUF-style head) counts as a vocabulary tensor; a layer's ``attn_output`` does not."""
+    assert bool(P.VOCAB.search(name)) is vocab

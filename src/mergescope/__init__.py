@@ -13,9 +13,12 @@ from .errors import MergescopeError
 _FUNCTIONS = {
     "load": ("mergescope.io", "load"),
     "save": ("mergescope.io", "save"),
-    "merge": ("mergescope.merge.engine", "merge"),
 }
+# ``merge`` is both the function ``ms.merge(recipe, out)`` and the package ``mergescope.merge``:
+# importing any ``mergescope.merge.*`` module binds the package to this name, so the name is always
+# the package, made callable in ``merge/__init__.py`` (calls go to ``merge.engine.merge``).
 _SUBMODULES = {
+    "merge": "mergescope.merge",
     "methods": "mergescope.merge.methods",
     "align": "mergescope.align",
     "landscape": "mergescope.landscape",

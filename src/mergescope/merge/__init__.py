@@ -3,8 +3,15 @@
 ``methods`` holds the per-tensor functions and their registry; ``engine.merge`` runs a recipe.
 Data-aware methods (Fisher, RegMean) live in ``data_aware``.
 
-Importing this package sets ``mergescope.merge`` to the package itself, which would shadow the
-public function ``ms.merge``; the package is therefore callable and forwards to ``engine.merge``.
+Why this package is callable: the public API has a function ``ms.merge("recipe.yml", "out")`` and a
+package ``ms.merge.methods``. Python binds a subpackage to its parent's attribute on import
+(``import mergescope.merge.methods`` sets ``mergescope.merge`` to this package), so no function named
+``merge`` can live next to it in ``mergescope``. The alternatives are worse: renaming the package
+breaks ``mergescope.merge.methods`` imports, and a function carrying ``methods`` attributes is
+replaced by the package on the first submodule import. So the package itself is the function:
+its class is set to a ``ModuleType`` subclass with ``__call__`` (the mechanism the Python data model
+documents for customising a module, "Customizing module attribute access"), and
+``mergescope.__getattr__`` always returns this package for ``ms.merge``.
 """
 
 import sys
@@ -15,7 +22,7 @@ __all__ = ["engine", "methods", "merge", "get"]
 
 
 def __getattr__(name):
-    if name in ("engine", "methods", "plan", "writer"):
+    if name in ("engine", "methods", "plan", "writer", "reader", "data_aware"):
         return import_module(f"{__name__}.{name}")
     if name == "merge":
         return import_module(f"{__name__}.engine").merge

@@ -204,7 +204,7 @@ SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
 # ----------------------------------------------------------------------------- task arithmetic family
 
 
-def _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra):
+def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
     """Per model: (keep mask or None, L1 rescale factor). Sparsifiers only need |theta_i - base|."""
     work = _work_dtype(base)
     generator = random_stream(seed)
@@ -237,7 +237,7 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
         return base.clone()
     density = density if density is not None else [1.0] * len(tensors)
     work = _work_dtype(base)
-    plan = _task_vector_plan(tensors, base, weight, density, sparsify, rescale, seed, extra)
+    plan = _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra)
     total = float(torch.tensor([float(x) for x in weight], dtype=work).sum())
     if abs(total) < 1e-8:
         total = 1.0

@@ -242,7 +242,7 @@ def _check_weight_sum(method: Method, where: str, per_input: list[dict], base_po
                                   f"({FLOAT_LIMIT:.4g}); the merge would overflow")
 
 
-VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings|embed_out|output\\.weight$")
+VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings|embed_out|(?:^|\.)output\.weight$")
 
 
 def _check_shapes(out_name: str, sources: list[_Source], infos) -> None:
