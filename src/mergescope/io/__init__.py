@@ -12,13 +12,12 @@ from .atomic import atomic_output, check_output_path, check_side_outputs
 from .checkpoint import Checkpoint, load, summarize
 from .provenance import fingerprint, provenance
 from .safetensors_format import DTYPES, SafetensorsFile, read_header, write_file
-from .writer import ShardedWriter, copy_aux_files, parse_size
+from .writer import PlannedWriter, ShardedWriter, copy_aux_files, parse_size, write_state
 
 __all__ = [
-    "Checkpoint", "DTYPES", "SafetensorsFile", "ShardedWriter", "atomic_output", "check_output_path",
+    "Checkpoint", "DTYPES", "PlannedWriter", "SafetensorsFile", "ShardedWriter", "atomic_output", "check_output_path",
     "check_side_outputs", "copy_aux_files", "fingerprint", "load", "parse_size", "provenance", "read_header", "save",
-    "summarize",
-    "write_file",
+    "summarize", "write_file", "write_state",
 ]
 
 
@@ -27,27 +26,15 @@ def save(state: Mapping[str, torch.Tensor], out: str | os.PathLike, max_shard_si
          inputs: tuple = ()) -> Path:
     """Write a state atomically: ``out`` ending in ``.safetensors`` gives one file, else a HF folder.
 
-    ``copy_files_from`` copies config/tokenizer files of a HF folder alongside the weights.
+    Tensors stream one at a time through ``writer.write_state`` (the merge engine's writer), so
+    memory holds one tensor, not a shard. ``copy_files_from`` copies config/tokenizer files of a HF
+    folder alongside the weights.
     """
     out = Path(out)
     meta = {**provenance(), **(metadata or {})}
-    if out.suffix == ".safetensors":
-        with atomic_output(out, inputs, force=force, is_dir=False) as tmp:
-            write_file(tmp, {k: _cpu(state[k], k) for k in state}, {"format": "pt", **meta})
-        return out
-    with atomic_output(out, inputs, force=force) as tmp:
-        writer = ShardedWriter(tmp, max_shard_size, meta)
-        for name in state:
-            writer.add(name, _cpu(state[name], name))
-        writer.close()
-        if copy_files_from is not None:
+    single = out.suffix == ".safetensors"
+    with atomic_output(out, inputs, force=force, is_dir=not single) as tmp:
+        write_state(tmp, state, max_shard_size, meta, single_file=single)
+        if copy_files_from is not None and not single:
             copy_aux_files(copy_files_from, tmp)
     return out
-
-
-def _cpu(t: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        from ..errors import MergescopeError
-
-        raise MergescopeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
-    return t.detach().to("cpu")

@@ -1,24 +1,45 @@
-"""Sharded safetensors output in the Hugging Face layout, written tensor by tensor.
+"""The one sharded safetensors writer: Hugging Face layout, index and ``format: pt`` metadata.
 
-Shards fill up to ``max_shard_size`` bytes and are written as they fill, so memory holds at
-most one shard; names follow HF (``model-00001-of-00003.safetensors`` + index, or a single
-``model.safetensors``) and are fixed only when the writer closes.
+Everything that writes a checkpoint comes here (``ms.save``, the merge engine, ``ShardedWriter``),
+so one place decides:
+
+- the metadata of every file: ``file_metadata`` (``{"format": "pt", **metadata}``);
+- the split: ``split_shards``, greedy in order (a shard closes when the next tensor would push it
+  past ``max_shard_size``; a tensor larger than the limit gets a shard of its own);
+- the names: ``shard_names`` (one shard: ``model.safetensors``; else ``model-00001-of-00003.safetensors``, ...);
+- the index: ``index_json`` (``{"metadata": {"total_size": ..., **file metadata}, "weight_map": ...}``).
+
+``PlannedWriter`` lays out every shard file (header and each tensor's offset) from the names,
+dtypes and shapes before any tensor exists; each tensor is then ``pwrite``n at its offset as soon
+as it is ready, in any order and from any thread, and freed: nothing waits in memory for a shard to
+fill, and the bytes do not depend on the order. A shard whose last tensor lands is hashed into the
+partial folder's done log (``io.atomic.record_done``; the last shard to complete is not: the run
+ends right after it), so a merge's ``resume`` reuses it after a crash instead of redoing it.
+``write_state`` (``ms.save``) streams a state through it tensor by tensor. ``ShardedWriter`` is for
+callers that learn their tensors one by one without knowing the layout up front: it holds one
+shard, writes it through a ``PlannedWriter`` when it fills, and names the shards at ``close``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..errors import MergescopeError
+from .atomic import keep_only, record_done, sha256_file, verified_done
 from .checkpoint import PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE
-from .safetensors_format import DTYPE_NAMES, write_file
+from .safetensors_format import DTYPE_NAMES, build_header, tensor_bytes
 from .untrusted import link_allowed, open_regular
+
+Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -37,53 +58,252 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def file_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``__metadata__`` of every written safetensors file: ``format: pt`` (what HF loaders check) first."""
+    return {"format": "pt", **(metadata or {})}
+
+
+def shard_names(count: int) -> list[str]:
+    """Hugging Face file names of ``count`` shards: ``model.safetensors`` alone, else ``model-00001-of-000NN...``."""
+    if count == 1:
+        return [SAFE_SINGLE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+class _Splitter:
+    """The split rule, fed one tensor size at a time."""
+
+    def __init__(self, max_shard_size: int):
+        self.limit, self.size, self.count = max_shard_size, 0, 0
+
+    def opens_shard(self, size: int) -> bool:
+        """Whether a tensor of ``size`` bytes must start a new shard (the current one is not empty)."""
+        return self.count > 0 and self.size + size > self.limit
+
+    def add(self, size: int) -> None:
+        self.size += size
+        self.count += 1
+
+    def reset(self) -> None:
+        self.size, self.count = 0, 0
+
+
+def split_shards(layout: Layout, max_shard_size: int) -> list[Layout]:
+    """Greedy split in order: a shard closes when the next tensor would push it past the limit."""
+    shards: list[Layout] = [[]]
+    splitter = _Splitter(max_shard_size)
+    for entry in layout:
+        size = nbytes(entry[1], entry[2])
+        if splitter.opens_shard(size):
+            shards.append([])
+            splitter.reset()
+        splitter.add(size)
+        shards[-1].append(entry)
+    return shards
+
+
+def index_json(shards: list[Layout], names: list[str], metadata: Mapping[str, str]) -> str:
+    """``model.safetensors.index.json`` text of shards ``names`` (``metadata`` as from ``file_metadata``)."""
+    weight_map = {name: file for shard, file in zip(shards, names) for name, _, _ in shard}
+    total = sum(nbytes(dtype, shape) for shard in shards for _, dtype, shape in shard)
+    return json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=2) + "\n"
+
+
+def _has_layout(path: Path, header: bytes, end: int) -> bool:
+    """Whether ``path`` starts with ``header`` and is ``end`` bytes long (a shard of this very plan)."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size == end and f.read(len(header)) == header
+
+
+class PlannedWriter:
+    """Write tensors of a known layout into ``folder`` (HF shards + index) or one ``file``."""
+
+    def __init__(self, target: str | os.PathLike, layout: Layout, max_shard_size: int, metadata: Mapping[str, str] | None,
+                 single_file: bool = False, resume: bool = False, log_done: bool = True):
+        """``resume`` reuses the shards of an interrupted run into the same folder that the done log
+        vouches for (sha256) and that start with this plan's header; everything else is removed.
+        ``log_done=False`` skips the done log (and its hashing) for a writer that never resumes.
+        """
+        target = Path(target)
+        meta = file_metadata(metadata)
+        shards = [layout] if single_file else split_shards(layout, max_shard_size)
+        n = len(shards)
+        paths = [target] if single_file else [target / name for name in shard_names(n)]
+        headers = [build_header(shard, meta) for shard in shards]
+        ends = [len(h) + sum(nbytes(dtype, shape) for _, dtype, shape in shard) for h, shard in zip(headers, shards)]
+        self._log_folder = None if single_file or not log_done else target
+        kept: dict[str, str] = {}
+        if resume and not single_file:
+            done = verified_done(target)
+            kept = {p.name: done[p.name] for p, h, end in zip(paths, headers, ends)
+                    if p.name in done and _has_layout(p, h, end)}
+            keep_only(target, kept)
+        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        self._remaining: list[int] = []
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self.paths = paths
+        self.reused: set[str] = set()
+        self.total_size = 0
+        for i, (path, shard, header) in enumerate(zip(paths, shards, headers)):
+            names = [name for name, _, _ in shard]
+            self.total_size += ends[i] - len(header)
+            self._remaining.append(len(shard))
+            if path.name in kept:
+                self.reused.update(names)
+                self._written.update(names)
+                self._remaining[i] = 0
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, header, 0)
+            offset = len(header)
+            for name, dtype, shape in shard:
+                self._slots[name] = (fd, offset, dtype, tuple(shape), i)
+                offset += nbytes(dtype, shape)
+            os.ftruncate(fd, offset)
+        self._index = None
+        if n > 1:
+            self._index = index_json(shards, [p.name for p in paths], meta)
+            self._index_path = target / SAFE_INDEX
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Store one tensor at its planned place; returns the bytes written."""
+        fd, offset, dtype, shape, shard = self._slots[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise MergescopeError(f"tensor {name!r}: merged to {tensor.dtype} {list(tensor.shape)}, "
+                                  f"planned {dtype} {list(shape)}")
+        with self._lock:
+            if name in self._written:
+                raise MergescopeError(f"tensor {name!r}: written twice")
+            self._written.add(name)
+        data = tensor_bytes(tensor).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        with self._lock:
+            self._remaining[shard] -= 1
+            finished = self._remaining[shard] == 0
+            last = not any(self._remaining)
+        if finished and not last and self._log_folder is not None:
+            # The last shard to finish is not hashed: the run completes right after it, and a run
+            # killed in between only redoes that shard (hashing 1 GB costs ~1 s here).
+            self._log_done(self.paths[shard])
+        return done
+
+    def _log_done(self, path: Path) -> None:
+        """Record a complete shard (and its hash) so an interrupted run can be resumed from it."""
+        digest = sha256_file(path)
+        with self._log_lock:
+            record_done(self._log_folder, path, digest)
+
+    def close(self) -> list[Path]:
+        """Check every tensor was written, close the files, write the index when sharded."""
+        missing = [n for n in self._slots if n not in self._written]
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        if missing:
+            raise MergescopeError(f"tensor {missing[0]!r}: never written ({len(missing)} missing)")
+        if self._index is not None:
+            self._index_path.write_text(self._index)
+        return list(self.paths)
+
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _checked(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise MergescopeError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPE_NAMES:
+        raise MergescopeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+    return t
+
+
+def write_state(target: str | os.PathLike, state: Mapping[str, torch.Tensor], max_shard_size: int | str = "2GB",
+                metadata: Mapping[str, str] | None = None, single_file: bool = False) -> list[Path]:
+    """Stream ``state`` into ``target`` (a folder of HF shards + index, or one file) through ``PlannedWriter``.
+
+    The layout is read from the tensors' dtypes and shapes first; then each tensor is fetched again,
+    moved to the CPU if needed and written at its offset, so memory holds one tensor (not a shard).
+    No done log: a ``save`` is not resumed.
+    """
+    layout = []
+    for name in state:
+        t = _checked(name, state[name])
+        layout.append((name, t.dtype, tuple(t.shape)))
+        del t
+    limit = 0 if single_file else parse_size(max_shard_size)  # a single file ignores the limit
+    writer = PlannedWriter(target, layout, limit, metadata, single_file=single_file, log_done=False)
+    try:
+        for name in state:
+            writer.write(name, _checked(name, state[name]).detach().to("cpu"))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
 class ShardedWriter:
-    """Accumulate tensors into shards of at most ``max_shard_size`` bytes and write them."""
+    """Write tensors given one at a time (layout not known up front) as HF shards + index in ``folder``.
+
+    Holds at most one shard: when the next tensor would overflow it, the shard is written through a
+    ``PlannedWriter`` under a temporary name; ``close`` gives the shards their final names. Same
+    split, names, index and bytes as ``write_state`` of the same tensors.
+    """
 
     def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = "2GB", metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
         self.max_shard_size = parse_size(max_shard_size)
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = file_metadata(metadata)
+        self._given = dict(metadata or {})
+        self._splitter = _Splitter(self.max_shard_size)
         self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
+        self._shards: list[Layout] = []
         self._names: set[str] = set()
         self.total_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise MergescopeError(f"tensor {name!r}: written twice")
-        if tensor.dtype not in DTYPE_NAMES:
-            raise MergescopeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+        _checked(name, tensor)
+        size = nbytes(tensor.dtype, tuple(tensor.shape))
+        if self._splitter.opens_shard(size):
             self.flush()
+        self._splitter.add(size)
         self._names.add(name)
         self._pending[name] = tensor
-        self._pending_bytes += nbytes
-        self.total_size += nbytes
+        self.total_size += size
 
     def flush(self) -> None:
+        """Write the pending tensors as the next shard (under a temporary name until ``close``)."""
         if not self._pending:
             return
-        write_file(self.folder / f".shard-{len(self._shards)}.tmp", self._pending, self.metadata)
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        layout = [(name, t.dtype, tuple(t.shape)) for name, t in self._pending.items()]
+        write_state(self.folder / f".shard-{len(self._shards)}.tmp", self._pending, metadata=self._given, single_file=True)
+        self._shards.append(layout)
+        self._pending = {}
+        self._splitter.reset()
 
     def close(self) -> list[Path]:
         """Write the last shard, give shards their final names, write the index if sharded."""
         self.flush()
         if not self._shards:
-            write_file(self.folder / SAFE_SINGLE, {}, self.metadata)
-            return [self.folder / SAFE_SINGLE]
-        n = len(self._shards)
-        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            return write_state(self.folder / SAFE_SINGLE, {}, metadata=self._given, single_file=True)
+        names = shard_names(len(self._shards))
         for i, final in enumerate(names):
             os.replace(self.folder / f".shard-{i}.tmp", self.folder / final)
-        if n > 1:
-            weight_map = {t: names[i] for i, shard in enumerate(self._shards) for t in shard}
-            index = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": weight_map}
-            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+        if len(names) > 1:
+            (self.folder / SAFE_INDEX).write_text(index_json(self._shards, names, self.metadata))
         return [self.folder / name for name in names]
 
 
