@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .trace import FIXED, _flat, fixed_dim
+from .labels import FIXED, fixed_dim, flat
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class AttentionRule:
         return obj
 
     def apply(self, tr, qname, module, args, kwargs, out) -> None:
-        x = next((a for a in _flat(list(args)) if isinstance(a, torch.Tensor)), None)
+        x = next((a for a in flat(list(args)) if isinstance(a, torch.Tensor)), None)
         if x is None:
             x = kwargs.get("hidden_states")
         lx = tr.label_of(x)
@@ -77,7 +77,7 @@ class AttentionRule:
             tr.tie(o.bias, 0, out_label)
         else:
             out_label = vo
-        tensors = [t for t in _flat([out]) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in flat([out]) if isinstance(t, torch.Tensor)]
         tr.set_label(tensors[0], tuple(lx[:-1]) + (out_label,))
         for t in tensors[1:]:  # attention weights [batch, heads, query, key]
             lab = [fixed_dim(s) for s in t.shape]

@@ -1,23 +1,45 @@
-"""How each torch operation moves unit labels (see ``trace.py`` for the label model).
+"""How each torch operation moves unit labels: the tracer's one op table, ``OPS`` (see ``trace.py``).
 
 A rule reads the op's inputs' labels, adds constraints, labels the outputs, and returns None;
-returning False means "cannot follow this call" (the tracer reports or pins it).
+returning False means "cannot follow this call" (the tracer reports or pins it). ``OPS`` maps
+every op name the tracer follows to exactly one rule (``ignore`` for calls that make no values);
+a name missing from it is refused like a rule returning False: with ``on_unsupported="error"``
+``permutation_spec`` raises a one-line error naming the op when it touches a permutable axis.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .trace import FIXED, _canonical, _flat, fixed_dim
+from .labels import FIXED, canonical, fixed_dim, flat
 
-UNARY = {
+# ---- op families (each name in exactly one; ``OPS`` below is built from them) ----------------
+UNARY = {  # one tensor in, same shape out, same units in the same order
     "to", "type_as", "float", "half", "double", "bfloat16", "type", "contiguous", "clone", "detach", "dropout",
     "alpha_dropout", "feature_alpha_dropout", "softmax", "log_softmax", "gelu", "relu", "relu6", "silu", "sigmoid",
     "tanh", "elu", "selu", "celu", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid", "softplus", "mish", "exp",
     "log", "sqrt", "rsqrt", "square", "neg", "abs", "erf", "sin", "cos", "reciprocal", "sign", "floor", "ceil",
     "round", "logical_not", "invert", "bool", "int", "long", "cpu", "cuda", "nan_to_num", "expm1", "log1p", "sinh",
-    "cosh", "logsigmoid", "identity", "requires_grad", "data", "zero", "zeros_like", "ones_like", "empty_like",
-    "full_like", "rand_like", "randn_like",
+    "cosh", "logsigmoid", "identity", "requires_grad", "data", "zero",
+    # constants shaped like their input: any order of units is the same constant
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+}
+ELEMENTWISE = {  # several operands tied by broadcasting
+    "add", "sub", "mul", "div", "true_divide", "rsub", "pow", "clamp", "clip", "where", "masked_fill", "maximum",
+    "minimum", "lerp", "addcmul", "addcdiv", "eq", "ne", "lt", "gt", "le", "ge", "logical_and", "logical_or", "and",
+    "or", "xor", "fill", "copy", "floordiv", "mod", "remainder",
+}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean"}
+POOLING = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+           "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices",
+           "lp_pool2d", "interpolate", "upsample"}
+RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze"}
+TRANSPOSES = {"permute", "transpose", "t", "T", "mT", "swapaxes", "swapdims", "movedim", "moveaxis"}
+IGNORED = {  # queries and hooks: no tensor values to label
+    "dim", "size", "numel", "get", "len", "is_floating_point", "is_contiguous", "data_ptr", "element_size",
+    "stride", "storage_offset", "is_complex", "nelement", "ndimension", "item", "tolist", "has_torch_function",
+    "requires_grad_", "retain_grad", "register_hook", "is_nonzero", "is_leaf", "format", "repr", "bool_", "set_",
+    "apply_", "dtype", "device", "shape", "grad_fn", "names",
 }
 
 
@@ -28,21 +50,34 @@ def _arg(args, kwargs, i, name, default=None):
 
 
 def _label_outputs(tr, out, label) -> None:
-    for t in _flat([out]):
+    for t in flat([out]):
         if isinstance(t, torch.Tensor):
             tr.set_label(t, label if len(label) == t.dim() else tuple(fixed_dim(s) for s in t.shape))
 
 
-def elementwise(tr, name, args, kwargs, out):
-    """Same units in, same units out; several tensor operands are tied by broadcasting."""
-    outs = [t for t in _flat([out]) if isinstance(t, torch.Tensor)]
+def ignore(tr, name, args, kwargs, out):
+    """Queries (``size``, ``dim``, ...): the tracer skips them before looking at their values."""
+    return None
+
+
+def unary(tr, name, args, kwargs, out):
+    """Same units in, same units out; with another shape out, as ``elementwise``."""
+    outs = [t for t in flat([out]) if isinstance(t, torch.Tensor)]
     if not outs:
         return None
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if name in UNARY and x is not None and tuple(x.shape) == tuple(outs[0].shape):
+    if x is not None and tuple(x.shape) == tuple(outs[0].shape):
         _label_outputs(tr, out, tr.label_of(x))
         return None
-    tensors = [a for a in _flat(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)]
+    return elementwise(tr, name, args, kwargs, out)
+
+
+def elementwise(tr, name, args, kwargs, out):
+    """Several tensor operands are tied by broadcasting; the output takes their labels."""
+    outs = [t for t in flat([out]) if isinstance(t, torch.Tensor)]
+    if not outs:
+        return None
+    tensors = [a for a in flat(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)]
     _label_outputs(tr, out, tr.broadcast(tensors, outs[0].shape))
     return None
 
@@ -65,7 +100,7 @@ def reduction(tr, name, args, kwargs, out):
         return False
     reduced = set(_dims(dim, x.dim())) if x.dim() else set()
     lab = tr.label_of(x)
-    y = next(t for t in _flat([out]) if isinstance(t, torch.Tensor))
+    y = next(t for t in flat([out]) if isinstance(t, torch.Tensor))
     keepdim = y.dim() == x.dim() and x.dim() > 0
     label = tuple(fixed_dim(1) if i in reduced else lab[i] for i in range(x.dim()) if keepdim or i not in reduced)
     _label_outputs(tr, out, label)
@@ -93,7 +128,7 @@ def pooling(tr, name, args, kwargs, out):
     lab = tr.label_of(x)
     for d in lab[x.dim() - k:]:
         tr.fix(d)
-    y = next(t for t in _flat([out]) if isinstance(t, torch.Tensor))
+    y = next(t for t in flat([out]) if isinstance(t, torch.Tensor))
     label = tuple(lab[:x.dim() - k]) + tuple(fixed_dim(s) for s in y.shape[x.dim() - k:])
     _label_outputs(tr, out, label)
     return None
@@ -125,33 +160,34 @@ def reshape(tr, name, args, kwargs, out):
     """view/reshape/flatten: merged dims concatenate factors; a split must fall on factor edges."""
     x = args[0]
     lab = tr.label_of(x)
-    in_shape, out_shape = tuple(x.shape), tuple(out.shape)
+    out_shape = tuple(out.shape)
     result = [fixed_dim(s) for s in out_shape]
-    for gi, go in _reshape_groups(in_shape, out_shape):
-        if len(gi) == 1 and len(go) == 1:
-            result[go[0]] = lab[gi[0]]
-            continue
-        if len(go) == 1 and len(lab[gi[0]]) > 1 and all(len(lab[i]) == 1 for i in gi[1:]):
-            inner = [f for i in gi[1:] for f in lab[i][0]]  # concatenated channels x space: segments stay contiguous
-            result[go[0]] = tuple(_canonical(list(seg) + inner) for seg in lab[gi[0]])
-            continue
-        if any(len(lab[i]) != 1 for i in gi):
-            for i in gi:
-                tr.fix(lab[i])
-            continue
-        factors = _canonical([f for i in gi for f in lab[i][0]])
-        if len(go) == 1:
-            result[go[0]] = (factors,)
-            continue
-        pieces = _split_factors(factors, [out_shape[j] for j in go])
+    for gi, go in _reshape_groups(tuple(x.shape), out_shape):
+        pieces = _reshape_run(tr, lab, gi, [out_shape[j] for j in go])
         if pieces is None:
             for i in gi:
                 tr.fix(lab[i])
-        else:
-            for j, piece in zip(go, pieces):
-                result[j] = (piece,)
+            continue
+        for j, piece in zip(go, pieces):
+            result[j] = piece
     _label_outputs(tr, out, tuple(result))
     return None
+
+
+def _reshape_run(tr, lab, gi, out_sizes):
+    """Labels of the output dims made from input dims ``gi`` (sizes ``out_sizes``), or None to pin them."""
+    if len(gi) == 1 and len(out_sizes) == 1:
+        return [lab[gi[0]]]
+    if len(out_sizes) == 1 and len(lab[gi[0]]) > 1 and all(len(lab[i]) == 1 for i in gi[1:]):
+        inner = [f for i in gi[1:] for f in lab[i][0]]  # concatenated channels x space: segments stay contiguous
+        return [tuple(canonical(list(seg) + inner) for seg in lab[gi[0]])]
+    if any(len(lab[i]) != 1 for i in gi):
+        return None
+    factors = canonical([f for i in gi for f in lab[i][0]])
+    if len(out_sizes) == 1:
+        return [(factors,)]
+    pieces = _split_factors(factors, out_sizes)
+    return None if pieces is None else [(piece,) for piece in pieces]
 
 
 def _split_factors(factors, sizes):
@@ -244,7 +280,7 @@ def batch_norm(tr, name, args, kwargs, out):
     """Per-channel statistics and affine (axis 1): running mean/var move with the channels."""
     x = args[0]
     ch = tr.label_of(x)[1 if x.dim() > 1 else 0]
-    for t in _flat(list(args[1:]) + list(kwargs.values())):
+    for t in flat(list(args[1:]) + list(kwargs.values())):
         if isinstance(t, torch.Tensor) and t.dim() == 1:
             tr.tie(t, 0, ch)
     _label_outputs(tr, out, tr.label_of(x))
@@ -365,7 +401,7 @@ def split(tr, name, args, kwargs, out):
     lab = tr.label_of(x)
     if not tr.is_fixed(lab[dim]):
         return False
-    for t in _flat([out]):
+    for t in flat([out]):
         if isinstance(t, torch.Tensor):
             if t.dim() == x.dim():
                 tr.set_label(t, tuple(fixed_dim(t.shape[i]) if i == dim else lab[i] for i in range(x.dim())))
@@ -374,25 +410,30 @@ def split(tr, name, args, kwargs, out):
     return None
 
 
-def getitem(tr, name, args, kwargs, out):
-    """Basic indexing: full slices keep labels; picking or cutting a permuted axis is unsupported."""
-    x, idx = args[0], args[1]
+def _expand_index(idx, ndim) -> list:
+    """A basic index as one entry per output position: ``None`` (new axis), an int or a slice."""
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, torch.Tensor) or isinstance(i, list) for i in idx):
-        if all(tr.is_fixed(d) for d in tr.label_of(x)):
-            return None
-        return False
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded = []
     for i in idx:
         if i is Ellipsis:
-            expanded.extend([slice(None)] * (x.dim() - n_real))
+            expanded.extend([slice(None)] * (ndim - n_real))
         else:
             expanded.append(i)
-    expanded.extend([slice(None)] * (x.dim() - sum(1 for i in expanded if i is not None)))
+    expanded.extend([slice(None)] * (ndim - sum(1 for i in expanded if i is not None)))
+    return expanded
+
+
+def getitem(tr, name, args, kwargs, out):
+    """Basic indexing: full slices keep labels; picking or cutting a permuted axis is unsupported."""
+    x, idx = args[0], args[1]
+    if any(isinstance(i, (torch.Tensor, list)) for i in (idx if isinstance(idx, tuple) else (idx,))):
+        if all(tr.is_fixed(d) for d in tr.label_of(x)):
+            return None
+        return False
     lab = tr.label_of(x)
     label, d = [], 0
-    for i in expanded:
+    for i in _expand_index(idx, x.dim()):
         if i is None:
             label.append(fixed_dim(1))
             continue
@@ -434,7 +475,7 @@ def new_tensor(tr, name, args, kwargs, out):
     return None
 
 
-RULES = {
+SPECIFIC = {
     "linear": linear, "conv1d": conv, "conv2d": conv, "conv3d": conv, "batch_norm": batch_norm,
     "instance_norm": batch_norm, "layer_norm": layer_norm, "rms_norm": layer_norm, "group_norm": group_norm,
     "embedding": embedding, "matmul": matmul, "addmm": addmm, "mm": matmul, "bmm": matmul, "scaled_dot_product_attention": sdpa,
@@ -443,3 +484,21 @@ RULES = {
     "pad": pad, "max": maxmin, "min": maxmin, "new_zeros": new_tensor, "new_ones": new_tensor,
     "new_empty": new_tensor, "new_full": new_tensor, "new_tensor": new_tensor,
 }
+
+
+def _build_table() -> dict:
+    """One rule per op name; a name claimed twice is a bug in this module."""
+    table: dict = {}
+    families = [(SPECIFIC.items()), ((n, unary) for n in UNARY), ((n, elementwise) for n in ELEMENTWISE),
+                ((n, reduction) for n in REDUCTIONS), ((n, pooling) for n in POOLING),
+                ((n, reshape) for n in RESHAPES), ((n, transpose) for n in TRANSPOSES), ((n, ignore) for n in IGNORED)]
+    for family in families:
+        for name, rule in family:
+            if name in table:
+                raise AssertionError(f"op {name!r} has two rules")
+            table[name] = rule
+    return table
+
+
+OPS: dict = _build_table()
+"""Op name (as ``trace.op_name`` normalises it) -> rule. The tracer routes by this table alone."""

@@ -19,7 +19,6 @@ module (default) or, with ``on_unsupported="fix"``, pins those axes (always safe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -27,31 +26,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MergescopeError
+from .attention import ATTENTION_RULES
+from .labels import FIXED, UnitGroups, canonical, canonical_named, dim_size, fixed_dim, fixed_label, flat
+from .rules import OPS, ignore
 from .spec import PermutationSpec
-
-FIXED = 0
-
-ELEMENTWISE = {
-    "add", "sub", "mul", "div", "true_divide", "rsub", "pow", "neg", "abs", "relu", "relu6", "gelu", "silu",
-    "sigmoid", "tanh", "elu", "selu", "celu", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid", "softplus",
-    "mish", "exp", "log", "sqrt", "rsqrt", "square", "clamp", "clip", "where", "masked_fill", "dropout",
-    "alpha_dropout", "feature_alpha_dropout", "to", "float", "half", "double", "bfloat16", "type_as", "type",
-    "contiguous", "clone", "detach", "requires_grad", "erf", "sin", "cos", "reciprocal", "maximum", "minimum",
-    "lerp", "addcmul", "addcdiv", "sign", "floor", "ceil", "round", "eq", "ne", "lt", "gt", "le", "ge",
-    "logical_not", "logical_and", "logical_or", "and", "or", "xor", "invert", "bool", "int", "long", "fill",
-    "zero", "copy", "cpu", "cuda", "softmax", "log_softmax", "identity", "floordiv", "mod", "remainder",
-    "nan_to_num", "expm1", "log1p", "sinh", "cosh", "logsigmoid", "data",
-}
-REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean"}
-POOLING = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-           "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool2d_with_indices",
-           "lp_pool2d", "interpolate", "upsample"}
-RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze"}
-TRANSPOSES = {"permute", "transpose", "t", "T", "mT", "swapaxes", "swapdims", "movedim", "moveaxis"}
-IGNORED = {"dim", "size", "numel", "get", "len", "is_floating_point", "is_contiguous", "data_ptr", "element_size",
-           "stride", "storage_offset", "is_complex", "nelement", "ndimension", "item", "tolist", "has_torch_function",
-           "requires_grad_", "retain_grad", "register_hook", "is_nonzero", "is_leaf", "format", "repr", "bool_",
-           "set_", "apply_", "dtype", "device", "shape", "grad_fn", "names"}
 
 
 def _base_name(func) -> tuple[str, bool]:
@@ -69,68 +47,6 @@ def _base_name(func) -> tuple[str, bool]:
     if name.endswith("_") and not name.endswith("__"):
         name, inplace = name[:-1], True
     return {"truediv": "div", "floordiv": "floordiv", "concat": "cat", "concatenate": "cat"}.get(name, name), inplace
-
-
-class UnitGroups:
-    """Union-find over unit groups; group 0 is FIXED and absorbs anything joined to it."""
-
-    def __init__(self):
-        self.parent = [0]
-        self.size = [0]
-        self.name: list[str | None] = [None]
-
-    def new(self, size: int, name: str | None = None) -> int:
-        if size <= 1:  # a single unit has nothing to permute
-            return FIXED
-        self.parent.append(len(self.parent))
-        self.size.append(size)
-        self.name.append(name)
-        return len(self.parent) - 1
-
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] == 1 or self.size[rb] == 1:  # a single unit has nothing to permute
-            self.parent[ra] = self.parent[rb] = FIXED
-            return
-        if ra == FIXED or rb == FIXED or self.size[ra] != self.size[rb]:
-            for r in (ra, rb):
-                self.parent[r] = FIXED
-            return
-        keep, drop = (ra, rb) if ra < rb else (rb, ra)
-        self.parent[drop] = keep
-        self.name[keep] = self.name[keep] or self.name[drop]
-
-    def is_fixed(self, g: int) -> bool:
-        return self.find(g) == FIXED
-
-
-def fixed_dim(size: int) -> tuple:
-    return (((FIXED, size),),)
-
-
-def dim_size(label: tuple) -> int:
-    return sum(math.prod(s for _, s in seg) for seg in label)
-
-
-def _canonical(factors) -> tuple:
-    """Drop size-1 factors and merge neighbouring FIXED ones, so equal layouts compare equal."""
-    out = []
-    for g, s in factors:
-        if s == 1:
-            continue
-        if g == FIXED and out and out[-1][0] == FIXED:
-            out[-1] = (FIXED, out[-1][1] * s)
-        else:
-            out.append((g, s))
-    return tuple(out) or ((FIXED, 1),)
 
 
 class LabelTracer(TorchFunctionMode):
@@ -155,7 +71,7 @@ class LabelTracer(TorchFunctionMode):
         self.unsupported: list[tuple[str, str, list[int]]] = []
         self.module_stack: list[str] = []
         self.suspended = 0
-        self.leaf_rules = list(leaf_rules or []) + default_leaf_rules()
+        self.leaf_rules = list(leaf_rules or []) + list(ATTENTION_RULES)
 
     # ---- labels -------------------------------------------------------------------------
     def param_label(self, name: str, axis: int, size: int, default=None) -> tuple:
@@ -184,7 +100,7 @@ class LabelTracer(TorchFunctionMode):
                 for a, s in enumerate(t.shape):
                     self.unify(self.param_label(other, a, s), lab[a])
             return lab
-        return tuple(fixed_dim(s) for s in t.shape)
+        return fixed_label(t.shape)
 
     def tensor_fixed(self, t: torch.Tensor) -> bool:
         """All dims FIXED (an unbound parameter axis counts as free); binds nothing."""
@@ -215,7 +131,7 @@ class LabelTracer(TorchFunctionMode):
 
     def set_label(self, t: torch.Tensor, label: tuple) -> None:
         if tuple(dim_size(d) for d in label) != tuple(t.shape):
-            label = tuple(fixed_dim(s) for s in t.shape)
+            label = fixed_label(t.shape)
         if id(t) not in self.labels:
             self.keep.append(t)
         self.labels[id(t)] = label
@@ -225,8 +141,8 @@ class LabelTracer(TorchFunctionMode):
         """Constrain two dimension labels to hold the same units in the same order."""
         if a is b:
             return
-        ca = [_canonical(seg) for seg in a]
-        cb = [_canonical(seg) for seg in b]
+        ca = [canonical(seg) for seg in a]
+        cb = [canonical(seg) for seg in b]
         if len(ca) == len(cb) and all(len(x) == len(y) and all(fx[1] == fy[1] for fx, fy in zip(x, y))
                                       for x, y in zip(ca, cb)):
             for x, y in zip(ca, cb):
@@ -248,7 +164,7 @@ class LabelTracer(TorchFunctionMode):
         """The group if the label is exactly one permutable factor, else None."""
         if len(label) != 1:
             return None
-        factors = _canonical(label[0])
+        factors = canonical(label[0])
         return factors[0][0] if len(factors) == 1 and factors[0][0] != FIXED else None
 
     def broadcast(self, tensors: list[torch.Tensor], out_shape) -> tuple:
@@ -276,52 +192,43 @@ class LabelTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.suspended:
             return out
-        name, inplace = _base_name(func)
-        if name in IGNORED:
+        name, _ = _base_name(func)
+        rule = OPS.get(name)
+        if rule is ignore:
             return out
-        tensors_in = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
-        tensors_out = [t for t in _flat([out]) if isinstance(t, torch.Tensor)]
-        if name == "setitem":
-            tensors_out = [args[0]]
+        tensors_in = [a for a in flat(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)]
+        tensors_out = [args[0]] if name == "setitem" else [t for t in flat([out]) if isinstance(t, torch.Tensor)]
         if not tensors_out:
             return out
         if all(self.tensor_fixed(t) for t in tensors_in):
             for t in tensors_out:
-                self.set_label(t, tuple(fixed_dim(s) for s in t.shape))
-            return out
-        self.dispatch(name, func, args, kwargs, out, tensors_in, tensors_out)
+                self.set_label(t, fixed_label(t.shape))
+        elif rule is None or rule(self, name, args, kwargs, out) is False:
+            self.unsupported_op(name, tensors_in, tensors_out)
         return out
 
-    def dispatch(self, name, func, args, kwargs, out, tensors_in, tensors_out) -> None:
-        from . import rules
-
-        rule = rules.RULES.get(name)
-        if rule is None and name in ELEMENTWISE:
-            rule = rules.elementwise
-        elif rule is None and name in REDUCTIONS:
-            rule = rules.reduction
-        elif rule is None and name in POOLING:
-            rule = rules.pooling
-        elif rule is None and name in RESHAPES:
-            rule = rules.reshape
-        elif rule is None and name in TRANSPOSES:
-            rule = rules.transpose
-        if rule is None or rule(self, name, args, kwargs, out) is False:
-            self.unsupported_op(name, tensors_in, tensors_out)
-
     def unsupported_op(self, name: str, tensors_in, tensors_out) -> None:
-        """Pin everything the op touches; remember it so ``finish`` can name it if that mattered."""
-        involved = [g for t in tensors_in for lab in self.label_of(t) for seg in lab for g, _ in seg
-                    if not self.groups.is_fixed(g)]
-        where = self.module_stack[-1] if self.module_stack else "<model>"
+        """An op the table does not follow here. With ``on_unsupported="fix"`` pin everything it
+        touches. Otherwise its outputs get fresh groups, so that nothing downstream pins the inputs
+        silently (``h + f(h)``); ``finish`` names the op if any group it touched is still free."""
+        involved = [g for t in tensors_in for g in self.free_groups(t)]
+        where = (self.module_stack[-1] if self.module_stack else "") or "<model>"  # the root module is ""
         shapes = [tuple(t.shape) for t in tensors_in]
-        self.unsupported.append((name, f"{where} (inputs {shapes})", involved))
         if self.on_unsupported == "fix":
             for t in tensors_in:
                 for lab in self.label_of(t):
                     self.fix(lab)
-        for t in tensors_out:
-            self.set_label(t, tuple(fixed_dim(s) for s in t.shape))
+            for t in tensors_out:
+                self.set_label(t, fixed_label(t.shape))
+        else:
+            for t in tensors_out:
+                fresh = tuple((((self.groups.new(s), s),),) for s in t.shape)
+                self.set_label(t, fresh)
+                involved += [g for lab in fresh for seg in lab for g, _ in seg if g != FIXED]
+        self.unsupported.append((name, f"{where} (inputs {shapes})", involved))
+
+    def free_groups(self, t: torch.Tensor) -> list[int]:
+        return [g for lab in self.label_of(t) for seg in lab for g, _ in seg if not self.groups.is_fixed(g)]
 
     # ---- running ---------------------------------------------------------------------
     def run(self, *inputs, **kw_inputs):
@@ -337,7 +244,7 @@ class LabelTracer(TorchFunctionMode):
         finally:
             for h in hooks:
                 h.remove()
-        for t in _flat([out]):
+        for t in flat([out]):
             if isinstance(t, torch.Tensor):
                 for lab in self.label_of(t):
                     self.fix(lab)
@@ -368,22 +275,44 @@ class LabelTracer(TorchFunctionMode):
     # ---- result ----------------------------------------------------------------------
     def finish(self) -> PermutationSpec:
         """Turn the surviving (non-FIXED) groups into a PermutationSpec."""
+        self.check_unsupported()
+        self.pin_broken_heads()
+        names: dict[int, str] = {}
+        perms, sizes, layouts = self.collect_axes(names)
+        blocks, heads = self.collect_heads(names, sizes)
+        return PermutationSpec({p: tuple(e) for p, e in perms.items()}, sizes, layouts, blocks, heads)
+
+    def check_unsupported(self) -> None:
+        """Step 1: an op the table could not follow that touched a still-free group is an error."""
+        if self.on_unsupported != "error":
+            return
         for name, where, involved in self.unsupported:
-            if self.on_unsupported == "error" and any(not self.groups.is_fixed(g) for g in involved):
+            if any(not self.groups.is_fixed(g) for g in involved):
                 raise MergescopeError(
                     f"permutation_spec: unsupported operation {name!r} in {where} acts on a permutable axis; "
                     "write the spec by hand or pass on_unsupported='fix' to keep those axes in place")
+
+    def pin_broken_heads(self) -> None:
+        """Step 2: heads move only while every within-head group they couple may move."""
         for head, _, coupled in self.heads:
             if any(self.groups.is_fixed(g) for g in coupled):
                 self.groups.union(head, FIXED)
-        names: dict[int, str] = {}
 
-        def perm_name(g: int, hint: str) -> str:
-            root = self.groups.find(g)
-            if root not in names:
-                names[root] = self.groups.name[root] or hint
-            return names[root]
+    def perm_name(self, names: dict[int, str], g: int, hint: str) -> str:
+        """The permutation's name for group ``g``: the group's own name, else the first hint seen."""
+        root = self.groups.find(g)
+        if root not in names:
+            names[root] = self.groups.name[root] or hint
+        return names[root]
 
+    def named_label(self, names: dict[int, str], tensor: str, axis: int, label: tuple) -> tuple:
+        """A label as segments of ``(perm name or None, size)`` factors (None: FIXED)."""
+        hint = f"{tensor}:{axis}"
+        return tuple(canonical_named(tuple((None if self.groups.is_fixed(g) else self.perm_name(names, g, hint), s)
+                                           for g, s in seg)) for seg in label)
+
+    def collect_axes(self, names: dict[int, str]) -> tuple[dict, dict, dict]:
+        """Step 3: every parameter/buffer axis with a free group -> perms, sizes, layouts."""
         perms: dict[str, list] = {}
         sizes: dict[str, int] = {}
         layouts: dict = {}
@@ -392,24 +321,21 @@ class LabelTracer(TorchFunctionMode):
                 label = self.bound.get((tensor, axis))
                 if label is None or self.is_fixed(label):
                     continue
-                hint = f"{tensor}:{axis}"
-                segs = tuple(tuple((None if self.groups.is_fixed(g) else perm_name(g, hint), s) for g, s in seg)
-                             for seg in label)
-                segs = tuple(_canonical_named(seg) for seg in segs)
-                used = [f[0] for seg in segs for f in seg if f[0] is not None]
+                segs = self.named_label(names, tensor, axis, label)
+                used = [p for seg in segs for p, _ in seg if p is not None]
                 if not used:
                     continue
-                used = [f[0] for seg in segs for f in seg if f[0] is not None]
                 for p in dict.fromkeys(used):
                     perms.setdefault(p, []).append((tensor, axis))
                 if len(segs) == 1 and len(segs[0]) == 1:
                     sizes[segs[0][0][0]] = segs[0][0][1]
                 else:
                     layouts[(tensor, axis)] = segs
-                    for seg in segs:
-                        for p, s in seg:
-                            if p is not None:
-                                sizes[p] = s
+                    sizes.update((p, s) for seg in segs for p, s in seg if p is not None)
+        return perms, sizes, layouts
+
+    def collect_heads(self, names: dict[int, str], sizes: dict[str, int]) -> tuple[dict, dict]:
+        """Step 4: head groups and the within-head groups they move in blocks (adds head sizes)."""
         blocks, heads = {}, {}
         for head, n_heads, coupled in self.heads:
             cnames = [names.get(self.groups.find(g)) for g in coupled]
@@ -417,42 +343,10 @@ class LabelTracer(TorchFunctionMode):
             for c in cnames:
                 blocks[c] = n_heads
             if not self.groups.is_fixed(head) and cnames:
-                hname = perm_name(head, f"heads{len(heads)}")
+                hname = self.perm_name(names, head, f"heads{len(heads)}")
                 heads[hname] = tuple(cnames)
                 sizes[hname] = n_heads
-        return PermutationSpec({p: tuple(e) for p, e in perms.items()}, sizes, layouts, blocks, heads)
-
-
-def _canonical_named(seg) -> tuple:
-    out = []
-    for p, s in seg:
-        if s == 1:
-            continue
-        if p is None and out and out[-1][0] is None:
-            out[-1] = (None, out[-1][1] * s)
-        else:
-            out.append((p, s))
-    return tuple(out)
-
-
-def _flat(items) -> list:
-    out = []
-    for x in items:
-        if isinstance(x, (list, tuple)):
-            out.extend(_flat(list(x)))
-        elif isinstance(x, Mapping):
-            out.extend(_flat(list(x.values())))
-        elif hasattr(x, "to_tuple") and callable(x.to_tuple):  # Hugging Face ModelOutput
-            out.extend(_flat(list(x.to_tuple())))
-        else:
-            out.append(x)
-    return out
-
-
-def default_leaf_rules() -> list:
-    from .attention import ATTENTION_RULES
-
-    return list(ATTENTION_RULES)
+        return blocks, heads
 
 
 def trace_model(model: nn.Module, example_input, on_unsupported: str = "error", leaf_rules=None) -> LabelTracer:
