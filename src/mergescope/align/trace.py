@@ -15,6 +15,11 @@ every value a *label* and let operations constrain labels (a union-find over uni
 
 Anything it cannot follow on a permutable axis is either an error naming the operation and the
 module (default) or, with ``on_unsupported="fix"``, pins those axes (always safe).
+
+Where things live (imports go one way: trace -> rules, attention -> labels):
+``labels.py`` the label model (unit groups, labels, flattening); ``rules.py`` the one op table
+``OPS`` (op name -> rule; a name not in it is unsupported); ``attention.py`` the leaf rules for
+attention modules; this module the mode that routes each call through ``OPS`` and ``finish``.
 """
 
 from __future__ import annotations
