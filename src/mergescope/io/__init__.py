@@ -12,12 +12,33 @@ from .atomic import atomic_output, check_output_path, check_side_outputs
 from .checkpoint import Checkpoint, load, summarize
 from .provenance import fingerprint, provenance
 from .safetensors_format import DTYPES, SafetensorsFile, read_header, write_file
-from .writer import PlannedWriter, ShardedWriter, copy_aux_files, parse_size, write_state
+from .writer import (
+    PlannedWriter,
+    ShardedWriter,
+    copy_aux_files,
+    parse_size,
+    write_state,
+)
 
 __all__ = [
-    "Checkpoint", "DTYPES", "PlannedWriter", "SafetensorsFile", "ShardedWriter", "atomic_output", "check_output_path",
-    "check_side_outputs", "copy_aux_files", "fingerprint", "load", "parse_size", "provenance", "read_header", "save",
-    "summarize", "write_file", "write_state",
+    "DTYPES",
+    "Checkpoint",
+    "PlannedWriter",
+    "SafetensorsFile",
+    "ShardedWriter",
+    "atomic_output",
+    "check_output_path",
+    "check_side_outputs",
+    "copy_aux_files",
+    "fingerprint",
+    "load",
+    "parse_size",
+    "provenance",
+    "read_header",
+    "save",
+    "summarize",
+    "write_file",
+    "write_state",
 ]
 
 

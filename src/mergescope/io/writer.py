@@ -119,6 +119,15 @@ def _has_layout(path: Path, header: bytes, end: int) -> bool:
         return os.fstat(f.fileno()).st_size == end and f.read(len(header)) == header
 
 
+def _reusable(folder: Path, paths: list[Path], headers: list[bytes], ends: list[int]) -> dict[str, str]:
+    """The shards of an interrupted run that the done log vouches for and that have this plan's
+    header and size (name -> sha256); everything else in ``folder`` is removed."""
+    done = verified_done(folder)
+    kept = {p.name: done[p.name] for p, h, end in zip(paths, headers, ends) if p.name in done and _has_layout(p, h, end)}
+    keep_only(folder, kept)
+    return kept
+
+
 class PlannedWriter:
     """Write tensors of a known layout into ``folder`` (HF shards + index) or one ``file``."""
 
@@ -136,12 +145,7 @@ class PlannedWriter:
         headers = [build_header(shard, meta) for shard in shards]
         ends = [len(h) + sum(nbytes(dtype, shape) for _, dtype, shape in shard) for h, shard in zip(headers, shards)]
         self._log_folder = None if single_file or not log_done else target
-        kept: dict[str, str] = {}
-        if resume and not single_file:
-            done = verified_done(target)
-            kept = {p.name: done[p.name] for p, h, end in zip(paths, headers, ends)
-                    if p.name in done and _has_layout(p, h, end)}
-            keep_only(target, kept)
+        kept = _reusable(target, paths, headers, ends) if resume and not single_file else {}
         self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
         self._written: set[str] = set()
