@@ -2,8 +2,9 @@
 the three Rethink-Merge analyses (arXiv 2411.09263): weight structure, weight space vs feature
 space, and parameter scaling / prediction stability.
 
-Each analysis returns a frozen dataclass with ``to_dict()``; each ``plot_*`` function draws a PNG
-from that dict alone (matplotlib is imported lazily there), so figures come from saved JSON.
+Each analysis returns a frozen dataclass with ``to_dict()``; its figure is drawn from that dict alone
+by ``mergescope.report.analysis_figures`` (each module's ``plot`` forwards there), so figures come
+from saved JSON and only ``report/`` imports matplotlib.
 Submodules: ``soups``, ``similarity``, ``stitching``, ``weights``, ``spaces``, ``scaling``.
 """
 

@@ -86,33 +86,9 @@ def analyse(model: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], 
 
 
 def plot(result: dict, path) -> None:
-    """Global-scaling KL and accuracy per model, and per-layer KL at the largest factor, from saved JSON."""
-    from ..report.figures import pyplot, save
+    """Global-scaling KL and accuracy per model, and per-layer KL at the largest factor, from saved JSON.
 
-    plt = pyplot()
-    import numpy as np
+    Drawn by ``mergescope.report.analysis_figures.plot_scaling`` (figures live in ``report/``)."""
+    from ..report.analysis_figures import plot_scaling
 
-    f, names, layers = result["factors"], result["names"], result["layers"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name in names:
-        style = dict(lw=2.4, color="black") if name == "average" else dict(lw=1.2)
-        label = f"{name} (|theta|={result['norms'][name]:.1f})"
-        kl = np.asarray(result["global"][name]["kl"], dtype=float)
-        axes[0].plot(f, np.where(kl > 0, kl, np.nan), "o-", ms=3, label=label, **style)  # log axis: KL(c=1)=0 left out
-        axes[1].plot(f, result["global"][name]["accuracy"], "o-", ms=3, label=name, **style)
-    axes[0].set_yscale("log")
-    axes[0].set_title("KL(p_1 || p_c), all parameters x c")
-    axes[1].set_title(f"{result['split']} accuracy, all parameters x c")
-    for ax in axes[:2]:
-        ax.set_xlabel("scale factor c")
-        ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-    axes[0].legend(fontsize=7)
-    last = int(np.argmax(f))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        kl = [result["per_layer"][name][l]["kl"][last] for l in layers]
-        axes[2].bar(np.arange(len(layers)) + i * width, kl, width, label=name)
-    axes[2].set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=35, ha="right", fontsize=7)
-    axes[2].set_title(f"KL with one layer x {f[last]}")
-    axes[2].legend(fontsize=7)
-    save(fig, path)
+    plot_scaling(result, path)

@@ -156,30 +156,9 @@ def compare(model: nn.Module, state_a: Mapping, state_b: Mapping, task, split: s
 
 
 def plot(result: dict, path) -> None:
-    """CKA heatmap and unit-wise correlation (before/after alignment) from a saved ``CKAResult.to_dict()``."""
-    from ..report.figures import pyplot, save
+    """CKA heatmap and unit-wise correlation (before/after alignment) from a saved ``CKAResult.to_dict()``.
 
-    plt = pyplot()
-    import numpy as np
+    Drawn by ``mergescope.report.analysis_figures.plot_similarity`` (figures live in ``report/``)."""
+    from ..report.analysis_figures import plot_similarity
 
-    layers = result["layers"]
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
-    im = ax.imshow(result["cka"], vmin=0, vmax=1, cmap="magma")
-    ax.set_title("linear CKA (invariant to unit order)")
-    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax.set_xlabel("model B layer")
-    ax.set_ylabel("model A layer")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    pos = np.arange(len(layers))
-    series = [("CKA, matching layers", np.diag(result["cka"])), ("unit correlation", result["unit_correlation"])]
-    if result["aligned_unit_correlation"] is not None:
-        series.append(("unit correlation, B aligned", result["aligned_unit_correlation"]))
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        bars.bar(pos + i * width, values, width, label=label)
-    bars.set_xticks(pos + 0.4 - width / 2, layers, rotation=40, ha="right", fontsize=7)
-    bars.set_ylim(min(0.0, *[min(v) for _, v in series]), 1.3)
-    bars.set_title("layer-wise agreement of A and B")
-    bars.legend(fontsize=7, loc="upper center", ncol=2)
-    save(fig, path)
+    plot_similarity(result, path)

@@ -139,20 +139,9 @@ def compare(model: nn.Module, families: Mapping[str, Sequence[Mapping]], task, s
 
 
 def plot(result: dict, path) -> None:
-    """One panel per family: accuracy vs number of models for each space, from saved JSON."""
-    from ..report.figures import pyplot, save
+    """One panel per family: accuracy vs number of models for each space, from saved JSON.
 
-    plt = pyplot()
+    Drawn by ``mergescope.report.analysis_figures.plot_spaces`` (figures live in ``report/``)."""
+    from ..report.analysis_figures import plot_spaces
 
-    families = result["families"]
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False, sharey=True)
-    styles = {"weight_average": "o-", "features": "s-", "probs": "^-", "logits": "v--", "best_member": "k:"}
-    for ax, (family, curves) in zip(axes[0], families.items()):
-        for space, style in styles.items():
-            ax.plot(result["sizes"], curves[space], style, ms=4, label=space.replace("_", " "))
-        ax.set_xticks(result["sizes"])
-        ax.set_title(f"{result['model']}: {family}")
-        ax.set_xlabel("models merged")
-    axes[0][0].set_ylabel(f"{result['split']} accuracy")
-    axes[0][0].legend(fontsize=7)
-    save(fig, path)
+    plot_spaces(result, path)

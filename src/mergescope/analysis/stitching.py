@@ -117,23 +117,12 @@ def stitch(model: nn.Module, state_a: Mapping, state_b: Mapping, task, layers: S
 
 
 def plot(result: dict, path) -> None:
-    """Accuracy of the stitched network per layer (identity and trained map) from a saved result."""
-    from ..report.figures import pyplot, save
+    """Accuracy of the stitched network per layer (identity and trained map) from a saved result.
 
-    plt = pyplot()
+    Drawn by ``mergescope.report.analysis_figures.plot_stitching`` (figures live in ``report/``)."""
+    from ..report.analysis_figures import plot_stitching
 
-    layers = result["layers"]
-    pos = range(len(layers))
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(layers) + 2), 3.4))
-    ax.plot(pos, result["stitched_accuracy"], "o-", label="trained stitch")
-    ax.plot(pos, result["identity_accuracy"], "s--", label="identity stitch (untrained)")
-    ax.axhline(result["accuracy_b"], color="gray", lw=1, ls=":", label="model B alone")
-    ax.set_xticks(list(pos), layers, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel(f"{result['split']} accuracy")
-    ax.set_title("stitching A[:l] -> affine -> B[l+1:]")
-    ax.legend(fontsize=8)
-    save(fig, path)
+    plot_stitching(result, path)
 
 
 __all__ = ["StitchResult", "layer_outputs", "plot", "stitch", "stitch_layer", "stitched_logits", "train_stitch"]

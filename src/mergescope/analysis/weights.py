@@ -107,74 +107,11 @@ def analyse(model: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], 
     return WeightsResult(tuple(named), classes, unit_templates, layer, stats)
 
 
-def template_image(values):
-    """A template as an image: square inputs (8x8 digits) as a square, any other input as a 1 x L strip."""
-    import math
-
-    import numpy as np
-
-    flat = np.asarray(values, dtype=float).reshape(-1)
-    side = math.isqrt(flat.size)
-    return flat.reshape(side, side) if side * side == flat.size else flat.reshape(1, -1)
-
-
 def plot(result: dict, path, title: str | None = None) -> None:
     """Class directions and unit templates as images (rows: models, one colour scale per kind with its
-    colour bar), and per-layer norms and effective ranks, all read from a saved ``WeightsResult.to_dict()``."""
-    from ..report.figures import pyplot, save
+    colour bar), and per-layer norms and effective ranks, all read from a saved ``WeightsResult.to_dict()``.
 
-    plt = pyplot()
-    import numpy as np
+    Drawn by ``mergescope.report.analysis_figures.plot_weights`` (figures live in ``report/``)."""
+    from ..report.analysis_figures import plot_weights
 
-    names = result["names"]
-    units = result["unit_templates"]
-    n_cls = len(result["class_templates"][names[0]])
-    n_units = len(units[names[0]]) if units else 0
-    cols = n_cls + (n_units + 1 if n_units else 0)
-    strip = template_image(result["class_templates"][names[0]][0]).shape[0] == 1
-    row_h = 0.45 if strip else 0.95
-    fig = plt.figure(figsize=(0.8 * cols + 2.2, row_h * len(names) + 3.8))
-    grid = fig.add_gridspec(len(names) + 1, cols + 1, height_ratios=[row_h] * len(names) + [3.0],
-                            width_ratios=[1] * cols + [0.25], hspace=0.45, wspace=0.08)
-    scales = {"class": max(np.abs(np.asarray(result["class_templates"][n])).max() for n in names) or 1.0}
-    images = {}
-    for r, name in enumerate(names):
-        blocks = [("class", result["class_templates"][name], 0)]
-        if n_units:
-            blocks.append(("unit", units[name], n_cls + 1))
-        for kind, templates, start in blocks:
-            for c, t in enumerate(templates):
-                ax = fig.add_subplot(grid[r, start + c])
-                lim = scales[kind] if kind == "class" else (np.abs(np.asarray(t)).max() or 1.0)  # units: own scale
-                images[kind] = ax.imshow(template_image(t), cmap="RdBu_r", vmin=-lim, vmax=lim,
-                                         aspect="auto" if strip else "equal")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    ax.set_title(f"class {c}" if kind == "class" else f"unit {c}", fontsize=7)
-                if c == 0 and kind == "class":
-                    ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center", fontweight="bold")
-    bar = fig.colorbar(images["class"], cax=fig.add_subplot(grid[:len(names), cols]))
-    bar.set_label("class directions dz_c/dx", fontsize=7)
-    top = 1.0 - 0.1 / (row_h * len(names) + 3.8)
-    fig.text(0.45 * n_cls / (cols + 0.25), top, "class directions E[dz_c/dx] (shared colour scale)", ha="center",
-             fontsize=9)
-    if n_units:
-        fig.text((n_cls + 1 + 0.5 * n_units) / (cols + 0.25), top,
-                 f"first-layer units ({result['unit_layer']}; each on its own symmetric scale)",
-                 ha="center", fontsize=9)
-    layers = list(result["stats"][names[0]])
-    for j, key in enumerate(("norm", "effective_rank")):
-        half = (cols + 1) // 2
-        ax = fig.add_subplot(grid[len(names), j * half:(j + 1) * half - 1 if j == 0 else cols])
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            ax.bar(np.arange(len(layers)) + i * width, [result["stats"][name][l][key] for l in layers], width, label=name)
-        ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [l.removesuffix(".weight") for l in layers],
-                      rotation=40, ha="right", fontsize=7)
-        ax.set_title(key.replace("_", " "), fontsize=9)
-        if j == 0:
-            ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, y=1.02)
-    save(fig, path)
+    plot_weights(result, path, title)

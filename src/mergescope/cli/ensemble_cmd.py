@@ -7,20 +7,17 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from ..errors import MergescopeError
 from ..io import check_side_outputs
-from .common import STATE, console, progress, say, torch_threads, write_json
+from .common import progress, say, torch_threads, write_json
+from .options import THREADS, fmt as _f, model_option, out_option, show as _show, table as _table, task_option
 from ..tasks.checkpoints import task_for
 
 CKPTS = typer.Argument(..., help="Checkpoints of one architecture (.safetensors files or folders).")
-TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (runs YOUR code, by design). Default: the "
-                    "built-in task the checkpoints record; a checkpoint can never name code to run.")
-MODEL = typer.Option(None, help="Model: a zoo name, or package.module:factory (imports and runs YOUR code, by design). "
-                     "Default: the zoo model the checkpoints record; a checkpoint can never name code to run.")
-THREADS = typer.Option(1, min=1, max=1024, help="Torch threads.")
-OUT = typer.Option(Path("analysis-out"), "--out", "-o", help="Folder for the JSON result and the PNG figure.")
+TASK = task_option("the checkpoints record")
+MODEL = model_option("the checkpoints record")
+OUT = out_option("analysis-out")
 
 analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
                           help="Why weight averaging works: weights, spaces, scaling, stitch, cka (JSON + PNG).")
@@ -51,37 +48,18 @@ def _unique_name(path: Path, taken) -> str:
     return name if name not in taken else str(path)
 
 
-
-
 def _need(states: dict, n: int, what: str) -> None:
     if len(states) < n:
         raise MergescopeError(f"{what} needs at least {n} checkpoints, got {len(states)}")
 
 
 def _save_and_plot(result, out: Path, name: str, plot) -> tuple[Path, Path]:
-    """Write the result's JSON, then draw the figure from the JSON file just written."""
+    """Write the result's JSON, then draw the figure (``report.analysis_figures``) from the JSON file just written."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(out / f"{name}.json", result.to_dict())
     png = out / f"{name}.png"
     plot(json.loads(json_path.read_text()), png)
     return json_path, png
-
-
-def _show(*tables) -> None:
-    if not STATE["quiet"]:
-        for t in tables:
-            console.print(t)
-
-
-def _table(title: str, columns: list[str]) -> Table:
-    table = Table(title=title)
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right")
-    return table
-
-
-def _f(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}f}"
 
 
 # ---------------------------------------------------------------- ensemble and soup
@@ -162,12 +140,13 @@ def analyse_weights(checkpoints: list[Path] = CKPTS, out: Path = OUT, task: str 
                     threads: int = THREADS):
     """First-layer unit templates and class directions as 8x8 images; per-layer norms and ranks."""
     from ..analysis import weights
+    from ..report import analysis_figures as figures
 
     check_side_outputs(checkpoints, folders=[(out, ["weights.json", "weights.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
         result = weights.analyse(module, states, task_obj)
-    json_path, png = _save_and_plot(result, out, "weights", weights.plot)
+    json_path, png = _save_and_plot(result, out, "weights", figures.plot_weights)
     layers = list(result.stats[result.names[0]])
     table = _table("weights: norm / effective rank / distance to average", ["layer", *result.names])
     for layer in layers:
@@ -188,6 +167,7 @@ def analyse_spaces(
 ):
     """Weight averaging vs feature and output averaging for 2..N models of each family."""
     from ..analysis import spaces
+    from ..report import analysis_figures as figures
     from ..ensemble import split_tensors
 
     check_side_outputs(checkpoints or [], folders=[(out, ["spaces.json", "spaces.png"])])
@@ -216,7 +196,7 @@ def analyse_spaces(
         elif align:
             say("alignment unavailable in this build: the aligned family is left out")
         result = spaces.compare(module, families, task_obj, model_name=name)
-    json_path, png = _save_and_plot(result, out, "spaces", spaces.plot)
+    json_path, png = _save_and_plot(result, out, "spaces", figures.plot_spaces)
     for family, curves in result.families.items():
         table = _table(f"{name} {family}: {result.split} accuracy", ["models", *spaces.SPACES, "best member"])
         for i, k in enumerate(result.sizes):
@@ -234,6 +214,7 @@ def analyse_scaling(
 ):
     """Scale parameters (globally and per layer); accuracy, agreement and KL vs the unscaled model."""
     from ..analysis import scaling
+    from ..report import analysis_figures as figures
 
     try:
         values = tuple(float(f) for f in factors.split(","))
@@ -243,7 +224,7 @@ def analyse_scaling(
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
         result = scaling.analyse(module, states, task_obj, factors=values)
-    json_path, png = _save_and_plot(result, out, "scaling", scaling.plot)
+    json_path, png = _save_and_plot(result, out, "scaling", figures.plot_scaling)
     table = _table("global scaling: KL(p_1 || p_c) / accuracy", ["c", *result.names])
     for i, c in enumerate(result.factors):
         table.add_row(f"{c:g}", *(f"{result.global_scaling[n]['kl'][i]:.4f} / {result.global_scaling[n]['accuracy'][i]:.3f}"
@@ -263,13 +244,14 @@ def analyse_stitch(
 ):
     """Stitch A's layer l into B's layer l+1 with a trained affine map; penalty per layer."""
     from ..analysis import stitching
+    from ..report import analysis_figures as figures
 
     check_side_outputs([model_a, model_b], folders=[(out, ["stitch.json", "stitch.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load([model_a, model_b], model, task)
         a, b = states.values()
         result = stitching.stitch(module, a, b, task_obj, epochs=epochs, seed=seed)
-    json_path, png = _save_and_plot(result, out, "stitch", stitching.plot)
+    json_path, png = _save_and_plot(result, out, "stitch", figures.plot_stitching)
     table = _table(f"stitching (A {result.accuracy_a:.4f}, B {result.accuracy_b:.4f} alone)",
                    ["after layer", "identity map", "trained map", "penalty"])
     for i, layer in enumerate(result.layers):
@@ -287,6 +269,7 @@ def analyse_cka(
 ):
     """Linear CKA between every pair of layers of two models, before and after alignment."""
     from ..analysis import similarity, spaces
+    from ..report import analysis_figures as figures
     from ..ensemble import split_tensors
 
     check_side_outputs([model_a, model_b], folders=[(out, ["cka.json", "cka.png"])])
@@ -299,7 +282,7 @@ def analyse_cka(
         elif align:
             say("alignment unavailable in this build: showing CKA before alignment only")
         result = similarity.compare(module, a, b, task_obj, state_b_aligned=aligned)
-    json_path, png = _save_and_plot(result, out, "cka", similarity.plot)
+    json_path, png = _save_and_plot(result, out, "cka", figures.plot_similarity)
     table = _table("matching layers of A and B", ["layer", "CKA", "CKA (B aligned)", "unit corr",
                                                   "unit corr (B aligned)"])
     for i, layer in enumerate(result.layers):

@@ -9,18 +9,16 @@ from rich.table import Table
 
 from ..errors import MergescopeError
 from ..io import check_output_path, check_side_outputs
-from .common import STATE, console, finite, progress, say, torch_threads, write_json
+from .common import finite, progress, say, torch_threads, write_json
+from .options import THREADS, fmt as _f, model_option, out_option, show as _show, task_option
 from ..tasks.checkpoints import task_for
 
 landscape = typer.Typer(name="landscape", help="Loss-landscape geometry: paths, barriers, curves, planes, curvature, "
                         "stability, task vectors.", no_args_is_help=True)
 
-OUT = typer.Option(Path("landscape-out"), "--out", "-o", help="Folder for the JSON result and the PNG figure.")
-TASK = typer.Option(None, help="Task: 'digits' or package.module:factory (runs YOUR code, by design). Default: the "
-                    "built-in task the checkpoint records; a checkpoint can never name code to run.")
-MODEL = typer.Option(None, help="Model: a zoo name, or package.module:factory (imports and runs YOUR code, by design). "
-                     "Default: the zoo model the checkpoint records; a checkpoint can never name code to run.")
-THREADS = typer.Option(1, min=1, max=1024, help="Torch threads.")
+OUT = out_option("landscape-out")
+TASK = task_option()
+MODEL = model_option()
 SPLIT = typer.Option("test", help="Split the path is reported on (train is always measured too).")
 
 
@@ -32,12 +30,6 @@ def _load_models(paths: list[Path], model: str | None):
     ckpts = [load(p) for p in paths]
     module, _, _ = model_for(ckpts[0], model)
     return module, ckpts
-
-
-
-
-def _f(x, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _path_table(title: str, path, every: int = 1) -> Table:
@@ -62,13 +54,6 @@ def _barrier_table(rows: dict) -> Table:
     return table
 
 
-def _show(*tables) -> None:
-    if STATE["quiet"]:
-        return
-    for table in tables:
-        console.print(table)
-
-
 def line(
     a: Path = typer.Argument(..., help="First checkpoint."),
     b: Path = typer.Argument(..., help="Second checkpoint."),
@@ -81,7 +66,7 @@ def line(
 ):
     """Loss and accuracy along the straight line between two models; loss and accuracy barriers."""
     from ..landscape import interpolate, robust_interpolate
-    from ..landscape.plots import plot_path
+    from ..report.landscape_figures import plot_path
 
     check_side_outputs([a, b], folders=[(out, ["line.json", "line.png"])])
     module, (ca, cb) = _load_models([a, b], model)
@@ -117,7 +102,7 @@ def matrix(
 ):
     """Pairwise loss/accuracy barrier matrix of N models (each pair's path computed once)."""
     from ..landscape import barrier_matrix
-    from ..landscape.plots import plot_matrix
+    from ..report.landscape_figures import plot_matrix
 
     if len(checkpoints) < 2:
         raise MergescopeError("matrix: give at least two checkpoints")
@@ -164,7 +149,7 @@ def curve(
 ):
     """Fit a Bezier/polychain curve between two models (optionally aligned) and compare it with the line."""
     from ..landscape import fit_curve
-    from ..landscape.plots import plot_curve
+    from ..report.landscape_figures import plot_curve
 
     how = None if align.lower() in ("none", "") else align.lower()
     check_side_outputs([a, b], folders=[(out, ["curve.json", "curve.png"])], main=save_midpoint)
@@ -227,7 +212,7 @@ def plane(
     """Loss and accuracy on a 2-D plane: filter-normalized random directions (Li et al.) or through three models."""
     from ..landscape import plane as random_plane
     from ..landscape import plane_through
-    from ..landscape.plots import plot_plane
+    from ..report.landscape_figures import plot_plane
 
     if len(checkpoints) not in (1, 3):
         raise MergescopeError(f"plane: give 1 or 3 checkpoints, got {len(checkpoints)}")
@@ -275,7 +260,7 @@ def sharpness(
 ):
     """Top Hessian eigenvalues (Lanczos or power iteration on HVPs) and Hessian trace (Hutchinson)."""
     from ..landscape import hessian_eigenvalues, hessian_trace
-    from ..landscape.plots import plot_sharpness
+    from ..report.landscape_figures import plot_sharpness
 
     check_side_outputs([checkpoint], folders=[(out, ["sharpness.json", "sharpness.png"])])
     module, (ckpt,) = _load_models([checkpoint], model)
@@ -313,7 +298,7 @@ def stability(
 ):
     """Instability analysis: spawn two children at each k, train to the end, report their barrier vs k."""
     from ..landscape import spawn_stability
-    from ..landscape.plots import plot_stability
+    from ..report.landscape_figures import plot_stability
     from ..landscape.stability import spawn_epochs
     from ..tasks import TRAIN_DEFAULTS, get_task, make_model
 
@@ -353,7 +338,7 @@ def taskvec(
 ):
     """Task vectors: cosine matrix, task arithmetic (lambda chosen on val, reported on test), negation."""
     from ..landscape import task_vectors
-    from ..landscape.plots import plot_task_vectors
+    from ..report.landscape_figures import plot_task_vectors
 
     try:
         lambdas = [float(s) for s in scales.split(",") if s.strip()]

@@ -35,6 +35,15 @@ def save(fig, out: str | os.PathLike) -> Path:
     return out
 
 
+def template_image(values):
+    """A template as an image: square inputs (8x8 digits) as a square, any other input as a 1 x L strip."""
+    import math
+
+    flat = np.asarray(values, dtype=float).reshape(-1)
+    side = math.isqrt(flat.size)
+    return flat.reshape(side, side) if side * side == flat.size else flat.reshape(1, -1)
+
+
 def _legend_below(fig, axes, ncol: int = 2) -> None:
     """One legend under the panels, so no curve (a barrier's peak, a dip) is ever hidden behind it."""
     handles, labels = axes[0].get_legend_handles_labels()
@@ -231,8 +240,6 @@ def templates_figure(pairs: dict[str, dict], out, title: str) -> Path:
     Drawn as one mosaic image (templates separated by blank gaps) rather than one axes per template:
     the same picture at a fraction of the drawing time.
     """
-    from ..analysis.weights import template_image
-
     plt = pyplot()
     rows = [(label, name, res["class_templates"][name]) for label, res in pairs.items() for name in res["names"]]
     n_cls = len(rows[0][2])
