@@ -209,7 +209,7 @@ def test_greedy_soup_matches_reference_loop(task, zoo):
 
 
 def test_reset_batchnorm_stores_the_statistics_of_the_data(task):
-    """Running mean/var of the first BN become the per-channel mean and unbiased variance of its
+    """Running mean/var of the first BN become the per-channel mean and population variance of its
     input over the train split, computed here directly from the first convolution."""
     model = tasks.build("cnn", seed=0, width=4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -220,7 +220,7 @@ def test_reset_batchnorm_stores_the_statistics_of_the_data(task):
         conv = torch.nn.functional.conv2d(x.reshape(-1, 1, 8, 8), state["features.0.0.weight"], padding=1)
     c = conv.double().numpy().transpose(1, 0, 2, 3).reshape(4, -1)
     np.testing.assert_allclose(reset["features.0.1.running_mean"].numpy(), c.mean(1), atol=1e-6)
-    np.testing.assert_allclose(reset["features.0.1.running_var"].numpy(), c.var(1, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(reset["features.0.1.running_var"].numpy(), c.var(1, ddof=0), rtol=1e-5)
     assert torch.equal(state["features.0.1.running_mean"], model.state_dict()["features.0.1.running_mean"])  # input untouched
     mlp = tasks.build("mlp", width=8)
     same = ensemble.reset_batchnorm(mlp, mlp.state_dict(), x)

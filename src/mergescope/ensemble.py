@@ -27,6 +27,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import MergescopeError
+from .state import average, normalized_weights
+from .state import reset_batchnorm as _reset
 
 METHODS = ("probs", "logits", "vote", "weighted", "features", "features-refit")
 ECE_BINS = 15
@@ -62,28 +64,8 @@ def as_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
                    ) -> dict[str, torch.Tensor]:
-    """Weighted mean of floating tensors, sum_i w_i theta_i with sum w = 1; integer buffers from the first."""
-    if not states:
-        raise MergescopeError("average: no states given")
-    n = len(states)
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else normalized_weights(weights, n)
-    out = {}
-    for name in states[0]:
-        first = states[0][name]
-        if not torch.is_floating_point(first):
-            out[name] = first.clone()
-            continue
-        acc = sum(float(w[i]) * states[i][name].to(torch.float64) for i in range(n))
-        out[name] = acc.to(first.dtype)
-    return out
-
-
-def normalized_weights(weights: Sequence[float], n: int) -> torch.Tensor:
-    """``n`` non-negative weights scaled to sum to 1 (float64); anything else is a user error."""
-    w = torch.as_tensor(list(weights), dtype=torch.float64)
-    if w.numel() != n or (w < 0).any() or w.sum() <= 0:
-        raise MergescopeError(f"weights {list(weights)}: need {n} non-negative numbers with a positive sum")
-    return w / w.sum()
+    """Weighted mean of floating tensors, sum_i w_i theta_i with sum w = 1 (``mergescope.state.average``)."""
+    return average(states, weights)
 
 
 @torch.no_grad()
@@ -97,27 +79,11 @@ def run(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) ->
         model.train(was_training)
 
 
-@torch.no_grad()
 def reset_batchnorm(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A copy of ``state`` whose BatchNorm running statistics are the statistics of ``x`` (one
-    full-batch train-mode pass with momentum 1): an averaged model's stored statistics are not its
-    own (Jordan et al. 2023, REPAIR). States of models without BatchNorm come back unchanged."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    state = {k: v.clone() for k, v in state.items()}
-    if not norms:
-        return state
-    saved = [(m.momentum, m.training) for m in norms]
-    was_training = model.training
-    try:
-        model.train()
-        for m in norms:
-            m.momentum = 1.0
-        functional_call(model, state, (x,), strict=False)
-    finally:
-        for m, (momentum, _) in zip(norms, saved):
-            m.momentum = momentum
-        model.train(was_training)
-    return state
+    """A copy of ``state`` whose BatchNorm running statistics are those of its activations on ``x``
+    (``mergescope.state.reset_batchnorm``: exact per-layer mean and population variance). States
+    of models without BatchNorm come back unchanged."""
+    return _reset(model, state, [x])
 
 
 def weight_average(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task) -> dict[str, torch.Tensor]:

@@ -12,13 +12,14 @@ from .matching import activation_matching, weight_matching
 from .ot import FusionResult, ot_alignment, ot_fusion
 from .partial import zipped_model
 from .permute import Permutation, apply, random_permutation
+from .registry import Aligner, get, names
 from .repair import repair, reset_bn_stats
 from .spec import PermutationSpec, as_spec
 from .ste import ste_matching
 from .trace import permutation_spec
 from .zipit import ZipResult, zipit
 
-__all__ = ["AlignResult", "FusionResult", "ManyResult", "Permutation", "PermutationSpec", "ZipResult",
-           "activation_matching", "align_models", "align_to_reference", "apply", "as_spec", "interpolate_states",
-           "merge_many", "ot_alignment", "ot_fusion", "permutation_spec", "random_permutation", "repair",
+__all__ = ["AlignResult", "Aligner", "FusionResult", "ManyResult", "Permutation", "PermutationSpec", "ZipResult",
+           "activation_matching", "align_models", "align_to_reference", "apply", "as_spec", "get", "interpolate_states",
+           "merge_many", "names", "ot_alignment", "ot_fusion", "permutation_spec", "random_permutation", "repair",
            "reset_bn_stats", "ste_matching", "weight_matching", "zipit", "zipped_model"]

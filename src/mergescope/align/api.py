@@ -1,69 +1,56 @@
-"""One entry point over the alignment methods, for the CLI and for scripts comparing methods."""
+"""One entry point over the alignment methods (the registry), for the CLI and for scripts comparing methods."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import MergescopeError
-from .permute import apply
+from ..state import interpolate
+from .registry import AlignResult, get
 
-
-@dataclass(frozen=True)
-class AlignResult:
-    """``state``: B aligned to A (or, when ``merged``, the merged model itself); ``perms``: index vectors."""
-
-    state: dict[str, torch.Tensor]
-    perms: dict[str, torch.Tensor]
-    method: str
-    merged: bool = False
-    info: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "merged": self.merged, "info": dict(self.info),
-                "perms": {k: v.tolist() for k, v in self.perms.items()}}
+__all__ = ["AlignResult", "align_models", "interpolate_states"]
 
 
 def interpolate_states(state_a: Mapping, state_b: Mapping, alpha: float) -> dict[str, torch.Tensor]:
-    """(1 - alpha) A + alpha B for floating tensors; integer buffers (BN batch counters) from A."""
-    return {k: torch.lerp(state_a[k], state_b[k].to(state_a[k].dtype), alpha) if state_a[k].is_floating_point()
-            else state_a[k] for k in state_a}
+    """(1 - alpha) A + alpha B for floating tensors; integer buffers from A (``mergescope.state.interpolate``)."""
+    return interpolate(state_a, state_b, alpha)
 
 
 def align_models(spec, model_a: nn.Module, model_b: nn.Module, method: str = "weight", task=None, seed: int = 0,
-                 alpha: float = 0.5, batch_size: int = 512, unmerged: int = 0) -> AlignResult:
-    """Run one alignment method; data-driven ones read ``task``'s train split.
+                 alpha: float = 0.5, batch_size: int = 512, unmerged: int = 0, repair: bool = False) -> AlignResult:
+    """Run one registered alignment method (``mergescope.align.get(method)``); data-driven ones read ``task``'s train split.
 
-    ``unmerged`` (zipit only): leave the last K unit groups unmerged (partial zipping, a widened state).
+    ``alpha`` is the mixing weight of B for methods that merge (zipit, ot_fusion) and for ``repair``;
+    ``batch_size`` applies to the methods that read batches; ``unmerged`` (zipit only): leave the
+    last K unit groups unmerged (partial zipping, a widened state). ``repair``: return the REPAIRed
+    interpolation (1 - alpha) A + alpha B_aligned (``merged=True``, ``info["repair"]``); a method
+    that already merges is returned as it is.
     """
-    from . import matching
+    if not 0.0 <= alpha <= 1.0:
+        raise MergescopeError(f"align: alpha={alpha}: must be within [0, 1]")
+    aligner = get(method)
+    given = {"alpha": alpha, "batch_size": batch_size}
+    params = {k: v for k, v in given.items() if k in aligner.params}
+    if unmerged:
+        params["unmerged"] = unmerged
+    result = aligner(spec, model_a, model_b, task=task, seed=seed, **params)
+    if repair and not result.merged:
+        result = repaired(result, model_a, task, alpha)
+    return result
 
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    if method in ("activation", "ste", "zipit") and task is None:
-        raise MergescopeError(f"align: method {method!r} needs data (a task)")
-    if unmerged and method != "zipit":
-        raise MergescopeError(f"align: unmerged={unmerged} applies to method 'zipit' only, not {method!r}")
-    if method == "weight":
-        perm = matching.weight_matching(spec, sa, sb, seed=seed)
-    elif method == "activation":
-        perm = matching.activation_matching(spec, model_a, model_b, task.batches("train", batch_size=batch_size), seed=seed)
-    elif method == "ste":
-        from .ste import ste_matching
 
-        perm = ste_matching(spec, model_a, model_b, task, seed=seed)
-    elif method == "ot":
-        from .ot import ot_alignment
+def repaired(result: AlignResult, model_a: nn.Module, task, alpha: float = 0.5) -> AlignResult:
+    """The REPAIRed interpolation between A and the aligned B of ``result`` (Jordan et al. 2023), on train data."""
+    from ..state import with_state
+    from .repair import repair
 
-        perm = ot_alignment(spec, sa, sb)
-    elif method == "zipit":
-        from .zipit import zipit
-
-        merged = zipit(spec, model_a, model_b, task.batches("train", batch_size=batch_size), alpha=alpha, seed=seed,
-                       unmerged=unmerged)
-        return AlignResult(merged.state, {}, "zipit", merged=True, info=merged.info)
-    else:
-        raise MergescopeError(f"align: unknown method {method!r} (weight, activation, ste, ot, zipit)")
-    return AlignResult(apply(spec, perm, sb), dict(perm.perms), method, info=dict(perm.info))
+    if task is None:
+        raise MergescopeError("align: REPAIR needs data (a task)")
+    merged = with_state(model_a, interpolate(model_a.state_dict(), result.state, alpha))
+    aligned_b = with_state(model_a, result.state)
+    batches = [x for x, _ in task.batches("train")]
+    state = repair(merged, model_a, aligned_b, batches, alpha=alpha).state_dict()
+    return AlignResult(state, result.perms, result.method, merged=True, info={**result.info, "repair": True, "alpha": alpha})

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import MergescopeError
+from ..state import average
 from .matching import weight_matching
 from .permute import apply, identity
 from .spec import as_spec
@@ -33,9 +34,8 @@ class ManyResult:
 
 
 def mean_state(states: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of floating tensors; integer buffers from the first state."""
-    first = states[0]
-    return {k: torch.stack([s[k] for s in states]).mean(0) if first[k].is_floating_point() else first[k] for k in first}
+    """Element-wise mean of floating tensors; integer buffers from the first state (``mergescope.state.average``)."""
+    return average(states)
 
 
 def align_to_reference(spec, states: Sequence[Mapping], reference: int = 0, seed: int = 0) -> ManyResult:

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..state import reset_batchnorm
+
 NORMS = (nn.modules.batchnorm._BatchNorm,)
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -36,57 +38,18 @@ def _inputs(batches: Iterable) -> list[torch.Tensor]:
     return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
 
 
-@torch.no_grad()
 def reset_bn_stats(model: nn.Module, batches: Iterable) -> nn.Module:
     """Set every BatchNorm's running mean/var to the exact statistics of its input over ``batches`` (in place).
 
-    Layer by layer in forward order, in eval mode, so each layer sees the corrected layers before
-    it and the result does not depend on how the data is split into batches (unlike momentum
-    averaging of per-batch statistics). The variance is the population one (what train mode
-    normalizes with on one batch holding all the data).
+    ``mergescope.state.reset_batchnorm`` (layer by layer in forward order, eval mode, population
+    variance) written into the model's own buffers.
     """
-    batches = _inputs(batches)
-    norms = [m for m in _forward_order(model, batches[0]) if isinstance(m, NORMS) and m.track_running_stats]
-    was_training = model.training
-    model.eval()
-    try:
-        for norm in norms:
-            sums = [0, 0.0, 0.0]
-
-            def hook(mod, args, sums=sums):
-                x = args[0].movedim(1, -1).reshape(-1, args[0].shape[1]).to(torch.float64)
-                sums[0] += x.shape[0]
-                sums[1] = sums[1] + x.sum(0)
-                sums[2] = sums[2] + (x * x).sum(0)
-
-            handle = norm.register_forward_pre_hook(hook)
-            try:
-                for x in batches:
-                    model(x)
-            finally:
-                handle.remove()
-            mean = sums[1] / sums[0]
-            norm.running_mean.copy_(mean)
-            norm.running_var.copy_((sums[2] / sums[0] - mean * mean).clamp_min(0))
-    finally:
-        model.train(was_training)
+    new = reset_batchnorm(model, model.state_dict(), _inputs(batches))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")) and name in new:
+                buffer.copy_(new[name])
     return model
-
-
-def _forward_order(model: nn.Module, example) -> list[nn.Module]:
-    order, hooks = [], []
-    for m in model.modules():
-        hooks.append(m.register_forward_pre_hook(lambda mod, args: order.append(mod)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
 
 
 def repair_points(model: nn.Module, example_input) -> list[str]:

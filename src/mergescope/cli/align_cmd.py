@@ -9,13 +9,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..errors import MergescopeError
 from .common import STATE, console, finite, say, torch_threads
 from ..tasks.checkpoints import task_for
 
-METHODS = ("weight", "activation", "ste", "ot", "zipit")
-
-
+METHODS = ("weight", "activation", "ste", "ot", "ot_fusion", "zipit")  # mergescope.align.names()
 
 
 def align(
@@ -45,44 +42,29 @@ def align(
 
     from .. import align as al
     from ..io import check_output_path, check_side_outputs, load, provenance, save
+    from ..state import example_input
     from ..tasks.checkpoints import load_state_into, model_for
 
-    if method not in METHODS:
-        raise MergescopeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise MergescopeError(f"--alpha {alpha}: must be within [0, 1]")
-    if unmerged and method != "zipit":
-        raise MergescopeError(f"--unmerged {unmerged}: only --method zipit leaves unit groups unmerged")
-    if unmerged < 0:
-        raise MergescopeError(f"--unmerged {unmerged}: must be 0 or more")
+    aligner = al.get(method)  # an unknown method fails before anything is read
     check_output_path(out, [a, b], force)  # fail before aligning, not after
     check_side_outputs([a, b], files=[spec_out], main=out)
     ca, cb = load(a), load(b)
-    options = {"width": width, "depth": depth, "dim": dim, "heads": heads}
-    module_a, name, used = model_for(ca, model, **options)
+    module_a, name, used = model_for(ca, model, width=width, depth=depth, dim=dim, heads=heads)
     module_b, _, _ = model_for(ca, name, **used)
     load_state_into(module_a, ca, a)
     load_state_into(module_b, cb, b)
     the_task = task_for(ca, task)
-    x = next(the_task.batches("train"))[0][:8]
     with torch_threads(threads):
         start = time.perf_counter()
-        spec = al.permutation_spec(module_a, x)
+        spec = al.permutation_spec(module_a, example_input(the_task))
         result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha,
-                                 unmerged=unmerged)
+                                 unmerged=unmerged, repair=repair)
         state = result.state
-        if repair and method not in ("zipit",):
-            merged, _, _ = model_for(ca, name, **used)
-            load_state_into(merged, al.interpolate_states(module_a.state_dict(), state, alpha), out)
-            aligned_b, _, _ = model_for(ca, name, **used)
-            load_state_into(aligned_b, state, b)
-            batches = [xb for xb, _ in the_task.batches("train")]
-            state = al.repair(merged, module_a, aligned_b, batches, alpha=alpha).state_dict()
         seconds = time.perf_counter() - start
     record = (name, used)
     from ..tasks.checkpoints import model_metadata
 
-    recipe = {"method": method, "repair": repair, "alpha": alpha if repair or method == "zipit" else None}
+    recipe = {"method": method, "repair": repair, "alpha": alpha if repair or aligner.merges else None}
     meta = {**provenance(inputs=[a, b], seed=seed),
             **model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits")),
             "align": json.dumps(recipe, sort_keys=True)}

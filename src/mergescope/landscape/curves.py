@@ -97,31 +97,22 @@ class CurveResult:
 
 def _spec(model: nn.Module, task):
     from .. import align  # the alignment package; imported here so landscape works without it
+    from ..state import example_input
 
-    x, _ = next(iter(task.batches("train")))
-    return align.permutation_spec(working_copy(model), x[:8])
+    return align.permutation_spec(working_copy(model), example_input(task))
 
 
 def align_endpoint(model: nn.Module, a: dict, b: dict, task, how: str, seed: int = 0) -> dict:
-    """B with its neurons permuted to match A (``mergescope.align``: weight or activation matching)."""
+    """B with its neurons permuted to match A (a ``mergescope.align`` registry method that permutes:
+    weight, activation, ...; activation matching reads the train split in whole-split batches)."""
     from .. import align
 
-    spec = _spec(model, task)
-    if how == "weight":
-        perm = align.weight_matching(spec, a, b, seed=seed)
-    elif how == "activation":
-        model_a, model_b = _module_with(model, a), _module_with(model, b)
-        perm = align.activation_matching(spec, model_a, model_b, task.batches("train"), seed=seed)
-    else:
-        raise MergescopeError(f"align {how!r}: expected one of weight, activation (or None)")
-    permuted = align.apply(spec, perm, b)
+    aligner = align.get(how)
+    if aligner.merges:
+        raise MergescopeError(f"align {how!r}: merges the models instead of permuting B; choose a permuting method")
+    params = {"batch_size": None} if "batch_size" in aligner.params else {}
+    permuted = aligner(_spec(model, task), a, b, task=task, seed=seed, template=model, **params).state
     return {k: permuted[k].float() for k in b}
-
-
-def _module_with(model: nn.Module, state: Mapping) -> nn.Module:
-    net = working_copy(model)
-    net.load_state_dict({**net.state_dict(), **state})
-    return net
 
 
 class PamStep:

@@ -102,35 +102,22 @@ def recompute_batchnorm(net: nn.Module, chunk: Stack, task, split: str = "train"
     """Replace the running statistics of every point by those of its own activations on ``split``.
 
     Interpolating BN running statistics does not give the statistics of the interpolated network
-    (the variance collapses along the path; Jordan et al. 2023, "REPAIR"). Like ``torch``'s
-    cumulative mode (momentum=None), the new statistic is the average over the split's batches of
-    each batch's statistic, each computed with the preceding layers already in train-mode BN.
+    (the variance collapses along the path; Jordan et al. 2023, "REPAIR"). Each point is reset by
+    ``mergescope.state.reset_batchnorm``: exact per-layer mean and population variance over the
+    whole split, layer by layer in eval mode (one point at a time; ``vectorize`` is not used here).
     """
+    from ..state import reset_batchnorm
+
     bns = batchnorm_modules(net)
     if not bns:
         return chunk
     keys = [f"{n}.{s}" for n, _ in bns for s in ("running_mean", "running_var")]
-    momenta = {n: m.momentum for n, m in bns}
-    for _, m in bns:
-        m.momentum = 1.0  # one batch -> running stat == that batch's stat
-        m.train()
-    total = {k: torch.zeros_like(chunk[k]) for k in keys}
-    count = 0
-    try:
-        with torch.no_grad():
-            for x, _ in task.batches(split):
-                buffers = {k: chunk[k].clone() for k in keys}
-                _forward(net, {**chunk, **buffers}, x, vectorize)
-                for k in keys:
-                    total[k] += buffers[k]
-                count += 1
-    finally:
-        for n, m in bns:
-            m.momentum = momenta[n]
-            m.eval()
-    if count == 0:
+    xs = [x for x, _ in task.batches(split)]
+    if not xs:
         raise MergescopeError(f"task {getattr(task, 'name', task)}: split {split!r} is empty; cannot recompute BatchNorm")
-    return {**chunk, **{k: total[k] / count for k in keys}}
+    size = next(iter(chunk.values())).shape[0]
+    points = [reset_batchnorm(net, {k: v[i] for k, v in chunk.items()}, xs) for i in range(size)]
+    return {**chunk, **{k: torch.stack([p[k] for p in points]) for k in keys}}
 
 
 def split_metrics(net: nn.Module, chunk: Stack, task, split: str, batches: int | None = None,

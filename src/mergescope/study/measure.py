@@ -6,7 +6,6 @@ plain JSON-able results that ``sections`` turns into figures and readings.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
@@ -29,10 +28,10 @@ def timed(fn):
 
 
 def with_state(module: nn.Module, state: State) -> nn.Module:
-    """A copy of the template holding ``state``, in eval mode."""
-    net = copy.deepcopy(module)
-    net.load_state_dict(state)
-    return net.eval()
+    """A copy of the template holding ``state``, in eval mode (``mergescope.state.with_state``)."""
+    from ..state import with_state as held
+
+    return held(module, state)
 
 
 def evaluate_state(module: nn.Module, state: State, task) -> dict:
@@ -53,32 +52,29 @@ def ensemble_row(module: nn.Module, states: Sequence[State], task, method: str) 
 
 def spec_for(module: nn.Module, task):
     from .. import align
+    from ..state import example_input
 
-    return align.permutation_spec(module, next(iter(task.batches("train", batch_size=8)))[0])
+    return align.permutation_spec(module, example_input(task))
 
 
 def merge_states(method: str, states: Sequence[State], base: State | None, **params) -> dict[str, torch.Tensor]:
     """Apply a per-tensor merge method to whole states (integer buffers are taken from the first)."""
     from ..merge.methods import get
+    from ..state import per_tensor
 
-    fn = get(method)
-    return {name: fn([s[name] for s in states], None if base is None else base[name], **params)
-            if first.is_floating_point() else first.clone() for name, first in states[0].items()}
+    return per_tensor(get(method), states, base, **params)
 
 
 def align_to_first(module: nn.Module, states: Sequence[State], task, method: str, seed: int = 0) -> list[dict]:
-    """Permute every model to match the first: weight matching, or activation matching on train data."""
+    """Permute every model to match the first (a registry method: weight matching, or activation
+    matching on train data in batches of 256)."""
     from .. import align
-    from ..align.many import align_to_reference
 
     spec = spec_for(module, task)
-    if method == "weight":
-        return list(align_to_reference(spec, states, seed=seed).states)
-    reference = with_state(module, states[0])
-    return [dict(states[0])] + [
-        align.apply(spec, align.activation_matching(spec, reference, with_state(module, s),
-                                                    task.batches("train", batch_size=256), seed=seed), s)
-        for s in states[1:]]
+    aligner = align.get(method)
+    params = {"batch_size": 256} if "batch_size" in aligner.params else {}
+    return [dict(states[0])] + [aligner(spec, states[0], s, task=task, seed=seed, template=module, **params).state
+                                for s in states[1:]]
 
 
 # --- mode convexity ---------------------------------------------------------------------------
