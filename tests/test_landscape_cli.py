@@ -148,3 +148,28 @@ def test_curve_midpoint_checkpoint_feeds_a_three_model_plane(ckpts, tmp_path):
     assert main(["-q", "landscape", "plane", str(ckpts[0]), str(ckpts[1]), str(mid), "--grid", "3",
                  "--out", str(out)]) == 0
     assert [a["name"] for a in _read(out, "plane")["anchors"]] == ["m0", "m1", "mid"]
+
+
+def test_stability_seeds_a_user_factory_like_train(tmp_path, monkeypatch):
+    """A package.module:factory model is initialised from --seed (tasks.seeded_model), so runs repeat."""
+    (tmp_path / "stabzoo.py").write_text("import mergescope as ms\n"
+                                         "def small(**kw):\n"
+                                         "    return ms.tasks.build('mlp', width=8, **kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = []
+    for name in ("one", "two"):
+        out = tmp_path / name
+        assert main(["-q", "landscape", "stability", "--model", "stabzoo:small", "--ks", "0,1", "--epochs", "2",
+                     "--n", "3", "--out", str(out)]) == 0
+        runs.append((out / "stability.json").read_text())
+    assert runs[0] == runs[1]
+
+
+def test_one_training_fallback_for_models_outside_the_zoo():
+    from mergescope.tasks import TRAIN_DEFAULTS, train_defaults
+    from mergescope.tasks.zoo import FALLBACK_TRAIN
+
+    assert train_defaults("mlp") == TRAIN_DEFAULTS["mlp"]
+    assert train_defaults("mypkg.models:net") == FALLBACK_TRAIN
+    train_defaults("mypkg.models:net")["epochs"] = 1  # a copy: the fallback itself never changes
+    assert FALLBACK_TRAIN["epochs"] == 30

@@ -73,7 +73,7 @@ def train(
 ):
     """Train a model on digits deterministically (same seed, same bits) and print its test accuracy."""
     from ..io import load, provenance, save
-    from ..tasks import TRAIN_DEFAULTS, digits, seeded_model, train as train_model
+    from ..tasks import digits, seeded_model, train as train_model, train_defaults
     from ..tasks.checkpoints import load_state_into, model_for, model_metadata
 
     from ..io import check_output_path
@@ -90,7 +90,7 @@ def train(
     else:
         model = model or "mlp"
         module, options = seeded_model(model, seed, given)
-    defaults = TRAIN_DEFAULTS.get(model, {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64})
+    defaults = train_defaults(model)
     params = {**defaults, "epochs": defaults["epochs"] if epochs is None else epochs, "lr": defaults["lr"] if lr is None else lr}
     epochs = params["epochs"]
     with progress() as bar:

@@ -300,23 +300,23 @@ def stability(
     from ..landscape import spawn_stability
     from ..report.landscape_figures import plot_stability
     from ..landscape.stability import spawn_epochs
-    from ..tasks import TRAIN_DEFAULTS, get_task, make_model
+    from ..tasks import get_task, seeded_model, train_defaults
 
     try:
         spawn = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         raise MergescopeError(f"--ks {ks!r}: expected comma-separated integers like 0,1,2,5") from None
     check_side_outputs([], folders=[(out, ["stability.json", "stability.png"])])
-    defaults = TRAIN_DEFAULTS.get(model, {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 32})
+    defaults = train_defaults(model)
     epochs = epochs or defaults["epochs"]
     options = {"width": width} if width else {}
-    module = make_model(model, seed=seed, **options) if ":" not in model else make_model(model, **options)
+    module, _ = seeded_model(model, seed, options)
     the_task = get_task(task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("spawning", total=spawn_epochs(spawn, epochs))
         result = spawn_stability(module, the_task, ks=spawn, epochs=epochs, lr=lr or defaults["lr"],
-                                 weight_decay=defaults.get("weight_decay", 1e-4),
-                                 batch_size=defaults.get("batch_size", 32), seed=seed, n=n, split=split,
+                                 weight_decay=defaults["weight_decay"], batch_size=defaults["batch_size"], seed=seed,
+                                 n=n, split=split,
                                  on_epoch=lambda label: bar.update(job, advance=1))
     write_json(out / "stability.json", {"model": model, "options": options, **result.to_dict()})
     plot_stability(result, out / "stability.png")

@@ -7,10 +7,10 @@ from .digits import digits
 from .factory import resolve
 from .mnist1d import mnist1d
 from .train import train
-from .zoo import TRAIN_DEFAULTS, ZOO, build, model_options
+from .zoo import TRAIN_DEFAULTS, ZOO, build, model_options, train_defaults
 
 __all__ = ["SPLITS", "TRAIN_DEFAULTS", "Task", "TensorClassificationTask", "ZOO", "build", "digits", "get_task",
-           "make_model", "mnist1d", "model_options", "resolve", "seeded_model", "train"]
+           "make_model", "mnist1d", "model_options", "resolve", "seeded_model", "train", "train_defaults"]
 
 
 def get_task(spec: str = "digits", **kwargs) -> Task:

@@ -194,6 +194,14 @@ TRAIN_DEFAULTS: dict[str, dict] = {
     # chosen on MNIST-1D (docs/mnist1d.md): 98.6-98.7% test over seeds 0-2, ~5 s each on 1 thread
     "cnn1d": {"epochs": 10, "lr": 1e-2, "weight_decay": 1e-4, "batch_size": 64},
 }
+# Settings for a model outside the zoo (a user's package.module:factory): the one fallback every
+# command uses (`train` has always trained such models with it).
+FALLBACK_TRAIN: dict = {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64}
+
+
+def train_defaults(model: str) -> dict:
+    """Training settings for a model spec: the zoo model's ``TRAIN_DEFAULTS``, else ``FALLBACK_TRAIN``."""
+    return dict(TRAIN_DEFAULTS.get(model, FALLBACK_TRAIN))
 
 
 # Bounds on zoo options: any value inside builds in well under a GB; a checkpoint's metadata or a
