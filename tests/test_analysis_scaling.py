@@ -13,11 +13,6 @@ from mergescope.analysis import scaling
 from mergescope.ensemble import run, split_tensors
 
 
-@pytest.fixture(scope="module")
-def task():
-    return tasks.digits()
-
-
 def np_kl_of_scaled_logits(z, c):
     """mean KL(softmax(z) || softmax(c z))."""
     def log_softmax(a):

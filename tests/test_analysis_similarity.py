@@ -46,11 +46,6 @@ def permute_mlp_hidden(state, perms):
     return s
 
 
-@pytest.fixture(scope="module")
-def task():
-    return tasks.digits()
-
-
 def test_cka_with_itself_is_one_on_diagonal_and_permutation_invariant(task):
     torch.manual_seed(0)
     model = tasks.build("mlp", seed=3, width=48)

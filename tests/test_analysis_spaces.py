@@ -14,13 +14,7 @@ from mergescope.ensemble import run, split_tensors
 
 
 @pytest.fixture(scope="module")
-def task():
-    return tasks.digits()
-
-
-@pytest.fixture(scope="module")
 def family(task):
-    torch.set_num_threads(1)
     return spaces.train_family("seeds", "mlp", 3, task, {"width": 16}, epochs=2)
 
 

@@ -15,13 +15,7 @@ WIDTH = 24
 
 
 @pytest.fixture(scope="module")
-def task():
-    return tasks.digits()
-
-
-@pytest.fixture(scope="module")
 def trained(task):
-    torch.set_num_threads(1)
     model = tasks.build("mlp", seed=0, width=WIDTH)
     tasks.train(model, task, epochs=6, lr=2e-3, seed=0)
     return model, {k: v.clone() for k, v in model.state_dict().items()}

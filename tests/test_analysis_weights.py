@@ -13,11 +13,6 @@ from mergescope import tasks
 from mergescope.analysis import weights
 
 
-@pytest.fixture(scope="module")
-def task():
-    return tasks.digits()
-
-
 def test_effective_rank_closed_forms():
     assert weights.effective_rank(torch.eye(7)) == pytest.approx(7.0)
     assert weights.effective_rank(torch.ones(5, 3)) == pytest.approx(1.0)

@@ -13,14 +13,8 @@ WIDTH = 32
 
 
 @pytest.fixture(scope="module")
-def task():
-    return tasks.digits()
-
-
-@pytest.fixture(scope="module")
 def zoo(task):
     """Three small MLPs from different seeds, briefly trained (diverse, not identical)."""
-    torch.set_num_threads(1)
     states = []
     for seed in range(3):
         model = tasks.build("mlp", seed=seed, width=WIDTH)
