@@ -26,6 +26,26 @@ def plot_weights(result: dict, path, title: str | None = None) -> None:
     fig = plt.figure(figsize=(0.8 * cols + 2.2, row_h * len(names) + 3.8))
     grid = fig.add_gridspec(len(names) + 1, cols + 1, height_ratios=[row_h] * len(names) + [3.0],
                             width_ratios=[1] * cols + [0.25], hspace=0.45, wspace=0.08)
+    images = _template_rows(fig, grid, result, n_cls, n_units, strip)
+    bar = fig.colorbar(images["class"], cax=fig.add_subplot(grid[:len(names), cols]))
+    bar.set_label("class directions dz_c/dx", fontsize=7)
+    top = 1.0 - 0.1 / (row_h * len(names) + 3.8)
+    fig.text(0.45 * n_cls / (cols + 0.25), top, "class directions E[dz_c/dx] (shared colour scale)", ha="center",
+             fontsize=9)
+    if n_units:
+        fig.text((n_cls + 1 + 0.5 * n_units) / (cols + 0.25), top,
+                 f"first-layer units ({result['unit_layer']}; each on its own symmetric scale)",
+                 ha="center", fontsize=9)
+    _layer_bars(fig, grid, result, cols)
+    if title:
+        fig.suptitle(title, y=1.02)
+    save(fig, path)
+
+
+def _template_rows(fig, grid, result: dict, n_cls: int, n_units: int, strip: bool) -> dict:
+    """One row of template images per model (class directions on one shared scale, then units each on
+    its own); returns the last image of each kind, for the colour bar."""
+    names, units = result["names"], result["unit_templates"]
     scales = {"class": max(np.abs(np.asarray(result["class_templates"][n])).max() for n in names) or 1.0}
     images = {}
     for r, name in enumerate(names):
@@ -44,15 +64,12 @@ def plot_weights(result: dict, path, title: str | None = None) -> None:
                     ax.set_title(f"class {c}" if kind == "class" else f"unit {c}", fontsize=7)
                 if c == 0 and kind == "class":
                     ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center", fontweight="bold")
-    bar = fig.colorbar(images["class"], cax=fig.add_subplot(grid[:len(names), cols]))
-    bar.set_label("class directions dz_c/dx", fontsize=7)
-    top = 1.0 - 0.1 / (row_h * len(names) + 3.8)
-    fig.text(0.45 * n_cls / (cols + 0.25), top, "class directions E[dz_c/dx] (shared colour scale)", ha="center",
-             fontsize=9)
-    if n_units:
-        fig.text((n_cls + 1 + 0.5 * n_units) / (cols + 0.25), top,
-                 f"first-layer units ({result['unit_layer']}; each on its own symmetric scale)",
-                 ha="center", fontsize=9)
+    return images
+
+
+def _layer_bars(fig, grid, result: dict, cols: int) -> None:
+    """Bottom row: per-layer norm and effective rank of every model, as grouped bars."""
+    names = result["names"]
     layers = list(result["stats"][names[0]])
     for j, key in enumerate(("norm", "effective_rank")):
         half = (cols + 1) // 2
@@ -65,9 +82,6 @@ def plot_weights(result: dict, path, title: str | None = None) -> None:
         ax.set_title(key.replace("_", " "), fontsize=9)
         if j == 0:
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, y=1.02)
-    save(fig, path)
 
 
 def plot_spaces(result: dict, path) -> None:
