@@ -141,6 +141,9 @@ def zipit(spec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, alpha
     unmerged: the state is then *widened* (2n units in those groups, a shared trunk and two tails
     whose outputs are mixed (1 - alpha) : alpha); build the module with ``partial.zipped_model``.
     K = 0 is the full zip; K = all groups is the output ensemble.
+
+    Complexity 22 by radon, kept: one pass over the traced unit groups in forward order, where each
+    group is zipped, left unmerged or copied; splitting the pass would scatter its shared state.
     """
     from . import partial
     from .repair import reset_bn_stats

@@ -88,6 +88,29 @@ def _choose_negation(target_val: list[float], control_val: list[float], floor: f
     return min(ok, key=lambda i: (target_val[i], i)) if ok else 0
 
 
+def _checked_names(states: Mapping, tasks: Mapping) -> tuple[str, ...]:
+    names = tuple(states)
+    if not names:
+        raise MergescopeError("task vectors: give at least one fine-tuned state")
+    missing = [n for n in names if n not in tasks]
+    if missing:
+        raise MergescopeError(f"task vectors: no task for {', '.join(missing)}")
+    return names
+
+
+def _negation(model: nn.Module, theta0, tau, name: str, names, tasks, scales, bn_reset: bool,
+              control_floor: float) -> dict:
+    """base - lambda * tau for one task: accuracy on it and on the others, lambda chosen on validation."""
+    points = _scaled(theta0, tau, [-s for s in scales])
+    target = _accuracy(model, points, tasks[name], ("val", "test"), bn_reset)
+    others = [_accuracy(model, points, tasks[m], ("val", "test"), bn_reset) for m in names if m != name]
+    control = {s: list(np.mean([o[s] for o in others], axis=0)) for s in ("val", "test")}
+    pick = _choose_negation(target["val"], control["val"], control_floor * control["val"][0])
+    return {"target_val": target["val"], "target_test": target["test"], "control_val": control["val"],
+            "control_test": control["test"], "chosen_scale": scales[pick],
+            "chosen_target_test": target["test"][pick], "chosen_control_test": control["test"][pick]}
+
+
 def task_vectors(model: nn.Module, base: Mapping[str, torch.Tensor], states: Mapping[str, Mapping[str, torch.Tensor]],
                  tasks: Mapping[str, object], scales: Sequence[float] = DEFAULT_SCALES, bn_reset: bool = True,
                  control_floor: float = 0.95) -> TaskVectorResult:
@@ -99,12 +122,7 @@ def task_vectors(model: nn.Module, base: Mapping[str, torch.Tensor], states: Map
     forgetting of task i that keeps accuracy on the other tasks >= ``control_floor`` x the base's
     (Ilharco et al.'s criterion).
     """
-    names = tuple(states)
-    if not names:
-        raise MergescopeError("task vectors: give at least one fine-tuned state")
-    missing = [n for n in names if n not in tasks]
-    if missing:
-        raise MergescopeError(f"task vectors: no task for {', '.join(missing)}")
+    names = _checked_names(states, tasks)
     scales = tuple(float(s) for s in scales)
     theta0 = as_state(model, base, "base")
     thetas = {n: as_state(model, states[n], n) for n in names}
@@ -122,17 +140,8 @@ def task_vectors(model: nn.Module, base: Mapping[str, torch.Tensor], states: Map
     one = stack([theta0, *thetas.values()])
     single = {n: _accuracy(model, one, tasks[n], ("test",), bn_reset)["test"] for n in names}
 
-    negation = {}
-    if len(names) >= 2:
-        for i, n in enumerate(names):
-            points = _scaled(theta0, taus[i], [-s for s in scales])
-            target = _accuracy(model, points, tasks[n], ("val", "test"), bn_reset)
-            others = [_accuracy(model, points, tasks[m], ("val", "test"), bn_reset) for m in names if m != n]
-            control = {s: list(np.mean([o[s] for o in others], axis=0)) for s in ("val", "test")}
-            pick = _choose_negation(target["val"], control["val"], control_floor * control["val"][0])
-            negation[n] = {"target_val": target["val"], "target_test": target["test"], "control_val": control["val"],
-                           "control_test": control["test"], "chosen_scale": scales[pick],
-                           "chosen_target_test": target["test"][pick], "chosen_control_test": control["test"][pick]}
+    negation = {n: _negation(model, theta0, taus[i], n, names, tasks, scales, bn_reset, control_floor)
+                for i, n in enumerate(names)} if len(names) >= 2 else {}
     return TaskVectorResult(
         names=names, norms=norms, cosine=_rows(cos), layer_cosine=layer_cos, scales=scales,
         arithmetic_val={n: arith[n]["val"] for n in names}, arithmetic_test={n: arith[n]["test"] for n in names},

@@ -94,29 +94,11 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
 
     The result never shares memory with an input (inputs may be maps that are closed next).
     """
-    tensors = []
-    for model_index, name in job.inputs:
-        t = read(model_index, name)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        tensors.append(t)
+    tensors = _read_inputs(job, read, dtype)
     if not tensors[0].is_floating_point():
         return tensors[job.base or 0].to(job.dtype, copy=True)
-    work = tensors[0].dtype
-    for t in tensors[1:]:
-        work = torch.promote_types(work, t.dtype)
-    tensors = [t if t.dtype == work else t.to(work) for t in tensors]
     method = plan.method
-    params = dict(job.shared)
-    if method.base == "ignored" or job.base is None:
-        base, others, kept = None, tensors, range(len(tensors))
-    else:
-        base = tensors[job.base]
-        kept = [i for i in range(len(tensors)) if i != job.base]
-        others = [tensors[i] for i in kept]
-    for p in method.params:
-        if p.scope != "shared":
-            params[p.name] = [job.per_input[i][p.name] for i in kept]
+    base, others, params = _method_arguments(method, job, tensors)
     if method.random:
         params["seed"] = tensor_seed(seed, job.name)
     try:
@@ -127,6 +109,38 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
     if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors):
         out = out.clone()
     return out
+
+
+def _read_inputs(job: planning.Job, read: Callable[[int, str], torch.Tensor], dtype: torch.dtype | None) -> list:
+    """The job's input tensors, floats cast to ``dtype`` when given, then to one promoted working dtype."""
+    tensors = []
+    for model_index, name in job.inputs:
+        t = read(model_index, name)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        tensors.append(t)
+    if not tensors[0].is_floating_point():
+        return tensors
+    work = tensors[0].dtype
+    for t in tensors[1:]:
+        work = torch.promote_types(work, t.dtype)
+    return [t if t.dtype == work else t.to(work) for t in tensors]
+
+
+def _method_arguments(method, job: planning.Job, tensors: list) -> tuple:
+    """(base, others, params) for the method call: the base split out unless the method ignores it,
+    per-input parameters listed for the non-base inputs."""
+    params = dict(job.shared)
+    if method.base == "ignored" or job.base is None:
+        base, others, kept = None, tensors, range(len(tensors))
+    else:
+        base = tensors[job.base]
+        kept = [i for i in range(len(tensors)) if i != job.base]
+        others = [tensors[i] for i in kept]
+    for p in method.params:
+        if p.scope != "shared":
+            params[p.name] = [job.per_input[i][p.name] for i in kept]
+    return base, others, params
 
 
 def check_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> None:

@@ -66,19 +66,8 @@ def _run_units(config: StudyConfig, out: Path, units: list[tuple[int, str]], on_
     rerun starts no process. Returns ({replicate: {stage: result, "timings", "stages_reused"}},
     {"seconds", "trained", "reused"}).
     """
-    done = {r: {"timings": {}, "stages_reused": []} for r, _ in units}
-    todo = []
-    for r, name in units:
-        cached = _read_json(_cache_path(out, config, name, r))
-        if cached is None:
-            todo.append((r, name))
-        else:
-            done[r][name], done[r]["timings"][name] = cached, 0.0
-            done[r]["stages_reused"].append(name)
-    recipes = _needed_recipes(config, todo)
-    parents = list({p.key: p for p in (r.parent for r in recipes.values() if r.parent is not None)}.values())
-    others = [r for key, r in recipes.items() if key not in {p.key for p in parents}]
-    todo.sort(key=lambda unit: -STAGE_COST.get(unit[1], 1))
+    done, todo = _load_cached(config, out, units)
+    phases = _phases(config, out, todo)
     training = {"seconds": 0.0, "trained": 0, "reused": 0}
     total, finished = len(todo), [0]
 
@@ -90,22 +79,49 @@ def _run_units(config: StudyConfig, out: Path, units: list[tuple[int, str]], on_
 
     def collect(kind: str, key, value) -> None:
         if kind == "train":
-            training["seconds"] += value["seconds"]
-            training["trained"] += value["trained"]
-            training["reused"] += value["reused"]
+            for k in training:
+                training[k] += value[k]
         else:
             r, name = key
             done[r][name], done[r]["timings"][name] = value["result"], value["seconds"]
 
-    workers = min(config.workers or min(2, os.cpu_count() or 1), max(len(others), len(todo), 1))
-    phases = [[("train", p.key, (config, out, p)) for p in parents],
-              [("train", r.key, (config, out, r)) for r in others],
-              [("stage", unit, (config, out, *unit)) for unit in todo]]
+    workers = min(config.workers or min(2, os.cpu_count() or 1), max(len(phases[1]), len(todo), 1))
     if workers <= 1 or len(todo) <= 1:
         for phase in phases:
             for kind, key, args in phase:
                 collect(kind, key, UNIT_FUNCTIONS[kind](*args, report=report))
-        return done, training
+    else:
+        _run_in_pool(phases, workers, report, collect)
+    return done, training
+
+
+def _load_cached(config: StudyConfig, out: Path, units: list[tuple[int, str]]):
+    """(done, todo): the cached (stage, replicate) results loaded, and the units still to compute."""
+    done = {r: {"timings": {}, "stages_reused": []} for r, _ in units}
+    todo = []
+    for r, name in units:
+        cached = _read_json(_cache_path(out, config, name, r))
+        if cached is None:
+            todo.append((r, name))
+        else:
+            done[r][name], done[r]["timings"][name] = cached, 0.0
+            done[r]["stages_reused"].append(name)
+    todo.sort(key=lambda unit: -STAGE_COST.get(unit[1], 1))
+    return done, todo
+
+
+def _phases(config: StudyConfig, out: Path, todo: list[tuple[int, str]]) -> list[list[tuple]]:
+    """Three phases of (kind, key, args) units: train parents, train the other models, run the stages."""
+    recipes = _needed_recipes(config, todo)
+    parents = list({p.key: p for p in (r.parent for r in recipes.values() if r.parent is not None)}.values())
+    others = [r for key, r in recipes.items() if key not in {p.key for p in parents}]
+    return [[("train", p.key, (config, out, p)) for p in parents],
+            [("train", r.key, (config, out, r)) for r in others],
+            [("stage", unit, (config, out, *unit)) for unit in todo]]
+
+
+def _run_in_pool(phases: list[list[tuple]], workers: int, report, collect) -> None:
+    """Run each phase's units on a spawn-context process pool, relaying progress messages."""
     import multiprocessing
     import queue as queue_module
     from concurrent.futures import ProcessPoolExecutor, wait
@@ -126,7 +142,6 @@ def _run_units(config: StudyConfig, out: Path, units: list[tuple[int, str]], on_
                         break
                 for f in finished_now:
                     collect(*futures[f], f.result())
-    return done, training
 
 
 def _needed_recipes(config: StudyConfig, todo: list[tuple[int, str]]) -> dict:

@@ -396,57 +396,71 @@ def number_sections(sections: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- summary
 
 def summary_lines(results: dict) -> list[str]:
-    """Plain-language answers drawn from the verdicts: which merge to use for which models, and why."""
-    lines = []
-    conv = results.get("convexity", {})
-    if "replicates" in conv and conv["replicates"][0].get("same_basin"):
-        reps = conv["replicates"]
-        same = [r["paths"][r["same_basin"]]["barrier_loss"] for r in reps]
-        indep = [r["paths"][r["independent"]]["barrier_loss"] for r in reps]
-        c = compare("fine-tunes of one parent", same, "independent seeds", indep, higher_is_better=False)
-        lines.append(f"Loss barrier between two MLP fine-tunes of one parent {_iv(same)} vs two independent seeds "
-                     f"{_iv(indep)}: " + c.sentence("the barrier") + ".")
-    conn = results.get("connectivity", {})
-    if "replicates" in conn:
-        reps = conn["replicates"]
-        for arch in reps[0]["pairs"]:
-            test = {label: [r["pairs"][arch][key]["barrier_loss"] for r in reps]
-                    for key, label in PATH_KINDS if key in reps[0]["pairs"][arch]}
-            lines.append(_alignment_reading(arch, test))
-            if "Bezier curve" in test:
-                c = compare("the curve fitted after alignment", test["Bezier curve after activation matching"],
-                            "the curve without", test["Bezier curve"], higher_is_better=False)
-                claim = "as Tatro et al. report" if c.winner == c.a else "unlike Tatro et al.'s finding that it is lower"
-                lines.append(f"{arch}: {c.sentence('the test barrier')} ({claim}).")
-    det = results.get("determinism", {})
-    if "replicates" in det:
-        reps = det["replicates"]
-        for label, runs in _settings(reps).items():
-            ks = runs[0]["ks"]
-            first = interval([run["barrier_loss"][0] for run in runs])
-            fall = compare(f"the barrier at k={ks[0]}", [run["barrier_loss"][0] for run in runs],
-                           f"the barrier at k={ks[-1]}", [run["barrier_loss"][-1] for run in runs])
-            if first.excludes_zero() and first.mean > 0 and fall.winner == fall.a:
-                lines.append(f"{label}: runs from one initialization end in different basins (barrier "
-                             f"{first.text()} when split at k={ks[0]}), and shared training removes it "
-                             f"({fall.sentence('', verb='exceeds')}).")
-            else:
-                lines.append(f"{label}: the barrier at k={ks[0]} is {first.text()}; "
-                             + ("it is clearly above 0 but " if first.excludes_zero() and first.mean > 0 else "")
-                             + f"{fall.sentence('', verb='exceeds')}: no effect of shared training is shown here.")
-    dirn = results.get("directedness", {})
-    if "replicates" in dirn:
-        reps = dirn["replicates"]
-        for n in reps[0]["names"]:
-            arith = [r["chosen_test"][n] for r in reps]
-            base = [r["base_test"][n] for r in reps]
-            c = compare("task arithmetic", arith, "the parent", base)
-            lines.append(f"Task arithmetic on {n}: {_iv(arith, 1, 100)}% vs the parent's {_iv(base, 1, 100)}% "
-                         f"({c.sentence('test accuracy', 1, 100, ' pts')}).")
+    """Plain-language answers drawn from the verdicts: which merge to use for which models (first),
+    then the evidence, one stage at a time."""
+    evidence = []
+    for stage, lines in (("convexity", _convexity_summary), ("connectivity", _connectivity_summary),
+                         ("determinism", _determinism_summary), ("directedness", _directedness_summary)):
+        if "replicates" in results.get(stage, {}):
+            evidence += lines(results[stage]["replicates"])
     merge = results.get("merging", {})
+    advice = []
     if "replicates" in merge:
         reps = merge["replicates"]
         advice = [merge_advice(group, group_verdicts(reps, group))
                   for group in dict.fromkeys(r["models"] for r in reps[0]["rows"])]
-        lines = advice + lines  # the answer to "which merge should I use?" first, the evidence after
+    return advice + evidence
+
+
+def _convexity_summary(reps: list[dict]) -> list[str]:
+    if not reps[0].get("same_basin"):
+        return []
+    same = [r["paths"][r["same_basin"]]["barrier_loss"] for r in reps]
+    indep = [r["paths"][r["independent"]]["barrier_loss"] for r in reps]
+    c = compare("fine-tunes of one parent", same, "independent seeds", indep, higher_is_better=False)
+    return [f"Loss barrier between two MLP fine-tunes of one parent {_iv(same)} vs two independent seeds "
+            f"{_iv(indep)}: " + c.sentence("the barrier") + "."]
+
+
+def _connectivity_summary(reps: list[dict]) -> list[str]:
+    lines = []
+    for arch in reps[0]["pairs"]:
+        test = {label: [r["pairs"][arch][key]["barrier_loss"] for r in reps]
+                for key, label in PATH_KINDS if key in reps[0]["pairs"][arch]}
+        lines.append(_alignment_reading(arch, test))
+        if "Bezier curve" in test:
+            c = compare("the curve fitted after alignment", test["Bezier curve after activation matching"],
+                        "the curve without", test["Bezier curve"], higher_is_better=False)
+            claim = "as Tatro et al. report" if c.winner == c.a else "unlike Tatro et al.'s finding that it is lower"
+            lines.append(f"{arch}: {c.sentence('the test barrier')} ({claim}).")
+    return lines
+
+
+def _determinism_summary(reps: list[dict]) -> list[str]:
+    lines = []
+    for label, runs in _settings(reps).items():
+        ks = runs[0]["ks"]
+        first = interval([run["barrier_loss"][0] for run in runs])
+        fall = compare(f"the barrier at k={ks[0]}", [run["barrier_loss"][0] for run in runs],
+                       f"the barrier at k={ks[-1]}", [run["barrier_loss"][-1] for run in runs])
+        shows = first.excludes_zero() and first.mean > 0
+        if shows and fall.winner == fall.a:
+            lines.append(f"{label}: runs from one initialization end in different basins (barrier "
+                         f"{first.text()} when split at k={ks[0]}), and shared training removes it "
+                         f"({fall.sentence('', verb='exceeds')}).")
+        else:
+            lines.append(f"{label}: the barrier at k={ks[0]} is {first.text()}; "
+                         + ("it is clearly above 0 but " if shows else "")
+                         + f"{fall.sentence('', verb='exceeds')}: no effect of shared training is shown here.")
+    return lines
+
+
+def _directedness_summary(reps: list[dict]) -> list[str]:
+    lines = []
+    for n in reps[0]["names"]:
+        arith = [r["chosen_test"][n] for r in reps]
+        base = [r["base_test"][n] for r in reps]
+        c = compare("task arithmetic", arith, "the parent", base)
+        lines.append(f"Task arithmetic on {n}: {_iv(arith, 1, 100)}% vs the parent's {_iv(base, 1, 100)}% "
+                     f"({c.sentence('test accuracy', 1, 100, ' pts')}).")
     return lines

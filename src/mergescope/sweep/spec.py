@@ -140,23 +140,30 @@ def _check_grid(sweep: MergeGridSweep) -> None:
         if method.base == "required" and sweep.base is None:
             raise MergescopeError(f"{where}: merge method {m.method!r} needs 'base'")
         for models in sets:
-            n = len(models) + (1 if sweep.base is not None and method.base != "ignored" else 0)
-            if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
-                raise MergescopeError(f"{where}: a model set of {len(models)} checkpoint(s) gives {n} models (with "
-                                      "the base), but "
-                                      f"{m.method} takes {method.min_inputs}" +
-                                      ("" if method.max_inputs == method.min_inputs else
-                                       " or more" if method.max_inputs is None else f" to {method.max_inputs}"))
+            _check_set_size(where, m.method, method, len(models), sweep.base is not None)
         for key, values in m.grid.items():
             if key == "seed" and method.random:
-                for v in values:
-                    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
-                        raise MergescopeError(f"{where}: grid.seed: seeds must be integers in [0, 2**63-1], got {v!r}")
+                _check_seeds(where, values)
                 continue
-            n_values = {len(models) for models in sets}
             for v in values:
-                for n in sorted(n_values):
+                for n in sorted({len(models) for models in sets}):
                     check_parameters(m.method, {key: v}, f"{where}: grid.{key}", n)
+
+
+def _check_set_size(where: str, name: str, method, size: int, has_base: bool) -> None:
+    """A model set (plus the base, when the method uses it) must be a size the method takes."""
+    n = size + (1 if has_base and method.base != "ignored" else 0)
+    if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+        takes = ("" if method.max_inputs == method.min_inputs else
+                 " or more" if method.max_inputs is None else f" to {method.max_inputs}")
+        raise MergescopeError(f"{where}: a model set of {size} checkpoint(s) gives {n} models (with the base), "
+                              f"but {name} takes {method.min_inputs}{takes}")
+
+
+def _check_seeds(where: str, values: list) -> None:
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
+            raise MergescopeError(f"{where}: grid.seed: seeds must be integers in [0, 2**63-1], got {v!r}")
 
 
 def count_tasks(sweep) -> int:

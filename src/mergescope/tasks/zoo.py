@@ -224,15 +224,8 @@ def check_zoo_options(name: str, options: dict, where: str | None = None) -> Non
         shown = ", ".join(sorted(str(k)[:40] for k in unknown))
         raise MergescopeError(f"{where}: unknown option(s) {shown} (valid: {', '.join(defaults)})")
     for key, value in options.items():
-        if value is None:
-            continue
-        if isinstance(defaults[key], bool):
-            if not isinstance(value, bool):
-                raise MergescopeError(f"{where}: option {key!r} must be true or false, got {repr(value)[:40]}")
-            continue
-        lo, hi = OPTION_BOUNDS.get(key, (1, 2**31 - 1))
-        if type(value) is not int or not lo <= value <= hi:
-            raise MergescopeError(f"{where}: option {key!r} must be an integer in [{lo}, {hi}], got {repr(value)[:40]}")
+        if value is not None:
+            _check_option(key, value, defaults[key], where)
     dim, heads = options.get("dim") or defaults.get("dim"), options.get("heads") or defaults.get("heads")
     if dim is not None and heads is not None and dim % heads:
         raise MergescopeError(f"{where}: dim {dim} must be a multiple of heads {heads}")
@@ -242,6 +235,17 @@ def check_zoo_options(name: str, options: dict, where: str | None = None) -> Non
         count = parameter_count(name, given)
         raise MergescopeError(f"{where}: these options give {count:,} parameters, over the zoo's limit of "
                               f"{MAX_PARAMETERS:,}; use your own model (--model package.module:factory) for that size")
+
+
+def _check_option(key: str, value, default, where: str) -> None:
+    """One option: a bool where the default is a bool, else an integer inside ``OPTION_BOUNDS``."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise MergescopeError(f"{where}: option {key!r} must be true or false, got {repr(value)[:40]}")
+        return
+    lo, hi = OPTION_BOUNDS.get(key, (1, 2**31 - 1))
+    if type(value) is not int or not lo <= value <= hi:
+        raise MergescopeError(f"{where}: option {key!r} must be an integer in [{lo}, {hi}], got {repr(value)[:40]}")
 
 
 def parameter_count(name: str, options: dict) -> int:
