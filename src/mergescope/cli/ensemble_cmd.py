@@ -168,7 +168,7 @@ def analyse_spaces(
     """Weight averaging vs feature and output averaging for 2..N models of each family."""
     from ..analysis import spaces
     from ..report import analysis_figures as figures
-    from ..ensemble import split_tensors
+    from ..state import example_input
 
     check_side_outputs(checkpoints or [], folders=[(out, ["spaces.json", "spaces.png"])])
     with torch_threads(threads):
@@ -191,8 +191,7 @@ def analyse_spaces(
             _need(states, 2, "analyse spaces")
             families, base, name = {"given": list(states.values())}, "given", type(module).__name__
         if align and spaces.alignment_available():
-            example = split_tensors(task_obj, "test")[0][:8]
-            families[f"{base} aligned"] = spaces.align_family(module, families[base], example)
+            families[f"{base} aligned"] = spaces.align_family(module, families[base], example_input(task_obj))
         elif align:
             say("alignment unavailable in this build: the aligned family is left out")
         result = spaces.compare(module, families, task_obj, model_name=name)
@@ -270,7 +269,7 @@ def analyse_cka(
     """Linear CKA between every pair of layers of two models, before and after alignment."""
     from ..analysis import similarity, spaces
     from ..report import analysis_figures as figures
-    from ..ensemble import split_tensors
+    from ..state import example_input
 
     check_side_outputs([model_a, model_b], folders=[(out, ["cka.json", "cka.png"])])
     with torch_threads(threads):
@@ -278,7 +277,7 @@ def analyse_cka(
         a, b = states.values()
         aligned = None
         if align and spaces.alignment_available():
-            aligned = spaces.align_family(module, [a, b], split_tensors(task_obj, "test")[0][:8])[1]
+            aligned = spaces.align_family(module, [a, b], example_input(task_obj))[1]
         elif align:
             say("alignment unavailable in this build: showing CKA before alignment only")
         result = similarity.compare(module, a, b, task_obj, state_b_aligned=aligned)

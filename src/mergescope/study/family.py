@@ -18,7 +18,7 @@ import torch
 from .._version import __version__
 from ..errors import MergescopeError
 from ..io import load, save
-from ..tasks import TRAIN_DEFAULTS, build, get_task, train
+from ..tasks import build, get_task, train, train_defaults
 from ..tasks.checkpoints import load_state_into, model_metadata
 
 
@@ -97,7 +97,7 @@ class Family:
         net = build(r.model, seed=r.seed, **dict(r.options))
         if r.parent is not None:
             load_state_into(net, self.state(r.parent), f"parent {r.parent.key}")
-        params = {**TRAIN_DEFAULTS[r.model], "epochs": r.epochs}
+        params = {**train_defaults(r.model), "epochs": r.epochs}
         if r.lr is not None:
             params["lr"] = r.lr
         if r.epochs > 0:

@@ -124,12 +124,12 @@ def determinism(ctx: Context) -> dict:
     """Instability analysis (Frankle et al. 2020): spawn two children after k shared epochs, on digits
     (MLP) and on MNIST-1D, where a run's basin is decided later."""
     from ..landscape import spawn_stability
-    from ..tasks import TRAIN_DEFAULTS, build
+    from ..tasks import build, train_defaults
 
     c = ctx.config
     settings = {
         "digits MLP": ("mlp", {"width": c.mlp_width, "depth": 2}, ctx.task, c.spawn_epochs, c.spawn_total_epochs,
-                       TRAIN_DEFAULTS["mlp"]["lr"]),
+                       train_defaults("mlp")["lr"]),
         f"MNIST-1D {c.mnist1d_spawn_model.upper()}, lr {c.mnist1d_spawn_lr:g}": (
             c.mnist1d_spawn_model, {"width": c.mnist1d_spawn_width, **_mnist1d_inputs(c.mnist1d_spawn_model)},
             ctx.mnist1d, c.mnist1d_spawn_ks, c.mnist1d_spawn_epochs, c.mnist1d_spawn_lr),
@@ -139,7 +139,7 @@ def determinism(ctx: Context) -> dict:
     out = {}
     for label, (model, options, task, ks, epochs, lr) in settings.items():
         init = build(model, seed=ctx.seed + 300, **options)
-        defaults = TRAIN_DEFAULTS[model]
+        defaults = train_defaults(model)
         result = spawn_stability(init, task, ks=ks, epochs=epochs, lr=lr, weight_decay=defaults["weight_decay"],
                                  batch_size=defaults["batch_size"], seed=ctx.seed + 300, n=c.path_points,
                                  on_epoch=ctx.tick)
