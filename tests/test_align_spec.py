@@ -11,28 +11,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mergescope as ms
+from modelutil import randomize_buffers
 from mergescope.align import PermutationSpec, apply, permutation_spec, random_permutation
 from mergescope.errors import MergescopeError
 
 torch.set_num_threads(1)
 TOL = 1e-5
-
-
-def _randomize_buffers(model: nn.Module, seed: int) -> nn.Module:
-    """Give BatchNorm non-trivial running statistics and affine, so eval mode exercises them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) and m.weight is not None:
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                if getattr(m, "bias", None) is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model.eval()
 
 
 def _check_equivalent(model: nn.Module, x, seed: int = 0) -> PermutationSpec:
@@ -56,7 +40,7 @@ def _check_equivalent(model: nn.Module, x, seed: int = 0) -> PermutationSpec:
 @pytest.mark.parametrize("name, options", [("mlp", {}), ("cnn", {}), ("cnn", {"batchnorm": False}), ("resnet", {}),
                                            ("transformer", {})])
 def test_zoo_models_are_invariant_under_random_permutations(name, options):
-    model = _randomize_buffers(ms.tasks.build(name, seed=0, **options), seed=1)
+    model = randomize_buffers(ms.tasks.build(name, seed=0, **options), seed=1)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     spec = _check_equivalent(model, x)
     head = [k for k in model.state_dict() if k.startswith("head.")]
@@ -66,7 +50,7 @@ def test_zoo_models_are_invariant_under_random_permutations(name, options):
 
 def test_permuting_a_single_tensor_breaks_the_function():
     """Guard against a vacuous invariant: a permutation applied to one side only changes outputs."""
-    model = _randomize_buffers(ms.tasks.build("cnn", seed=0, width=8), seed=1)
+    model = randomize_buffers(ms.tasks.build("cnn", seed=0, width=8), seed=1)
     x = torch.randn(16, 64)
     spec = permutation_spec(model, x)
     perm = random_permutation(spec, generator=torch.Generator().manual_seed(0))
@@ -127,7 +111,7 @@ class _Composite(nn.Module):
 
 
 def test_a_model_defined_here_is_handled():
-    model = _randomize_buffers(_Composite(), seed=3)
+    model = randomize_buffers(_Composite(), seed=3)
     x = torch.randn(10, 64)
     spec = _check_equivalent(model, x)
     assert ("proj.weight", 1) in spec.layouts  # two concatenated channel groups x spatial blocks
@@ -171,7 +155,7 @@ class _ResidualNet(nn.Module):
        seed=st.integers(0, 10_000))
 def test_random_residual_nets(width, blocks, norm, seed):
     torch.manual_seed(seed)
-    model = _randomize_buffers(_ResidualNet(width, blocks, norm), seed)
+    model = randomize_buffers(_ResidualNet(width, blocks, norm), seed)
     spec = _check_equivalent(model, torch.randn(5, 7), seed)
     stream = [p for p, entries in spec.perms.items() if ("inp.weight", 0) in entries][0]
     assert ("out.weight", 1) in spec.perms[stream]  # one permutation shared along the residual stream
@@ -188,7 +172,7 @@ def test_random_cnns(channels, bn, pool, seed):
         cin = c
     layers += [nn.MaxPool2d(2) if pool else nn.Identity(), nn.Flatten(), nn.Linear(cin * (16 if pool else 64), 4)]
     body = nn.Sequential(*layers)
-    model = _randomize_buffers(nn.Sequential(nn.Unflatten(1, (1, 8, 8)), body), seed)
+    model = randomize_buffers(nn.Sequential(nn.Unflatten(1, (1, 8, 8)), body), seed)
     _check_equivalent(model, torch.randn(4, 64), seed)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import mergescope as ms
+from modelutil import randomize_buffers
 from mergescope.align import apply, permutation_spec, random_permutation
 from mergescope.errors import MergescopeError
 from mergescope.tasks.checkpoints import TASK_PATTERN, model_metadata, passed_metadata, task_for
@@ -175,22 +176,10 @@ def test_cnn1d_shapes_options_and_bounds():
         ms.tasks.build("cnn1d", width=0)
 
 
-def _randomize_buffers(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model.eval()
-
-
 @pytest.mark.parametrize("name, options", [("cnn1d", {}), ("cnn1d", {"batchnorm": False}),
                                            ("mlp", {"in_features": 40, "width": 64})])
 def test_1d_models_are_invariant_under_random_permutations(name, options):
-    model = _randomize_buffers(ms.tasks.build(name, seed=0, **options), seed=1)
+    model = randomize_buffers(ms.tasks.build(name, seed=0, **options), seed=1)
     x = torch.randn(16, 40, generator=torch.Generator().manual_seed(2))
     spec = permutation_spec(model, x)
     assert spec.perms, "no permutable groups found"

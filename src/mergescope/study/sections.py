@@ -34,6 +34,15 @@ def _pts(values) -> list[float]:
     return [100 * v for v in values]
 
 
+def _section(stage: str, title: str, intro: str, figures: list[dict], rows: list[dict] | None = None,
+             columns: list[str] | None = None) -> dict:
+    """A report section: id, title, intro (with the replicate design), figures and an optional table."""
+    section = {"id": stage, "title": title, "intro": f"{intro} {DESIGN}", "figures": figures}
+    if rows:
+        section["tables"] = [{"columns": columns or list(rows[0]), "rows": rows}]
+    return section
+
+
 # ----------------------------------------------------------------------------- 1. mode convexity
 
 def convexity_section(res: dict, fig_dir: Path) -> dict:
@@ -54,12 +63,11 @@ def convexity_section(res: dict, fig_dir: Path) -> dict:
              "train loss barrier": _iv([p["train_barrier_loss"] for p in paths[label]]),
              "loss barrier, BN statistics interpolated": _iv([p["naive_barrier_loss"] for p in paths[label]])
              if paths[label][0]["naive_barrier_loss"] is not None else "-"} for label in labels]
-    return {"id": "convexity", "title": "Mode convexity: is there a low-loss straight line?",
-            "intro": "Loss and accuracy on the test split along theta(t) = (1-t) A + t B. The barrier is the largest "
-                     "rise above the straight line between the endpoint values; BatchNorm statistics are recomputed "
-                     "at every point (the barrier with interpolated statistics is listed too). " + DESIGN,
-            "figures": [{"file": "convexity.png", "caption": reading}],
-            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+    return _section("convexity", "Mode convexity: is there a low-loss straight line?",
+                    "Loss and accuracy on the test split along theta(t) = (1-t) A + t B. The barrier is the largest "
+                    "rise above the straight line between the endpoint values; BatchNorm statistics are recomputed "
+                    "at every point (the barrier with interpolated statistics is listed too).",
+                    [{"file": "convexity.png", "caption": reading}], rows)
 
 
 def _cap(text: str) -> str:
@@ -97,15 +105,13 @@ def connectivity_section(res: dict, fig_dir: Path) -> dict:
     rows = [{"architecture": arch, "path": label, "replicates": len(v),
              "test loss barrier": _iv(v), "train loss barrier": _iv(values["train"][arch][label])}
             for arch in archs for label, v in values["test"][arch].items()]
-    return {"id": "connectivity", "title": "Connectivity: are minima joined by low-loss paths?",
-            "intro": "For pairs of independently trained models: the straight line, the line after aligning B's "
-                     "hidden units to A (weight or activation matching; BatchNorm statistics recomputed, which is "
-                     "REPAIR's correction for BN models), and a quadratic Bezier curve fitted between them without "
-                     "and with activation matching (Garipov et al. 2018; Tatro et al. 2020), each on test and train. "
-                     + DESIGN,
-            "figures": [{"file": "connectivity_curves.png", "caption": " ".join(readings + curve_readings)},
-                        {"file": "connectivity_matrix.png", "caption": matrix_reading}],
-            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+    return _section("connectivity", "Connectivity: are minima joined by low-loss paths?",
+                    "For pairs of independently trained models: the straight line, the line after aligning B's "
+                    "hidden units to A (weight or activation matching; BatchNorm statistics recomputed, which is "
+                    "REPAIR's correction for BN models), and a quadratic Bezier curve fitted between them without "
+                    "and with activation matching (Garipov et al. 2018; Tatro et al. 2020), each on test and train.",
+                    [{"file": "connectivity_curves.png", "caption": " ".join(readings + curve_readings)},
+                     {"file": "connectivity_matrix.png", "caption": matrix_reading}], rows)
 
 
 def _best_alignment(test: dict) -> str:
@@ -162,12 +168,11 @@ def determinism_section(res: dict, fig_dir: Path) -> dict:
                          "test loss barrier": _iv(per_k[i]),
                          "test accuracy barrier (pts)": _iv([run["barrier_acc"][i] for run in runs], 2, 100),
                          "child accuracy (%)": _iv([a for run in runs for a in run["child_accuracy"][i]], 1, 100)})
-    return {"id": "determinism", "title": "Determinism: when does a run commit to its basin?",
-            "intro": "Instability analysis (Frankle et al. 2020): train a parent for k epochs, copy it, train both "
-                     "copies to the end with different data orders, and measure the barrier between them. An "
-                     "accuracy barrier smaller than one test example (100/N points) is noise. " + DESIGN,
-            "figures": [{"file": "determinism.png", "caption": " ".join(readings)}],
-            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+    return _section("determinism", "Determinism: when does a run commit to its basin?",
+                    "Instability analysis (Frankle et al. 2020): train a parent for k epochs, copy it, train both "
+                    "copies to the end with different data orders, and measure the barrier between them. An "
+                    "accuracy barrier smaller than one test example (100/N points) is noise.",
+                    [{"file": "determinism.png", "caption": " ".join(readings)}], rows)
 
 
 # ----------------------------------------------------------------------------- 4. directedness
@@ -199,12 +204,10 @@ def directedness_section(res: dict, fig_dir: Path) -> dict:
              "fine-tune (%)": _iv([r["individual_test"][n] for r in reps], 1, 100),
              "task arithmetic (%)": _iv([r["chosen_test"][n] for r in reps], 1, 100),
              "norm of tau": _iv([r["norms"][i] for r in reps], 2)} for i, n in enumerate(names)]
-    return {"id": "directedness", "title": "Directedness: do task-specific directions exist?",
-            "intro": "Fine-tune the parent on disjoint label subsets; the task vectors tau = theta_ft - theta_parent "
-                     "are added (task arithmetic) or subtracted (negation) with a scale chosen on the validation "
-                     "split, and reported on test. " + DESIGN,
-            "figures": [{"file": "directedness.png", "caption": reading}],
-            "tables": [{"columns": list(rows[0]), "rows": rows}]}
+    return _section("directedness", "Directedness: do task-specific directions exist?",
+                    "Fine-tune the parent on disjoint label subsets; the task vectors tau = theta_ft - theta_parent "
+                    "are added (task arithmetic) or subtracted (negation) with a scale chosen on the validation "
+                    "split, and reported on test.", [{"file": "directedness.png", "caption": reading}], rows)
 
 
 # ----------------------------------------------------------------------------- 5. merging outcome
@@ -261,15 +264,14 @@ def merging_section(res: dict, fig_dir: Path) -> dict:
                 "test loss": "n/a (votes)" if vote else _iv(r["loss"]),
                 "seconds": "-" if r["seconds"][0] is None else f"{sum(r['seconds']) / len(r['seconds']):.3f}",
                 "_best": r is v["best_merge"] or r is v["best_ensemble"]})
-    return {"id": "merging", "title": "Merging outcome: every method on the same models",
-            "intro": "Test accuracy of each merge (one model) and each output ensemble (N models' inference cost), "
-                     "next to the members. The best merge and the best ensemble of each set are chosen on the "
-                     "validation split (highlighted) and compared on test with the best single member, itself "
-                     "chosen on validation. A vote ensemble has no meaningful loss (its likelihood is clipped), so "
-                     "none is shown. " + DESIGN,
-            "figures": [{"file": "merging.png", "caption": " ".join(readings)}],
-            "tables": [{"columns": ["models", "family", "method", "replicates", "val accuracy (%)",
-                                    "test accuracy (%)", "test loss", "seconds"], "rows": table_rows}]}
+    return _section("merging", "Merging outcome: every method on the same models",
+                    "Test accuracy of each merge (one model) and each output ensemble (N models' inference cost), "
+                    "next to the members. The best merge and the best ensemble of each set are chosen on the "
+                    "validation split (highlighted) and compared on test with the best single member, itself "
+                    "chosen on validation. A vote ensemble has no meaningful loss (its likelihood is clipped), so "
+                    "none is shown.", [{"file": "merging.png", "caption": " ".join(readings)}], table_rows,
+                    ["models", "family", "method", "replicates", "val accuracy (%)", "test accuracy (%)", "test loss",
+                     "seconds"])
 
 
 def merge_advice(group: str, v: dict) -> str:
@@ -318,11 +320,10 @@ def why_section(res: dict, fig_dir: Path) -> dict:
     scaling.plot(reps[0]["scaling"][labels[0]], fig_dir / "why_scaling.png")
     figures.append({"file": "why_scaling.png", "caption": f"Drawn: {labels[0]} (replicate 1). " + " ".join(
         f"{label}: " + _scaling_reading([r["scaling"][label] for r in reps]) for label in labels)})
-    return {"id": "why", "title": "Why weight averaging works (Rethink-Merge analyses)",
-            "intro": "What the weights encode (class directions and first-layer units drawn as images of the input), "
-                     "when averaging in weight space matches averaging features or outputs, and how stable "
-                     "predictions are when weights are scaled. " + DESIGN,
-            "figures": figures}
+    return _section("why", "Why weight averaging works (Rethink-Merge analyses)",
+                    "What the weights encode (class directions drawn as images of the input), when averaging in "
+                    "weight space matches averaging features or outputs, and how stable predictions are when "
+                    "weights are scaled.", figures)
 
 
 def _weights_reading(pairs: dict) -> str:
