@@ -296,3 +296,13 @@ def test_strict_json_writes_non_finite_numbers_as_null(tmp_path):
     text = (tmp_path / "s.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard token {c}")) == \
         {"loss": [None, 1.5], "worst": None}
+
+
+def test_results_folder_may_be_the_current_folder(tmp_path, pair):
+    """`-o .` writes the JSON and PNG here (only the checkpoints themselves are protected)."""
+    out = attack(["landscape", "line", "a.safetensors", "b.safetensors", "--n", "3", "-o", "."], tmp_path, timeout=120)
+    assert out.code == 0, out.stderr
+    assert (tmp_path / "line.json").is_file() and (tmp_path / "line.png").is_file()
+    refused = attack(["landscape", "line", "a.safetensors", "b.safetensors", "--n", "3", "-o", "y" * 300],
+                     tmp_path)
+    assert_refused(refused, "folder name is")

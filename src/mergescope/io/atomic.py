@@ -41,6 +41,14 @@ def check_name(out: Path) -> None:
         raise MergescopeError(f"{str(out)[:80]}...: output name is {size} bytes, at most {MAX_NAME_BYTES} are allowed")
 
 
+def _check_folder_name(folder: Path) -> None:
+    """A results folder is created in place (its files are written atomically), so only the file
+    system's own limit applies; ``.`` and ``..`` are fine."""
+    name = folder.resolve().name
+    if len(os.fsencode(name)) > 255:
+        raise MergescopeError(f"{str(folder)[:80]}...: folder name is {len(os.fsencode(name))} bytes, over 255")
+
+
 def _overlap(out: Path, inputs: Iterable[Path]) -> Path | None:
     """The input that ``out`` is or lies inside (symlinks resolved), if any."""
     target = out.resolve()
@@ -82,7 +90,7 @@ def check_side_outputs(inputs: Iterable[Path], files: Iterable[Path | None] = ()
     written: dict[Path, Path] = {} if main is None else {Path(main).resolve(): Path(main)}
     for folder, names in (f for f in folders if f is not None):
         folder = Path(folder)
-        check_name(folder)
+        _check_folder_name(folder)
         if folder.exists() and not folder.is_dir():
             raise MergescopeError(f"{folder}: exists and is not a folder; choose another output folder")
         hit = _overlap(folder, inputs)
