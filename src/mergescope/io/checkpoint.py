@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MergescopeError
-from .safetensors_format import DTYPE_NAMES, SafetensorsFile, TensorInfo, short_repr
-from .untrusted import inside_folder, open_regular, read_json
+from .safetensors_format import DTYPE_NAMES, SafetensorsFile, TensorInfo
+from .untrusted import inside_folder, open_regular, read_json, short_repr
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -124,19 +124,6 @@ class _Source:
                                   f"{st.st_size} bytes while being read (truncated?)")
 
 
-def _inside(folder: Path, name: str, where: Path) -> Path:
-    """``folder / name`` if it is a regular file inside ``folder`` (symlinks resolved), else one line."""
-    try:
-        return inside_folder(folder, name, where)
-    except MergescopeError:
-        raise
-    except RuntimeError as e:  # pathlib: "Symlink loop from ..."
-        raise MergescopeError(f"{where}: path {short_repr(name)} cannot be resolved ({e})") from None
-    except (OSError, ValueError) as e:  # name too long, embedded NUL byte, permission denied
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MergescopeError(f"{where}: path {short_repr(name)} cannot be read ({reason})") from None
-
-
 def _read_index(index_path: Path) -> dict[str, str]:
     index = read_json(index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -146,10 +133,10 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def _open_sharded(folder: Path) -> Checkpoint:
-    index_path = _inside(folder, SAFE_INDEX, folder)
+    index_path = inside_folder(folder, SAFE_INDEX, folder)
     weight_map = _read_index(index_path)
     shard_names = sorted(set(weight_map.values()))
-    files = [SafetensorsFile(_inside(folder, s, index_path)) for s in shard_names]
+    files = [SafetensorsFile(inside_folder(folder, s, index_path)) for s in shard_names]
     position = {s: i for i, s in enumerate(shard_names)}
     resolved = {}
     for name, shard in weight_map.items():
@@ -235,13 +222,13 @@ def _open_pickle_file(path: Path, where: Path) -> Checkpoint:
 
 def _open_pickle_folder(folder: Path) -> Checkpoint:
     if not os.path.lexists(folder / PT_INDEX):
-        return _open_pickle_file(_inside(folder, PT_SINGLE, folder), folder)
-    index_path = _inside(folder, PT_INDEX, folder)
+        return _open_pickle_file(inside_folder(folder, PT_SINGLE, folder), folder)
+    index_path = inside_folder(folder, PT_INDEX, folder)
     weight_map = _read_index(index_path)
     state: dict[str, torch.Tensor] = {}
     sources: dict[str, _Source] = {}
     for shard in sorted(set(weight_map.values())):
-        part, source = _load_pickle(_inside(folder, shard, index_path))
+        part, source = _load_pickle(inside_folder(folder, shard, index_path))
         state.update(part)
         if source is not None:
             sources.update(dict.fromkeys(part, source))
@@ -261,11 +248,11 @@ def _load(path: Path) -> Checkpoint:
     if not os.path.lexists(path) or not path.exists():
         raise MergescopeError(f"{path}: no such file or folder (mergescope reads local paths only; nothing is downloaded)")
     if path.is_dir():
-        # lexists: a dangling or escaping symlink is named and refused by ``_inside``, not skipped
+        # lexists: a dangling or escaping symlink is named and refused by ``inside_folder``, not skipped
         if os.path.lexists(path / SAFE_INDEX):
             return _open_sharded(path)
         if os.path.lexists(path / SAFE_SINGLE):
-            f = SafetensorsFile(_inside(path, SAFE_SINGLE, path))
+            f = SafetensorsFile(inside_folder(path, SAFE_SINGLE, path))
             return Checkpoint(f.path, [f], dict.fromkeys(f.tensors, 0))
         if os.path.lexists(path / PT_INDEX) or os.path.lexists(path / PT_SINGLE):
             return _open_pickle_folder(path)

@@ -14,7 +14,6 @@ import json
 import math
 import mmap
 import os
-import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergescopeError
-from .untrusted import open_regular, parse_json
+from .untrusted import open_regular, parse_json, short_repr  # noqa: F401  (short_repr re-exported)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIMS = 64  # real tensors have at most a handful
@@ -64,20 +63,6 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxlist = _SHORT.maxdict = 8
-_SHORT.maxlevel = 3
-_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
-
-
-def short_repr(value) -> str:
-    """A bounded ``repr`` for error messages (a hostile header can hold megabyte-long values)."""
-    try:
-        return _SHORT.repr(value)
-    except (ValueError, RecursionError):
-        return f"<{type(value).__name__}>"
 
 
 def _no_duplicate_keys(path: Path):

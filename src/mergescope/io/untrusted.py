@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import stat
 from pathlib import Path
 
@@ -18,6 +19,21 @@ from ..errors import MergescopeError
 
 MAX_TEXT_BYTES = 64 * 1024 * 1024  # recipes, configs, indexes: far above any real one
 MAX_YAML_NODES = 100_000  # nodes after alias expansion (a real recipe has hundreds)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxdict = 8
+_SHORT.maxlevel = 3
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
+def short_repr(value) -> str:
+    """A bounded ``repr`` for error messages (a hostile header or metadata entry can hold megabyte-long
+    values); control characters come out escaped, as in any ``repr``."""
+    try:
+        return _SHORT.repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
 
 
 def open_regular(path: str | os.PathLike, what: str = "file") -> int:
@@ -153,16 +169,22 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file", limit: int = MAX
     return parse_yaml(read_text(path, what, limit), str(path))
 
 
-def link_allowed(folder: Path, item: Path) -> bool:
+def link_allowed(folder: Path, item: Path, strict: bool = False) -> bool:
     """Whether ``item`` (inside ``folder``) may be read: it resolves inside the folder, or the folder is a
     Hugging Face cache snapshot (``.../snapshots/REV``) and it resolves into that repository's ``blobs/``.
 
     One rule for every file a model folder holds: top-level weights, index shards, config and
     tokenizer files. A link anywhere else (``/etc/passwd``, ``/dev/zero``, another user's model)
-    is refused, so a crafted folder cannot pull a local file into a merged output.
+    is refused, so a crafted folder cannot pull a local file into a merged output. A link that cannot
+    be resolved (a loop) is not allowed; with ``strict`` the resolution error is raised instead.
     """
-    real_folder = folder.resolve()
-    target = item.resolve()
+    try:
+        real_folder = folder.resolve()
+        target = item.resolve()
+    except (RuntimeError, OSError):
+        if strict:
+            raise
+        return False
     if target.is_relative_to(real_folder):
         return True
     if real_folder.parent.name == "snapshots":
@@ -171,12 +193,19 @@ def link_allowed(folder: Path, item: Path) -> bool:
 
 
 def inside_folder(folder: Path, name: str, where: str | os.PathLike) -> Path:
-    """``folder / name`` if it is a regular file that stays inside ``folder`` (``link_allowed``)."""
+    """``folder / name`` if it is a regular file that stays inside ``folder`` (``link_allowed``);
+    every failure (leaving the folder, a symlink loop, a NUL byte, a name too long) is one line."""
     if os.path.isabs(name) or ".." in Path(name).parts or not name:
-        raise MergescopeError(f"{where}: path {name!r} leaves the model folder")
-    if not link_allowed(folder, folder / name):
-        raise MergescopeError(f"{where}: path {name!r} resolves outside the model folder (symlink?)")
-    if not (folder / name).exists():
-        raise MergescopeError(f"{where}: {name!r} is missing")
+        raise MergescopeError(f"{where}: path {short_repr(name)} leaves the model folder")
+    try:
+        if not link_allowed(folder, folder / name, strict=True):
+            raise MergescopeError(f"{where}: path {short_repr(name)} resolves outside the model folder (symlink?)")
+        if not (folder / name).exists():
+            raise MergescopeError(f"{where}: {short_repr(name)} is missing")
+    except RuntimeError as e:  # pathlib: "Symlink loop from ..."
+        raise MergescopeError(f"{where}: path {short_repr(name)} cannot be resolved ({e})") from None
+    except (OSError, ValueError) as e:  # name too long, embedded NUL byte, permission denied
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MergescopeError(f"{where}: path {short_repr(name)} cannot be read ({reason})") from None
     check_regular(folder / name, name)
     return folder / name

@@ -348,7 +348,7 @@ def _aux_files(root: Path, folder: Path) -> list[Path]:
         if item.name.startswith(".") or (top and (item.name in INDEX_FILES or item.suffix in TENSOR_FILES)):
             continue
         if item.is_symlink() and not link_allowed(root, item):
-            raise MergescopeError(f"{item}: symlink points outside the model folder; not copied")
+            raise MergescopeError(f"{item}: symlink points outside the model folder (or cannot be resolved); not copied")
         if item.is_dir():
             if item.is_symlink():
                 raise MergescopeError(f"{item}: symlinked folder; mergescope does not copy through folder links")

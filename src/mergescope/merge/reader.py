@@ -22,8 +22,7 @@ import torch
 
 from ..errors import MergescopeError
 from ..io import Checkpoint
-from ..io.safetensors_format import short_repr
-from ..io.untrusted import open_regular
+from ..io.untrusted import open_regular, short_repr
 
 
 class Locator:

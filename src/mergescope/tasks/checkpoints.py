@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import MergescopeError
+from ..io.untrusted import short_repr
 from .zoo import ZOO, check_zoo_options
 
 # The only tasks a checkpoint may record: a built-in task (digits, mnist1d), or one restricted to
@@ -44,17 +45,11 @@ def model_spec_of(ckpt, trusted: Collection[str] = ()) -> tuple[str, dict] | Non
         raise MergescopeError(f"{where}: metadata 'model' must hold a name string and an options mapping")
     if name not in ZOO and name not in trusted:
         raise MergescopeError(
-            f"{where}: metadata names model {_shown(name)}, which is not a zoo model ({', '.join(ZOO)}); "
+            f"{where}: metadata names model {short_repr(name)}, which is not a zoo model ({', '.join(ZOO)}); "
             "a checkpoint cannot choose code to run: pass --model yourself if you trust it")
     if name in ZOO:
         check_zoo_options(name, options, where=f"{where}: metadata 'model'")
     return name, dict(options)
-
-
-def _shown(value: str, limit: int = 80) -> str:
-    """A metadata string quoted for an error line: control characters escaped, length capped."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def passed_metadata(meta: Mapping[str, str]) -> dict[str, str]:
@@ -134,7 +129,7 @@ def task_for(ckpt, spec: str | None = None):
     recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
     match = TASK_PATTERN.fullmatch(recorded)
     if match is None:
-        raise MergescopeError(f"{ckpt.path}: records task {_shown(recorded)}, which is not a built-in task; "
+        raise MergescopeError(f"{ckpt.path}: records task {short_repr(recorded)}, which is not a built-in task; "
                               "a checkpoint cannot choose code to run: pass --task yourself")
     build = {"digits": digits, "mnist1d": mnist1d}[match.group(1)]
     return build(classes=tuple(int(c) for c in match.group(2).split(","))) if match.group(2) else build()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import MergescopeError
+from ..io.untrusted import short_repr
 
 
 class MLP(nn.Module):
@@ -241,11 +242,11 @@ def _check_option(key: str, value, default, where: str) -> None:
     """One option: a bool where the default is a bool, else an integer inside ``OPTION_BOUNDS``."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise MergescopeError(f"{where}: option {key!r} must be true or false, got {repr(value)[:40]}")
+            raise MergescopeError(f"{where}: option {key!r} must be true or false, got {short_repr(value)}")
         return
     lo, hi = OPTION_BOUNDS.get(key, (1, 2**31 - 1))
     if type(value) is not int or not lo <= value <= hi:
-        raise MergescopeError(f"{where}: option {key!r} must be an integer in [{lo}, {hi}], got {repr(value)[:40]}")
+        raise MergescopeError(f"{where}: option {key!r} must be an integer in [{lo}, {hi}], got {short_repr(value)}")
 
 
 def parameter_count(name: str, options: dict) -> int:
