@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .common import STATE, console, finite, say, torch_threads
+from .options import DEPTH, DIM, HEADS, WIDTH
 from ..tasks.checkpoints import task_for
 
 METHODS = ("weight", "activation", "ste", "ot", "ot_fusion", "zipit")  # mergescope.align.names()
@@ -22,10 +23,10 @@ def align(
     method: str = typer.Option("weight", help=f"Alignment method: {', '.join(METHODS)}."),
     model: str = typer.Option(None, help="Model: a zoo name, or package.module:factory (runs YOUR code, by design); "
                                "default: the zoo model A records (a checkpoint can never name code to run)."),
-    width: int = typer.Option(None, min=1, max=16384, help="Hidden width (mlp, cnn, resnet)."),
-    depth: int = typer.Option(None, min=1, max=64, help="Hidden layers (mlp) or blocks (transformer)."),
-    dim: int = typer.Option(None, min=1, max=4096, help="Embedding dim (transformer)."),
-    heads: int = typer.Option(None, min=1, max=64, help="Attention heads (transformer)."),
+    width: int = WIDTH,
+    depth: int = DEPTH,
+    dim: int = DIM,
+    heads: int = HEADS,
     repair: bool = typer.Option(False, "--repair",
                                 help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
     alpha: float = typer.Option(0.5, callback=finite(0, 1), help="Mixing weight of B for --repair and --method zipit."),

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import MergescopeError
 from .common import STATE, console, finite, printable, progress, say
+from .options import DEPTH, DIM, HEADS, WIDTH
 
 
 def _human(n: float) -> str:
@@ -58,10 +59,10 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (.safetensors file or folder)."),
     model: str = typer.Option(None, help="Zoo model (mlp, cnn, resnet, transformer) or package.module:factory "
                                          "[default: mlp, or the --from checkpoint's]."),
-    width: int = typer.Option(None, min=1, max=16384, help="Hidden width (mlp, cnn, resnet)."),
-    depth: int = typer.Option(None, min=1, max=64, help="Hidden layers (mlp) or blocks (transformer)."),
-    dim: int = typer.Option(None, min=1, max=4096, help="Embedding dim (transformer)."),
-    heads: int = typer.Option(None, min=1, max=64, help="Attention heads (transformer)."),
+    width: int = WIDTH,
+    depth: int = DEPTH,
+    dim: int = DIM,
+    heads: int = HEADS,
     batchnorm: bool = typer.Option(None, "--batchnorm/--no-batchnorm",
                                    help="cnn: with or without BatchNorm [default: with]."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for initialization and data order."),

@@ -10,7 +10,7 @@ from rich.table import Table
 from ..errors import MergescopeError
 from ..io import check_output_path, check_side_outputs
 from .common import finite, progress, say, torch_threads, write_json
-from .options import THREADS, fmt as _f, model_option, out_option, show as _show, task_option
+from .options import THREADS, WIDTH, fmt as _f, model_option, out_option, show as _show, task_option
 from ..tasks.checkpoints import task_for
 
 landscape = typer.Typer(name="landscape", help="Loss-landscape geometry: paths, barriers, curves, planes, curvature, "
@@ -286,7 +286,7 @@ def sharpness(
 
 def stability(
     model: str = typer.Option("mlp", help="Zoo model (or package.module:factory) trained from scratch."),
-    width: int = typer.Option(None, min=1, max=16384, help="Hidden width (mlp, cnn, resnet)."),
+    width: int = WIDTH,
     ks: str = typer.Option("0,1,2,5", help="Spawn epochs k, comma-separated."),
     epochs: int = typer.Option(None, min=1, max=100000, help="Epochs of the full run (default: the zoo model's)."),
     lr: float = typer.Option(None, callback=finite(0, 10, open_low=True), help="Peak learning rate (default: the zoo model's)."),

@@ -34,6 +34,20 @@ def out_option(default: str):
 THREADS = typer.Option(1, min=1, max=1024, help="Torch threads.")
 
 
+def size_option(name: str, help: str):
+    """A zoo size option (--width, --depth, ...) bounded exactly as ``tasks.zoo.OPTION_BOUNDS`` bounds it."""
+    from ..tasks.zoo import OPTION_BOUNDS
+
+    low, high = OPTION_BOUNDS[name]
+    return typer.Option(None, min=low, max=high, help=help)
+
+
+WIDTH = size_option("width", "Hidden width (mlp, cnn, resnet).")
+DEPTH = size_option("depth", "Hidden layers (mlp) or blocks (transformer).")
+DIM = size_option("dim", "Embedding dim (transformer).")
+HEADS = size_option("heads", "Attention heads (transformer).")
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     """A number for a table cell ('-' for a missing value)."""
     return "-" if x is None else f"{x:.{digits}f}"
