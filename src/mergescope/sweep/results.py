@@ -12,23 +12,12 @@ NaN or infinite loss) is written as ``null``, meaning "not a finite number"; the
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import MergescopeError
-
-
-def finite_or_null(value):
-    """``value`` with every non-finite float (NaN, +-Inf), however deeply nested, replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
+from ..results import finite_or_null
 
 
 def _dumps(row: dict) -> str:
