@@ -95,7 +95,15 @@ def test_sharpness_matches_the_api(ckpts, tmp_path, capsys):
     module, _, _ = model_for(load(ckpts[0]))
     api = hessian_eigenvalues(module, load(ckpts[0]), digits(), k=2)
     assert data["eigenvalues"]["eigenvalues"] == pytest.approx(list(api.eigenvalues), rel=1e-6)
-    assert data["trace"]["samples"] == 8 and "eigenvalue 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert data["trace"]["samples"] == 8 and "eigenvalue 1" in printed and "residual" in printed
+    assert data["eigenvalues"]["converged"] is True and len(data["eigenvalues"]["residuals"]) == 2
+    tight = tmp_path / "tight"
+    assert main(["-q", "landscape", "sharpness", str(ckpts[0]), "--k", "2", "--samples", "0", "--tol", "1e-9",
+                 "--out", str(tight)]) == 0
+    values = _read(tight, "sharpness")["eigenvalues"]
+    assert values["tol"] == 1e-9 and all(r <= 1e-9 * abs(v) for v, r in zip(values["eigenvalues"], values["residuals"]))
+    assert main(["landscape", "sharpness", str(ckpts[0]), "--tol", "nan", "--out", str(tight)]) == 2
 
 
 def test_stability_and_bad_ks(tmp_path):

@@ -90,6 +90,21 @@ def test_smooth_mlp_top_eigenvalues_match_finite_difference_hessian():
     assert abs(tr.trace - exact.sum()) < 4 * tr.stderr
 
 
+def test_default_tolerance_bounds_every_one_of_five_eigenvalues():
+    """The default stop (residual <= tol |value|) is a guaranteed bound, also for interior eigenvalues
+    (the old sqrt(tol) rule stopped early and was off by 5% on a clustered 5th one)."""
+    task = digits()
+    model, state = template("tanh"), trained_tanh(0)
+    exact = np.linalg.eigvalsh(fd_hessian(model, state, task))[::-1][:5]
+    lz = ms.landscape.hessian_eigenvalues(model, state, task, k=5)
+    assert lz.converged and lz.tol == 1e-3
+    values, residuals = np.array(lz.eigenvalues), np.array(lz.residuals)
+    assert np.all(residuals <= 1e-3 * np.abs(values))
+    assert np.allclose(values, exact, rtol=1.5e-3)  # 1e-3 bound + the finite-difference reference's own error
+    capped = ms.landscape.hessian_eigenvalues(model, state, task, k=5, tol=1e-12, iters=6)
+    assert not capped.converged and capped.to_dict()["converged"] is False
+
+
 def test_hvp_matches_finite_difference_of_gradients_and_batches_limit_data():
     task = digits()
     model, state = template("tanh"), trained_tanh(1)

@@ -256,6 +256,10 @@ def sharpness(
     batches: int = typer.Option(None, min=1, max=10**6, help="Use only the first N batches of the split (default: all of it)."),
     split: str = typer.Option("train", help="Split the loss is taken over."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the start / probe vectors."),
+    tol: float = typer.Option(1e-3, callback=finite(0, 1, open_low=True),
+                              help="Relative accuracy: Lanczos stops when every residual is below tol*|eigenvalue| "
+                                   "(a guaranteed bound); power iteration when values change by less than tol."),
+    iters: int = typer.Option(None, min=1, max=100000, help="Most iterations (default: lanczos max(10k+50, 100), power 200)."),
     out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
 ):
     """Top Hessian eigenvalues (Lanczos or power iteration on HVPs) and Hessian trace (Hutchinson)."""
@@ -266,7 +270,8 @@ def sharpness(
     module, (ckpt,) = _load_models([checkpoint], model)
     the_task = task_for(ckpt, task)
     with torch_threads(threads):
-        eig = hessian_eigenvalues(module, ckpt, the_task, k=k, split=split, batches=batches, method=method, seed=seed)
+        eig = hessian_eigenvalues(module, ckpt, the_task, k=k, split=split, batches=batches, method=method, seed=seed,
+                                  tol=tol, iters=iters)
         trace = hessian_trace(module, ckpt, the_task, samples=samples, split=split, batches=batches, seed=seed) \
             if samples else None
     write_json(out / "sharpness.json", {"checkpoint": str(checkpoint), "eigenvalues": eig.to_dict(),
@@ -275,12 +280,15 @@ def sharpness(
     table = Table(title=f"Hessian of the mean {split} loss ({eig.examples} examples, {eig.parameters:,} parameters)")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for i, value in enumerate(eig.eigenvalues):
-        table.add_row(f"eigenvalue {i + 1} ({method})", f"{value:.5g}")
-    table.add_row("Hessian-vector products", str(eig.hvps))
+    table.add_column("residual |Hv - lv|", justify="right")
+    for i, (value, residual) in enumerate(zip(eig.eigenvalues, eig.residuals)):
+        table.add_row(f"eigenvalue {i + 1} ({method})", f"{value:.5g}", f"{residual:.2g}")
+    table.add_row("Hessian-vector products", str(eig.hvps), "")
     if trace is not None:
-        table.add_row(f"trace (Hutchinson, {trace.samples} probes)", f"{trace.trace:.5g} +- {trace.stderr:.2g}")
+        table.add_row(f"trace (Hutchinson, {trace.samples} probes)", f"{trace.trace:.5g} +- {trace.stderr:.2g}", "")
     _show(table)
+    if not eig.converged:
+        say(f"warning: not converged to tol {tol:g} in {eig.iterations} iterations; raise --iters (residuals above)")
     say(f"wrote {out / 'sharpness.json'} and {out / 'sharpness.png'}")
 
 

@@ -34,11 +34,13 @@ class EigenResult:
     examples: int
     parameters: int
     residuals: tuple[float, ...] = ()
+    tol: float | None = None
+    converged: bool = True
 
     def to_dict(self) -> dict:
         return {"eigenvalues": list(self.eigenvalues), "method": self.method, "iterations": self.iterations,
                 "hvps": self.hvps, "examples": self.examples, "parameters": self.parameters,
-                "residuals": list(self.residuals)}
+                "residuals": list(self.residuals), "tol": self.tol, "converged": self.converged}
 
 
 @dataclass(frozen=True)
@@ -136,11 +138,11 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
     """Largest-k Ritz values of a symmetric operator by Lanczos with full re-orthogonalization.
 
     Builds the Krylov basis Q and tridiagonal T = Q^T H Q (Lanczos 1950; Golub & Van Loan 10.1);
-    re-orthogonalizing against all of Q keeps the Ritz values free of ghost copies. Stops when the
-    wanted Ritz values changed by less than ``tol`` relatively since the last step and every Ritz
-    residual |H y - theta y| = |beta_j s_j| is below sqrt(tol) |theta| (a Ritz value's error is about
-    residual^2 / gap, so both say "accurate to about tol"). Returns (values descending, residuals,
-    iterations).
+    re-orthogonalizing against all of Q keeps the Ritz values free of ghost copies. Stops when every
+    wanted Ritz residual |H y - theta y| = |beta_j s_j| is below ``tol`` |theta|: for a symmetric H an
+    eigenvalue lies within the residual of each Ritz value, so that is a guaranteed relative error
+    bound. (The old test, residual <= sqrt(tol) |theta|, assumed error ~ residual^2 / gap and stopped
+    too early on clustered interior eigenvalues.) Returns (values descending, residuals, iterations).
     """
     steps = min(iters, dim)
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +151,6 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
     basis[0] = q / q.norm()
     alphas, betas = [], []
     values, residuals = np.zeros(0), np.zeros(0)
-    previous = None
     for j in range(steps):
         w = matvec(basis[j][None])[0]
         alphas.append(float(w @ basis[j]))
@@ -161,10 +162,8 @@ def lanczos(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, se
         order = np.argsort(values)[::-1][:k]
         values, residuals = values[order], np.abs(beta * vectors[-1, order])
         scale = np.maximum(np.abs(values), 1e-12)
-        if previous is not None and len(previous) == len(values) == k and np.all(
-                np.abs(values - previous) <= tol * scale) and np.all(residuals <= np.sqrt(tol) * scale):
+        if len(values) == k and np.all(residuals <= tol * scale):
             break
-        previous = values
         if beta < 1e-10:  # invariant subspace found: the Ritz values are exact
             break
         betas.append(beta)
@@ -181,15 +180,16 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
 
 
 def power_iteration(matvec: Callable[[Vector], Vector], dim: int, k: int, iters: int, seed: int, tol: float = 1e-6
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
+                    ) -> tuple[np.ndarray, np.ndarray, int, bool]:
     """Top-k eigenvalues of largest magnitude by power iteration with deflation (as in PyHessian).
 
     Each eigenvector is iterated v <- H v / |H v| in the complement of the ones already found,
-    until the Rayleigh quotient changes by less than ``tol`` relatively.
+    until the Rayleigh quotient changes by less than ``tol`` relatively. Returns (values,
+    residuals, matrix-vector products, whether every value converged within ``iters``).
     """
     g = torch.Generator().manual_seed(seed)
     found: list[Vector] = []
-    values, residuals, total = [], [], 0
+    values, residuals, total, all_converged = [], [], 0, True
     for _ in range(min(k, dim)):
         v = torch.randn(dim, generator=g, dtype=torch.float64)
         value = 0.0
@@ -204,13 +204,14 @@ def power_iteration(matvec: Callable[[Vector], Vector], dim: int, k: int, iters:
             value, v = new, hv
             if converged:
                 break
+        all_converged = all_converged and converged
         for u in found:
             v = v - (u @ v) * u
         v = v / v.norm()
         residuals.append(float((matvec(v[None])[0] - value * v).norm()))
         found.append(v)
         values.append(value)
-    return np.asarray(values), np.asarray(residuals), total
+    return np.asarray(values), np.asarray(residuals), total, all_converged
 
 
 def hessian_eigenvalues(model: nn.Module, state: Mapping[str, torch.Tensor], task, k: int = 1,
@@ -220,25 +221,27 @@ def hessian_eigenvalues(model: nn.Module, state: Mapping[str, torch.Tensor], tas
     """Top-k eigenvalues of the Hessian of the mean task loss over ``split`` (all of it by default).
 
     ``method="lanczos"`` gives the k largest (algebraic) eigenvalues, ``"power"`` the k largest in
-    magnitude by deflated power iteration. ``tol``: both stop when the eigenvalue estimates change
-    by less than ``tol`` relatively between steps (Lanczos also needs small residuals; see
-    ``lanczos``). ``batches`` limits the data to the first batches;
+    magnitude by deflated power iteration. ``tol``: Lanczos stops when every residual is below
+    ``tol`` |value| (a guaranteed relative error bound, see ``lanczos``); power iteration when the
+    estimates change by less than ``tol`` relatively. ``converged`` says whether ``iters`` sufficed. ``batches`` limits the data to the first batches;
     ``retain_graph=False`` trades speed for memory (see ``HessianOperator``).
     """
     if k < 1:
         raise MergescopeError(f"k={k}: ask for at least one eigenvalue")
     op = HessianOperator(model, state, task, split, batches, retain_graph)
     if method == "lanczos":
-        iters = iters or max(2 * k + 20, 40)
+        iters = iters or max(10 * k + 50, 100)
         values, residuals, steps = lanczos(op.matvec, op.dim, k, iters, seed, tol)
         hvps = steps
+        converged = bool(np.all(residuals <= tol * np.maximum(np.abs(values), 1e-12))) or steps >= op.dim
     elif method == "power":
         iters = iters or 200
-        values, residuals, hvps = power_iteration(op.matvec, op.dim, k, iters, seed, tol)
+        values, residuals, hvps, converged = power_iteration(op.matvec, op.dim, k, iters, seed, tol)
         steps = hvps
     else:
         raise MergescopeError(f"method {method!r}: expected 'lanczos' or 'power'")
-    return EigenResult(tuple(map(float, values)), method, steps, hvps, op.examples, op.dim, tuple(map(float, residuals)))
+    return EigenResult(tuple(map(float, values)), method, steps, hvps, op.examples, op.dim, tuple(map(float, residuals)),
+                       tol, converged)
 
 
 def hessian_trace(model: nn.Module, state: Mapping[str, torch.Tensor], task, samples: int = 64,
