@@ -423,3 +423,26 @@ def test_readme_sweep_gives_identical_tables_locally_and_on_ray_and_feeds_the_he
     assert main(["-q", *args]) == 2  # the table exists: --resume or --force
     bad = write(tmp_path, "bad.yaml", {"kind": "evaluate", "checkpoints": ["x"], "extra": 1})
     assert main(["-q", "sweep", str(bad), "-o", str(tmp_path / "u.jsonl")]) == 2
+
+
+def test_summary_table_keeps_picked_parameters_whole_off_a_terminal(tmp_path):
+    """Off a terminal rich squeezes tables into 80 columns and cuts cells to '...'; the CLI's consoles
+    are wide there and the picked column folds instead of cutting."""
+    import io
+
+    from rich.console import Console
+
+    from mergescope.cli import common
+    from mergescope.cli.sweep_cmd import _search_table
+    from mergescope.sweep.tables import Choice
+
+    picked = {"density": 0.5, "lambda": 0.75, "majority_sign_method": "total"}
+    choice = Choice("ties", ("long_model_name_0", "long_model_name_1", "long_model_name_2"), "weight", picked,
+                    12, 0.9611, 0.12, 0.9555, 0.1234, "id0")
+    with open(tmp_path / "log.txt", "w") as pipe:  # a file is what `mergescope sweep ... > log` writes to
+        assert common._width(pipe) == 200
+    wide, narrow = io.StringIO(), io.StringIO()
+    Console(file=wide, width=200).print(_search_table([choice]))
+    assert "density=0.5, lambda=0.75, majority_sign_method=total" in wide.getvalue()
+    Console(file=narrow, width=80).print(_search_table([choice]))
+    assert "\u2026" not in narrow.getvalue()  # folded over lines, never cut

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 
@@ -14,8 +15,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..results import write_json  # noqa: F401  (re-exported for the commands)
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _width(stream) -> int | None:
+    """Rich's width: the terminal's own, else $COLUMNS, else wide enough that a table piped to a file or
+    a log is never cut to 80 columns with '...' (rich's default off a terminal)."""
+    if stream.isatty():
+        return None
+    return int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 200
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 STATE = {"quiet": False}
 
 

@@ -34,7 +34,8 @@ def _barrier_table(matrix) -> Table:
 def _search_table(choices) -> Table:
     table = Table(title="coefficient search: picked on val, reported on test")
     for col in ("method", "models", "align", "picked", "of", "val acc", "test acc", "test loss"):
-        table.add_column(col, justify="right" if col in ("of", "val acc", "test acc", "test loss") else "left")
+        table.add_column(col, justify="right" if col in ("of", "val acc", "test acc", "test loss") else "left",
+                         overflow="fold")  # a picked parameter is never cut to '...'; long ones wrap
     for c in choices:
         table.add_row(c.method, ", ".join(Path(m).stem for m in c.models), c.align, ", ".join(f"{k}={v}" for k, v in c.params.items()) or "-",
                       str(c.candidates), _f(c.val_accuracy), _f(c.test_accuracy), _f(c.test_loss))
