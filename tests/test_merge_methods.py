@@ -244,3 +244,57 @@ def test_zero_size_tensors_merge_to_zero_size(method):
     ts = [torch.zeros(0, 4), torch.zeros(0, 4)]
     out = M.get(method)(ts, torch.zeros(0, 4), weight=[1.0, 1.0], density=[0.5, 0.5], seed=0)
     assert out.shape == (0, 4)
+
+
+def _tied(n: int, seed: int, levels: int) -> torch.Tensor:
+    """A float32 delta whose magnitudes take only ``levels`` values (exact ties everywhere), both signs."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(1, levels + 1, (n,), generator=g).float() * 2.0**-10
+    return torch.where(torch.rand(n, generator=g) < 0.5, -values, values)
+
+
+@pytest.mark.parametrize("n", [7, 100, 5_000, 300_000])
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.9])
+def test_tied_magnitude_masks_match_mergekit_bit_for_bit(n, density):
+    """Exact ties at the TIES / breadcrumbs cut-off: the same entries kept as MergeKit's own sparsify
+    (torch's unstable sort decides, not a lower/higher index rule: both occur on these tensors)."""
+    mk = pytest.importorskip("mergekit.sparsify")
+    delta = _tied(n, n, levels=5)
+    ours = M.magnitude_mask(delta.abs(), density)
+    theirs = mk.magnitude(delta, density) != 0
+    assert torch.equal(ours, theirs)
+    ours = M.outlier_mask(delta.abs(), density, gamma=0.05)
+    theirs = mk.magnitude_outliers(delta, density, gamma=0.05) != 0
+    assert torch.equal(ours, theirs)
+
+
+def test_tie_order_is_not_a_simple_index_rule():
+    """Why the exact sort is replayed: on large tensors torch's sort keeps neither always the lower nor
+    always the higher of two tied indices (the docs used to say one or the other)."""
+    delta = _tied(300_000, 0, levels=5)
+    k = int(0.5 * delta.numel())
+    theirs = torch.argsort(delta.abs(), descending=True)[:k]
+    lower = torch.tensor(_np_topk_mask(delta.abs().numpy(), k))
+    higher = torch.tensor(_np_topk_mask(delta.abs().flip(0).numpy(), k)).flip(0)
+    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    mask[theirs] = True
+    assert not torch.equal(mask, lower) and not torch.equal(mask, higher)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sce_variance_mask_matches_mergekit_under_ties(dtype):
+    mk = pytest.importorskip("mergekit.merge_methods.sce")
+    deltas = torch.stack([_tied(20_000, s, levels=3) for s in range(3)]).to(dtype)
+    for density in (0.25, 0.5, 0.8):
+        theirs = mk.sce_mask(deltas, density, torch.bool)
+        assert torch.equal(M._variance_mask(deltas, density), theirs)
+
+
+def test_untied_masks_do_not_sort():
+    """Without ties at the cut the O(n) selection is used: ``tie_order`` is never called."""
+    score = torch.randperm(10_000).float()
+
+    def boom():
+        raise AssertionError("sorted although nothing ties")
+
+    assert int(M.top_k_mask(score, 1234, boom).sum()) == 1234

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from rich.table import Table
 
-from .common import STATE, console, err_console, say
+from .common import STATE, console, err_console, printable, say
 
 
 def _bar() -> Progress:
@@ -18,6 +20,26 @@ def _bar() -> Progress:
     disable = STATE["quiet"] or not sys.stderr.isatty()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeElapsedColumn(), console=err_console, disable=disable, transient=True)
+
+
+class _WarningLines(logging.Handler):
+    """The merge engine's warnings (settings accepted without effect) as one escaped line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"warning: {printable(record.getMessage())}", soft_wrap=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _engine_warnings():
+    log = logging.getLogger("mergescope.merge")
+    handler, propagate = _WarningLines(logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False  # printed here once, not again by logging's last-resort handler
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 def merge(
@@ -36,7 +58,7 @@ def merge(
     from ..merge.engine import merge as run
 
     lock = threading.Lock()
-    with _bar() as bar:
+    with _engine_warnings(), _bar() as bar:
         job = bar.add_task("merge", total=None)
 
         count = {"done": 0, "total": 0}

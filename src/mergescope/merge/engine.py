@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ from . import plan as planning
 from .reader import JobMaps, Locator
 from .writer import PlannedWriter
 
+LOG = logging.getLogger("mergescope.merge")
 MIN_BUDGET = 256 * 10**6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
@@ -56,11 +58,12 @@ class MergeResult:
     files: tuple[str, ...]
     seed: int
     reused: int = 0  # tensors kept from an interrupted run's verified shards (``resume``)
+    warnings: tuple[str, ...] = ()  # recipe settings accepted without effect (also logged)
 
     def to_dict(self) -> dict:
         return {"out": self.out, "method": self.method, "tensors": self.tensors, "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written, "seconds": self.seconds, "files": list(self.files),
-                "seed": self.seed, "reused": self.reused}
+                "seed": self.seed, "reused": self.reused, "warnings": list(self.warnings)}
 
 
 def release_freed_memory() -> None:
@@ -312,6 +315,8 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     shard_bytes = parse_size(max_shard_size)
     ckpts = planning.open_models(recipe)
     plan = planning.build(recipe, ckpts)
+    for line in plan.warnings:
+        LOG.warning(line)
     if Path(out_dir).suffix != ".safetensors":  # a folder output carries the base's config.json
         _check_donor_config(plan.donor)
     layout = [(j.name, j.dtype, j.shape) for j in plan.jobs]
@@ -343,4 +348,4 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
             c.close()
     names = tuple(out.name if single else f.name for f in files)
     return MergeResult(str(out), plan.method.name, len(plan.jobs), read_bytes, written,
-                       time.perf_counter() - start, names, seed, len(writer.reused))
+                       time.perf_counter() - start, names, seed, len(writer.reused), plan.warnings)

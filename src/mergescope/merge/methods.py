@@ -50,11 +50,13 @@ def _check_same_shape(tensors: Sequence[Tensor], base: Tensor | None = None) -> 
         raise MergescopeError(f"inputs have different shapes: {sorted(shapes)}")
 
 
-def top_k_mask(score: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries of a flat score; ties go to lower indices.
+def top_k_mask(score: Tensor, k: int, tie_order: Callable[[], Tensor] | None = None) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat score.
 
-    Uses a selection (``kthvalue``, O(n)) instead of a full sort; the masks are nested
-    (``top_k_mask(s, j)`` is inside ``top_k_mask(s, k)`` for ``j <= k``).
+    Uses a selection (``kthvalue``, O(n)) instead of a full sort. When entries equal to the k-th
+    largest value straddle the cut, which of them are kept is a convention: ``tie_order()`` (when
+    given) returns the mask to use then (MergeKit's own sort, see ``mergekit_topk``); without it
+    ties go to lower indices and the masks are nested (``top_k_mask(s, j)`` inside ``top_k_mask(s, k)``).
     """
     n = score.numel()
     if k >= n:
@@ -63,11 +65,15 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool)
     threshold = kth_largest(score, k)
     mask = torch.empty(n, dtype=torch.bool)
-    kept = 0
+    kept = tied = 0
     for part in _chunks(n):  # chunked: no tensor-sized boolean temporaries
         torch.gt(score[part], threshold, out=mask[part])
         kept += int(mask[part].sum())
+        if tie_order is not None:
+            tied += int((score[part] == threshold).sum())
     need = k - kept
+    if tie_order is not None and tied > need:
+        return tie_order()
     for part in _chunks(n):
         if need <= 0:
             break
@@ -75,6 +81,22 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
         mask[ties] = True
         need -= ties.numel()
     return mask
+
+
+def _positions_mask(n: int, positions: Tensor) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[positions] = True
+    return mask
+
+
+def mergekit_topk(score: Tensor, k: int) -> Callable[[], Tensor]:
+    """MergeKit's TIES choice among tied magnitudes: the first ``k`` of ``argsort(descending=True)``.
+
+    torch's CPU sort is not stable; the order it gives equal keys depends on the whole array (not a
+    simple lower/higher index rule) but not on the thread count, so the same call on the same float32
+    scores reproduces MergeKit's mask bit for bit. Only run when ties straddle the cut (O(n log n)).
+    """
+    return lambda: _positions_mask(score.numel(), torch.argsort(score, descending=True)[:k])
 
 
 def kth_largest(score: Tensor, k: int, sample: int = 1 << 16) -> Tensor:
@@ -129,7 +151,8 @@ def magnitude_mask(magnitude: Tensor, density: float, **_) -> Tensor | None:
     n = magnitude.numel()
     if density <= 0 or n == 0:
         return torch.zeros(n, dtype=torch.bool)
-    return top_k_mask(magnitude.reshape(-1), max(1, int(density * n)))
+    score, k = magnitude.reshape(-1).float(), max(1, int(density * n))  # float32 scores, as MergeKit ranks them
+    return top_k_mask(score, k, mergekit_topk(score, k))
 
 
 def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, **_) -> Tensor | None:
@@ -150,9 +173,17 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, **_) ->
     n = magnitude.numel()
     keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - keep - n_top)
-    score = magnitude.reshape(-1)
-    upper = top_k_mask(score, n - n_bot)
-    return upper & ~top_k_mask(score, max(0, n - n_bot - keep))
+    score = magnitude.reshape(-1).float()  # float32 scores, as MergeKit ranks them
+
+    exact: list[Tensor] = []
+
+    def mergekit_order() -> Tensor:  # ties at a cut: ascending sort positions [n_bot, n_bot + keep), as MergeKit
+        exact.append(_positions_mask(n, torch.sort(score, descending=False).indices[n_bot:n_bot + keep]))
+        return exact[0]
+
+    upper = top_k_mask(score, n - n_bot, mergekit_order)
+    lower = top_k_mask(score, max(0, n - n_bot - keep), mergekit_order) if not exact else None
+    return exact[0] if exact else upper & ~lower
 
 
 def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator, epsilon: float = 0.15,
@@ -586,8 +617,13 @@ def _variance_mask(deltas: Tensor, density: float) -> Tensor:
     if density <= 0:
         return torch.zeros(deltas.shape[1:], dtype=torch.bool)
     var = torch.var(deltas, dim=0, unbiased=False)
-    k = int(int(torch.count_nonzero(var)) * density)
-    return top_k_mask(var.abs().reshape(-1), k).reshape(var.shape)
+    k = int(torch.count_nonzero(var) * density)  # a float32 product, as MergeKit computes it
+    score = var.abs().reshape(-1)
+
+    def mergekit_order() -> Tensor:  # ties at the cut: MergeKit's torch.topk picks among them
+        return _positions_mask(score.numel(), torch.topk(score, k=k, largest=True).indices)
+
+    return top_k_mask(score, k, mergekit_order).reshape(var.shape)
 
 
 def passthrough(tensors: Sequence[Tensor], base: Tensor | None = None, *, scale: Sequence[float | None] | None = None,

@@ -76,6 +76,7 @@ class Plan:
     donor: str
     num_layers: int | None
     stacked: bool
+    warnings: tuple[str, ...] = ()  # one line each: recipe settings accepted but without effect
 
 
 @dataclass(frozen=True)
@@ -171,18 +172,34 @@ def _check_contract(method: Method, sources: list[_Source], base: str | None, wh
         raise MergescopeError(f"{where}: merge method {method.name!r} takes {want} models, got {len(names)}")
 
 
-def _check_parameter_names(method: Method, recipe: Recipe) -> None:
+# Parameters MergeKit accepts and ignores on methods that do not use them (its own test recipes give every
+# model a ``weight``, whatever the method): accepted here too, with a one-line warning.
+IGNORED_IF_UNUSED = frozenset({"weight"})
+
+
+def _check_parameter_names(method: Method, recipe: Recipe) -> tuple[str, ...]:
+    """Refuse parameter names the method does not take (a typo must not pass silently); returns the
+    warnings for the ones MergeKit ignores (``IGNORED_IF_UNUSED``)."""
     scopes = [("parameters", recipe.parameters)]
     scopes += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or ())]
     for i, sl in enumerate(recipe.slices or ()):
         scopes.append((f"slices[{i}].parameters", sl.parameters))
         scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(sl.sources)]
     valid = method.param_names
+    ignored: dict[str, list[str]] = {}
     for where, scope in scopes:
         for key in scope or {}:
-            if key not in valid:
+            if key not in valid and key in IGNORED_IF_UNUSED:
+                ignored.setdefault(key, []).append(where)
+            elif key not in valid:
                 raise MergescopeError(f"recipe {where}: parameter {key!r} is not used by {method.name}; "
                                       f"valid: {', '.join(valid) or '(none)'}")
+    return tuple(f"{recipe.source}: parameter {key!r} is not used by {method.name}; ignored (as MergeKit does) "
+                 f"at {_names_plain(wheres)}" for key, wheres in ignored.items())
+
+
+def _names_plain(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
 
 def _job(method: Method, out_name: str, sources: list[_Source], base: str | None, slice_params, recipe: Recipe,
@@ -335,7 +352,7 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     layer and post-layer tensors) share the ``add``/``outer`` closures over eight values, and the
     branches are one per shape, read top to bottom."""
     method = get(recipe.merge_method)
-    _check_parameter_names(method, recipe)
+    warnings = _check_parameter_names(method, recipe)
     ckpts = ckpts if ckpts is not None else open_models(recipe)
     models = list(ckpts)
     slices = _slices(recipe, ckpts)
@@ -362,7 +379,7 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
             idx = layer_index(name)
             t = 0.0 if idx is None else (idx / (n_layers - 1) if n_layers > 1 else 1.0)
             add(name, sources, base, params, [name] * len(sources), t, have)
-        return Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False)
+        return Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False, warnings)
     for name, have in outer(first[0], lambda n: PRE.search(n)):
         add(name, first[0], first[1], first[2], [name] * len(first[0]), 0.0, have)
     tables: dict[str, dict[int, list[tuple[str, str]]]] = {}
@@ -381,4 +398,4 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     for name, have in outer(last[0], lambda n: not PRE.search(n)):
         add(name, last[0], last[1], last[2], [name] * len(last[0]), 0.0, have)
     donor = recipe.base_model or models[0]
-    return Plan(method, tuple(models), tuple(jobs), donor, out_layer, True)
+    return Plan(method, tuple(models), tuple(jobs), donor, out_layer, True, warnings)
