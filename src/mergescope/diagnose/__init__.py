@@ -1,0 +1,1 @@
+"""Diagnose a set of models before merging them (placeholder until diagnose() lands)."""

@@ -1,0 +1,225 @@
+"""`diagnose`: every data-free signal against a numpy re-implementation, streamed == in memory, the
+alignment gap's closed form on permuted models and on the zoo, one-line errors, and the CLI end to end."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mergescope.diagnose import signals
+from mergescope.diagnose.signals import data_free, row_alignment
+from mergescope.errors import MergescopeError
+from mergescope.io import save
+
+torch.set_num_threads(1)
+
+
+def _states(seed: int = 0, m: int = 3, scale: float = 0.1):
+    """``m`` models = a base plus noise, with a few shapes, an integer buffer and a bf16 tensor."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"layer.0.weight": torch.randn(48, 20, generator=g), "layer.0.bias": torch.randn(48, generator=g),
+            "head.weight": torch.randn(5, 48, generator=g), "conv": torch.randn(4, 3, 3, 3, generator=g),
+            "half": torch.randn(30, 7, generator=g).bfloat16(), "steps": torch.tensor([7])}
+    models = []
+    for _ in range(m):
+        s = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                noise = scale * torch.randn(v.shape, generator=g)
+                noise[torch.rand(v.shape, generator=g) < 0.2] = 0  # some zero task-vector entries
+                s[k] = (v.float() + noise).to(v.dtype)
+            else:
+                s[k] = v.clone()
+        models.append(s)
+    return models, base
+
+
+def _flat(state) -> np.ndarray:
+    return np.concatenate([state[k].double().numpy().ravel() for k in state if state[k].is_floating_point()])
+
+
+def _reference(models: list[np.ndarray], base: np.ndarray | None) -> dict:
+    """The signals written out in numpy from their definitions."""
+    pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    dist = np.mean([np.linalg.norm(models[i] - models[j]) / ((np.linalg.norm(models[i]) + np.linalg.norm(models[j])) / 2)
+                    for i, j in pairs])
+    cos = lambda u, v: u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+    out = {"relative_distance": dist, "weight_cosine": np.mean([cos(models[i], models[j]) for i, j in pairs])}
+    norms = [np.linalg.norm(m) for m in models]
+    if base is None:
+        out["norm_ratio"] = max(norms) / min(norms)
+        return out
+    tvs = np.stack([m - base for m in models])
+    out["task_vector_cosine"] = np.mean([cos(tvs[i], tvs[j]) for i, j in pairs])
+    elected = np.where(tvs.sum(0) >= 0, 1.0, -1.0)  # TIES: the sign of the summed task vectors
+    out["sign_conflict"] = np.mean(np.any((tvs != 0) & (np.sign(tvs) != elected), axis=0))
+    tv_norms = np.linalg.norm(tvs, axis=1)
+    out["norm_ratio"] = tv_norms.max() / tv_norms.min()
+    return out
+
+
+def test_global_and_layer_signals_match_numpy_reference():
+    models, base = _states()
+    glob, layers = data_free(models, base, align_gap=False)
+    ref = _reference([_flat(m) for m in models], _flat(base))
+    for key, value in ref.items():
+        assert glob[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert glob["n_parameters"] == sum(v.numel() for v in base.values() if v.is_floating_point())
+    assert glob["n_models"] == 3 and glob["alignment_gap"] is None
+    assert [r["name"] for r in layers] == [k for k in base if base[k].is_floating_point()]  # the int buffer skipped
+    for row in layers:
+        name = row["name"]
+        r = _reference([m[name].double().numpy().ravel() for m in models], base[name].double().numpy().ravel())
+        assert row["relative_distance"] == pytest.approx(r["relative_distance"], rel=1e-9)
+        assert row["cosine"] == pytest.approx(r["task_vector_cosine"], rel=1e-9)
+        assert row["sign_conflict"] == pytest.approx(r["sign_conflict"])
+        assert row["norm_ratio"] == pytest.approx(r["norm_ratio"], rel=1e-9)
+
+
+def test_without_base_task_vector_signals_are_none_and_norms_are_the_models():
+    models, _ = _states(seed=1, m=2)
+    glob, layers = data_free(models, align_gap=False)
+    ref = _reference([_flat(m) for m in models], None)
+    assert glob["task_vector_cosine"] is None and glob["sign_conflict"] is None
+    assert glob["relative_distance"] == pytest.approx(ref["relative_distance"], rel=1e-9)
+    assert glob["weight_cosine"] == pytest.approx(ref["weight_cosine"], rel=1e-9)
+    assert glob["norm_ratio"] == pytest.approx(ref["norm_ratio"], rel=1e-9)
+    assert layers[0]["cosine"] == pytest.approx(_reference([m["layer.0.weight"].double().numpy().ravel()
+                                                             for m in models], None)["weight_cosine"], rel=1e-9)
+
+
+def test_sign_conflict_of_hand_made_task_vectors():
+    base = {"w": torch.zeros(6)}
+    a = {"w": torch.tensor([1.0, 1.0, -1.0, 0.0, 2.0, 0.0])}
+    b = {"w": torch.tensor([1.0, -3.0, -1.0, 5.0, -2.0, 0.0])}
+    # elements: agree, conflict, agree, one zero (no conflict), tie (sum 0 -> elected +, b disagrees), all zero
+    glob, _ = data_free([a, b], base, align_gap=False)
+    assert glob["sign_conflict"] == pytest.approx(2 / 6)
+
+
+def test_chunked_sums_equal_one_chunk():
+    models, base = _states(seed=2)
+    ts = [m["layer.0.weight"] for m in models]
+    one = signals.chunk_sums(ts, base["layer.0.weight"], chunk=1 << 20)
+    small = signals.chunk_sums(ts, base["layer.0.weight"], chunk=37)
+    np.testing.assert_allclose(small[0], one[0], rtol=1e-12)
+    np.testing.assert_allclose(small[1], one[1], rtol=1e-12)
+    assert small[2] == one[2]
+
+
+def test_streamed_from_files_equals_in_memory(tmp_path):
+    models, base = _states(seed=3)
+    paths = []
+    for i, m in enumerate(models):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save(m, paths[-1])
+    folder = tmp_path / "base"
+    save(base, folder, max_shard_size="2KB")  # a sharded HF folder
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    mem = data_free(models, base)
+    disk = data_free(paths, folder, threads=2)
+    for key in ("relative_distance", "task_vector_cosine", "sign_conflict", "norm_ratio", "alignment_gap"):
+        assert disk[0][key] == mem[0][key], key  # the same bits
+    assert disk[1] == mem[1]
+    assert disk[0]["models"] == [str(p) for p in paths]
+
+
+def _row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_alignment_gap_of_a_row_permutation_is_one_minus_identity_similarity():
+    g = torch.Generator().manual_seed(4)
+    a = {"w1": torch.randn(40, 12, generator=g), "w2": torch.randn(25, 40, generator=g)}
+    perms = {k: torch.randperm(v.shape[0], generator=g) for k, v in a.items()}
+    b = {k: v[perms[k]] for k, v in a.items()}
+    glob, layers = data_free([a, b])
+    identity = {k: _row_cos(a[k].double().numpy(), b[k].double().numpy()).mean() for k in a}
+    for row in layers:
+        assert row["alignment_matched"] == pytest.approx(1.0, abs=1e-12)
+        assert row["alignment_identity"] == pytest.approx(identity[row["name"]], abs=1e-12)
+        assert row["alignment_gap"] == pytest.approx(1 - identity[row["name"]], abs=1e-12)
+    weighted = (40 * identity["w1"] + 25 * identity["w2"]) / 65  # aggregated weighted by rows
+    assert glob["alignment_gap"] == pytest.approx(1 - weighted, abs=1e-12)
+    same, _ = data_free([a, {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in a.items()}])
+    assert abs(same["alignment_gap"]) < 1e-6
+
+
+def test_row_alignment_subsample_still_finds_permuted_rows():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(300, 500)
+    perm = torch.randperm(300, generator=g)
+    identity, matched, rows = row_alignment(a, a[perm], torch.Generator().manual_seed(0), rows=64, cols=50)
+    assert rows == 64 and matched == pytest.approx(1.0, abs=1e-12) and identity < 0.2
+
+
+def test_gap_selection_is_bounded_and_spread():
+    jobs = [type("J", (), {"name": f"t{i}", "shape": (8, 8), "dtype": torch.float32})() for i in range(40)]
+    jobs.append(type("J", (), {"name": "embed", "shape": (signals.GAP_MAX_OUT + 1, 8), "dtype": torch.float32})())
+    picked = signals.gap_selection(jobs, limit=5)
+    assert picked == {"t0", "t10", "t20", "t29", "t39"}
+    assert "embed" not in signals.gap_selection(jobs, limit=100)
+
+
+def test_mismatched_shapes_and_names_are_one_line_errors(tmp_path):
+    models, _ = _states(seed=6, m=2)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save(models[0], a)
+    save({**models[1], "layer.0.bias": torch.zeros(49)}, b)
+    with pytest.raises(MergescopeError) as e:
+        data_free([a, b])
+    assert "layer.0.bias" in str(e.value) and str(b) in str(e.value) and "\n" not in str(e.value)
+    save({k: v for k, v in models[1].items() if k != "conv"}, c := tmp_path / "c.safetensors")
+    with pytest.raises(MergescopeError, match="'conv'.*missing from"):
+        data_free([a, c])
+    with pytest.raises(MergescopeError, match="at least two"):
+        data_free([a])
+    with pytest.raises(MergescopeError, match="given twice"):
+        data_free([a, a])
+    with pytest.raises(MergescopeError, match="no such local file"):
+        data_free([a, tmp_path / "nope.safetensors"])
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+
+@functools.cache
+def _zoo(seed: int, parent: int | None = None, epochs: int = 3) -> dict:
+    """A digits MLP trained from its own init (``parent`` None) or fine-tuned from a parent."""
+    from mergescope.tasks import build, digits, train
+
+    model = build("mlp", seed=seed, width=64)
+    if parent is not None:
+        model.load_state_dict(_zoo(parent))
+    train(model, digits(), epochs=1 if parent is not None else epochs, lr=1e-3 if parent is not None else 3e-3,
+          seed=seed)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_zoo_independent_models_have_a_large_gap_finetunes_none():
+    independent, _ = data_free([_zoo(0), _zoo(1)])
+    finetunes, _ = data_free([_zoo(2, parent=0), _zoo(3, parent=0)], _zoo(0))
+    assert independent["alignment_gap"] > 0.2
+    assert abs(finetunes["alignment_gap"]) < 0.01
+    assert finetunes["relative_distance"] < independent["relative_distance"]
+
+
+def test_zoo_random_permutation_first_layer_is_matched_exactly():
+    from mergescope import align
+    from mergescope.state import example_input
+    from mergescope.tasks import build, digits
+
+    state = _zoo(0)
+    spec = align.permutation_spec(build("mlp", width=64), example_input(digits()))
+    permuted = align.apply(spec, align.random_permutation(spec, torch.Generator().manual_seed(0), state), state)
+    glob, layers = data_free([state, permuted])
+    first = layers[0]  # inputs are pixels (never permuted): the rows match one to one
+    a, b = state[first["name"]].double().numpy(), permuted[first["name"]].double().numpy()
+    assert first["alignment_matched"] == pytest.approx(1.0, abs=1e-9)
+    assert first["alignment_gap"] == pytest.approx(1 - _row_cos(a, b).mean(), abs=1e-9)
+    assert glob["alignment_gap"] > 0.3
+    assert json.loads(json.dumps(glob))  # plain JSON types
