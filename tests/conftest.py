@@ -26,3 +26,12 @@ def task():
     from mergescope.tasks import digits
 
     return digits()
+
+
+@pytest.fixture(scope="session")
+def hf_family(minilm_dir, tmp_path_factory):
+    """Fine-tuned MiniLM classifiers as Hugging Face folders + their text task (tests/hfutil.py)."""
+    pytest.importorskip("transformers")
+    from hfutil import build_family
+
+    return build_family(tmp_path_factory.mktemp("hf_family"), minilm_dir)

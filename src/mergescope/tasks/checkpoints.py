@@ -83,6 +83,8 @@ def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str
 
     recorded = _recorded_unless_given(ckpt, model)
     given = {k: v for k, v in options.items() if v is not None}  # unset CLI options arrive as None
+    if model is None and recorded is None and hf_folder(ckpt) is not None:
+        return _hf_model_for(ckpt, given)
     if model is None:
         if recorded is None:
             raise MergescopeError(f"{ckpt.path}: no model recorded in metadata; pass --model NAME or package.module:factory")
@@ -90,6 +92,24 @@ def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str
     base = recorded[1] if recorded is not None and recorded[0] == model else {}
     options = {**base, **given}
     return make_model(model, **options), model, options
+
+
+def hf_folder(ckpt) -> os.PathLike | None:
+    """The Hugging Face folder (with ``config.json``) a checkpoint was read from, or None."""
+    from .hf import folder_of
+
+    return folder_of(ckpt)
+
+
+def _hf_model_for(ckpt, given: Mapping) -> tuple[nn.Module, None, dict]:
+    """model_for's answer for a HF folder: the transformers model its config.json names (name None:
+    there is no zoo record to write; the folder's config.json is the record)."""
+    from .hf import hf_model
+
+    if given:
+        raise MergescopeError(f"{ckpt.path}: {', '.join(sorted(given))} apply to zoo models; a Hugging Face folder's "
+                              "architecture comes from its config.json")
+    return hf_model(hf_folder(ckpt), ckpt), None, {}
 
 
 def _recorded_unless_given(ckpt, model: str | None) -> tuple[str, dict] | None:
@@ -104,28 +124,63 @@ def _recorded_unless_given(ckpt, model: str | None) -> tuple[str, dict] | None:
 
 
 def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike = "state") -> nn.Module:
-    """Load a state strictly, turning key/shape mismatches into one-line errors."""
+    """Load a state strictly (see ``fitted_state``), turning key/shape mismatches into one-line errors."""
+    module.load_state_dict(fitted_state(module, state, source), strict=True)
+    return module
+
+
+def fitted_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike = "state"
+                 ) -> dict[str, torch.Tensor]:
+    """``state`` under exactly the module's ``state_dict`` keys, with every key and shape checked.
+
+    Strict except for what a Hugging Face file legitimately differs in: a tied copy the file leaves
+    out (``lm_head.weight`` of a tied model) is taken from its twin, a buffer the module computes
+    itself (``derived_state_keys``, set by ``tasks.hf``) from the module, and a non-persistent
+    buffer an older library saved (BERT's ``position_ids``) is ignored.
+    """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    twins = tied_twins(module)
+    derived = getattr(module, "derived_state_keys", frozenset())
+    fitted = {}
+    for k, t in expected.items():
+        if k in state:
+            fitted[k] = state[k]
+        elif any(o in state for o in twins.get(k, ())):
+            fitted[k] = state[next(o for o in twins[k] if o in state)]
+        elif k in derived:
+            fitted[k] = t
+    unsaved = {k for k, _ in module.named_buffers()} - set(expected)
+    missing = [k for k in expected if k not in fitted]
+    extra = [k for k in state if k not in expected and k not in unsaved]
     if missing or extra:
         raise MergescopeError(
             f"{source}: does not fit the model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
         )
     for k, t in expected.items():
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise MergescopeError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs {tuple(t.shape)}")
-    module.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return module
+        if tuple(fitted[k].shape) != tuple(t.shape):
+            raise MergescopeError(f"{source}: tensor {k!r} has shape {tuple(fitted[k].shape)}, the model needs {tuple(t.shape)}")
+    return fitted
+
+
+def tied_twins(module: nn.Module) -> dict[str, list[str]]:
+    """For each parameter name that shares its tensor with others (tied weights): those other names."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: [o for o in names if o != n] for names in groups.values() if len(names) > 1 for n in names}
 
 
 def task_for(ckpt, spec: str | None = None):
-    """The task named on the command line, else the one `mergescope train` recorded (built-in or a subset)."""
+    """The task named on the command line, else the one `mergescope train` recorded (built-in or a subset).
+
+    A data file (``tasks.files``) is tokenized with the checkpoint's own folder when it is a Hugging Face folder.
+    """
     from . import digits, get_task, mnist1d
+    from .files import is_data_file, model_folder_of
 
     if spec:
-        return get_task(spec)
+        return get_task(spec, model_folder=model_folder_of(ckpt)) if is_data_file(spec) else get_task(spec)
     recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
     match = TASK_PATTERN.fullmatch(recorded)
     if match is None:
