@@ -180,3 +180,9 @@ def test_inputs_are_not_modified():
     before = (json.dumps(signals), json.dumps(m))
     recommend(signals, m)
     assert (json.dumps(signals), json.dumps(m)) == before
+
+
+def test_best_member_read_from_the_member_accuracies_list():
+    m = measured(members_accuracy=0.875, member_accuracies=[0.80, 0.95], average_accuracy=0.90, ensemble_accuracy=0.90)
+    result = recommend(SHARED, m)
+    assert result["family"] == "none" and result["expected_change"] == pytest.approx(0.95 - 0.875)

@@ -123,6 +123,8 @@ def _measured_choice(family: str, method: str, reasons: list[str], measured: Map
     sign = 1.0 if metric == "accuracy" else -1.0  # higher is better after multiplying by sign
     where = _context(measured, metric)
     mean, best_member = _members(measured.get(f"members_{metric}"))
+    if metric == "accuracy" and best_member is None:  # diagnose.measured lists each member's accuracy apart
+        best_member = _members(measured.get("member_accuracies"))[1]
     merges = {(f, m): v for f, m, stem in MERGES if (v := _num(measured.get(f"{stem}_{metric}"))) is not None}
     ensemble = _num(measured.get(f"ensemble_{metric}"))
     barrier = _num(measured.get(f"barrier_{'accuracy' if metric == 'accuracy' else 'loss'}"))
