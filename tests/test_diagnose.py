@@ -223,3 +223,51 @@ def test_zoo_random_permutation_first_layer_is_matched_exactly():
     assert first["alignment_gap"] == pytest.approx(1 - _row_cos(a, b).mean(), abs=1e-9)
     assert glob["alignment_gap"] > 0.3
     assert json.loads(json.dumps(glob))  # plain JSON types
+
+
+# ----------------------------------------------------------------------------- with a task
+
+
+def _by_hand(module, state, x, y) -> tuple[float, float, torch.Tensor]:
+    """(mean cross-entropy, accuracy, logits) of ``module`` holding ``state``: a plain forward pass."""
+    import copy
+
+    net = copy.deepcopy(module)
+    net.load_state_dict({**net.state_dict(), **state})
+    with torch.no_grad():
+        out = net.eval()(x)
+    return float(torch.nn.functional.cross_entropy(out, y)), float((out.argmax(-1) == y).double().mean()), out
+
+
+def test_measured_figures_match_a_plain_forward_pass(task):
+    import mergescope as ms
+    from mergescope.diagnose.measured import SampleTask
+    from mergescope.tasks import build
+
+    module = build("mlp", width=64)
+    parent, a, b = _zoo(0), _zoo(2, parent=0), _zoo(3, parent=0)
+    d = ms.diagnose([a, b], base=parent, task=task, model=module, points=3, sample=100, seed=1)
+    m = d.measured
+    sample = SampleTask(task, 100, seed=1)
+    x = torch.cat([xb for xb, _ in sample.batches("val")])
+    y = torch.cat([yb for _, yb in sample.batches("val")])
+    val_x, _ = next(task.batches("val", batch_size=10**6))
+    assert m["sample_size"] == len(y) == 100 and m["split"] == "val"
+    assert all(bool((val_x == row).all(1).any()) for row in x)  # every example is from val
+    floats = {k for k, v in a.items() if v.is_floating_point()}
+    mid = {k: (a[k] + b[k]) / 2 for k in floats}
+    path = [_by_hand(module, s, x, y) for s in (a, mid, b)]
+    assert m["path"]["loss"] == pytest.approx([p[0] for p in path], rel=1e-5)
+    assert m["barrier_loss"] == pytest.approx(max(0.0, path[1][0] - (path[0][0] + path[2][0]) / 2), abs=1e-6)
+    assert m["average_loss"] == pytest.approx(path[1][0], rel=1e-5)
+    assert m["members_accuracy"] == pytest.approx((path[0][1] + path[2][1]) / 2)
+    probs = (path[0][2].softmax(-1) + path[2][2].softmax(-1)) / 2
+    assert m["ensemble_accuracy"] == pytest.approx(float((probs.argmax(-1) == y).double().mean()))
+    assert m["ensemble_loss"] == pytest.approx(float(-probs[torch.arange(len(y)), y].log().mean()), rel=1e-5)
+    lam = m["task_arithmetic_lambda"]
+    ta = {k: parent[k] + lam * ((a[k] - parent[k]) + (b[k] - parent[k])) for k in floats}
+    assert m["task_arithmetic_loss"] == pytest.approx(_by_hand(module, ta, x, y)[0], rel=1e-5)
+    assert 0 <= m["ties_accuracy"] <= 1 and m["aligned_accuracy"] is not None
+    assert d.recommendation is None or d.recommendation["family"] in ("average", "task_vectors", "align", "ensemble",
+                                                                       "none")
+    assert json.dumps(d.to_dict(), allow_nan=False)

@@ -1,7 +1,7 @@
 """mergescope: deep model merging grounded in loss-landscape geometry.
 
 Public API (re-exports only, loaded lazily so `import mergescope` stays cheap):
-``load``, ``save``, ``merge``, and the submodules ``methods``, ``align``, ``landscape``,
+``load``, ``save``, ``merge``, ``diagnose``, and the submodules ``methods``, ``align``, ``landscape``,
 ``ensemble``, ``tasks``, ``analysis``.
 """
 
@@ -26,6 +26,7 @@ _SUBMODULES = {
     "tasks": "mergescope.tasks",
     "analysis": "mergescope.analysis",
     "io": "mergescope.io",
+    "diagnose": "mergescope.diagnose",  # callable package, like merge: ms.diagnose(models, ...)
 }
 
 __all__ = ["__version__", "MergescopeError", *_FUNCTIONS, *_SUBMODULES]
