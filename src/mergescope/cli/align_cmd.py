@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..errors import MergescopeError
 from .common import STATE, console, finite, say, torch_threads
 from .options import DEPTH, DIM, HEADS, WIDTH
 from ..tasks.checkpoints import task_for
@@ -44,7 +45,7 @@ def align(
     from .. import align as al
     from ..io import check_output_path, check_side_outputs, load, provenance, save
     from ..state import example_input
-    from ..tasks.checkpoints import load_state_into, model_for
+    from ..tasks.checkpoints import hf_folder, load_state_into, model_for
 
     aligner = al.get(method)  # an unknown method fails before anything is read
     check_output_path(out, [a, b], force)  # fail before aligning, not after
@@ -52,6 +53,10 @@ def align(
     ca, cb = load(a), load(b)
     module_a, name, used = model_for(ca, model, width=width, depth=depth, dim=dim, heads=heads)
     module_b, _, _ = model_for(ca, name, **used)
+    folder = hf_folder(ca) if name is None else None  # a HF folder in, a HF folder out (config, tokenizer)
+    if folder is not None and unmerged:
+        raise MergescopeError(f"{a}: --unmerged widens the model, which then no longer fits its config.json; "
+                              "pass --model package.module:factory to zip a Hugging Face model partially")
     load_state_into(module_a, ca, a)
     load_state_into(module_b, cb, b)
     the_task = task_for(ca, task)
@@ -67,11 +72,12 @@ def align(
 
     recipe = {"method": method, "repair": repair, "alpha": alpha if repair or aligner.merges else None}
     meta = {**provenance(inputs=[a, b], seed=seed),
-            **model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits")),
+            **({} if name is None else model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits"))),
             "align": json.dumps(recipe, sort_keys=True)}
     if unmerged:
         meta = _partial_zip_metadata(meta, result.info)
-    save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b])
+    save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b],
+         copy_files_from=folder)
     if spec_out is not None:
         from .common import write_json
 

@@ -28,7 +28,7 @@ analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
 def _load(paths: list[Path], model: str | None, task_spec: str | None):
     """(template module, {name: state}, task) for checkpoints sharing one architecture."""
     from ..io import load
-    from ..tasks.checkpoints import load_state_into, model_for
+    from ..tasks.checkpoints import fitted_state, model_for
 
     for p in paths:
         if not Path(p).exists():
@@ -37,9 +37,8 @@ def _load(paths: list[Path], model: str | None, task_spec: str | None):
     module, _, _ = model_for(ckpts[0], model)
     states = {}
     for p, ckpt in zip(paths, ckpts):
-        state = {k: ckpt[k] for k in ckpt}
-        load_state_into(module, state, p)  # one-line error if it does not fit
-        states[_unique_name(p, states)] = state
+        # one-line error if it does not fit; under the model's own keys (a HF file may differ, see fitted_state)
+        states[_unique_name(p, states)] = fitted_state(module, {k: ckpt[k] for k in ckpt}, p)
     return module, states, task_for(ckpts[0], task_spec)
 
 

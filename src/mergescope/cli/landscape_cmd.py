@@ -186,14 +186,14 @@ def _save_midpoint(result, template_ckpt, path: Path, inputs: list[Path]) -> Non
     import torch
 
     from ..io import provenance, save
-    from ..tasks.checkpoints import passed_metadata
+    from ..tasks.checkpoints import hf_folder, passed_metadata
 
     mid = result.state_at(0.5)
     state = {k: mid[k].to(template_ckpt[k].dtype) if k in mid else template_ckpt[k] for k in template_ckpt}
     meta = passed_metadata(template_ckpt.metadata)
     meta["curve"] = json.dumps({"kind": result.kind, "align": result.align, "epochs": result.epochs, "t": 0.5})
     save({k: torch.as_tensor(v) for k, v in state.items()}, path, metadata={**provenance(inputs=inputs), **meta},
-         inputs=inputs)
+         inputs=inputs, copy_files_from=hf_folder(template_ckpt))  # a HF folder's midpoint is a HF folder
     say(f"wrote the curve midpoint to {path}")
 
 

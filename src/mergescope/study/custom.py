@@ -1,7 +1,7 @@
 """The study on a user's own models: checkpoints + a model factory + a task, from a YAML file.
 
 ```yaml
-model: mlp                   # zoo name or package.module:factory
+model: mlp                   # zoo name or package.module:factory; leave out for Hugging Face folders
 model_options: {width: 512}
 task: digits                 # built-in name or package.module:factory
 task_options: {}
@@ -31,7 +31,7 @@ class CustomStudy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str
+    model: str | None = None  # None: the checkpoints are Hugging Face folders (model from config.json)
     model_options: dict[str, Any] = {}
     task: str = "digits"
     task_options: dict[str, Any] = {}
@@ -84,7 +84,22 @@ def read_config(path: str | Path) -> CustomStudy:
         q = Path(p)
         return str(q if q.is_absolute() else root / q)
 
+    checkpoints = {k: resolve(v) for k, v in config.named_checkpoints.items()}
     return config.model_copy(update={
-        "checkpoints": {k: resolve(v) for k, v in config.named_checkpoints.items()},
-        "base": resolve(config.base) if config.base else None,
+        "checkpoints": checkpoints, "base": resolve(config.base) if config.base else None,
+        **({} if config.model else hf_model_entry(path, next(iter(checkpoints.values())), config.model_options)),
     })
+
+
+def hf_model_entry(path: Path, first: str, options: dict) -> dict:
+    """``model``/``model_options`` for a config without ``model``: the first checkpoint's HF folder
+    (``tasks.hf.hf_model``, which builds only transformers' own classes from its config.json)."""
+    from ..tasks.hf import is_hf_folder
+
+    if not is_hf_folder(first):
+        raise MergescopeError(f"{path}: model: required unless the checkpoints are Hugging Face folders "
+                              f"(with config.json); {first} is not one")
+    if options:
+        raise MergescopeError(f"{path}: model_options: apply to a named model; a Hugging Face folder's "
+                              "architecture comes from its config.json")
+    return {"model": "mergescope.tasks.hf:hf_model", "model_options": {"folder": first}}

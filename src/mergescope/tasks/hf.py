@@ -139,12 +139,12 @@ def _forward_on_tokens(self, x: torch.Tensor) -> torch.Tensor:
 
 def split_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input ids, attention mask) of the input contract: ``[B, 2, L]``, or ``[B, L]`` ids without a mask."""
-    if x.dim() == 3 and x.shape[1] == 2:
+    if x.is_floating_point() or x.is_complex() or x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[1] != 2):
+        raise MergescopeError(f"a Hugging Face model takes integer token tensors [B, 2, L] (ids, mask) or [B, L], "
+                              f"got {str(x.dtype).removeprefix('torch.')} {list(x.shape)} (pass --task with text data)")
+    if x.dim() == 3:
         return x[:, 0].long(), x[:, 1].long()
-    if x.dim() == 2:
-        return x.long(), None
-    raise MergescopeError(f"a Hugging Face model takes token tensors [B, 2, L] (ids, mask) or [B, L], "
-                          f"got shape {list(x.shape)}")
+    return x.long(), None
 
 
 def __getattr__(name: str) -> type:
@@ -161,6 +161,7 @@ def build(config: Mapping, where: str | os.PathLike, device: str | torch.device 
     try:
         with quiet_transformers(), _no_init(), torch.device(device):
             module = cls(cfg)
+        module.tie_weights()  # skipped with the init; ties what the config ties (lm_head to the embeddings)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
         raise MergescopeError(f"{where}: cannot build {cls.__name__.removesuffix(SUFFIX)} ({_first_line(e)})") from None
     module.hf_config = cfg
