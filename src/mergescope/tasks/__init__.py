@@ -14,11 +14,16 @@ __all__ = ["SPLITS", "TRAIN_DEFAULTS", "Task", "TensorClassificationTask", "ZOO"
 
 
 def get_task(spec: str = "digits", **kwargs) -> Task:
-    """A built-in task by name ('digits', 'mnist1d') or a user's ``package.module:factory``."""
+    """A built-in task by name ('digits', 'mnist1d'), a data file (``tasks.files``: .csv/.tsv/.jsonl/.txt/.npz,
+    e.g. ``data.csv:review,stars``) or a user's ``package.module:factory``."""
+    from .files import is_data_file, task_from_spec
+
     if spec == "digits":
         return digits(**kwargs)
     if spec == "mnist1d":
         return mnist1d(**kwargs)
+    if is_data_file(spec):
+        return task_from_spec(spec, **kwargs)
     return resolve(spec)(**kwargs)
 
 

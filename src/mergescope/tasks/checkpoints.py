@@ -177,10 +177,12 @@ def task_for(ckpt, spec: str | None = None):
     A data file (``tasks.files``) is tokenized with the checkpoint's own folder when it is a Hugging Face folder.
     """
     from . import digits, get_task, mnist1d
-    from .files import is_data_file, model_folder_of
+    from .files import is_data_file
 
+    if spec and is_data_file(spec):
+        return _checked_file_task(ckpt, get_task(spec, model_folder=hf_folder(ckpt)))
     if spec:
-        return get_task(spec, model_folder=model_folder_of(ckpt)) if is_data_file(spec) else get_task(spec)
+        return get_task(spec)
     recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
     match = TASK_PATTERN.fullmatch(recorded)
     if match is None:
@@ -188,3 +190,17 @@ def task_for(ckpt, spec: str | None = None):
                               "a checkpoint cannot choose code to run: pass --task yourself")
     build = {"digits": digits, "mnist1d": mnist1d}[match.group(1)]
     return build(classes=tuple(int(c) for c in match.group(2).split(","))) if match.group(2) else build()
+
+
+def _checked_file_task(ckpt, task):
+    """A data-file task, checked against the zoo model the checkpoint records (built with its recorded
+    options; weights do not change shapes), so a file the model cannot take is one line before any work."""
+    from . import build
+
+    try:
+        recorded = model_spec_of(ckpt)
+    except MergescopeError:
+        return task  # model_for reports a bad record
+    if recorded is not None and recorded[0] in ZOO and hasattr(task, "check_model"):
+        task.check_model(build(recorded[0], **recorded[1]))
+    return task
