@@ -271,3 +271,101 @@ def test_measured_figures_match_a_plain_forward_pass(task):
     assert d.recommendation is None or d.recommendation["family"] in ("average", "task_vectors", "align", "ensemble",
                                                                        "none")
     assert json.dumps(d.to_dict(), allow_nan=False)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def zoo_files(tmp_path_factory):
+    """`mergescope train` checkpoints: a parent, two fine-tunes of it (--from) and an independent model."""
+    from mergescope.cli import main
+
+    folder = tmp_path_factory.mktemp("zoo")
+    common = ["-q", "train", "--model", "mlp", "--width", "32", "--epochs", "2"]
+    paths = {name: folder / f"{name}.safetensors" for name in ("parent", "ft1", "ft2", "other")}
+    assert main([*common, "--seed", "0", "-o", str(paths["parent"])]) == 0
+    assert main([*common, "--seed", "5", "-o", str(paths["other"])]) == 0
+    for i, name in ((1, "ft1"), (2, "ft2")):
+        assert main([*common, "--epochs", "1", "--seed", str(i), "--from", str(paths["parent"]), "-o",
+                     str(paths[name])]) == 0
+    return paths
+
+
+def test_cli_writes_json_png_html_and_prints_the_recommendation(zoo_files, tmp_path, capsys):
+    import mergescope as ms
+    from mergescope.cli import main
+
+    out = tmp_path / "diag"
+    args = ["diagnose", str(zoo_files["ft1"]), str(zoo_files["ft2"]), "--base", str(zoo_files["parent"]), "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "diagnosis.json").read_text())
+    api = ms.diagnose([zoo_files["ft1"], zoo_files["ft2"]], base=zoo_files["parent"])
+    assert data["signals"]["sign_conflict"] == api.signals["sign_conflict"]
+    assert data["layers"] == json.loads(json.dumps(api.layers))
+    assert data["measured"] is None
+    assert f"{api.signals['sign_conflict']:.4f}" in printed and "relative distance" in printed
+    assert (out / "diagnosis.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "diagnosis.html").read_text()
+    assert "data:image/png;base64," in page and "layers.0.weight" in page
+    if api.recommendation is not None:
+        assert "recommendation:" in printed and api.recommendation["method"] in printed
+        assert data["recommendation"] == json.loads(json.dumps(api.recommendation))
+        assert all(r in page for r in map(__import__("html").escape, api.recommendation["reasons"]))
+
+
+def test_cli_with_a_task_measures_on_val(zoo_files, tmp_path, capsys):
+    from mergescope.cli import main
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", str(zoo_files["parent"]), str(zoo_files["other"]), "--task", "digits", "--points", "3",
+                 "--sample", "64", "-o", str(out), "--json", str(tmp_path / "copy.json")]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "diagnosis.json").read_text())
+    m = data["measured"]
+    assert m["split"] == "val" and m["sample_size"] == 64 and len(m["path"]["t"]) == 3
+    assert m["ensemble_accuracy"] is not None and m["task_arithmetic_accuracy"] is None  # no base
+    assert "measured on a val sample of 64" in printed
+    assert json.loads((tmp_path / "copy.json").read_text()) == data
+    assert data["signals"]["alignment_gap"] > 0.1  # independently trained
+
+
+def test_cli_bad_input_is_one_line_exit_2_without_outputs(zoo_files, tmp_path, capsys):
+    from mergescope.cli import main
+    from mergescope.io import load
+
+    wide = tmp_path / "wide.safetensors"
+    state = {k: load(zoo_files["parent"])[k] for k in load(zoo_files["parent"])}
+    save({**state, "head.bias": torch.zeros(3)}, wide)
+    out = tmp_path / "diag"
+    assert main(["diagnose", str(zoo_files["parent"]), str(wide), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "head.bias" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["diagnose", str(zoo_files["parent"]), str(zoo_files["ft1"]), "-o", str(zoo_files["ft2"])]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_on_finetuned_minilm_folders_with_a_csv(minilm_dir, tmp_path, capsys):
+    """As a new user would: two Hugging Face folders and a CSV."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("mergescope.tasks.files")
+    from hfutil import build_family
+
+    from mergescope.cli import main
+
+    family = build_family(tmp_path, minilm_dir, seeds=(1, 2), steps=4)
+    out = tmp_path / "diag"
+    a, b = family.variants
+    assert main(["diagnose", str(a), str(b), "--base", str(family.base), "--task", str(family.csv), "--points", "3",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "diagnosis.json").read_text())
+    m = data["measured"]
+    assert m["split"] == "val" and m["sample_size"] > 0 and m["ties_accuracy"] is not None
+    assert data["signals"]["task_vector_cosine"] is not None
+    frozen = [r for r in data["layers"] if r["name"].startswith("bert.encoder.layer.0.")]
+    assert frozen and all(r["relative_distance"] == 0 for r in frozen)  # hfutil trains only the last layers
+    assert (out / "diagnosis.png").exists() and (out / "diagnosis.html").exists()
+    assert "recommendation" in printed

@@ -47,12 +47,13 @@ def _table(table: dict) -> str:
 
 
 def render_report(title: str, summary: list[str], sections: list[dict], footer: str, out: str | os.PathLike,
-                  figure_root: str | os.PathLike) -> Path:
+                  figure_root: str | os.PathLike,
+                  subtitle: str = "mergescope study: why (and which) merging works for these models") -> Path:
     """Write the report. Each section: id, title, intro, figures [{file, caption}], tables [...]."""
     root = Path(figure_root)
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-             '<p class="sub">mergescope study: why (and which) merging works for these models</p>',
+             f'<p class="sub">{html.escape(subtitle)}</p>',
              '<div class="summary" id="summary"><h2>Summary: which merge should I use?</h2><ul>',
              *[f"<li>{html.escape(line)}</li>" for line in summary], "</ul></div>"]
     for s in sections:

@@ -1,0 +1,155 @@
+"""The diagnosis figure and page, drawn from ``Diagnosis.to_dict()`` (the saved JSON), never recomputed.
+
+``plot_diagnosis``: per-layer bars (relative distance, cosine, sign conflict, alignment gap) for at
+most ``MAX_LAYERS`` tensors (the most distant ones, kept in file order), plus, when measured, the
+loss/accuracy along the linear path and the measured merges next to the members and the ensemble.
+``write_page``: one self-contained HTML page (``report.html.render_report``, base64 PNG).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .figures import pyplot as _pyplot
+from .figures import save as _save
+
+MAX_LAYERS = 40
+LAYER_SIGNALS = (("relative_distance", "relative distance"), ("cosine", "cosine"),
+                 ("sign_conflict", "sign conflict"), ("alignment_gap", "alignment gap"))
+MEASURED = (("members", "members (mean)"), ("average", "uniform average"), ("aligned", "weight matching + avg"),
+            ("task_arithmetic", "task arithmetic"), ("ties", "TIES"), ("ensemble", "output ensemble"))
+
+
+def shown_layers(layers: list[dict], limit: int = MAX_LAYERS) -> list[dict]:
+    """At most ``limit`` rows: the largest relative distances, in file order."""
+    if len(layers) <= limit:
+        return list(layers)
+    keyed = sorted(range(len(layers)), key=lambda i: -(layers[i].get("relative_distance") or 0.0))[:limit]
+    return [layers[i] for i in sorted(keyed)]
+
+
+def _value(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _layer_panels(axes, layers: list[dict]) -> None:
+    names = [r["name"] for r in layers]
+    y = np.arange(len(names))
+    for ax, (key, label) in zip(axes, LAYER_SIGNALS):
+        values = [_value(r.get(key)) for r in layers]
+        ax.barh(y, np.nan_to_num(values), color="#1f77b4" if key != "alignment_gap" else "#2ca02c")
+        ax.set_yticks(y, names if ax is axes[0] else [""] * len(names), fontsize=6)
+        ax.invert_yaxis()
+        missing = "n/a (needs --base)" if key == "sign_conflict" else "n/a (not measured)"
+        ax.set_title(missing.replace("n/a", label) if all(np.isnan(values)) else label)
+        ax.grid(axis="x", alpha=0.3)
+
+
+def _measured_panels(ax_path, ax_bars, measured: dict) -> None:
+    path = measured["path"]
+    ax_path.plot(path["t"], path["loss"], marker="o", color="#1f77b4")
+    ax_path.set_ylabel(f"{measured['split']} loss (blue)", color="#1f77b4")
+    ax_path.set(xlabel="t (model 0 -> model 1)",
+                title=f"linear path: loss barrier {_value(measured['barrier_loss']):.3f}")
+    twin = ax_path.twinx()
+    twin.plot(path["t"], path["accuracy"], marker=".", color="#ff7f0e")
+    twin.set_ylabel("accuracy (orange)", color="#ff7f0e")
+    ax_path.grid(alpha=0.3)
+    labels, values = [], []
+    for key, label in MEASURED:
+        v = measured.get(f"{key}_accuracy")
+        if v is not None and np.isfinite(v):
+            labels.append(label)
+            values.append(v)
+    metric = "accuracy"
+    if not values:  # no accuracies (a regression task): the losses instead
+        metric = "loss"
+        for key, label in MEASURED:
+            v = measured.get(f"{key}_loss")
+            if v is not None and np.isfinite(v):
+                labels.append(label)
+                values.append(v)
+    ax_bars.barh(np.arange(len(values)), values, color="#9e9e9e")
+    ax_bars.set_yticks(np.arange(len(values)), labels)
+    ax_bars.invert_yaxis()
+    for i, v in enumerate(values):
+        ax_bars.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+    ax_bars.set(xlabel=f"{measured['split']} {metric} (sample of {measured['sample_size']})", title="measured merges")
+
+
+def plot_diagnosis(diagnosis: dict, out: str | os.PathLike) -> Path:
+    """The diagnosis PNG: layer signals (top row), path and measured merges (bottom row, with a task)."""
+    plt = _pyplot()
+    layers = shown_layers(diagnosis["layers"])
+    measured = diagnosis.get("measured")
+    rows = 2 if measured else 1
+    height = max(3.0, 0.16 * len(layers) + 1.2)
+    fig = plt.figure(figsize=(13, height + (3.4 if measured else 0)), layout="constrained")
+    grid = fig.add_gridspec(rows, 4, height_ratios=[height, 3.4] if measured else [1])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
+    _layer_panels(axes, layers)
+    if measured:
+        _measured_panels(fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2:]), measured)
+    rec = diagnosis.get("recommendation")
+    title = "diagnosis" if not rec else f"diagnosis: {rec['family']} / {rec['method']}"
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
+def summary_lines(diagnosis: dict) -> list[str]:
+    """The recommendation and its reasons, as sentences."""
+    rec = diagnosis.get("recommendation")
+    if not rec:
+        return ["No recommender is installed (mergescope.diagnose.recommend): signals only."]
+    change = rec.get("expected_change")
+    expected = "no expected change measured" if change is None else f"expected {rec['metric']} change {change:+.4f}"
+    return [f"Recommendation: {rec['family']} / {rec['method']} ({expected}).", *rec.get("reasons", [])]
+
+
+def _signal_table(signals: dict) -> dict:
+    keys = ("relative_distance", "weight_cosine", "task_vector_cosine", "sign_conflict", "norm_ratio",
+            "alignment_gap", "alignment_identity", "alignment_matched", "alignment_tensors", "n_models",
+            "n_parameters", "n_tensors")
+    return {"columns": ["signal", "value"], "rows": [{"signal": k, "value": "-" if signals.get(k) is None
+                                                      else signals[k]} for k in keys]}
+
+
+def _measured_table(measured: dict) -> dict:
+    rows = [{"merge": label, "accuracy": measured.get(f"{key}_accuracy") if measured.get(f"{key}_accuracy") is not None
+             else "-", "loss": measured.get(f"{key}_loss") if measured.get(f"{key}_loss") is not None else "-"}
+            for key, label in MEASURED]
+    rows.append({"merge": "barrier (linear path)", "accuracy": measured["barrier_accuracy"],
+                 "loss": measured["barrier_loss"]})
+    return {"columns": ["merge", "accuracy", "loss"], "rows": rows}
+
+
+def _layer_table(layers: list[dict]) -> dict:
+    cols = ["name", "numel", "relative_distance", "cosine", "sign_conflict", "norm_ratio", "alignment_gap"]
+    return {"columns": cols, "rows": [{c: "-" if r.get(c) is None else r[c] for c in cols} for r in layers]}
+
+
+def write_page(diagnosis: dict, png: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """diagnosis.html: the recommendation first, then the figure and the signal, measured and layer tables."""
+    from .html import render_report
+
+    png = Path(png)
+    inputs = diagnosis["inputs"]
+    intro = f"Models: {', '.join(inputs['models'])}" + (f"; base: {inputs['base']}" if inputs.get("base") else "")
+    sections = [{"id": "signals", "title": "Signals", "intro": intro,
+                 "figures": [{"file": png.name, "caption": "Per-layer signals (the most distant tensors, file order)"
+                              + ("; linear path and measured merges on the val sample" if diagnosis.get("measured")
+                                 else "")}],
+                 "tables": [_signal_table(diagnosis["signals"])]}]
+    if diagnosis.get("measured"):
+        m = diagnosis["measured"]
+        sections.append({"id": "measured", "title": "Measured on the task",
+                         "intro": f"{m['split']} sample of {m['sample_size']} examples, {m['points']} path points.",
+                         "tables": [_measured_table(m)]})
+    sections.append({"id": "layers", "title": "Layers", "intro": "Tensors with the largest relative distance.",
+                     "tables": [_layer_table(shown_layers(diagnosis["layers"]))]})
+    return render_report("mergescope diagnose", summary_lines(diagnosis), sections,
+                         "Data-free signals are streamed from the checkpoints; measured figures use the val split "
+                         "only.", out, png.parent, subtitle="mergescope diagnose: which merge, and why")
