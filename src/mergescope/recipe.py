@@ -3,7 +3,8 @@
 A recipe names the models (``models`` with per-model ``parameters``, or ``slices`` of layer
 ranges for layer stacking), the ``merge_method``, an optional ``base_model``, method
 ``parameters`` (scalars, gradients = lists interpolated over layers, or per-tensor ``filter``
-conditions), and ``dtype`` / ``out_dtype`` / ``tokenizer_source``. Unknown keys are errors that
+conditions), ``dtype`` / ``out_dtype``, and ``tokenizer_source`` / ``tokenizer`` / ``chat_template``
+(merge/tokenizer.py). Unknown keys are errors that
 name the key and the valid ones; every error is one line (``MergescopeError``).
 
 Parameter resolution follows MergeKit 0.1.5: a per-model setting beats the slice's, which beats
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -101,6 +102,57 @@ class OutputSlice(_Strict):
         return v
 
 
+class ModelTokenSource(_Strict):
+    """A token's row taken from another token of a model: ``token_id`` (a row) or ``token`` (by name)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of token_id or token")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id must be >= 0, got {_short_int(self.token_id)}")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenSetting(_Strict):
+    """One entry of ``tokenizer: tokens:``: where the token's row comes from; ``force``: for every model."""
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSection(_Strict):
+    """``tokenizer:``: the output vocabulary (``union``, ``base`` or a model path), per-token row sources,
+    and rows padded to a multiple (MergeKit's TokenizerConfig)."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = None
+
+    _check = field_validator("source", mode="before")(classmethod(lambda cls, v: _tokenizer_source(v)))
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v):
+        if v is not None and not 0 <= v <= 65536:
+            raise ValueError(f"pad_to_multiple_of must be in [0, 65536], got {_short_int(v)}")
+        return v
+
+
+def _tokenizer_source(value: Any) -> str:
+    """``union``, ``base`` or a local model path."""
+    return value if value in ("union", "base") else _model_path(value)
+
+
 class Recipe(_Strict):
     """A MergeKit-compatible merge configuration (the subset mergescope runs)."""
 
@@ -112,6 +164,8 @@ class Recipe(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
     text: str = ""
     source: str = "recipe"  # where it was read from (the file, or "recipe"): error lines name it
 
@@ -124,12 +178,23 @@ class Recipe(_Strict):
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPE_NAMES)}")
         return v
 
-    @field_validator("tokenizer_source")
+    @field_validator("tokenizer_source", mode="before")
     @classmethod
     def _tokenizer(cls, v):
-        if v not in (None, "base"):
-            raise ValueError(f"tokenizer_source {v!r} is not supported yet (only 'base'); vocabularies are not rebuilt")
+        return v if v is None else _tokenizer_source(v)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("chat_template must be 'auto', a built-in template name or a Jinja template")
         return v
+
+    @model_validator(mode="after")
+    def _one_tokenizer(self):
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either tokenizer_source or tokenizer, not both (as MergeKit)")
+        return self
 
     def referenced_models(self) -> list[str]:
         """Every model path the recipe names, in first-mention order."""
@@ -148,8 +213,6 @@ class Recipe(_Strict):
 
 _UNSUPPORTED = {
     "modules": "multi-module recipes ('modules') are not supported; use 'models' or 'slices'",
-    "tokenizer": "'tokenizer' (vocabulary surgery) is not supported; use tokenizer_source: base",
-    "chat_template": "'chat_template' is not supported; edit tokenizer_config.json of the output instead",
 }
 
 
@@ -170,10 +233,11 @@ def _valid_keys(loc: tuple) -> list[str]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             continue
-        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource}.get(part)
+        nested = {"models": ModelEntry, "slices": OutputSlice, "sources": SliceSource, "tokenizer": TokenizerSection,
+                  "tokens": TokenSetting}.get(part)
         if nested is not None:
             model = nested
-    return [k for k in model.model_fields if k not in _INTERNAL]
+    return [k for k in model.model_fields if model is not Recipe or k not in _INTERNAL]
 
 
 _INTERNAL = ("text", "source")  # Recipe fields mergescope fills in, never keys of a recipe file

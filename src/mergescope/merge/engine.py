@@ -37,6 +37,7 @@ from ..recipe import Recipe, read
 from ..tasks.checkpoints import passed_metadata
 from . import plan as planning
 from .reader import JobMaps, Locator
+from .tokenizer import fix_config, remap_job, write_files
 from .writer import PlannedWriter
 
 LOG = logging.getLogger("mergescope.merge")
@@ -97,7 +98,7 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
 
     The result never shares memory with an input (inputs may be maps that are closed next).
     """
-    tensors = _read_inputs(job, read, dtype)
+    tensors = remap_job(plan, job, _read_inputs(job, read, dtype))
     if not tensors[0].is_floating_point():
         return tensors[job.base or 0].to(job.dtype, copy=True)
     method = plan.method
@@ -277,11 +278,14 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
             for name in copied:
                 if name in TOKENIZER_FILES:
                     (tmp / name).unlink()
+    if plan.tokenizer is not None:
+        write_files(tmp, plan.tokenizer, copied=donor.is_dir() and copy_tokenizer)
     config_path = tmp / "config.json"
     if config_path.is_file():
         config = _read_config(config_path, donor / "config.json")
         if plan.stacked and "num_hidden_layers" in config:
             config["num_hidden_layers"] = plan.num_layers
+        fix_config(config, plan.tokenizer)
         out_dtype = recipe.out_dtype or recipe.dtype
         if out_dtype:
             name = str(planning.DTYPES[out_dtype]).removeprefix("torch.")

@@ -35,6 +35,7 @@ from ..errors import MergescopeError
 from ..io import Checkpoint, load
 from ..recipe import FLOAT_LIMIT, Parameters, Recipe, resolve
 from .methods import Method, get
+from .tokenizer import attach, is_vocab_tensor, rebuilds_vocabulary
 
 MAX_OUTPUT_LAYERS = 10_000  # layers of a stacked output: 50x the deepest published frankenmerges
 # Methods that return the base unchanged when no other model has the tensor (no task vector to add).
@@ -77,6 +78,7 @@ class Plan:
     num_layers: int | None
     stacked: bool
     warnings: tuple[str, ...] = ()  # one line each: recipe settings accepted but without effect
+    tokenizer: object = None  # merge.tokenizer.TokenizerPlan: rebuilt vocabulary / chat template, or None
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ def _job(method: Method, out_name: str, sources: list[_Source], base: str | None
                  for i, in_name in enumerate(input_names)]
     _check_weight_sum(method, f"{recipe.source}: tensor {out_name!r}", per_input, base_pos)
     infos = _input_infos(sources, input_names, ckpts, out_name)
-    _check_shapes(out_name, sources, infos)
+    _check_shapes(out_name, sources, infos, rows_free=rebuilds_vocabulary(recipe) and is_vocab_tensor(out_name))
     return Job(out_name, tuple((models.index(s.model), n) for s, n in zip(sources, input_names)), base_pos,
                shared, tuple(per_input), tuple(infos[0].shape), _out_dtype(recipe, infos, base_pos, dtype),
                sum(i.nbytes for i in infos))
@@ -278,14 +280,16 @@ def _check_weight_sum(method: Method, where: str, per_input: list[dict], base_po
 VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings|embed_out|(?:^|\.)output\.weight$")
 
 
-def _check_shapes(out_name: str, sources: list[_Source], infos) -> None:
+def _check_shapes(out_name: str, sources: list[_Source], infos, rows_free: bool = False) -> None:
+    """Inputs of one tensor must agree in shape; with ``rows_free`` (a vocabulary tensor of a recipe that
+    rebuilds vocabularies: merge/tokenizer.py remaps its rows) all but the first dimension."""
     shapes = {s.model: tuple(i.shape) for s, i in zip(sources, infos)}
-    if len(set(shapes.values())) <= 1:
+    if len({sh[1:] if rows_free else sh for sh in shapes.values()}) <= 1 and not (rows_free and () in shapes.values()):
         return
     listing = ", ".join(f"{m}: {list(sh)}" for m, sh in shapes.items())
-    if VOCAB.search(out_name):
-        raise MergescopeError(f"tensor {out_name!r}: vocabulary sizes differ ({listing}); mergescope does not rebuild "
-                              "vocabularies (MergeKit needs a 'tokenizer' section for this); align the tokenizers first")
+    if VOCAB.search(out_name) and not rows_free:
+        raise MergescopeError(f"tensor {out_name!r}: vocabulary sizes differ ({listing}); give the recipe a "
+                              "'tokenizer_source' (union, base or a model) or a 'tokenizer' section to rebuild them")
     raise MergescopeError(f"tensor {out_name!r}: shapes differ between models ({listing})")
 
 
@@ -379,7 +383,8 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
             idx = layer_index(name)
             t = 0.0 if idx is None else (idx / (n_layers - 1) if n_layers > 1 else 1.0)
             add(name, sources, base, params, [name] * len(sources), t, have)
-        return Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False, warnings)
+        return attach(Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False,
+                           warnings), recipe)
     for name, have in outer(first[0], lambda n: PRE.search(n)):
         add(name, first[0], first[1], first[2], [name] * len(first[0]), 0.0, have)
     tables: dict[str, dict[int, list[tuple[str, str]]]] = {}
@@ -398,4 +403,4 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     for name, have in outer(last[0], lambda n: not PRE.search(n)):
         add(name, last[0], last[1], last[2], [name] * len(last[0]), 0.0, have)
     donor = recipe.base_model or models[0]
-    return Plan(method, tuple(models), tuple(jobs), donor, out_layer, True, warnings)
+    return attach(Plan(method, tuple(models), tuple(jobs), donor, out_layer, True, warnings), recipe)

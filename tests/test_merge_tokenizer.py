@@ -1,0 +1,311 @@
+"""Tokenizers in merges (merge/tokenizer.py) against MergeKit 0.1.5 and against the rules written out.
+
+Four tiny Llama checkpoints, each with its own word-level ``tokenizer.json`` built offline with the
+``tokenizers`` library: ``base``; ``chatml`` (base's words + "fish" + two special ChatML tokens);
+``extra`` (some of base's words in another order, new words, "fish", a plain added token);
+``padded`` (base's tokenizer with two tokens past its embedding rows). Every recipe runs through
+MergeKit in-process and through ``ms.merge``. MergeKit orders the new ids of a union by hash order
+(see docs/merge.md), so vocabulary tensors are compared row by row *per token*; everything else
+tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("mergekit")
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file
+
+import mergescope as ms
+from mergescope.errors import MergescopeError
+from mergescope.merge import tokenizer as tk
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+BASE_WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far"]
+MODELS = {  # name: (words after the specials, special added tokens, plain added tokens, extra tokenizer rows)
+    "base": (BASE_WORDS, [], [], 0),
+    "chatml": (BASE_WORDS + ["fish"], ["<|im_start|>", "<|im_end|>"], [], 0),
+    "extra": (["dog", "cat", "bird", "the", "tree", "sat", "fish"], [], ["<tool>"], 0),
+    "padded": (BASE_WORDS, [], ["<UNUSED_0>", "<UNUSED_1>"], 2),
+}
+TEMPLATES = {"chatml": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
+             "extra": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+             "padded": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}
+
+
+def _tokenizer(folder, words, special, plain, template):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t) for t in plain])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>"}
+    if template:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """The four models: Llama, 2 layers, hidden 16, untied lm_head, rows = their tokenizer's size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tok_llamas")
+    for seed, (name, (words, special, plain, past)) in enumerate(MODELS.items()):
+        folder = root / name
+        folder.mkdir()
+        n = _tokenizer(folder, words, special, plain, TEMPLATES.get(name))
+        cfg = LlamaConfig(vocab_size=n - past, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                          tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+    return root
+
+
+def _mergekit(text: str, out) -> None:
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+              options=MergeOptions(random_seed=0, quiet=True, write_model_card=False))
+
+
+RECIPES = {
+    "union_linear": """
+        models:
+          - {model: D/base, parameters: {weight: 1.0}}
+          - {model: D/chatml, parameters: {weight: 0.5}}
+          - {model: D/extra, parameters: {weight: 0.25}}
+        merge_method: linear
+        base_model: D/base
+        tokenizer_source: union
+        dtype: float32
+    """,
+    "union_no_base_ta": """
+        models:
+          - {model: D/chatml, parameters: {weight: 0.7}}
+          - {model: D/extra, parameters: {weight: 0.4}}
+        merge_method: task_arithmetic
+        base_model: D/base
+        tokenizer_source: union
+    """,
+    "base_ties_padded": """
+        models:
+          - {model: D/chatml, parameters: {weight: 1.0, density: 0.6}}
+          - {model: D/padded, parameters: {weight: 0.5, density: 0.8}}
+        merge_method: ties
+        base_model: D/base
+        tokenizer_source: base
+    """,
+    "model_source": """
+        models: [{model: D/base}, {model: D/chatml}, {model: D/extra}]
+        merge_method: linear
+        parameters: {weight: 1.0}
+        base_model: D/base
+        tokenizer_source: D/chatml
+        chat_template: chatml
+    """,
+    "tokens_section": """
+        models: [{model: D/base}, {model: D/chatml}, {model: D/extra}]
+        merge_method: linear
+        parameters: {weight: 1.0}
+        base_model: D/base
+        tokenizer:
+          source: union
+          pad_to_multiple_of: 8
+          tokens:
+            <|im_start|>: {source: D/chatml}
+            cat: {source: D/extra, force: true}
+            dog: {source: {kind: model_token, model: D/chatml, token: "<|im_end|>"}, force: true}
+            <tool>: {source: {kind: model_token, model: D/base, token_id: 4}}
+            tree: {source: {kind: zero}}
+            <brand_new>: {source: {kind: model_token, model: D/extra, token: bird}}
+        chat_template: "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}"
+    """,
+    "slerp_slices_union": """
+        slices:
+          - sources:
+              - {model: D/base, layer_range: [0, 2]}
+              - {model: D/chatml, layer_range: [0, 2]}
+        merge_method: slerp
+        base_model: D/base
+        parameters: {t: [0, 0.7]}
+        tokenizer_source: union
+        chat_template: auto
+    """,
+    "chat_template_only": """
+        models: [{model: D/base}, {model: D/padded}]
+        merge_method: linear
+        parameters: {weight: 1.0}
+        base_model: D/base
+        chat_template: auto
+    """,
+}
+
+
+def _recipe(name: str, root) -> str:
+    return textwrap.dedent(RECIPES[name]).replace("D/", f"{root}/")
+
+
+@pytest.fixture(scope="module")
+def outputs(zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok_out")
+    done = {}
+    for name in RECIPES:
+        text = _recipe(name, zoo)
+        _mergekit(text, root / f"mk-{name}")
+        ms.merge(text, root / f"ms-{name}", seed=0)
+        done[name] = (root / f"mk-{name}", root / f"ms-{name}")
+    return done
+
+
+def _vocab(folder) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_same_tensors_as_mergekit(outputs, name):
+    """Same tokens; each token's row equal to MergeKit's row for that token; padding rows and every other
+    tensor equal."""
+    mk_dir, ms_dir = outputs[name]
+    theirs, ours = load_file(mk_dir / "model.safetensors"), dict(ms.load(ms_dir).items())
+    assert sorted(theirs) == sorted(ours)
+    v_mk, v_ms = _vocab(mk_dir), _vocab(ms_dir)
+    assert sorted(v_mk) == sorted(v_ms)
+    order_mk = torch.tensor([v_mk[t] for t in sorted(v_ms, key=v_ms.get)])
+    for key, expected in theirs.items():
+        got = ours[key]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, key
+        if tk.is_vocab_tensor(key):
+            n = len(v_ms)
+            assert torch.allclose(got[n:].double(), expected[n:].double(), atol=1e-6), f"{name}: padding of {key}"
+            got, expected = got[:n], expected[order_mk]
+        diff = (got.double() - expected.double()).abs().max().item()
+        assert diff <= 1e-6, f"{name}: {key} differs by {diff}"
+
+
+def test_ids_match_mergekit_where_it_is_deterministic(outputs):
+    """A base or model tokenizer keeps its ids in both tools (only a union's new ids are hash-ordered)."""
+    for name in ("base_ties_padded", "model_source"):
+        mk_dir, ms_dir = outputs[name]
+        assert _vocab(mk_dir) == _vocab(ms_dir)
+
+
+def test_model_vocabularies_read_as_transformers_does(zoo):
+    for name in MODELS:
+        assert tk.read_tokenizer(zoo / name).get_vocab(with_added_tokens=True) == _vocab(zoo / name)
+
+
+def _rows(folder, key="model.embed_tokens.weight"):
+    return load_file(folder / "model.safetensors")[key]
+
+
+def test_union_rows_follow_the_words(outputs, zoo):
+    """Each word encodes (transformers) to the id whose row is the weighted mean of the models' rows for that
+    word, each model lacking the word filled by the rule (one holder -> its row; else the base's; else the
+    holders' mean), recomputed here from the inputs' own tokenizers."""
+    from transformers import AutoTokenizer
+
+    out = outputs["union_linear"][1]
+    merged, tok = _rows(out), AutoTokenizer.from_pretrained(out)
+    weights = {"base": 1.0, "chatml": 0.5, "extra": 0.25}
+    vocabs = {m: _vocab(zoo / m) for m in weights}
+    inputs = {m: _rows(zoo / m) for m in weights}
+    words = {w for m in weights for w in vocabs[m]} - set(SPECIALS)
+    assert len(tok.get_vocab()) == merged.shape[0] == 17
+    for word in sorted(words):
+        ids = tok.encode(word, add_special_tokens=False)
+        assert len(ids) == 1, word
+        holders = [m for m in weights if word in vocabs[m]]
+        fill = (inputs[holders[0]][vocabs[holders[0]][word]] if len(holders) == 1
+                else inputs["base"][vocabs["base"][word]] if "base" in holders
+                else sum(inputs[m][vocabs[m][word]] for m in holders) / len(holders))
+        rows = [inputs[m][vocabs[m][word]] if word in vocabs[m] else fill for m in weights]
+        expected = sum(w * r for w, r in zip(weights.values(), rows)) / sum(weights.values())
+        assert torch.allclose(merged[ids[0]], expected, atol=1e-6), word
+    sentence = tok.encode("the bird sat on the mat", add_special_tokens=False)
+    assert sentence == [tok.get_vocab()[w] for w in ("the", "bird", "sat", "on", "the", "mat")]
+
+
+def test_output_loads_with_its_vocabulary(outputs):
+    from transformers import AutoModelForCausalLM
+
+    for name in ("union_linear", "tokens_section", "slerp_slices_union"):
+        out = outputs[name][1]
+        config = json.loads((out / "config.json").read_text())
+        rows = _rows(out).shape[0]
+        assert config["vocab_size"] == rows == _rows(out, "lm_head.weight").shape[0]
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model.get_input_embeddings().weight.shape[0] == rows
+
+
+def test_tokens_section_rules(outputs, zoo):
+    """Forced rows, a model_token by name and by id, a zero row, a brand-new token, padding to 8."""
+    out = outputs["tokens_section"][1]
+    merged, vocab = _rows(out), _vocab(out)
+    v = {m: _vocab(zoo / m) for m in ("base", "chatml", "extra")}
+    e = {m: _rows(zoo / m) for m in v}
+    assert merged.shape[0] == 24 and len(vocab) == 18  # 17 tokens of the union + <brand_new>, padded to 24
+    assert torch.allclose(merged[vocab["cat"]], e["extra"][v["extra"]["cat"]], atol=1e-6)
+    assert torch.allclose(merged[vocab["dog"]], e["chatml"][v["chatml"]["<|im_end|>"]], atol=1e-6)
+    assert torch.allclose(merged[vocab["<brand_new>"]], e["extra"][v["extra"]["bird"]], atol=1e-6)
+    assert torch.allclose(merged[vocab["<|im_start|>"]], e["chatml"][v["chatml"]["<|im_start|>"]], atol=1e-6)
+    tool = (e["base"][4] * 2 + e["extra"][v["extra"]["<tool>"]]) / 3  # base and chatml lack it: base row 4
+    assert torch.allclose(merged[vocab["<tool>"]], tool, atol=1e-6)
+    tree = e["extra"][v["extra"]["tree"]] / 3  # the two models lacking it get zeros
+    assert torch.allclose(merged[vocab["tree"]], tree, atol=1e-6)
+    assert torch.allclose(merged[18:], merged[:18].mean(0).expand(6, -1), atol=1e-6)
+
+
+def _template(folder) -> str | None:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).chat_template
+
+
+def test_chat_templates(outputs):
+    for name in ("model_source", "tokens_section", "slerp_slices_union", "chat_template_only"):
+        mk_dir, ms_dir = outputs[name]
+        config = json.loads((ms_dir / "tokenizer_config.json").read_text())
+        assert config["chat_template"] == _template(ms_dir) == _template(mk_dir), name
+    assert "<|im_start|>" in _template(outputs["model_source"][1])
+    assert _template(outputs["slerp_slices_union"][1]) == TEMPLATES["chatml"]  # the only one among base/chatml
+    assert _template(outputs["chat_template_only"][1]) == TEMPLATES["padded"]
+
+
+def test_refusals_are_one_line(zoo, tmp_path):
+    def refused(extra: str, match: str, other: str = "chatml"):
+        text = f"models: [{{model: {zoo}/base}}, {{model: {zoo}/{other}}}]\nmerge_method: linear\n" \
+               "parameters: {weight: 1.0}\n" \
+               f"base_model: {zoo}/base\n{extra}\n"
+        with pytest.raises(MergescopeError, match=match) as info:
+            ms.merge(text, tmp_path / "out")
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / "out").exists()
+        return text
+
+    refused("tokenizer_source: union\nchat_template: nosuchtemplate", "chat_template 'nosuchtemplate' is neither")
+    refused("tokenizer_source: union\ntokenizer: {source: base}", "either tokenizer_source or tokenizer")
+    refused("tokenizer: {source: union, bogus: 1}", "unknown key 'bogus'.*valid keys: source, tokens, pad_to")
+    refused("tokenizer: {tokens: {fish: {force: true}}}", "token 'fish': some model lacks it and its setting names no")
+    refused(f"tokenizer: {{tokens: {{fish: {{source: {zoo}/base}}}}}}", "source model .* does not have this token")
+    refused("tokenizer: {pad_to_multiple_of: -8}", "pad_to_multiple_of must be in")
+    text = refused(f"tokenizer_source: {zoo}/padded", "token '<UNUSED_0>' has id 11, past the model's 11 embedding",
+                   other="padded")
+    with pytest.raises(KeyError):  # MergeKit fails there too (its permutation has no entry for the token)
+        _mergekit(text, tmp_path / "mk")
