@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hfutil import read_csv
 from hostile import run_inprocess
 
 from mergescope.errors import MergescopeError
@@ -398,42 +399,84 @@ def test_npz_task_end_to_end_through_the_cli(tmp_path, capsys):
         assert "Traceback" not in out.stderr and not out.changed
 
 
-class TokensToLogits(torch.nn.Module):
-    """The x [B, 2, L] contract on a transformers classifier (what tasks/hf.py provides)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
-
-
-def test_bert_classifier_on_a_csv_task(tmp_path, minilm_dir, tokenizer):
+def test_fine_tuned_bert_folders_on_a_csv_task(hf_family, tmp_path, capsys):
+    """task_for + tasks.hf.hf_model agree with transformers' own model on the tokenizer's own encoding,
+    and the CLI runs on the folders with --task data.csv (a label the head lacks: one line, exit 2)."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=2,
-                                                                       local_files_only=True).eval()
-    folder = tmp_path / "bert"
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    texts = sentences(60)
-    labels = [int("good" in t) for t in texts]
-    data = write_csv(tmp_path / "d.csv", list(zip(texts, labels)))
+    from mergescope.cli import main
+    from mergescope.io import load
+    from mergescope.tasks.hf import hf_model
 
-    class Ckpt:
-        path = folder
-
-    task = task_for(Ckpt(), str(data))
-    got = task.evaluate(TokensToLogits(model).eval(), "train")
-    train = [(t, lab) for t, lab in zip(texts, labels) if reference_split(t.encode()) == "train"]
-    enc = tokenizer([t for t, _ in train], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    folder, other = hf_family.variants[:2]
+    task = task_for(load(folder), str(hf_family.csv))
+    got = task.evaluate(hf_model(folder), "test")
+    rows = read_csv(hf_family.csv)
+    test = [(t, lab) for t, lab in rows if reference_split(t.encode()) == "test"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True).eval()
+    enc = tokenizer([t for t, _ in test], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
-        logits = model(**enc).logits.double().numpy()
-    target = np.array([lab for _, lab in train])
+        logits = reference(**enc).logits.double().numpy()
+    target = np.array([lab for _, lab in test])
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     assert got["loss"] == pytest.approx(-logp[np.arange(len(target)), target].mean(), rel=1e-4)
     assert got["accuracy"] == pytest.approx((logits.argmax(1) == target).mean())
-    bad = write_csv(tmp_path / "o.csv", [(t, 3) for t in texts])
-    with pytest.raises(MergescopeError, match=r"o\.csv: line 2: label 3 in o\.csv is outside the model's 2 classes"):
-        task_for(Ckpt(), str(bad))
+
+    out = tmp_path / "line"
+    assert main(["-q", "landscape", "line", str(folder), str(other), "--n", "3", "--task", str(hf_family.csv),
+                 "-o", str(out)]) == 0
+    line = json.loads((out / "line.json").read_text())
+    assert line["accuracy"][0] == pytest.approx(got["accuracy"]) and line["loss"][0] == pytest.approx(got["loss"], rel=1e-4)
+    write_csv(tmp_path / "o.csv", [(t, 3 if i == 5 else lab) for i, (t, lab) in enumerate(rows)])
+    outcome = run_inprocess(["ensemble", str(folder), str(other), "--task", "o.csv"], tmp_path, capsys, timeout=60)
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    assert outcome.code == 2 and len(lines) == 1 and "Traceback" not in outcome.stderr, outcome.stderr
+    assert "o.csv: line 7: label 3 in o.csv is outside the model's 2 classes" in lines[0]
+
+
+def lm_folder(kind: str, minilm_dir: Path, dest: Path) -> Path:
+    """A real transformers LM saved as a folder with MiniLM's tokenizer: BertForMaskedLM from MiniLM (fresh
+    MLM head), or a one-layer GPT-2 of MiniLM's vocabulary (random init)."""
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if kind == "masked":
+            model = transformers.BertForMaskedLM.from_pretrained(str(minilm_dir), local_files_only=True)
+        else:
+            config = transformers.GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                             bos_token_id=None, eos_token_id=None)
+            model = transformers.GPT2LMHeadModel(config)
+    model.eval().save_pretrained(str(dest), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir / name, dest / name)
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["masked", "causal"])
+def test_lm_loss_equals_transformers_own_loss(kind, tmp_path, minilm_dir, capsys):
+    """TokenLMTask.evaluate on tasks.hf's model == the loss transformers computes from labels itself (it shifts
+    causal labels on its own: labels are the block's ids, padding -100)."""
+    transformers = pytest.importorskip("transformers")
+    from mergescope.tasks.hf import hf_model
+
+    folder = lm_folder(kind, minilm_dir, tmp_path / kind)
+    (tmp_path / "t.txt").write_text(lm_text(1500))
+    task = task_from_file(tmp_path / "t.txt", folder, max_length=24)
+    got = task.evaluate(hf_model(folder), "val")
+    x, y = task.splits["val"]
+    reference = transformers.AutoModelForMaskedLM if kind == "masked" else transformers.AutoModelForCausalLM
+    model = reference.from_pretrained(str(folder), local_files_only=True).eval()
+    labels = y if kind == "masked" else x[:, 0].masked_fill(x[:, 1] == 0, IGNORE)
+    with torch.no_grad():
+        out = model(input_ids=x[:, 0], attention_mask=x[:, 1], labels=labels)
+    assert got["loss"] == pytest.approx(out.loss.item(), rel=1e-4)  # both: mean over every scored token of the split
+    logits = out.logits if kind == "masked" else out.logits[:, :-1]
+    target = y if kind == "masked" else y[:, :-1]
+    keep = target != IGNORE
+    assert got["accuracy"] == pytest.approx((logits.argmax(-1)[keep] == target[keep]).double().mean().item())
+    if kind == "causal":  # GPT-2 names its positions n_positions (64 here): blocks are capped to them
+        assert task_from_file(tmp_path / "t.txt", folder).input_shape == (2, 64)
+        outcome = run_inprocess(["ensemble", str(folder), str(folder), "--task", "t.txt"], tmp_path, capsys)
+        assert outcome.code == 2 and outcome.stderr.strip().count("\n") == 0, outcome.stderr
+        assert "t.txt: language-model tasks (.txt) work through the Python API only" in outcome.stderr

@@ -50,6 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SPLIT_BUCKETS = 10  # sha256 of the input mod 10: 0-7 train, 8 val, 9 test
 MASK_RATE = 0.15  # masked LM: share of each block's text tokens replaced by the mask token
 MASK_SEED = 0
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 IGNORE = -100  # target of a token that is not scored (padding, unmasked, last position)
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
 
@@ -186,9 +187,9 @@ class ModelInfo:
                               f"(architectures {short_repr(arch)}) is a masked or a causal language model")
 
     def max_positions(self, max_length: int) -> int:
-        """``max_length``, capped by the model's position embeddings."""
-        limit = self.config.get("max_position_embeddings")
-        return min(max_length, limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2 else max_length
+        """``max_length``, capped by the model's positions (each family names them its own way)."""
+        limits = [self.config.get(key) for key in POSITION_KEYS]
+        return min([max_length] + [n for n in limits if isinstance(n, int) and not isinstance(n, bool) and n >= 2])
 
 
 def load_tokenizer(folder: Path):
