@@ -99,7 +99,7 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
     The result never shares memory with an input (inputs may be maps that are closed next).
     """
     tensors = remap_job(plan, job, _read_inputs(job, read, dtype))
-    if not tensors[0].is_floating_point():
+    if job.copy or not tensors[0].is_floating_point():  # a single holder's tensor, a buffer: copied
         return tensors[job.base or 0].to(job.dtype, copy=True)
     method = plan.method
     base, others, params = _method_arguments(method, job, tensors)

@@ -664,6 +664,9 @@ class Method:
     reference: str = ""
     stacks_layers: bool = False
     extra: dict = field(default_factory=dict)
+    # A tensor only some models have (MergeKit's OptionalTensorPolicy): "merge" the holders; "singleton": one
+    # holder is copied; "base_singleton": copied if it is the base; "base_or_skip": that, else left out
+    partial: str = "merge"
 
     def __call__(self, tensors, base=None, **params):
         for p in self.params:
@@ -693,10 +696,11 @@ _EPSILON = (Param("epsilon", float, "non_base", 0.15),)
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("linear", linear, "ignored", (Param("weight", float, "input", required=True),
                                          Param("normalize", bool, default=True)), reference="arXiv:2203.05482"),
-    Method("slerp", slerp, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2),
+    Method("slerp", slerp, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2,
+           partial="singleton"),
     Method("nuslerp", nuslerp, "optional", (Param("weight", float, "non_base", required=True),
                                             Param("nuslerp_row_wise", bool, default=False),
-                                            Param("nuslerp_flatten", bool, default=True))),
+                                            Param("nuslerp_flatten", bool, default=True)), partial="singleton"),
     Method("multislerp", multislerp, "optional", (Param("weight", float, "non_base", required=True),
                                                   Param("normalize_weights", bool, default=True),
                                                   Param("eps", float, default=1e-8))),
@@ -715,8 +719,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("sce", sce, "required", (Param("select_topk", float, default=1.0), Param("int8_mask", bool, default=False)),
            reference="arXiv:2408.07990"),
     Method("model_stock", model_stock, "required", (Param("filter_wise", bool, default=False),), min_inputs=3,
+           partial="base_or_skip",
            reference="arXiv:2403.19522"),
-    Method("nearswap", nearswap, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2),
+    Method("nearswap", nearswap, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2,
+           partial="base_singleton"),
     Method("passthrough", passthrough, "ignored", (Param("scale", float, "input", None),), max_inputs=1,
            stacks_layers=True),
 )}

@@ -10,20 +10,22 @@ Gradients are read at ``t = layer / (layers - 1)`` of the output slice, ``t = 0`
 Checks made here, on headers only, before any tensor is read:
 
 * every ``layer_range`` lies inside the layers its model has; at most ``MAX_OUTPUT_LAYERS`` output layers;
-* the output tensors are the union of the inputs' tensors (not the first model's list). A tensor in
-  every input is merged. One that some inputs lack is an error naming it and the models that lack it,
-  except where the base model decides: a tensor *only the base has* is copied from the base by the
-  methods that return the base when no model differs from it (task arithmetic, TIES, DARE, breadcrumbs,
-  DELLA, SCE: what MergeKit computes with no task vector); a tensor *only the base lacks* is merged
-  from the other models by methods whose base is optional (nuslerp, multislerp). Everything else with
-  a partial tensor (methods that ignore the base, slerp, nearswap, model_stock, a task-vector method
-  whose base lacks the tensor) is an error;
+* the output tensors are the union of the inputs' tensors (not the first model's list). A tensor some
+  inputs lack is an error naming it and the models that lack it, except: an output head a model omits
+  because it is tied reads that model's input embedding (MergeKit's ``tied_names``); a tensor a model
+  may lack (``architectures.optional``: tied heads, buffers such as BERT's ``position_ids``) follows
+  MergeKit's rule for optional weights: merged from the models that have it (``_present_sources``); a
+  tensor *only the base has* is copied by the methods that return the base when no model differs
+  from it (task arithmetic, TIES, DARE, breadcrumbs, DELLA, SCE); a tensor *only the base lacks* is
+  merged from the others by methods whose base is optional (nuslerp, multislerp). Each case taken is
+  one warning line;
 * per-model weights must sum to a finite float32 value (a sum of huge weights would overflow while
   normalising).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import torch
 from ..errors import MergescopeError
 from ..io import Checkpoint, load
 from ..recipe import FLOAT_LIMIT, Parameters, Recipe, resolve
+from .architectures import optional, tied_source
 from .methods import Method, get
 from .tokenizer import attach, is_vocab_tensor, rebuilds_vocabulary
 
@@ -60,6 +63,7 @@ class Job:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes_in: int
+    copy: bool = False  # the single input is copied as is (a tensor only one model has; MergeKit's passthrough)
 
     @property
     def nbytes_out(self) -> int:
@@ -312,25 +316,77 @@ def _union(keys_per_source: list[list]) -> list[tuple[object, frozenset[int]]]:
 
 
 def _present_sources(method: Method, out_name: str, sources: list[_Source], base: str | None,
-                     have: frozenset[int]) -> list[int]:
-    """Which sources merge a tensor that only the sources at ``have`` hold (see the module docstring)."""
+                     have: frozenset[int]) -> tuple[list[int], bool] | None:
+    """Which sources merge a tensor that only the sources at ``have`` hold, and whether the one left is
+    copied as is; None: the tensor is left out (see the module docstring).
+
+    A tensor a model may lack (``architectures.optional``) follows MergeKit 0.1.5's rule for optional
+    weights (its ``OptionalTensorPolicy``): the method runs on the models that have it; a single holder
+    is copied by slerp/nuslerp, by nearswap/model_stock only when it is the base; model_stock with too
+    few holders leaves it out. Any tensor only the base has is copied by the methods that return the
+    base without task vectors; one only the base lacks is merged by methods whose base is optional."""
     if len(have) == len(sources):
-        return list(range(len(sources)))
+        return list(range(len(sources))), False
     base_pos = next((i for i, s in enumerate(sources) if s.model == base), None) if method.base != "ignored" else None
+    held = sorted(have)
     missing = [sources[i].model for i in range(len(sources)) if i not in have]
-    present = [sources[i].model for i in sorted(have)]
-    if base_pos is not None and have == {base_pos}:
+    present = [sources[i].model for i in held]
+    may_lack = optional(out_name)
+    single_base = held == [base_pos]
+    if may_lack and len(held) == 1 and (method.partial == "singleton" or (
+            method.partial in ("base_singleton", "base_or_skip") and single_base)):
+        return held, True
+    if may_lack and method.partial == "base_or_skip" and len(held) < method.min_inputs:
+        return None
+    if single_base:
         if method.name in COPIES_FROM_BASE:
-            return [base_pos]
+            return held, False
         raise MergescopeError(f"tensor {out_name!r} is only in the base model {base!r} (missing from "
                               f"{_names(missing)}); merge method {method.name!r} cannot merge it from the base alone")
-    if base_pos is not None and missing == [base]:
-        if method.base == "optional":
-            return sorted(have)
+    if base_pos is not None and base_pos not in have:
+        if method.base == "optional" and (may_lack or missing == [base]):
+            return held, False
         raise MergescopeError(f"tensor {out_name!r} is missing from the base model {base!r} (present in "
                               f"{_names(present)}); merge method {method.name!r} needs the base's tensor")
+    if may_lack and len(held) >= method.min_inputs:
+        return held, False
     raise MergescopeError(f"tensor {out_name!r} is missing from {_names(missing)} but present in {_names(present)}; "
-                          "a tensor is merged only when every model has it")
+                          "a tensor is merged only when every model has it (or when a model may lack it: tied "
+                          "heads, buffers)")
+
+
+def _tied_inputs(sources: list[_Source], input_names: list[str], have: frozenset[int], ckpts, notes: list[str]):
+    """A source lacking an output embedding but holding the input embedding it is tied to reads that one
+    (``architectures.TIED``, as MergeKit's ``tied_names``)."""
+    if len(have) == len(sources):
+        return input_names, have
+    names, held = list(input_names), set(have)
+    for i, src in enumerate(sources):
+        if i in held:
+            continue
+        tied = tied_source(input_names[i], ckpts[src.model].__contains__)
+        if tied is not None:
+            names[i] = tied
+            held.add(i)
+            notes.append(f"model {src.model!r} has no {input_names[i]!r}: its tied {tied!r} is used")
+    return names, frozenset(held)
+
+
+_PARTIAL_OUTCOMES = ((lambda c: c is not None and not c[1], "merged from only the models that have them"),
+                     (lambda c: c is not None and c[1], "copied from the one model that has them"),
+                     (lambda c: c is None, "left out (too few models have them for the method)"))
+
+
+def _partial_warnings(recipe: Recipe, notes: list[str], partial: list[tuple]) -> tuple[str, ...]:
+    """One line per kind of event, naming the first tensor (a model can lack hundreds)."""
+    lines = [f"{recipe.source}: {notes[0]}" + (f" (and {len(notes) - 1} more)" if len(notes) > 1 else "")] if notes else []
+    for done, verb in _PARTIAL_OUTCOMES:
+        hits = [(name, lacking) for name, lacking, chosen in partial if done(chosen)]
+        if hits:
+            name, lacking = hits[0]
+            lines.append(f"{recipe.source}: {len(hits)} tensor(s) not in every model {verb} (MergeKit's rule), "
+                         f"e.g. {name!r} (missing from {_names(lacking)})")
+    return tuple(lines)
 
 
 def _names(models: list[str]) -> str:
@@ -365,11 +421,20 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
         _check_contract(method, sources, base, where)
     dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     jobs: list[Job] = []
+    notes: list[str] = []  # tied embeddings read in place of a missing output embedding
+    partial: list[tuple] = []  # tensors some inputs lack: (name, models lacking it, what was done)
 
     def add(out_name, sources, base, slice_params, input_names, t, have):
-        keep = _present_sources(method, out_name, sources, base, have)
-        jobs.append(_job(method, out_name, [sources[i] for i in keep], base, slice_params, recipe, ckpts, models,
-                         [input_names[i] for i in keep], t, dtype))
+        input_names, have = _tied_inputs(sources, input_names, have, ckpts, notes)
+        chosen = _present_sources(method, out_name, sources, base, have)
+        if chosen is None or len(chosen[0]) < len(sources):
+            partial.append((out_name, [sources[i].model for i in range(len(sources)) if i not in have], chosen))
+        if chosen is None:
+            return
+        keep, copy = chosen
+        job = _job(method, out_name, [sources[i] for i in keep], base, slice_params, recipe, ckpts, models,
+                   [input_names[i] for i in keep], t, dtype)
+        jobs.append(dataclasses.replace(job, copy=True) if copy else job)
 
     def outer(sources, pick):
         """Non-layer tensors of a slice's sources that ``pick`` selects, as (name, holders)."""
@@ -383,6 +448,7 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
             idx = layer_index(name)
             t = 0.0 if idx is None else (idx / (n_layers - 1) if n_layers > 1 else 1.0)
             add(name, sources, base, params, [name] * len(sources), t, have)
+        warnings += _partial_warnings(recipe, notes, partial)
         return attach(Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False,
                            warnings), recipe)
     for name, have in outer(first[0], lambda n: PRE.search(n)):
@@ -403,4 +469,5 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     for name, have in outer(last[0], lambda n: not PRE.search(n)):
         add(name, last[0], last[1], last[2], [name] * len(last[0]), 0.0, have)
     donor = recipe.base_model or models[0]
+    warnings += _partial_warnings(recipe, notes, partial)
     return attach(Plan(method, tuple(models), tuple(jobs), donor, out_layer, True, warnings), recipe)
