@@ -145,6 +145,7 @@ def test_column_syntax_and_tsv(tmp_path, classifier):
                      delimiter="\t")
     assert parse_spec(f"{path}:review,stars") == (path, "review", "stars")
     assert parse_spec("pkg.module:factory") is None and parse_spec("digits") is None
+    assert parse_spec("pkg.csv:factory") is None and parse_spec(f"{path}:review") == (path, "review", None)
     task = get_task(f"{path}:review,stars", model_folder=classifier, max_length=16)
     assert sum(task.size(s) for s in task.splits) == 60
     with pytest.raises(MergescopeError, match=r"d\.tsv: no text column \(looked for text, sentence, content; the "
@@ -480,3 +481,28 @@ def test_lm_loss_equals_transformers_own_loss(kind, tmp_path, minilm_dir, capsys
         outcome = run_inprocess(["ensemble", str(folder), str(folder), "--task", "t.txt"], tmp_path, capsys)
         assert outcome.code == 2 and outcome.stderr.strip().count("\n") == 0, outcome.stderr
         assert "t.txt: language-model tasks (.txt) work through the Python API only" in outcome.stderr
+
+
+def test_size_caps_are_checked_before_reading(tmp_path, monkeypatch, classifier):
+    import io
+    import time
+    import zipfile
+
+    from mergescope.tasks import files
+
+    header = io.BytesIO()  # an x.npy that claims 2**40 x 1000 float32 (4 PB) and holds 16 bytes
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**40, 1000)})
+    y = io.BytesIO()
+    np.save(y, np.zeros(3, dtype=np.int64))
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
+        z.writestr("x.npy", header.getvalue() + b"\0" * 16)
+        z.writestr("y.npy", y.getvalue())
+    start = time.monotonic()
+    with pytest.raises(MergescopeError, match=r"bomb\.npz: x would take 4398046511104000 bytes, over the "
+                                              r"2147483648-byte limit"):
+        task_from_file(tmp_path / "bomb.npz")
+    assert time.monotonic() - start < 5
+    monkeypatch.setattr(files, "MAX_DATA_BYTES", 1000)
+    big = write_csv(tmp_path / "big.csv", [(t, 0) for t in sentences(100)])
+    with pytest.raises(MergescopeError, match=r"big\.csv: data file is \d+ bytes, over the 1000-byte limit"):
+        task_from_file(big, classifier)

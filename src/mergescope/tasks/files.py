@@ -20,6 +20,8 @@ import io
 import os
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +63,15 @@ def is_data_file(spec: str) -> bool:
 
 
 def parse_spec(spec: str) -> tuple[Path, str | None, str | None] | None:
-    """(path, text column, label column) of ``PATH`` or ``PATH:TEXT,LABEL``; None for other specs
-    (a built-in task name, a ``package.module:factory``)."""
+    """(path, text column, label column) of ``PATH`` or ``PATH:TEXT,LABEL`` (``PATH:TEXT`` when PATH exists);
+    None for other specs (a built-in task name, a ``package.module:factory``)."""
     if Path(spec).suffix.lower() in SUFFIXES:
         return Path(spec), None, None
     head, sep, columns = spec.rpartition(":")
     if not sep or Path(head).suffix.lower() not in (".csv", ".tsv", ".jsonl"):
         return None
+    if "," not in columns and not os.path.isfile(head):
+        return None  # ``package.csv:factory`` stays a factory: a column pair has a comma, a file exists
     text, comma, label = columns.partition(",")
     return Path(head), text.strip() or None, (label.strip() or None) if comma else None
 
@@ -334,6 +338,17 @@ def _default_names(names: list[str]) -> bool:
 
 # ---------------------------------------------------------------- text classification
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for a block, its training flag restored after (a probe must not touch BN stats)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class FileClassificationTask(TensorClassificationTask):
     """A TensorClassificationTask read from a file: a model whose outputs are too narrow for the labels, or
     that cannot take the inputs, is a one-line error naming the file (not an IndexError deep in torch)."""
@@ -352,16 +367,13 @@ class FileClassificationTask(TensorClassificationTask):
         """Run two train examples through ``model`` (eval mode, restored after): it must take the inputs
         and give one output per class, up to the file's largest label."""
         x, _ = self._split("train")
-        was_training = model.training
-        model.eval()
         try:
-            probe = model(x[:2])
+            with eval_mode(model):
+                probe = model(x[:2])
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
             reason = " ".join(str(e).split())[:200]
             raise MergescopeError(f"{self.name}: the model cannot take this file's inputs of shape "
                                   f"{list(x.shape[1:])} ({reason})") from None
-        finally:
-            model.train(was_training)
         self._check_outputs(probe, max(int(y.max()) for _, y in self.splits.values()))
 
     def _check_outputs(self, outputs: torch.Tensor, top: int) -> None:
@@ -411,20 +423,18 @@ class TokenLMTask(TensorClassificationTask):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str = "test") -> dict[str, float]:
-        """Token loss and accuracy summed over every scored token of the split, model in eval mode."""
-        was_training = model.training
-        model.eval()
-        total = correct = count = 0.0
-        for x, y in self.batches(split):
-            out = model(x)
-            self._check_outputs(out, y)
-            flat, target = out.reshape(-1, out.shape[-1]), y.reshape(-1)
-            keep = target != IGNORE
-            total += F.cross_entropy(flat[keep], target[keep], reduction="sum").item()
-            correct += (flat[keep].argmax(-1) == target[keep]).sum().item()
-            count += int(keep.sum())
-        model.train(was_training)
-        return {"loss": total / count, "accuracy": correct / count}
+        """Token loss and accuracy over every scored token of the split (not a mean of batch means)."""
+        with eval_mode(model):
+            sums = sum((self.token_sums(model(x), y) for x, y in self.batches(split)), torch.zeros(3, dtype=torch.float64))
+        return {"loss": float(sums[0] / sums[2]), "accuracy": float(sums[1] / sums[2])}
+
+    def token_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[summed cross-entropy, correct, scored tokens] of one batch."""
+        self._check_outputs(outputs, targets)
+        keep = targets != IGNORE
+        scored, target = outputs[keep], targets[keep]
+        return torch.stack([F.cross_entropy(scored, target, reduction="sum").double(),
+                            (scored.argmax(-1) == target).sum().double(), keep.sum().double()])
 
     def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if outputs.dim() != 3 or tuple(outputs.shape[:2]) != tuple(targets.shape) or outputs.shape[-1] <= int(targets.max()):
