@@ -33,6 +33,7 @@ MODELS = {  # name: (words after the specials, special added tokens, plain added
     "chatml": (BASE_WORDS + ["fish"], ["<|im_start|>", "<|im_end|>"], [], 0),
     "extra": (["dog", "cat", "bird", "the", "tree", "sat", "fish"], [], ["<tool>"], 0),
     "padded": (BASE_WORDS, [], ["<UNUSED_0>", "<UNUSED_1>"], 2),
+    "notok": (BASE_WORDS, [], [], 0),  # its tokenizer files are removed: read as the base's (as MergeKit)
 }
 TEMPLATES = {"chatml": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
              "extra": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
@@ -70,6 +71,8 @@ def zoo(tmp_path_factory):
                           tie_word_embeddings=False)
         torch.manual_seed(seed)
         LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "notok" / name).unlink()
     return root
 
 
@@ -93,6 +96,12 @@ RECIPES = {
         base_model: D/base
         tokenizer_source: union
         dtype: float32
+    """,
+    "union_without_tokenizer": """
+        models: [{model: D/notok}, {model: D/extra}]
+        merge_method: karcher
+        base_model: D/base
+        tokenizer_source: union
     """,
     "union_no_base_ta": """
         models:
@@ -207,7 +216,8 @@ def test_ids_match_mergekit_where_it_is_deterministic(outputs):
 
 
 def test_model_vocabularies_read_as_transformers_does(zoo):
-    for name in MODELS:
+    assert tk.read_tokenizer(zoo / "notok") is None
+    for name in set(MODELS) - {"notok"}:
         assert tk.read_tokenizer(zoo / name).get_vocab(with_added_tokens=True) == _vocab(zoo / name)
 
 
@@ -309,3 +319,83 @@ def test_refusals_are_one_line(zoo, tmp_path):
                    other="padded")
     with pytest.raises(KeyError):  # MergeKit fails there too (its permutation has no entry for the token)
         _mergekit(text, tmp_path / "mk")
+
+
+def test_vocabulary_tensor_names_are_mergekits(zoo):
+    """Every tensor MergeKit's architecture files give a vocabulary axis is remapped, and no other one
+    (except Phi-1's head, numbered like a layer: ``layers.N.linear``)."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(next(iter(importlib.util.find_spec("mergekit").submodule_search_locations))) / "_data"
+    vocab, other = set(), set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str):
+                (vocab if "vocabulary_axis" in node or node.get("is_embed") else other).add(node["name"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in (folder / "architectures").glob("*.json"):
+        walk(json.loads(path.read_text()))
+    assert len(vocab) > 20
+    assert sorted(n for n in vocab if not tk.is_vocab_tensor(n)) == ["layers.${num_layers}.linear.bias",
+                                                                     "layers.${num_layers}.linear.weight"]
+    assert [n for n in other - vocab if tk.is_vocab_tensor(n)] == []
+
+
+def test_new_token_with_base_source(zoo, tmp_path):
+    """``source: base`` plus a token the base lacks: MergeKit fails (its base permutation has no entry for the
+    new id); mergescope appends it with the row its setting names, every model alike."""
+    text = (f"models: [{{model: {zoo}/base}}, {{model: {zoo}/chatml}}]\nmerge_method: linear\n"
+            f"parameters: {{weight: 1.0}}\nbase_model: {zoo}/base\ntokenizer:\n  source: base\n  tokens:\n"
+            f"    <new>: {{source: {{kind: model_token, model: {zoo}/chatml, token: <|im_start|>}}}}\n")
+    with pytest.raises(KeyError):
+        _mergekit(text, tmp_path / "mk")
+    ms.merge(text, tmp_path / "ms")
+    vocab, merged = _vocab(tmp_path / "ms"), _rows(tmp_path / "ms")
+    assert vocab["<new>"] == 11 == merged.shape[0] - 1
+    chatml = _rows(zoo / "chatml")
+    assert torch.equal(merged[11], chatml[_vocab(zoo / "chatml")["<|im_start|>"]])
+    assert torch.allclose(merged[3], (_rows(zoo / "base")[3] + chatml[3]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("content", ["not json", '{"model": {"type": "Nope"}}', "[1, 2]"])
+def test_hostile_tokenizer_files_are_one_line(zoo, tmp_path, content):
+    import shutil
+
+    shutil.copytree(zoo / "chatml", tmp_path / "bad")
+    (tmp_path / "bad" / "tokenizer.json").write_text(content)
+    text = (f"models: [{{model: {zoo}/base}}, {{model: {tmp_path}/bad}}]\nmerge_method: linear\n"
+            f"parameters: {{weight: 1.0}}\nbase_model: {zoo}/base\ntokenizer_source: union\n")
+    with pytest.raises(MergescopeError, match="bad/tokenizer.json") as info:
+        ms.merge(text, tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_symlink_out_of_the_folder_is_refused(zoo, tmp_path):
+    import shutil
+
+    shutil.copytree(zoo / "chatml", tmp_path / "linked")
+    (tmp_path / "secret.json").write_text((zoo / "chatml" / "tokenizer.json").read_text())
+    (tmp_path / "linked" / "tokenizer.json").unlink()
+    (tmp_path / "linked" / "tokenizer.json").symlink_to(tmp_path / "secret.json")
+    text = (f"models: [{{model: {zoo}/base}}, {{model: {tmp_path}/linked}}]\nmerge_method: linear\n"
+            f"parameters: {{weight: 1.0}}\nbase_model: {zoo}/base\ntokenizer_source: union\n")
+    with pytest.raises(MergescopeError, match="resolves outside the model folder"):
+        ms.merge(text, tmp_path / "out")
+
+
+def test_cli_exit_code_2(zoo, tmp_path, capsys):
+    from mergescope.cli import main
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"models: [{{model: {zoo}/base}}, {{model: {zoo}/chatml}}]\nmerge_method: linear\n"
+                      f"parameters: {{weight: 1.0}}\ntokenizer_source: union\nchat_template: nosuch\n")
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "chat_template 'nosuch'" in err and "Traceback" not in err and not (tmp_path / "out").exists()

@@ -36,9 +36,11 @@ import torch
 from ..errors import MergescopeError
 from ..io.untrusted import inside_folder, parse_json, read_text, short_repr
 
-# Tensors indexed by token id along dim 0 (input embeddings, output heads and their biases).
-VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|word_embeddings|embed_out|output_layer|"
-                          r"vocab_projector)\.(?:weight|bias)$|^output\.weight$")
+# Tensors indexed by token id along dim 0 (input embeddings, output heads and their biases): the names
+# MergeKit 0.1.5's architecture definitions give a ``vocabulary_axis`` (all 0), as name suffixes.
+VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|embed_out|tok_embeddings|wte|word_embeddings|shared|"
+                          r"output_layer|vocab_projector|lm_head|lm_head\.linear|lm_head\.decoder|cls\.predictions|"
+                          r"cls\.predictions\.decoder|backbone\.embeddings)\.(?:weight|bias)$|^output\.weight$")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 EXTRA_SPECIAL_KEYS = ("additional_special_tokens", "extra_special_tokens")
 # Files a rebuilt tokenizer replaces: a stale slow-tokenizer file or template would disagree with it.
