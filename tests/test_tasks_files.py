@@ -146,6 +146,11 @@ def test_column_syntax_and_tsv(tmp_path, classifier):
     assert parse_spec(f"{path}:review,stars") == (path, "review", "stars")
     assert parse_spec("pkg.module:factory") is None and parse_spec("digits") is None
     assert parse_spec("pkg.csv:factory") is None and parse_spec(f"{path}:review") == (path, "review", None)
+    with pytest.raises(MergescopeError, match=r"d\.tsv: unknown task option\(s\) 'seed' \(a data file takes label_column, "
+                                              r"max_length, text_column\)"):
+        get_task(str(path), seed=0)
+    with pytest.raises(MergescopeError, match=r"d\.tsv: max_length must be between 2 and 1000000, got 1"):
+        get_task(str(path), max_length=1)
     task = get_task(f"{path}:review,stars", model_folder=classifier, max_length=16)
     assert sum(task.size(s) for s in task.splits) == 60
     with pytest.raises(MergescopeError, match=r"d\.tsv: no text column \(looked for text, sentence, content; the "

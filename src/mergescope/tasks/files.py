@@ -54,6 +54,7 @@ MASK_RATE = 0.15  # masked LM: share of each block's text tokens replaced by the
 MASK_SEED = 0
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 IGNORE = -100  # target of a token that is not scored (padding, unmasked, last position)
+FILE_OPTIONS = frozenset({"max_length", "text_column", "label_column"})  # besides model_folder
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
 
 
@@ -79,6 +80,10 @@ def parse_spec(spec: str) -> tuple[Path, str | None, str | None] | None:
 def task_from_spec(spec: str, model_folder: str | os.PathLike | None = None, **options):
     """The task of a --task value ``PATH`` or ``PATH:TEXT,LABEL`` (columns of a .csv/.tsv/.jsonl)."""
     path, text_column, label_column = parse_spec(spec)
+    unknown = sorted(set(options) - FILE_OPTIONS)
+    if unknown:
+        raise MergescopeError(f"{path}: unknown task option(s) {', '.join(map(short_repr, unknown))} "
+                              f"(a data file takes {', '.join(sorted(FILE_OPTIONS))})")
     if text_column is not None or label_column is not None:
         options = {"text_column": text_column, "label_column": label_column, **options}
     return task_from_file(path, model_folder, **options)
@@ -91,7 +96,7 @@ def task_from_file(path: str | os.PathLike, model_folder: str | os.PathLike | No
     ``model_folder`` is the Hugging Face folder whose tokenizer and config.json (head size, label
     names, masked or causal) text tasks need; ``.npz`` tasks ignore it.
     """
-    if not 2 <= max_length <= 1_000_000:
+    if type(max_length) is not int or not 2 <= max_length <= 1_000_000:
         raise MergescopeError(f"{path}: max_length must be between 2 and 1000000, got {max_length}")
     path = Path(path)
     suffix = path.suffix.lower()
