@@ -189,9 +189,12 @@ def _vocab(folder) -> dict[str, int]:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_same_tensors_as_mergekit(outputs, name):
+    _assert_same(*outputs[name], name)
+
+
+def _assert_same(mk_dir, ms_dir, name):
     """Same tokens; each token's row equal to MergeKit's row for that token; padding rows and every other
     tensor equal."""
-    mk_dir, ms_dir = outputs[name]
     theirs, ours = load_file(mk_dir / "model.safetensors"), dict(ms.load(ms_dir).items())
     assert sorted(theirs) == sorted(ours)
     v_mk, v_ms = _vocab(mk_dir), _vocab(ms_dir)
@@ -399,3 +402,85 @@ def test_cli_exit_code_2(zoo, tmp_path, capsys):
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "chat_template 'nosuch'" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- MergeKit's own test recipes
+# tests/test_tokenizer.py of MergeKit: BPE tokenizers "_tok_N" saved by transformers' LlamaTokenizerFast;
+# base (64 rows), chatml (66 rows, two added tokens), padded (64 rows, 4 added tokens past them).
+UPSTREAM = {  # name: (models, base, method + parameters, tokenizer lines, (vocabulary, added tokens))
+    "source_base": ("base padded chatml", "base", "linear", "tokenizer_source: base", (64, 3)),
+    "source_union": ("base padded chatml", "base", "linear", "tokenizer_source: union", (66, 5)),
+    "source_model": ("base padded chatml", "base", "linear", "tokenizer_source: D/chatml", (66, None)),
+    "slerp_union": ("base chatml", "base", "slerp\nparameters: {t: 0.5}", "tokenizer_source: union", (66, None)),
+    "force_token": ("base chatml", "base", "linear", ("tokenizer:\n  source: union\n  tokens:\n"
+                    "    _tok_10: {source: D/chatml, force: true}\n    _tok_11: {source: D/base, force: true}"),
+                    (66, None)),
+    "model_token_id": ("base chatml", "base", "linear", ("tokenizer:\n  source: base\n  tokens:\n"
+                       "    _tok_20: {source: {kind: model_token, model: D/chatml, token_id: 64}, force: true}\n"
+                       "    _tok_21: {source: {kind: model_token, model: D/base, token: <s>}, force: true}"), (64, None)),
+    "pad_to_multiple_of": ("chatml", "chatml", "linear", "tokenizer: {source: base, pad_to_multiple_of: 16}",
+                           (66, None)),
+}
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory):
+    import tempfile
+
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+
+    root = tmp_path_factory.mktemp("tok_upstream")
+    for seed, (name, rows, added) in enumerate([("base", 64, []), ("chatml", 66, ["<|im_start|>", "<|im_end|>"]),
+                                               ("padded", 64, [f"<UNUSED_{i}>" for i in range(4)])]):
+        tokens = SPECIALS + [f"_tok_{i}" for i in range(3, 64)]
+        bpe = {"version": "1.0", "model": {"type": "BPE", "vocab": dict(zip(tokens, range(64))), "merges": []},
+               "added_tokens": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            Tokenizer.from_str(json.dumps(bpe)).save(f"{tmp}/tokenizer.json")
+            tok = LlamaTokenizerFast(tokenizer_file=f"{tmp}/tokenizer.json")
+        tok.add_tokens(added)
+        torch.manual_seed(10 + seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1)).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def _upstream_recipe(root, name: str) -> str:
+    models, base, method, tokenizer, _ = UPSTREAM[name]
+    listing = "".join(f"  - {{model: D/{m}, parameters: {{weight: 1.0}}}}\n" for m in models.split())
+    return (f"models:\n{listing}merge_method: {method}\nbase_model: D/{base}\ndtype: float32\n{tokenizer}\n"
+            ).replace("D/", f"{root}/")
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM))
+def test_mergekit_test_recipes(upstream, tmp_path, name):
+    """Each of MergeKit's tokenizer test configurations: same tensors as MergeKit, and MergeKit's own checks."""
+    from transformers import AutoTokenizer
+
+    text = _upstream_recipe(upstream, name)
+    _mergekit(text, tmp_path / "mk")
+    ms.merge(text, tmp_path / "ms")
+    _assert_same(tmp_path / "mk", tmp_path / "ms", name)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ms")
+    size, added = UPSTREAM[name][4]
+    assert len(tok.get_vocab()) == size and (added is None or len(tok.added_tokens_decoder) == added)
+    assert not any(t.startswith("<UNUSED") for t in tok.get_vocab())
+    merged, vocab = _rows(tmp_path / "ms"), tok.get_vocab()
+    base, chatml = _rows(upstream / "base"), _rows(upstream / "chatml")
+    if name == "force_token":
+        assert torch.equal(merged[vocab["_tok_10"]], chatml[10]) and torch.equal(merged[vocab["_tok_11"]], base[11])
+    if name == "model_token_id":
+        assert torch.equal(merged[vocab["_tok_20"]], chatml[64]) and torch.equal(merged[vocab["_tok_21"]], base[1])
+    if name == "pad_to_multiple_of":
+        assert merged.shape[0] == 80 == json.loads((tmp_path / "ms" / "config.json").read_text())["vocab_size"]
+
+
+def test_mergekit_legacy_recipe_is_refused_like_mergekit(upstream, tmp_path):
+    """No tokenizer setting with 64- and 66-row models: MergeKit raises a size mismatch, mergescope one line."""
+    text = _upstream_recipe(upstream, "source_base").replace("tokenizer_source: base\n", "")
+    with pytest.raises(ValueError, match="size mismatch"):
+        _mergekit(text, tmp_path / "mk")
+    with pytest.raises(MergescopeError, match="vocabulary sizes differ"):
+        ms.merge(text, tmp_path / "ms")
