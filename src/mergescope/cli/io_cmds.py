@@ -21,6 +21,19 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _buffer_elements(ckpt) -> int:
+    """Elements of the checkpoint's buffers (``position_ids``, GPT-2 mask ``attn.bias``, integer tensors):
+    state the model keeps, not trained parameters, so ``inspect`` counts them apart."""
+    from ..merge.architectures import is_buffer
+
+    total = 0
+    for name in ckpt:
+        info = ckpt.info(name)
+        if is_buffer(name, info.dtype.is_floating_point):
+            total += info.numel
+    return total
+
+
 def inspect(
     path: Path = typer.Argument(..., help="A .safetensors/.pt/.bin file or a Hugging Face model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
@@ -29,7 +42,10 @@ def inspect(
     """Tensor count, parameter count, dtypes, total bytes, largest tensors and metadata of a checkpoint."""
     from ..io import load, summarize
 
-    info = summarize(load(path), top=top)
+    ckpt = load(path)
+    info = summarize(ckpt, top=top)
+    info["buffers"] = _buffer_elements(ckpt)
+    info["parameters"] -= info["buffers"]
     if as_json:
         console.print_json(json.dumps(info))
         return
@@ -39,6 +55,8 @@ def inspect(
     table.add_row("files", str(info["files"]))
     table.add_row("tensors", f"{info['tensors']:,}")
     table.add_row("parameters", f"{info['parameters']:,}")
+    if info["buffers"]:
+        table.add_row("buffers", f"{info['buffers']:,} elements (position ids, masks: not parameters)")
     table.add_row("bytes", f"{info['bytes']:,} ({_human(info['bytes'])})")
     table.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
     console.print(table)

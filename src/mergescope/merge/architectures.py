@@ -91,3 +91,14 @@ OPTIONAL = re.compile(r"(?:^|\.)(?:position_ids|inv_freq|masked_bias|token_type_
 def optional(name: str) -> bool:
     """Whether a model may lack the tensor ``name`` (see ``OPTIONAL``; tied output heads count too)."""
     return name in TIED or OPTIONAL.search(name) is not None
+
+
+# Buffers checkpoints carry beside the weights: they are state, not trained parameters (position and
+# token-type id tables, rotary frequencies, GPT-2's causal-mask ``attn.bias`` / ``attn.masked_bias``).
+BUFFER = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids|inv_freq|masked_bias)$|(?:^|\.)h\.\d+\.attn\.bias$")
+
+
+def is_buffer(name: str, floating: bool = True) -> bool:
+    """Whether a checkpoint tensor is a buffer rather than a parameter: integer/bool tensors, and the
+    floating buffers ``BUFFER`` names."""
+    return not floating or BUFFER.search(name) is not None

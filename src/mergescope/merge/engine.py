@@ -36,6 +36,7 @@ from ..io import atomic_output, copy_aux_files, parse_size, provenance
 from ..recipe import Recipe, read
 from ..tasks.checkpoints import passed_metadata
 from . import plan as planning
+from .architectures import set_layer_count
 from .reader import JobMaps, Locator
 from .tokenizer import fix_config, remap_job, write_files
 from .writer import PlannedWriter
@@ -283,8 +284,8 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
     config_path = tmp / "config.json"
     if config_path.is_file():
         config = _read_config(config_path, donor / "config.json")
-        if plan.stacked and "num_hidden_layers" in config:
-            config["num_hidden_layers"] = plan.num_layers
+        if plan.stacked:  # n_layer (GPT-2), n_layers, num_layers, text_config.num_hidden_layers, ...
+            set_layer_count(config, plan.num_layers)
         fix_config(config, plan.tokenizer)
         out_dtype = recipe.out_dtype or recipe.dtype
         if out_dtype:
@@ -295,6 +296,20 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
         config_path.write_text(_dump_config(config, donor / "config.json"))
     if recipe.text:
         (tmp / "mergescope_recipe.yml").write_text(recipe.text)
+    (tmp / "README.md").write_text(model_card(plan, recipe))  # the base's card would describe the base
+
+
+def model_card(plan: planning.Plan, recipe: Recipe) -> str:
+    """A short model card for the merged folder: the method, the models and the recipe (no dates, no host
+    details beyond the paths the recipe itself names, so reruns give the same bytes)."""
+    from .. import __version__
+
+    models = "\n".join(f"* `{m}`" + (" (base)" if m == recipe.base_model else "") for m in plan.models)
+    recipe_text = recipe.text.rstrip("\n") if recipe.text else "(given as a Python object)"
+    fence = "````" if "```" in recipe_text else "```"
+    return (f"---\ntags:\n- merge\n- mergescope\n---\n# Merged model\n\nMerged with mergescope {__version__} "
+            f"using the `{plan.method.name}` method ({plan.method.reference or 'see docs/merge.md'}), from a "
+            f"MergeKit-compatible recipe.\n\n## Models\n\n{models}\n\n## Recipe\n\n{fence}yaml\n{recipe_text}\n{fence}\n")
 
 
 def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, force: bool = False,

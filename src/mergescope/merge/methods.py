@@ -267,6 +267,9 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
     if not tensors:
         return base.clone()
     density = density if density is not None else [1.0] * len(tensors)
+    if base.dtype in HALF:
+        return _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam,
+                                     seed, extra)
     work = _work_dtype(base)
     plan = _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra)
     total = float(torch.tensor([float(x) for x in weight], dtype=work).sum())
@@ -290,6 +293,61 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
             mixed, divisor = _sign_consensus(deltas, weights, mixed)
         else:
             divisor = total
+        if normalize:
+            mixed /= divisor
+        if lam != 1:
+            mixed *= lam
+        out[part] = b + mixed
+    return out.reshape(base.shape)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[tuple]:
+    """Per model: (keep mask or None, L1 rescale factor or None), from the half-precision delta as MergeKit
+    rounds it (its ranking and its norms see those values, not the exact float32 difference)."""
+    generator = random_stream(seed)
+    plan = []
+    for i, t in enumerate(tensors):
+        mask = factor = None
+        if sparsify is not None:
+            magnitude = (t - base).abs()
+            params = {k: v[i] for k, v in extra.items()}
+            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
+            if mask is not None and rescale:
+                before, after = magnitude.sum(), (magnitude.reshape(-1) * mask).sum()
+                factor = None if before < 1e-7 or after < 1e-7 else before / after
+        plan.append((mask, factor))
+    return plan
+
+
+def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam, seed,
+                          extra) -> Tensor:
+    """MergeKit 0.1.5's own arithmetic for bf16/fp16 inputs: each step rounded to the input dtype in its
+    order (weights rounded to it too), so half-precision outputs are its bytes. Rounding once from float32
+    (the float32 path) is more accurate, but a merge of bf16 models would then differ from MergeKit's at
+    about half of the entries by an ulp (measured on its own test recipes). Chunked after the masks."""
+    plan = _half_masks(tensors, base, density, sparsify, rescale, seed, extra)
+    w = torch.tensor([float(x) for x in weight], dtype=base.dtype)[:, None]
+    out = torch.empty(base.numel(), dtype=base.dtype)
+    b_flat = base.reshape(-1)
+    for part in _chunks(base.numel()):
+        b = b_flat[part]
+        deltas = torch.stack([t.reshape(-1)[part] - b for t in tensors])
+        for i, (mask, factor) in enumerate(plan):
+            if mask is not None:
+                deltas[i] = deltas[i] * mask[part]
+            if factor is not None:
+                deltas[i] = deltas[i] * factor
+        deltas.mul_(w)
+        if consensus:
+            agree = deltas.sign() == (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+            mixed, divisor = (deltas * agree).sum(dim=0), (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed, divisor = deltas.sum(dim=0), w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
         if normalize:
             mixed /= divisor
         if lam != 1:
@@ -521,23 +579,27 @@ def karcher(tensors: Sequence[Tensor], base: Tensor | None = None, *, max_iter: 
     """Karcher (Riemannian) mean of the directions on the unit sphere, scaled by the mean norm.
 
     Fixed-point iteration m <- exp_m(sum_i a_i log_m(u_i)) (Karcher 1977), equal weights a_i = 1/n.
+    Norms are taken in float32 (float64 inputs: float64); directions, the mean and the tangent stay in
+    the inputs' dtype, rounded where MergeKit 0.1.5 rounds them, so bf16 outputs are its bytes.
     """
     _check_same_shape(tensors)
     if len(tensors) == 1:
         return tensors[0].clone()
     work = _work_dtype(tensors[0])
     alphas = [1.0 / len(tensors)] * len(tensors)
-    flats = [_flat(t, work) for t in tensors]
-    norms = [torch.linalg.vector_norm(f) for f in flats]
+    flats = [t.reshape(-1) for t in tensors]
+    norms = [torch.linalg.vector_norm(f.to(work)) for f in flats]
     valid = [i for i, n in enumerate(norms) if float(n) > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
-    units = [flats[i] / norms[i] for i in valid]
+    units = [(flats[i] / norms[i]).to(flats[i].dtype) for i in valid]
     a_sum = sum(alphas[i] for i in valid)
     a = [alphas[i] / a_sum for i in valid]
-    mean = sum(ai * u for ai, u in zip(a, units))
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    mean = torch.zeros_like(units[0])
+    for ai, u in zip(a, units):
+        mean += ai * u
+    mean_norm = torch.linalg.vector_norm(mean.to(work))
+    mean = units[0].clone() if float(mean_norm) < tol else (mean / mean_norm).to(mean.dtype)
     for _ in range(int(max_iter)):
         tangent = torch.zeros_like(mean)
         for ai, u in zip(a, units):
@@ -546,13 +608,13 @@ def karcher(tensors: Sequence[Tensor], base: Tensor | None = None, *, max_iter: 
             if float(theta) < tol:
                 continue
             tangent += ai * (theta / torch.sin(theta)) * (u - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(work))
         if float(tangent_norm) < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(work))
         if float(unit_norm) > tol:
-            mean = mean / unit_norm
+            mean = (mean / unit_norm).to(mean.dtype)
     scale = sum(ai * n for ai, n in zip(alphas, norms))
     return (scale * mean).to(tensors[0].dtype).reshape(tensors[0].shape)
 
@@ -624,6 +686,71 @@ def _variance_mask(deltas: Tensor, density: float) -> Tensor:
         return _positions_mask(score.numel(), torch.topk(score, k=k, largest=True).indices)
 
     return top_k_mask(score, k, mergekit_order).reshape(var.shape)
+
+
+def _ram_masks(tensors: Sequence[Tensor], base: Tensor, epsilon: float):
+    """RAM's shared pieces: flat task vectors, which entries each model changes (|d| > epsilon), how many
+    models change each entry, and the entries changed by several / by exactly one."""
+    deltas = torch.stack([t - base for t in tensors]).reshape(len(tensors), -1)
+    changed = deltas.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    return deltas, changed, counts, counts > 1, counts == 1
+
+
+def ram(tensors: Sequence[Tensor], base: Tensor, *, epsilon: float = 1e-5, **_) -> Tensor:
+    """Reinforced Agent Merging (arXiv:2601.13572): an entry only one model changes keeps that change in
+    full; one several models change gets their mean change (sum / number of models changing it).
+    Computed in the inputs' dtype with MergeKit 0.1.5's operations, so bf16 outputs match its bytes."""
+    _check_same_shape(tensors, base)
+    if not tensors:
+        return base.clone()
+    deltas, changed, counts, shared, unique = _ram_masks(tensors, base, epsilon)
+    kept = deltas * changed
+    merged = (kept * unique + kept * shared / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape(base.shape)
+
+
+def ramplus_tl(tensors: Sequence[Tensor], base: Tensor, *, r: float = 0.1, alpha: float = 0.2,
+               epsilon: float = 1e-5, **_) -> Tensor:
+    """RAM+ tensor-local (arXiv:2601.13572): as ``ram``, with each model's unique changes scaled by
+    1 + r * clamp(shared / unique, 0, alpha), from that model's counts of shared and unique entries."""
+    _check_same_shape(tensors, base)
+    if not tensors:
+        return base.clone()
+    deltas, changed, counts, shared, unique = _ram_masks(tensors, base, epsilon)
+    ratio = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
+    scale = 1 + r * ratio.clamp(min=0, max=alpha)
+    kept = deltas * changed
+    merged = (kept * unique * scale.unsqueeze(-1) + kept * shared / counts.clamp(min=1)).sum(dim=0, keepdim=True)
+    return base + merged.reshape(base.shape)
+
+
+FUSION_SAMPLE = 1_000_000  # arcee_fusion's quantiles are read from at most this many entries (MergeKit's size)
+
+
+def arcee_fusion(tensors: Sequence[Tensor], base: Tensor, *, seed: int = 0, **_) -> Tensor:
+    """Arcee Fusion (MergeKit): take the other model's value where its importance |d| * KL(softmax(x) ||
+    softmax(base)) (per row) is at least median + 1.5 IQR of the importances, else keep the base.
+
+    Quantiles are read from the sorted importances at index floor(q (n - 1)); tensors over
+    ``FUSION_SAMPLE`` entries use a sample (with replacement) drawn from ``seed``, where MergeKit draws
+    from torch's global generator (so only those masks differ between the tools)."""
+    if len(tensors) != 1:
+        raise MergescopeError(f"arcee_fusion merges exactly two models (a base and one other), got {len(tensors) + 1}")
+    _check_same_shape(tensors, base)
+    other = tensors[0]
+    eps = 1e-8
+    p = torch.nn.functional.softmax(other, dim=-1) + eps
+    q = torch.nn.functional.softmax(base, dim=-1) + eps
+    importance = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    flat = importance.reshape(-1)
+    if flat.numel() > FUSION_SAMPLE:
+        picks = random_stream(seed).integers(0, flat.numel(), FUSION_SAMPLE)
+        flat = flat[torch.from_numpy(picks)]
+    ordered = torch.sort(flat).values
+    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return base + (other - base) * mask
 
 
 def passthrough(tensors: Sequence[Tensor], base: Tensor | None = None, *, scale: Sequence[float | None] | None = None,
@@ -723,6 +850,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            reference="arXiv:2403.19522"),
     Method("nearswap", nearswap, "required", (Param("t", float, required=True),), min_inputs=2, max_inputs=2,
            partial="base_singleton"),
+    Method("ram", ram, "required", (Param("epsilon", float, default=1e-5),), reference="arXiv:2601.13572"),
+    Method("ramplus_tl", ramplus_tl, "required", (Param("r", float, default=0.1), Param("alpha", float, default=0.2),
+                                                  Param("epsilon", float, default=1e-5)), reference="arXiv:2601.13572"),
+    Method("arcee_fusion", arcee_fusion, "required", (), random=True, min_inputs=2, max_inputs=2, partial="singleton",
+           reference="MergeKit (Arcee AI)"),
     Method("passthrough", passthrough, "ignored", (Param("scale", float, "input", None),), max_inputs=1,
            stacks_layers=True),
 )}

@@ -42,7 +42,7 @@ from .tokenizer import attach, is_vocab_tensor, rebuilds_vocabulary
 
 MAX_OUTPUT_LAYERS = 10_000  # layers of a stacked output: 50x the deepest published frankenmerges
 # Methods that return the base unchanged when no other model has the tensor (no task vector to add).
-COPIES_FROM_BASE = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+COPIES_FROM_BASE = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "ram", "ramplus_tl",
                               "breadcrumbs_ties", "della", "della_linear", "sce"})
 
 LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<index>\d+)(?P<suffix>\..+)$")

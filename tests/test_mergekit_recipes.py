@@ -1,0 +1,333 @@
+"""MergeKit's own recipes through both tools: its test recipes (tests/test_basic_merges.py) and its
+examples/ folder, written out here as YAML (the recipe texts are the compatibility contract; model
+names point at tiny models built below, layer ranges scaled to them).
+
+Each recipe runs through MergeKit 0.1.5 in-process (``run_merge``, what ``mergekit-yaml`` runs) and
+through ``ms.merge``. Expected, per recipe: the same tensor names and dtypes, and
+
+* ``exact``: the same bytes;
+* ``promoted``: MergeKit 0.1.5 writes float32 tensors although the recipe says bfloat16 (a float32
+  factor inside ramplus_tl / arcee_fusion promotes its result); mergescope writes bfloat16: the bytes
+  of MergeKit's values rounded to bfloat16;
+* ``random``: DARE/DELLA masks come from different generators: only names, shapes, dtypes;
+* ``refused``: both tools refuse it (mergescope in one line).
+
+Nothing is downloaded: models are built with transformers from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("mergekit")
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file
+
+import mergescope as ms
+from mergescope.errors import MergescopeError
+
+
+def _perturbed(model, seed: int, scale: float = 0.02):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """MergeKit's test models, tiny: three Llamas (its make_picollama sizes), two Granites, a GPT-2."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("mk_zoo")
+    llama = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
+                        num_hidden_layers=2)
+    granite = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                            num_key_value_heads=2, num_hidden_layers=2)
+    gpt2 = GPT2Config(n_embd=32, n_head=4, n_layer=4, n_positions=64, vocab_size=64)
+    for i, name in enumerate(["model_a", "model_b", "model_c", "model_d"]):
+        torch.manual_seed(0)  # one init, each model a seeded perturbation of it (fine-tunes of one base)
+        model = _perturbed(LlamaForCausalLM(llama), 100 + i)
+        model.save_pretrained(root / name)
+    for i, name in enumerate(["granite_a", "granite_b"]):
+        torch.manual_seed(1)
+        _perturbed(GraniteForCausalLM(granite), 200 + i).save_pretrained(root / name)
+    torch.manual_seed(2)
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2_like")
+    return root
+
+
+TWO = """
+    models:
+      - {model: M/model_a, parameters: {weight: 0.6}}
+      - {model: M/model_b, parameters: {weight: 0.4}}
+    dtype: bfloat16
+"""
+
+
+def _two(method: str, base: str | None = None, params: str | None = None, a: str = "model_a",
+         b: str = "model_b", weights=(0.6, 0.4)) -> str:
+    """MergeKit's ``two_model_config``: models a (weight 0.6) and b (0.4), bfloat16."""
+    text = (f"merge_method: {method}\nmodels:\n  - {{model: M/{a}, parameters: {{weight: {weights[0]}}}}}\n"
+            f"  - {{model: M/{b}, parameters: {{weight: {weights[1]}}}}}\ndtype: bfloat16\n")
+    if base:
+        text += f"base_model: M/{base}\n"
+    if params:
+        text += f"parameters: {params}\n"
+    return text
+
+
+# name -> (recipe, expectation). From MergeKit's tests/test_basic_merges.py (TestBasicMerges,
+# TestGraniteMerges) and examples/*.yml.
+RECIPES: dict[str, tuple[str, str]] = {
+    "granite_copy": ("merge_method: passthrough\nmodels: [{model: M/granite_a}]\ndtype: bfloat16\n", "exact"),
+    "granite_linear": (_two("linear", a="granite_a", b="granite_b"), "exact"),
+    "granite_slerp": (("merge_method: slerp\nbase_model: M/granite_a\nmodels: [{model: M/granite_a}, "
+                      "{model: M/granite_b}]\nparameters: {t: 0.5}\ndtype: bfloat16\n"), "exact"),
+    "gpt2_copy": ("merge_method: passthrough\nmodels: [{model: M/gpt2_like}]\ndtype: bfloat16\n", "exact"),
+    "gpt2_stack": (("merge_method: passthrough\nslices:\n  - sources: [{model: M/gpt2_like, layer_range: [0, 4]}]\n"
+                   "  - sources: [{model: M/gpt2_like, layer_range: [0, 4]}]\ndtype: bfloat16\n"), "exact"),
+    "passthrough_scale": (("merge_method: passthrough\nmodels:\n  - model: M/model_a\n    parameters:\n"
+                          "      scale:\n        - {filter: o_proj, value: 0}\n        - {value: 1}\n"), "exact"),
+    "linear": (_two("linear"), "exact"),
+    "slerp": (_two("slerp", base="model_a", params="{t: 0.35}"), "exact"),
+    **{f"nuslerp_{base or 'nobase'}_{rw}_{fl}": (
+        _two("nuslerp", base=base, params=f"{{nuslerp_row_wise: {rw}, nuslerp_flatten: {fl}}}"), "exact")
+       for base in (None, "model_c") for rw in ("false", "true") for fl in ("false", "true")},
+    "nuslerp_zero_sum": (_two("nuslerp", base="model_c", params="{nuslerp_row_wise: false, nuslerp_flatten: false}",
+                              weights=(-0.5, 0.5)), "exact"),
+    "task_arithmetic": (_two("task_arithmetic", base="model_c"), "exact"),
+    "breadcrumbs": (_two("breadcrumbs", base="model_c"), "exact"),
+    "ties": (_two("ties", base="model_c", params="{density: 0.3}"), "exact"),
+    "sce": (_two("sce", base="model_c", params="{select_topk: 0.5}"), "exact"),
+    "ram": (_two("ram", base="model_c"), "exact"),
+    "ramplus_tl": (_two("ramplus_tl", base="model_c", params="{r: 0.05, alpha: 1.0}"), "promoted"),
+    "multislerp": (_two("multislerp", base="model_c"), "exact"),
+    "dare_ties": (_two("dare_ties", base="model_c", params="{density: 0.66}"), "random"),
+    "model_stock": (_two("model_stock", base="model_a", a="model_b", b="model_c"), "exact"),
+    "model_stock_filterwise": (_two("model_stock", base="model_a", a="model_b", b="model_c",
+                                    params="{filter_wise: true}"), "exact"),
+    "arcee_fusion": (_two("arcee_fusion", base="model_a"), "promoted"),
+    "nearswap": (_two("nearswap", base="model_a", params="{t: 0.0001}"), "exact"),
+    "della": (_two("della", base="model_c", params="{density: 0.66, epsilon: 0.05, lambda: 0.5}"), "random"),
+    "della_invalid_epsilon": (_two("della", base="model_c", params="{density: 0.66, epsilon: 1.35, lambda: 0.5}"),
+                              "refused"),
+    "karcher": (_two("karcher", base="model_c", params="{max_iter: 5, tol: 1.0e-5}"), "exact"),
+    # examples/
+    "example_arcee_fusion": (("models:\n  - model: M/model_a\n  - model: M/model_b\nmerge_method: arcee_fusion\n"
+                             "base_model: M/model_a\ndtype: bfloat16\n"), "promoted"),
+    "example_bio_merge": ("""
+        models:
+          - model: M/model_a
+            parameters:
+              density: 0.5
+              weight: 0.5
+          - model: M/model_b
+            parameters:
+              density: 0.5
+              weight: 0.5
+        merge_method: ties
+        base_model: M/model_c
+        parameters:
+          normalize: false
+          int8_mask: true
+        dtype: float16
+    """, "exact"),
+    "example_gradient_slerp": ("""
+        slices:
+          - sources:
+              - model: M/model_a
+                layer_range: [0, 2]
+              - model: M/model_b
+                layer_range: [0, 2]
+        merge_method: slerp
+        base_model: M/model_a
+        parameters:
+          t:
+            - filter: self_attn
+              value: [0, 0.5, 0.3, 0.7, 1]
+            - filter: mlp
+              value: [1, 0.5, 0.7, 0.3, 0]
+            - value: 0.5 # fallback for rest of tensors
+        dtype: float16
+    """, "exact"),
+    "example_linear": ("""
+        models:
+          - model: M/model_a
+            parameters:
+              weight: 1.0
+          - model: M/model_b
+            parameters:
+              weight: 0.3
+          - model: M/model_c
+            parameters:
+              weight: 0.5
+        merge_method: linear
+        dtype: float16
+    """, "exact"),
+    "example_orcamini_platy_stack": ("""
+        slices:
+          - sources:
+            - model: M/model_a
+              layer_range: [0, 2]
+          - sources:
+            - model: M/model_b
+              layer_range: [1, 2]
+        merge_method: passthrough
+        dtype: float16
+    """, "exact"),
+    "example_ties": ("""
+        models:
+          - model: M/model_a
+            parameters:
+              density: [1, 0.7, 0.1] # density gradient
+              weight: 1.0
+          - model: M/model_b
+            parameters:
+              density: 0.5
+              weight: [0, 0.3, 0.7, 1] # weight gradient
+          - model: M/model_c
+            parameters:
+              density: 0.33
+              weight:
+                - filter: mlp
+                  value: 0.5
+                - value: 0
+        merge_method: ties
+        base_model: M/model_d
+        parameters:
+          normalize: true
+          int8_mask: true
+        dtype: float16
+    """, "exact"),
+}
+
+
+def _text(name: str, root) -> str:
+    return textwrap.dedent(RECIPES[name][0]).replace("M/", f"{root}/")
+
+
+def _mergekit(text: str, out) -> None:
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(random_seed=0, lazy_unpickle=True, quiet=True, copy_tokenizer=False,
+                           write_model_card=False)
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), options=options)
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(zoo, tmp_path_factory):
+    """Every recipe through both tools: name -> (MergeKit tensors or its error, ours or our error, our folder)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("mk_recipes")
+    done = {}
+    for name in RECIPES:
+        text = _text(name, zoo)
+        try:
+            _mergekit(text, root / f"mk-{name}")
+            theirs = _tensors(root / f"mk-{name}")
+        except Exception as e:  # noqa: BLE001 - MergeKit's own refusal is what is compared
+            theirs = e
+        try:
+            ms.merge(text, root / f"ms-{name}", seed=0)
+            ours = _tensors(root / f"ms-{name}")
+        except MergescopeError as e:
+            ours = e
+        done[name] = (theirs, ours, root / f"ms-{name}")
+    return done
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_agrees_with_mergekit(results, name):
+    theirs, ours, _ = results[name]
+    expect = RECIPES[name][1]
+    if expect == "refused":
+        assert isinstance(theirs, Exception) and isinstance(ours, MergescopeError)
+        assert "\n" not in str(ours)
+        return
+    assert not isinstance(theirs, Exception), f"MergeKit failed: {theirs}"
+    assert not isinstance(ours, Exception), f"mergescope failed: {ours}"
+    assert sorted(ours) == sorted(theirs)
+    for key, expected in theirs.items():
+        got = ours[key]
+        if expect == "promoted":
+            assert (expected.dtype, got.dtype) == (torch.float32, torch.bfloat16), key
+            expected = expected.to(got.dtype)
+        assert (got.dtype, got.shape) == (expected.dtype, expected.shape), key
+        if expect != "random":
+            assert torch.equal(got, expected), f"{key}: max diff {(got.double() - expected.double()).abs().max()}"
+
+
+def test_gpt2_stack_loads_with_the_stacked_layer_count(results):
+    """The 4 + 4 GPT-2 stack: config n_layer rewritten (not only num_hidden_layers), so transformers loads
+    all 8 layers and no stacked tensor is ignored (MergeKit's own test checks n_layer == 24 for 12 + 12)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = results["gpt2_stack"][2]
+    assert json.loads((folder / "config.json").read_text())["n_layer"] == 8
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert model.config.n_layer == 8 and len(model.transformer.h) == 8
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    state = _tensors(folder)
+    assert torch.equal(model.transformer.h[7].mlp.c_fc.weight.detach(), state["h.3.mlp.c_fc.weight"].float()
+                       if "h.3.mlp.c_fc.weight" in state else state["transformer.h.7.mlp.c_fc.weight"].float())
+
+
+def test_weight_on_methods_without_weight_is_ignored_with_one_warning(zoo, tmp_path, caplog):
+    """MergeKit's test recipes give every model a weight, also for slerp/nearswap/karcher/model_stock/sce."""
+    with caplog.at_level("WARNING", logger="mergescope.merge"):
+        result = ms.merge(_text("slerp", zoo), tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "parameter 'weight' is not used by slerp; ignored" in lines[0]
+    assert "models[0].parameters" in lines[0] and result.warnings == tuple(lines)
+
+
+def test_model_card_states_the_recipe(results):
+    folder = results["ties"][2]
+    card = (folder / "README.md").read_text()
+    assert "`ties`" in card and "arXiv:2306.01708" in card and "density: 0.3" in card
+    assert "model_c` (base)" in card
+
+
+def test_inspect_counts_buffers_apart_from_parameters(zoo, tmp_path, capsys):
+    """BERT-style ``position_ids`` (int64) and GPT-2's causal ``attn.bias`` are buffers, not parameters:
+    the parameter count equals what transformers' ``model.parameters()`` reports."""
+    from safetensors.torch import save_file
+    from transformers import GPT2LMHeadModel
+
+    from mergescope.cli import main
+
+    model = GPT2LMHeadModel.from_pretrained(zoo / "gpt2_like")
+    state = {k: v.contiguous() for k, v in model.transformer.state_dict().items()}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))  # as older transformers saved it
+    state["embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    save_file(state, tmp_path / "m.safetensors")
+    assert main(["inspect", str(tmp_path / "m.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(p.numel() for p in model.transformer.parameters())
+    assert info["buffers"] == 64 * 64 + 64
