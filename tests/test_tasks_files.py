@@ -352,6 +352,17 @@ def test_text_task_needs_a_matching_tokenizer_folder(tmp_path, minilm_dir):
     (remote / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": "evil.Tok"}}))
     with pytest.raises(MergescopeError, match=r"tokenizer_config.json: names remote code \(auto_map\)"):
         task_from_file(data, remote)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(minilm_dir / "config.json", broken / "config.json")
+    (broken / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MergescopeError, match=r"broken: tokenizer mismatch: cannot load its tokenizer \(.*recursion"):
+        task_from_file(data, broken)
+    (broken / "tokenizer.json").unlink()
+    (broken / "vocab.txt").write_text("a\nb\n")  # loads, but WordPiece fails on text: no [UNK]
+    with pytest.raises(MergescopeError, match=r"broken: tokenizer mismatch: its tokenizer fails on the text "
+                                              r"\(WordPiece error: Missing \[UNK\] token"):
+        task_from_file(data, broken)
     outside = tmp_path / "outside.txt"
     outside.write_text("[PAD]\n")
     linked = hf_folder(minilm_dir, tmp_path / "linked")

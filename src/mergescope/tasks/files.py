@@ -153,11 +153,25 @@ class ModelInfo:
                                   f"vocab_size is {vocab}")
         return cls(folder, config, tokenizer)
 
+    def tokenize(self, texts, **options) -> dict:
+        """The tokenizer called on ``texts``; its failures (a crafted vocabulary) are one line naming the folder."""
+        try:
+            with quiet_transformers():
+                return self.tokenizer(texts, **options)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - the Rust tokenizer raises bare Exception or panics
+            raise MergescopeError(f"{self.folder}: tokenizer mismatch: its tokenizer fails on the text "
+                                  f"({_first_line(e)})") from None
+
+    def architecture(self) -> str:
+        """``architectures[0]`` of config.json, or '' when it names none."""
+        arch = self.config.get("architectures")
+        return arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
+
     def head_labels(self) -> list[str] | None:
         """The classifier head's label names (id order), or None when the folder has no classifier head."""
-        arch = self.config.get("architectures")
-        name = arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
-        if not name.endswith("ForSequenceClassification"):
+        if not self.architecture().endswith("ForSequenceClassification"):
             return None
         id2label = self.config.get("id2label")
         if isinstance(id2label, dict) and id2label:
@@ -176,8 +190,7 @@ class ModelInfo:
     def lm_kind(self) -> str:
         """'masked' or 'causal', from ``architectures`` (…ForMaskedLM / …ForCausalLM / …LMHeadModel), else the
         model type (BERT-likes masked, decoders causal) as transformers' own Auto tables list it."""
-        arch = self.config.get("architectures")
-        name = arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
+        name = self.architecture()
         if name.endswith("ForMaskedLM"):
             return "masked"
         if name.endswith(("ForCausalLM", "LMHeadModel")):
@@ -193,7 +206,7 @@ class ModelInfo:
         if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             return "causal"
         raise MergescopeError(f"{self.folder / 'config.json'}: cannot tell whether model type {short_repr(model_type)} "
-                              f"(architectures {short_repr(arch)}) is a masked or a causal language model")
+                              f"(architecture {short_repr(name)}) is a masked or a causal language model")
 
     def max_positions(self, max_length: int) -> int:
         """``max_length``, capped by the model's positions (each family names them its own way)."""
@@ -220,11 +233,15 @@ def load_tokenizer(folder: Path):
     try:
         with quiet_transformers():
             return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except MergescopeError:
+    except (MergescopeError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds (ValueError, OSError, its own)
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise MergescopeError(f"{folder}: tokenizer mismatch: cannot load its tokenizer ({reason})") from None
+    except BaseException as e:  # noqa: BLE001 - transformers raises many kinds; a crafted tokenizer.json can make
+        # the Rust tokenizer panic, and pyo3's PanicException is a BaseException
+        raise MergescopeError(f"{folder}: tokenizer mismatch: cannot load its tokenizer ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    return " ".join(str(e).split())[:limit] or type(e).__name__
 
 
 # ---------------------------------------------------------------- rows: csv / tsv / jsonl
@@ -376,9 +393,8 @@ class FileClassificationTask(TensorClassificationTask):
             with eval_mode(model):
                 probe = model(x[:2])
         except (RuntimeError, IndexError, ValueError, TypeError) as e:
-            reason = " ".join(str(e).split())[:200]
             raise MergescopeError(f"{self.name}: the model cannot take this file's inputs of shape "
-                                  f"{list(x.shape[1:])} ({reason})") from None
+                                  f"{list(x.shape[1:])} ({_first_line(e, 200)})") from None
         self._check_outputs(probe, max(int(y.max()) for _, y in self.splits.values()))
 
     def _check_outputs(self, outputs: torch.Tensor, top: int) -> None:
@@ -397,7 +413,7 @@ def text_task(path: Path, model: ModelInfo, max_length: int, text_column: str | 
     texts = [text for _, text, _ in rows]
     parts = split_indices([t.encode("utf-8") for t in texts], path)
     length = model.max_positions(max_length)
-    x = encode_texts(model.tokenizer, texts, length)
+    x = encode_texts(model, texts, length)
     y = torch.tensor(ids, dtype=torch.long)
     splits = {s: (x[torch.from_numpy(i)], y[torch.from_numpy(i)]) for s, i in parts.items()}
     return FileClassificationTask(
@@ -406,10 +422,9 @@ def text_task(path: Path, model: ModelInfo, max_length: int, text_column: str | 
               "split": "sha256(text) mod 10: 0-7 train, 8 val, 9 test", "rows": len(rows)})
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+def encode_texts(model: ModelInfo, texts: list[str], max_length: int) -> torch.Tensor:
     """[N, 2, L]: input_ids and attention_mask, padded and truncated to ``max_length``."""
-    with quiet_transformers():
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    enc = model.tokenize(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return torch.stack([enc["input_ids"].long(), enc["attention_mask"].long()], dim=1)
 
 
@@ -456,12 +471,12 @@ def lm_task(path: Path, model: ModelInfo, max_length: int) -> TokenLMTask:
     if not text.strip():
         raise MergescopeError(f"{path}: empty file")
     length = model.max_positions(max_length)
-    prefix, suffix = special_tokens(tok)
+    prefix, suffix = special_tokens(model)
     room = length - len(prefix) - len(suffix)
     if room < 2:
         raise MergescopeError(f"{path}: max_length {length} leaves no room for text next to the tokenizer's "
                               f"{len(prefix) + len(suffix)} special tokens")
-    stream = token_stream(tok, text)
+    stream = token_stream(model, text)
     chunks = [stream[i:i + room] for i in range(0, len(stream), room)]
     chunks = [c for c in chunks if len(c) >= 2]
     if not chunks:
@@ -482,24 +497,22 @@ def lm_task(path: Path, model: ModelInfo, max_length: int) -> TokenLMTask:
               "mask_rate": MASK_RATE if kind == "masked" else None})
 
 
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+def special_tokens(model: ModelInfo) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a text (e.g. [CLS] / [SEP], a BOS), found by encoding
     a probe with and without special tokens (works across tokenizer classes and transformers versions)."""
-    with quiet_transformers():
-        bare = tokenizer("a b", add_special_tokens=False)["input_ids"]
-        full = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    bare = model.tokenize("a b", add_special_tokens=False)["input_ids"]
+    full = model.tokenize("a b", add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(bare) + 1):
         if full[start:start + len(bare)] == bare:
             return list(full[:start]), list(full[start + len(bare):])
     return [], []
 
 
-def token_stream(tokenizer, text: str) -> list[int]:
+def token_stream(model: ModelInfo, text: str) -> list[int]:
     """The text's token ids without special tokens, encoded line by line (newlines kept) so no single
     call sees the whole file."""
     lines = text.splitlines(keepends=True)
-    with quiet_transformers():
-        encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+    encoded = model.tokenize(lines, add_special_tokens=False)["input_ids"] if lines else []
     return [i for ids in encoded for i in ids]
 
 
