@@ -522,3 +522,24 @@ def test_size_caps_are_checked_before_reading(tmp_path, monkeypatch, classifier)
     big = write_csv(tmp_path / "big.csv", [(t, 0) for t in sentences(100)])
     with pytest.raises(MergescopeError, match=r"big\.csv: data file is \d+ bytes, over the 1000-byte limit"):
         task_from_file(big, classifier)
+
+
+def test_hostile_data_files_through_the_cli(tmp_path):
+    """In a subprocess (hostile.attack): a FIFO named as the data file and an .npz claiming petabytes are refused
+    in one line, without blocking, allocating or touching any file."""
+    from hostile import assert_refused, attack
+
+    for seed in (0, 1):
+        save(build("mlp", seed=seed, width=8, depth=1).state_dict(), tmp_path / f"m{seed}.safetensors",
+             metadata=model_metadata("mlp", {"width": 8, "depth": 1}))
+    os.mkfifo(tmp_path / "fifo.npz")
+    header = __import__("io").BytesIO()
+    np.lib.format.write_array_header_2_0(header, {"descr": "<f8", "fortran_order": False, "shape": (2**50, 64)})
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", header.getvalue())
+        z.writestr("y.npy", b"")
+    for data, names in (("fifo.npz", ("fifo.npz", "FIFO")), ("bomb.npz", ("bomb.npz", "over the", "limit"))):
+        out = attack(["landscape", "line", "m0.safetensors", "m1.safetensors", "--task", data, "-o", "out"], tmp_path)
+        assert_refused(out, *names, max_rss_mb=1000, max_seconds=60)
