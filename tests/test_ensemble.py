@@ -219,3 +219,17 @@ def test_reset_batchnorm_stores_the_statistics_of_the_data(task):
     mlp = tasks.build("mlp", width=8)
     same = ensemble.reset_batchnorm(mlp, mlp.state_dict(), x)
     assert all(torch.equal(same[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_member_rows_carry_loss_and_ece_like_numpy(task, zoo):
+    """Each member's accuracy, NLL and ECE, measured as the combinations are (the CLI's member rows)."""
+    model, states = zoo
+    result = ensemble.evaluate(model, states, task, method="logits")
+    x, y = data(task, "test")
+    for i, s in enumerate(states):
+        p = np_softmax(np_logits({k: v.double().numpy() for k, v in s.items()}, x))
+        assert result.member_accuracy[i] == pytest.approx((p.argmax(-1) == y).mean())
+        assert result.member_loss[i] == pytest.approx(-np.log(p[np.arange(len(y)), y]).mean(), rel=1e-5)
+        assert result.member_ece[i] == pytest.approx(
+            ensemble.expected_calibration_error(torch.tensor(p), torch.tensor(y)), abs=1e-6)
+    assert len(result.to_dict()["member_ece"]) == len(states)

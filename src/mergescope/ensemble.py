@@ -48,10 +48,13 @@ class EnsembleResult:
     params: int
     flops: int
     member_accuracy: tuple[float, ...]
+    member_loss: tuple[float, ...] = ()
+    member_ece: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["member_accuracy"] = list(self.member_accuracy)
+        for key in ("member_accuracy", "member_loss", "member_ece"):
+            d[key] = list(getattr(self, key))
         return d
 
 
@@ -259,6 +262,13 @@ def member_logits(model: nn.Module, states: Sequence[Mapping], task, split: str)
     return torch.stack([run(model, s, x) for s in states]), y
 
 
+def member_metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+    """(accuracies, losses, ECEs) of each member from its logits [M, N, C]: a member is a row of the
+    table too, measured exactly like the combinations."""
+    rows = [metrics(member.softmax(-1), y) for member in logits]
+    return tuple(tuple(r[i] for r in rows) for i in range(3))
+
+
 def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task, method: str = "probs",
              split: str = "test", weights: Sequence[float] | None = None, head: str | None = None,
              seed: int = 0) -> EnsembleResult:
@@ -272,7 +282,7 @@ def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], tas
         raise MergescopeError("ensemble: no models given")
     states = [as_state(s) for s in states]
     logits, y = member_logits(model, states, task, split)
-    members = tuple((logits[i].argmax(-1) == y).double().mean().item() for i in range(len(states)))
+    members = member_metrics(logits, y)
     if method.startswith("features"):
         probs = feature_average_probs(model, states, task, split, refit=method == "features-refit", head=head,
                                       seed=seed)
@@ -285,7 +295,7 @@ def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], tas
     vote = method == "vote"
     acc, loss, ece = metrics(probs, y, floor=VOTE_FLOOR if vote else 0.0, pred=vote_predictions(logits) if vote else None)
     params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], len(states), method, head)
-    return EnsembleResult(method, len(states), split, acc, loss, ece, params, flops, members)
+    return EnsembleResult(method, len(states), split, acc, loss, ece, params, flops, *members)
 
 
 def validation_accuracies(model: nn.Module, states: Sequence[Mapping], task, split: str = "val") -> torch.Tensor:
@@ -300,9 +310,9 @@ def evaluate_weight_average(model: nn.Module, states: Sequence[Mapping[str, torc
     BatchNorm statistics are recomputed on train data unless ``reset_bn`` is False."""
     states = [as_state(s) for s in states]
     logits, y = member_logits(model, states, task, split)
-    members = tuple((logits[i].argmax(-1) == y).double().mean().item() for i in range(len(states)))
+    members = member_metrics(logits, y)
     avg = weight_average(model, states, task) if reset_bn else average_states(states)
     avg_logits, _ = member_logits(model, [avg], task, split)
     acc, loss, ece = metrics(avg_logits[0].softmax(-1), y)
     params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], 1, "weight-average")
-    return EnsembleResult("weight-average", len(states), split, acc, loss, ece, params, flops, members)
+    return EnsembleResult("weight-average", len(states), split, acc, loss, ece, params, flops, *members)

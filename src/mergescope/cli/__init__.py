@@ -45,9 +45,11 @@ def _root(
 
 
 def _register_all() -> None:
-    from . import align_cmd, diagnose_cmd, ensemble_cmd, io_cmds, landscape_cmd, merge_cmd, study_cmd, sweep_cmd
+    from . import (align_cmd, diagnose_cmd, ensemble_cmd, evaluate_cmd, io_cmds, landscape_cmd, merge_cmd, study_cmd,
+                   sweep_cmd)
 
-    for module in (io_cmds, merge_cmd, align_cmd, landscape_cmd, ensemble_cmd, study_cmd, sweep_cmd, diagnose_cmd):
+    for module in (io_cmds, merge_cmd, align_cmd, landscape_cmd, ensemble_cmd, evaluate_cmd, study_cmd, sweep_cmd,
+                   diagnose_cmd):
         module.register(app)
 
 

@@ -85,8 +85,9 @@ def ensemble(
         results.append(ens.evaluate_weight_average(module, list(states.values()), task_obj, split=split))
     table = _table(f"{len(states)} models on {task_obj.name} {split}", ["combination", "accuracy", "loss", "ECE",
                                                                        "params", "FLOPs/example"])
-    for name, acc in zip(states, results[0].member_accuracy):
-        table.add_row(f"member {name}", _f(acc), "", "", "", "")
+    single = results[-1]  # the weight average: one model's cost, like each member's
+    for name, acc, loss, ece in zip(states, single.member_accuracy, single.member_loss, single.member_ece):
+        table.add_row(f"member {name}", _f(acc), _f(loss), _f(ece), f"{single.params:,}", f"{single.flops:,}")
     for r in results:
         table.add_row(r.method, _f(r.accuracy), _f(r.loss), _f(r.ece), f"{r.params:,}", f"{r.flops:,}")
     _show(table)
