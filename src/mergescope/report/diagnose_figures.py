@@ -16,7 +16,7 @@ import numpy as np
 from .figures import pyplot as _pyplot
 from .figures import save as _save
 
-MAX_LAYERS = 40
+MAX_LAYERS = 30
 LAYER_SIGNALS = (("relative_distance", "relative distance"), ("cosine", "cosine"),
                  ("sign_conflict", "sign conflict"), ("alignment_gap", "alignment gap"))
 MEASURED = (("members", "members (mean)"), ("average", "uniform average"), ("aligned", "weight matching + avg"),
@@ -41,7 +41,10 @@ def _layer_panels(axes, layers: list[dict]) -> None:
     for ax, (key, label) in zip(axes, LAYER_SIGNALS):
         values = [_value(r.get(key)) for r in layers]
         ax.barh(y, np.nan_to_num(values), color="#1f77b4" if key != "alignment_gap" else "#2ca02c")
-        ax.set_yticks(y, names if ax is axes[0] else [""] * len(names), fontsize=6)
+        if ax is axes[0]:
+            ax.set_yticks(y, names, fontsize=6)
+        else:
+            ax.set_yticks([])  # the names once: every tick label costs text layout at save time
         ax.invert_yaxis()
         missing = "n/a (needs --base)" if key == "sign_conflict" else "n/a (not measured)"
         ax.set_title(missing.replace("n/a", label) if all(np.isnan(values)) else label)
@@ -87,8 +90,9 @@ def plot_diagnosis(diagnosis: dict, out: str | os.PathLike) -> Path:
     measured = diagnosis.get("measured")
     rows = 2 if measured else 1
     height = max(3.0, 0.16 * len(layers) + 1.2)
-    fig = plt.figure(figsize=(13, height + (3.4 if measured else 0)), layout="constrained")
-    grid = fig.add_gridspec(rows, 4, height_ratios=[height, 3.4] if measured else [1])
+    fig = plt.figure(figsize=(13, height + (3.4 if measured else 0)))
+    grid = fig.add_gridspec(rows, 4, height_ratios=[height, 3.4] if measured else [1], left=0.2, right=0.98,
+                            wspace=0.25, hspace=0.25)  # fixed margins: constrained layout took seconds
     axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
     _layer_panels(axes, layers)
     if measured:
