@@ -445,10 +445,15 @@ def test_fine_tuned_bert_folders_on_a_csv_task(hf_family, tmp_path, capsys):
     line = json.loads((out / "line.json").read_text())
     assert line["accuracy"][0] == pytest.approx(got["accuracy"]) and line["loss"][0] == pytest.approx(got["loss"], rel=1e-4)
     write_csv(tmp_path / "o.csv", [(t, 3 if i == 5 else lab) for i, (t, lab) in enumerate(rows)])
-    outcome = run_inprocess(["ensemble", str(folder), str(other), "--task", "o.csv"], tmp_path, capsys, timeout=60)
-    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
-    assert outcome.code == 2 and len(lines) == 1 and "Traceback" not in outcome.stderr, outcome.stderr
-    assert "o.csv: line 7: label 3 in o.csv is outside the model's 2 classes" in lines[0]
+    write_csv(tmp_path / "c.csv", rows, header=("body", "label"))
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    for data, message in (("o.csv", "o.csv: line 7: label 3 in o.csv is outside the model's 2 classes"),
+                          ("c.csv", "c.csv: no text column (looked for text, sentence, content; the file has 'body'"),
+                          ("e.jsonl", "e.jsonl: empty file")):
+        outcome = run_inprocess(["ensemble", str(folder), str(other), "--task", data], tmp_path, capsys, timeout=60)
+        lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+        assert outcome.code == 2 and len(lines) == 1 and "Traceback" not in outcome.stderr, outcome.stderr
+        assert message in lines[0] and not outcome.changed
 
 
 def lm_folder(kind: str, minilm_dir: Path, dest: Path) -> Path:
