@@ -480,3 +480,28 @@ def test_mergekit_legacy_recipe_is_refused_like_mergekit(upstream, tmp_path):
         _mergekit(text, tmp_path / "mk")
     with pytest.raises(MergescopeError, match="vocabulary sizes differ"):
         ms.merge(text, tmp_path / "ms")
+
+
+
+@pytest.mark.parametrize("template", ["chatml", "{{messages[0]['content']}}"])
+def test_mergekit_chat_template_recipes(upstream, tmp_path, template):
+    """MergeKit's tests/test_chat_template.py: a built-in name (the text MergeKit ships) or literal Jinja,
+    on a merge whose second model has no tokenizer; the output tokenizer is the base's, with the template."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    (tmp_path / "b").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(upstream / "padded" / name, tmp_path / "b" / name)
+    text = (f"merge_method: linear\nmodels:\n  - {{model: {upstream}/base, parameters: {{weight: 0.5}}}}\n"
+            f"  - {{model: {tmp_path}/b, parameters: {{weight: 0.5}}}}\nbase_model: {upstream}/base\n"
+            f"dtype: bfloat16\nchat_template: \"{template}\"\n")
+    ms.merge(text, tmp_path / "out")
+    shipped = Path(next(iter(importlib.util.find_spec("mergekit").submodule_search_locations))) / "_data"
+    expected = (shipped / "chat_templates" / "chatml.jinja").read_text() if template == "chatml" else template
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.chat_template == expected and tok.get_vocab() == _vocab(upstream / "base")
+    assert "<|im_start|>" in expected or expected == template
