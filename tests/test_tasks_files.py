@@ -153,6 +153,9 @@ def test_column_syntax_and_tsv(tmp_path, classifier):
         get_task(str(path), max_length=1)
     task = get_task(f"{path}:review,stars", model_folder=classifier, max_length=16)
     assert sum(task.size(s) for s in task.splits) == 60
+    (tmp_path / "q.tsv").write_text("text\tlabel\n" + "".join(f'"quoted {t}\t{i % 2}\n' for i, t in enumerate(texts)))
+    quoted = get_task(str(tmp_path / "q.tsv"), model_folder=classifier, max_length=16)  # TSV quotes are text
+    assert sum(quoted.size(s) for s in quoted.splits) == 60
     with pytest.raises(MergescopeError, match=r"d\.tsv: no text column \(looked for text, sentence, content; the "
                                               r"file has 'stars', 'review'\)"):
         get_task(str(path), model_folder=classifier)

@@ -272,7 +272,9 @@ def read_rows(path: Path, text_column: str | None, label_column: str | None) -> 
 
 
 def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[int, dict]]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # TSV has no quoting (IANA text/tab-separated-values; GLUE's .tsv files hold unbalanced quotes): a quote is text
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
         rows = []
