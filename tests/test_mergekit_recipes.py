@@ -331,3 +331,87 @@ def test_inspect_counts_buffers_apart_from_parameters(zoo, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == sum(p.numel() for p in model.transformer.parameters())
     assert info["buffers"] == 64 * 64 + 64
+
+
+# docs/multimerge.md's example (mergekit-multi), the final merge made deterministic (ties, not dare_ties).
+MULTI = """
+name: first-merge
+merge_method: linear
+models:
+  - model: M/model_a
+  - model: M/model_b
+parameters:
+  weight: 0.5
+---
+name: second-merge
+merge_method: slerp
+base_model: first-merge  # Reference previous merge
+models:
+  - model: M/model_c
+parameters:
+  t: 0.5
+---
+# Final merge (no name)
+merge_method: ties
+base_model: M/model_d
+models:
+  - model: second-merge
+    parameters:
+      density: 0.6
+      weight: 0.5
+  - model: M/model_a
+    parameters:
+      density: 0.8
+      weight: 0.5
+"""
+
+
+def test_multistage_recipe_matches_mergekit_multi_and_resumes_per_stage(zoo, tmp_path, capsys):
+    from click.testing import CliRunner
+    from mergekit.scripts.multimerge import main as mergekit_multi
+
+    from mergescope.cli import main
+
+    recipe = tmp_path / "multi.yml"
+    recipe.write_text(textwrap.dedent(MULTI).replace("M/", f"{zoo}/"))
+    run = CliRunner().invoke(mergekit_multi, [str(recipe), "-I", str(tmp_path / "mk-stages"), "--out-path",
+                                              str(tmp_path / "mk-out"), "--random-seed", "0", "--lazy-unpickle"])
+    assert run.exit_code == 0, run.output
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 0
+    for mk, ours in ((tmp_path / "mk-stages" / "first-merge", tmp_path / "out.stages" / "first-merge"),
+                     (tmp_path / "mk-stages" / "second-merge", tmp_path / "out.stages" / "second-merge"),
+                     (tmp_path / "mk-out", tmp_path / "out")):
+        theirs, mine = _tensors(mk), _tensors(ours)
+        assert sorted(theirs) == sorted(mine)
+        assert all(torch.equal(theirs[k], mine[k]) for k in theirs), ours
+    capsys.readouterr()
+    # a rerun reuses every stage; editing the second stage reruns it and the final one, not the first
+    before = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.count("reused (same recipe") == 3
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns == before
+    recipe.write_text(recipe.read_text().replace("t: 0.5", "t: 0.25"))
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2  # out exists, from another recipe
+    assert "not this stage's merge" in capsys.readouterr().err
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "first-merge: merging" in printed and "second-merge: merging" in printed  # --force reruns all
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: a\nmerge_method: linear\nmodels: [{model: x}]\n---\nname: a\nmerge_method: linear\nmodels: [{model: x}]\n",
+     "stage name 'a' is used twice"),
+    ("merge_method: linear\nmodels: [{model: x}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: x}]\n",
+     "only the last stage may be unnamed"),
+    ("name: ../up\nmerge_method: linear\nmodels: [{model: x}]\n---\nmerge_method: linear\nmodels: [{model: x}]\n",
+     "stage name must be"),
+    ("- 1\n---\nmerge_method: linear\n", "document 1 must be a YAML mapping"),
+])
+def test_bad_multistage_recipes_are_one_line(tmp_path, capsys, text, message):
+    from mergescope.cli import main
+
+    (tmp_path / "multi.yml").write_text(text)
+    assert main(["merge", str(tmp_path / "multi.yml"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.stages").exists()

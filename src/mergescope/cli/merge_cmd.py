@@ -53,9 +53,22 @@ def merge(
                                         help="Copy tokenizer files from the base model."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the hash-verified shards an interrupted run left."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Keep merged tensors with NaN/Inf."),
+    intermediate_dir: Path = typer.Option(None, "--intermediate-dir",
+                                          help="Multi-stage recipes (YAML documents separated by ---, as "
+                                               "mergekit-multi): folder for the named stages [default: OUT.stages]."),
 ):
-    """Merge the models of RECIPE into OUT (same recipes and numbers as mergekit-yaml, streamed)."""
+    """Merge the models of RECIPE into OUT (same recipes and numbers as mergekit-yaml, streamed).
+
+    A RECIPE of several YAML documents is run stage by stage (as mergekit-multi); a stage already
+    merged from the same recipe is reused."""
     from ..merge.engine import merge as run
+    from ..merge.multistage import is_multistage
+
+    if _is_multistage_file(recipe, is_multistage):
+        _run_stages(recipe, out, intermediate_dir, force=force, seed=random_seed, threads=threads,
+                    max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer, resume=resume,
+                    allow_nonfinite=allow_nonfinite)
+        return
 
     lock = threading.Lock()
     with _engine_warnings(), _bar() as bar:
@@ -88,6 +101,25 @@ def merge(
         table.add_row("resumed", f"{result.reused:,} tensors reused from the interrupted run")
     console.print(table)
     say(f"wrote {out}")
+
+
+def _is_multistage_file(recipe: Path, is_multistage) -> bool:
+    from ..io.untrusted import read_text
+
+    return is_multistage(read_text(recipe, "recipe"), str(recipe))
+
+
+def _run_stages(recipe: Path, out: Path, intermediate_dir: Path | None, **options) -> None:
+    """A multi-stage recipe: one line per stage (reused or merged), then the final output."""
+    from ..merge.multistage import run as run_stages
+
+    def on_stage(i: int, n: int, name: str | None, reused: bool) -> None:
+        say(f"stage {i + 1}/{n} {printable(name or '(final)')}: {'reused (same recipe, already merged)' if reused else 'merging'}")
+
+    with _engine_warnings():
+        results = run_stages(recipe, out, intermediate_dir, on_stage=on_stage, **options)
+    merged = [r for r in results if r is not None]
+    say(f"wrote {printable(out)} ({len(merged)} of {len(results)} stages merged, {len(results) - len(merged)} reused)")
 
 
 def register(app: typer.Typer) -> None:

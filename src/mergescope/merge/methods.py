@@ -450,31 +450,43 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
     if not first.is_floating_point():
         raise MergescopeError("linear merging needs floating-point tensors")
     work = _work_dtype(first)
-    total = sum(float(x) for x in weight)
+    w = torch.tensor([float(x) for x in weight], dtype=work)  # weights and their sum in the working dtype,
+    total = w.sum()  # as MergeKit 0.1.5 rounds them (a float64 sum rounded once differs in the last bit)
     out = torch.empty(first.numel(), dtype=first.dtype)
     for part in _chunks(first.numel()):
         acc = torch.zeros(part.stop - part.start, dtype=work)
-        for t, w in zip(tensors, weight):
-            acc.add_(_flat(t)[part].to(work), alpha=float(w))
+        for t, w_i in zip(tensors, w):
+            acc.addcmul_(_flat(t)[part], w_i)
         if normalize:
             acc.div_(total)
         out[part] = acc
     return out.reshape(first.shape)
 
 
-def _norms_and_dot(a: Tensor, b: Tensor) -> tuple[float, float, float]:
-    """|a|, |b| and <a, b>: per-chunk sums accumulated in float64 over 128 K-element chunks.
+SLERP_CHUNK = 1 << 20  # entries per partial norm / dot (MergeKit 0.1.5's chunk: the same sums, the same bits)
 
-    A single float32 reduction over tens of millions of entries is off by ~0.2% (measured on a
-    32 M-entry embedding), enough to move slerp's angle; MergeKit chunks its reductions too.
-    """
-    aa = bb = ab = 0.0
-    for part in _chunks(a.numel()):  # torch.sum is a cascade sum: accurate within a chunk
-        x, y = a[part], b[part]
-        aa += float((x * x).sum(dtype=torch.float64))
-        bb += float((y * y).sum(dtype=torch.float64))
-        ab += float((x * y).sum(dtype=torch.float64))
-    return aa**0.5, bb**0.5, ab
+
+def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Slerp's two coefficients, as MergeKit 0.1.5 computes them: norms as the norm of per-chunk norms,
+    the dot of the normalised vectors summed per chunk (float32, float64 for float64 inputs). A single
+    float32 reduction over tens of millions of entries is off by ~0.2%; the chunked one is not."""
+    work = _work_dtype(a)
+    rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
+    spans = [slice(s, s + SLERP_CHUNK) for s in range(0, rows_a.shape[1], SLERP_CHUNK)]
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(rows_a[:, s].to(work), dim=1, keepdim=True)
+                                                   for s in spans]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(rows_b[:, s].to(work), dim=1, keepdim=True)
+                                                   for s in spans]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack([((rows_a[:, s].to(work) / norm_a) * (rows_b[:, s].to(work) / norm_b)).sum(dim=1, keepdim=True)
+                       for s in spans]).sum(dim=0).clamp(-1, 1)
+    t = torch.tensor([t]).reshape(-1, 1).to(work)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta),
+            torch.where(linear, t, torch.sin(t * theta) / sin_theta))
 
 
 def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,
@@ -488,22 +500,14 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: f
         raise MergescopeError(f"slerp merges exactly two models (a base and one other), got {len(tensors) + 1}")
     _check_same_shape(tensors, base)
     work = _work_dtype(base)
-    a, b = _flat(base, work), _flat(tensors[0], work)
+    a, b = base.reshape(-1), tensors[0].reshape(-1)
     if a.numel() == 0:
         return base.clone()
-    na, nb, ab = _norms_and_dot(a, b)
-    na = na if na > eps else 1.0
-    nb = nb if nb > eps else 1.0
-    dot = min(1.0, max(-1.0, ab / (na * nb)))
-    t = float(t)
-    if abs(dot) > dot_threshold:
-        ca, cb = 1 - t, t
-    else:
-        theta = math.acos(dot)
-        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    coef_a, coef_b = _slerp_coefficients(a, b, float(t), dot_threshold, eps)
+    coef_a, coef_b = coef_a.reshape(1), coef_b.reshape(1)
     out = torch.empty(a.numel(), dtype=base.dtype)
     for part in _chunks(a.numel()):  # chunked: no tensor-sized temporaries
-        out[part] = a[part] * ca + b[part] * cb
+        out[part] = coef_a * a[part].to(work) + coef_b * b[part].to(work)
     return out.reshape(base.shape)
 
 
