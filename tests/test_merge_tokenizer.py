@@ -417,6 +417,7 @@ UPSTREAM = {  # name: (models, base, method + parameters, tokenizer lines, (voca
     "model_token_id": ("base chatml", "base", "linear", ("tokenizer:\n  source: base\n  tokens:\n"
                        "    _tok_20: {source: {kind: model_token, model: D/chatml, token_id: 64}, force: true}\n"
                        "    _tok_21: {source: {kind: model_token, model: D/base, token: <s>}, force: true}"), (64, None)),
+    "padded_base_union": ("padded chatml", "padded", "linear", "tokenizer_source: union", (66, 5)),  # base cut
     "pad_to_multiple_of": ("chatml", "chatml", "linear", "tokenizer: {source: base, pad_to_multiple_of: 16}",
                            (66, None)),
 }
@@ -505,3 +506,18 @@ def test_mergekit_chat_template_recipes(upstream, tmp_path, template):
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok.chat_template == expected and tok.get_vocab() == _vocab(upstream / "base")
     assert "<|im_start|>" in expected or expected == template
+
+
+def test_word_level_base_with_unused_tokens_is_cut(zoo, tmp_path):
+    """A base whose tokenizer has tokens past its rows: MergeKit cuts only BPE ones (RuntimeError here);
+    mergescope cuts any vocabulary held as a mapping (WordLevel here)."""
+    text = (f"models: [{{model: {zoo}/padded}}, {{model: {zoo}/chatml}}]\nmerge_method: linear\n"
+            f"parameters: {{weight: 1.0}}\nbase_model: {zoo}/padded\ntokenizer_source: union\n")
+    with pytest.raises(RuntimeError, match="only BPE"):
+        _mergekit(text, tmp_path / "mk")
+    ms.merge(text, tmp_path / "ms")
+    vocab, merged = _vocab(tmp_path / "ms"), _rows(tmp_path / "ms")
+    assert len(vocab) == merged.shape[0] == 14 and not any(t.startswith("<UNUSED") for t in vocab)
+    padded, chatml = _rows(zoo / "padded"), _rows(zoo / "chatml")
+    assert torch.allclose(merged[vocab["cat"]], (padded[4] + chatml[4]) / 2, atol=1e-6)
+    assert torch.equal(merged[vocab["<|im_end|>"]], chatml[_vocab(zoo / "chatml")["<|im_end|>"]])
