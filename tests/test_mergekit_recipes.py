@@ -415,3 +415,68 @@ def test_bad_multistage_recipes_are_one_line(tmp_path, capsys, text, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.stages").exists()
+
+
+@pytest.fixture(scope="module")
+def partial_zoo(zoo, tmp_path_factory):
+    """Tensors only some models have: a RoBERTa base saved with the ``position_ids`` buffer and two
+    fine-tunes without it (newer transformers do not save it); a Llama fine-tune with its lm_head left
+    out (tied embeddings: MergeKit reads ``model.embed_tokens.weight`` instead)."""
+    from safetensors.torch import save_file
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    root = tmp_path_factory.mktemp("partial")
+    cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=40)
+    for i, name in enumerate(["rb_base", "rb_ft1", "rb_ft2"]):
+        torch.manual_seed(3)
+        model = RobertaForMaskedLM(cfg)
+        if i:
+            _perturbed(model, 300 + i)
+        model.save_pretrained(root / name)
+        state = load_file(root / name / "model.safetensors")
+        state.pop("roberta.embeddings.position_ids", None)
+        if not i:
+            state["roberta.embeddings.position_ids"] = torch.arange(40).unsqueeze(0)
+        save_file(state, root / name / "model.safetensors", metadata={"format": "pt"})
+    (root / "llama_tied").mkdir()
+    for f in (zoo / "model_b").iterdir():
+        (root / "llama_tied" / f.name).write_bytes(f.read_bytes())
+    state = load_file(root / "llama_tied" / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, root / "llama_tied" / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+PARTIAL = {
+    "linear_base_last": "merge_method: linear\nmodels: [{model: P/rb_ft1, parameters: {weight: 1}}, "
+                        "{model: P/rb_base, parameters: {weight: 1}}]\n",
+    "slerp_base_second": "merge_method: slerp\nbase_model: P/rb_base\nmodels: [{model: P/rb_ft1}, {model: P/rb_base}]\n"
+                         "parameters: {t: 0.5}\n",
+    "ties": "merge_method: ties\nbase_model: P/rb_base\nmodels: [{model: P/rb_ft1, parameters: {weight: 1, density: 0.5}},"
+            " {model: P/rb_ft2, parameters: {weight: 1, density: 0.5}}]\n",
+    "model_stock": "merge_method: model_stock\nbase_model: P/rb_base\nmodels: [{model: P/rb_ft1}, {model: P/rb_ft2}]\n",
+    "nearswap": "merge_method: nearswap\nbase_model: P/rb_base\nmodels: [{model: P/rb_ft1}]\nparameters: {t: 0.001}\n",
+    "tied_linear": "merge_method: linear\nmodels: [{model: M/model_a, parameters: {weight: 0.6}}, "
+                   "{model: P/llama_tied, parameters: {weight: 0.4}}]\n",
+    "tied_slerp": "merge_method: slerp\nbase_model: P/llama_tied\nmodels: [{model: M/model_a}, {model: P/llama_tied}]\n"
+                  "parameters: {t: 0.3}\n",
+}
+
+
+@pytest.mark.parametrize("name", list(PARTIAL))
+def test_tensor_only_some_models_have_follows_mergekit(zoo, partial_zoo, tmp_path, name):
+    """The base's position_ids are kept whether or not the base is listed first (they used to be dropped
+    or refused); a tied head reads the embedding. Same bytes as MergeKit; the one explained difference:
+    MergeKit leaves out RoBERTa's ``lm_head.decoder.bias`` (its architecture file omits it although
+    every input has it), mergescope keeps every tensor all inputs have."""
+    text = PARTIAL[name].replace("P/", f"{partial_zoo}/").replace("M/", f"{zoo}/")
+    _mergekit(text, tmp_path / "mk")
+    ms.merge(text, tmp_path / "ms")
+    theirs, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ms")
+    assert set(ours) - set(theirs) <= {"lm_head.decoder.bias"} and set(theirs) <= set(ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    if name.startswith("tied"):
+        assert "lm_head.weight" in ours
+    else:
+        assert torch.equal(ours["roberta.embeddings.position_ids"], torch.arange(40).unsqueeze(0))
