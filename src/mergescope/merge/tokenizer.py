@@ -254,7 +254,8 @@ def settings(recipe) -> tuple[str | None, dict, int | None]:
     return recipe.tokenizer_source, {}, None
 
 
-def _fill(token: str, setting) -> Fill:
+def _fill(setting) -> Fill:
+    """A recipe's ``tokens:`` entry as a Fill."""
     source = setting.source
     if source is None:
         return Fill("none", force=setting.force)
@@ -285,16 +286,7 @@ def build_vocabulary(recipe, models: list[str]) -> Vocabulary | None:
         raise MergescopeError(f"{where}: the base model {base!r} has no tokenizer.json (a vocabulary is built from it)")
     rows = {m: vocab_rows(Path(m), toks[m].get_vocab(with_added_tokens=True) if toks[m] else None) for m in models}
     toks[base] = strip_unused(toks[base], rows[base], base)
-    if source == "base":
-        out, folder = _copy(toks[base]), Path(base)
-    elif source == "union":
-        out = union(toks[base], [(toks[m], rows[m] or 0) for m in [base, *models] if toks[m] is not None])
-        folder = Path(base)
-    else:
-        folder = _source_folder(source, where)
-        out = read_tokenizer(folder)
-        if out is None:
-            raise MergescopeError(f"{where}: source model {source!r} has no tokenizer.json")
+    out, folder = _output_tokenizer(source, base, toks, rows, where)
     existing = out.get_vocab(with_added_tokens=True)
     new = [t for t in tokens if t not in existing]
     if new:
@@ -304,15 +296,25 @@ def build_vocabulary(recipe, models: list[str]) -> Vocabulary | None:
         raise MergescopeError(f"{where}: the output vocabulary's ids are not 0..{len(vocab) - 1} without gaps")
     vocabs = {m: (toks[m] or toks[base]).get_vocab(with_added_tokens=True) for m in models}
     maps = {m: token_map(vocab, vocabs[m], rows[m] or len(vocabs[m]), f"{where}: model {m!r}") for m in models}
-    fills = {t: _fill(t, s) for t, s in tokens.items()}
+    fills = {t: _fill(s) for t, s in tokens.items()}
     return Vocabulary(out, vocab, padded(len(vocab), pad), maps, {m: vocabs[m] for m in models if toks[m]}, fills,
                       folder)
 
 
-def _copy(tok):
+def _output_tokenizer(source: str, base: str, toks: dict, rows: dict, where: str) -> tuple:
+    """(the output tokenizer, the folder whose tokenizer_config.json goes with it). Always a new object: the
+    base's own vocabulary must not see tokens added to the output (MergeKit's ``source: base`` does)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(tok.to_str())
+    if source == "base":
+        return Tokenizer.from_str(toks[base].to_str()), Path(base)
+    if source == "union":
+        return union(toks[base], [(toks[m], rows[m]) for m in [base, *toks] if toks[m] is not None]), Path(base)
+    folder = _source_folder(source, where)
+    out = read_tokenizer(folder)
+    if out is None:
+        raise MergescopeError(f"{where}: source model {source!r} has no tokenizer.json")
+    return out, folder
 
 
 def prepare(recipe, models: list[str]) -> TokenizerPlan | None:
