@@ -521,3 +521,25 @@ def test_word_level_base_with_unused_tokens_is_cut(zoo, tmp_path):
     padded, chatml = _rows(zoo / "padded"), _rows(zoo / "chatml")
     assert torch.allclose(merged[vocab["cat"]], (padded[4] + chatml[4]) / 2, atol=1e-6)
     assert torch.equal(merged[vocab["<|im_end|>"]], chatml[_vocab(zoo / "chatml")["<|im_end|>"]])
+
+
+def test_remap_rows_by_hand():
+    """The row rules on a 1-D bias and a 3-D tensor, against values written out: output tokens a, b, c, d
+    (+2 padding rows); model x has a, b; model y has b, c (in another order); nobody has d."""
+    from tokenizers import Tokenizer, models
+
+    tokens = {"a": 0, "b": 1, "c": 2, "d": 3}
+    maps = {"x": torch.tensor([0, 1, -1, -1]), "y": torch.tensor([-1, 1, 0, -1])}
+    vocab = tk.Vocabulary(Tokenizer(models.WordLevel(tokens, unk_token="a")), tokens, 6, maps, {}, {}, None)
+    x, y = torch.tensor([1.0, 2.0]), torch.tensor([30.0, 20.0])  # y: row 0 is c, row 1 is b
+    rx, ry = tk.remap(vocab, "lm_head.bias", ["x", "y"], [x, y], base="x")
+    # a: only x has it -> y gets x's; c: only y -> x gets y's; d: nobody -> 0; padding: mean of the 4 rows
+    assert rx.tolist() == [1.0, 2.0, 30.0, 0.0, 33 / 4, 33 / 4]
+    assert ry.tolist() == [1.0, 20.0, 30.0, 0.0, 51 / 4, 51 / 4]
+    vocab3 = tk.Vocabulary(vocab.tokenizer, tokens, 4, {"x": maps["x"], "y": maps["y"], "z": torch.tensor(
+        [-1, 0, 1, -1])}, {}, {}, None)
+    cube = [torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3) + 100 * i for i in range(3)]
+    out = tk.remap(vocab3, "model.embed_tokens.weight", ["x", "y", "z"], cube, base=None)
+    # c: y and z have it, no base -> x gets the mean of y's row 0 and z's row 1
+    assert torch.equal(out[0][2], (cube[1][0] + cube[2][1]) / 2)
+    assert torch.equal(out[2][0], cube[0][0]) and torch.equal(out[1][3], torch.zeros(2, 3))
