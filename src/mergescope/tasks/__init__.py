@@ -5,19 +5,18 @@ from __future__ import annotations
 from .base import SPLITS, Task, TensorClassificationTask
 from .digits import digits
 from .factory import resolve
+from .files import is_data_file, task_from_file, task_from_spec
 from .mnist1d import mnist1d
 from .train import train
 from .zoo import TRAIN_DEFAULTS, ZOO, build, model_options, train_defaults
 
 __all__ = ["SPLITS", "TRAIN_DEFAULTS", "Task", "TensorClassificationTask", "ZOO", "build", "digits", "get_task",
-           "make_model", "mnist1d", "model_options", "resolve", "seeded_model", "train", "train_defaults"]
+           "make_model", "mnist1d", "model_options", "resolve", "seeded_model", "task_from_file", "train", "train_defaults"]
 
 
 def get_task(spec: str = "digits", **kwargs) -> Task:
     """A built-in task by name ('digits', 'mnist1d'), a data file (``tasks.files``: .csv/.tsv/.jsonl/.txt/.npz,
     e.g. ``data.csv:review,stars``) or a user's ``package.module:factory``."""
-    from .files import is_data_file, task_from_spec
-
     if spec == "digits":
         return digits(**kwargs)
     if spec == "mnist1d":
