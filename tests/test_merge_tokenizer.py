@@ -1,9 +1,10 @@
 """Tokenizers in merges (merge/tokenizer.py) against MergeKit 0.1.5 and against the rules written out.
 
-Four tiny Llama checkpoints, each with its own word-level ``tokenizer.json`` built offline with the
+Tiny Llama checkpoints, each with its own word-level ``tokenizer.json`` built offline with the
 ``tokenizers`` library: ``base``; ``chatml`` (base's words + "fish" + two special ChatML tokens);
 ``extra`` (some of base's words in another order, new words, "fish", a plain added token);
-``padded`` (base's tokenizer with two tokens past its embedding rows). Every recipe runs through
+``padded`` (base's tokenizer with two tokens past its embedding rows); ``notok`` (no tokenizer
+files); ``tied`` (tied embeddings, no ``lm_head``). MergeKit's own tokenizer test models (BPE) too. Every recipe runs through
 MergeKit in-process and through ``ms.merge``. MergeKit orders the new ids of a union by hash order
 (see docs/merge.md), so vocabulary tensors are compared row by row *per token*; everything else
 tensor by tensor.
@@ -35,6 +36,7 @@ MODELS = {  # name: (words after the specials, special added tokens, plain added
     "extra": (["dog", "cat", "bird", "the", "tree", "sat", "fish"], [], ["<tool>"], 0),
     "padded": (BASE_WORDS, [], ["<UNUSED_0>", "<UNUSED_1>"], 2),
     "notok": (BASE_WORDS, [], [], 0),  # its tokenizer files are removed: read as the base's (as MergeKit)
+    "tied": (BASE_WORDS + ["fish"], ["<|im_start|>"], [], 0),  # tie_word_embeddings: no lm_head of its own
 }
 TEMPLATES = {"chatml": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
              "extra": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
@@ -69,7 +71,7 @@ def zoo(tmp_path_factory):
         n = _tokenizer(folder, words, special, plain, TEMPLATES.get(name))
         cfg = LlamaConfig(vocab_size=n - past, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                          tie_word_embeddings=False)
+                          tie_word_embeddings=name == "tied")
         torch.manual_seed(seed)
         LlamaForCausalLM(cfg).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -91,6 +93,13 @@ RECIPES = {
     "union_without_tokenizer": """
         models: [{model: D/notok}, {model: D/extra}]
         merge_method: karcher
+        base_model: D/base
+        tokenizer_source: union
+    """,
+    "union_tied_head": """
+        models: [{model: D/base}, {model: D/tied}, {model: D/extra}]
+        merge_method: linear
+        parameters: {weight: 1.0}
         base_model: D/base
         tokenizer_source: union
     """,
