@@ -112,6 +112,7 @@ def build_family(root: Path, minilm_dir: Path, seeds: tuple[int, ...] = (1, 2, 3
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(root / "data.csv", sentences(0, sum(SPLIT_SIZES.values())))
     task = text_task(csv_path, minilm_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))

@@ -207,3 +207,49 @@ def test_custom_study_without_model(hf_family, tmp_path):
     results = json.loads((tmp_path / "s" / "results.json").read_text())
     assert results["config"]["model"] == "mergescope.tasks.hf:hf_model"
     assert "convexity" in results
+
+
+def test_hessian_of_a_hf_model_matches_the_dense_one(tmp_path):
+    """Sharpness needs double backward through attention (fused SDPA kernels have none): the top
+    eigenvalue of a tiny BERT classifier's Hessian equals that of the dense Hessian of transformers' model."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from mergescope.tasks import TensorClassificationTask
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                        max_position_embeddings=8, num_labels=2, attn_implementation="eager")
+    ref = BertForSequenceClassification(config).eval()
+    ref.save_pretrained(str(tmp_path / "tiny"), safe_serialization=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.stack([torch.randint(0, 20, (12, 6), generator=g), torch.ones(12, 6, dtype=torch.long)], 1)
+    y = torch.randint(0, 2, (12,), generator=g)
+    task = TensorClassificationTask("tokens", {"train": (x, y)}, num_classes=2, input_shape=(2, 6))
+    module = hf_model(tmp_path / "tiny")
+    got = ms.landscape.hessian_eigenvalues(module, module.state_dict(), task, k=1, tol=1e-6).eigenvalues[0]
+
+    names = [n for n, _ in ref.named_parameters()]
+    shapes = [p.shape for _, p in ref.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for _, p in ref.named_parameters()])
+
+    def loss(v):
+        params = dict(zip(names, [c.reshape(s) for c, s in zip(v.split([s.numel() for s in shapes]), shapes)]))
+        logits = torch.func.functional_call(ref, params, (), {"input_ids": x[:, 0], "attention_mask": x[:, 1]}).logits
+        return F.cross_entropy(logits, y)
+
+    dense = torch.autograd.functional.hessian(loss, flat)
+    assert got == pytest.approx(torch.linalg.eigvalsh(dense.double()).max().item(), rel=1e-3)
+
+
+def test_uniform_soup_is_a_hf_folder_and_layer_analyses_refuse_in_one_line(hf_family, tmp_path, capsys):
+    a, b = hf_family.variants[:2]
+    out = tmp_path / "soup"
+    assert main(["-q", "soup", str(a), str(b), "--kind", "uniform", "--task", TASK, "-o", str(out)]) == 0
+    by_hand = reference(a)
+    by_hand.load_state_dict(_average([a, b]))
+    x, _ = next(iter(hf_family.task.batches("test")))
+    assert (hf_logits(reference(out), x) - hf_logits(by_hand, x)).abs().max().item() <= TOL
+    capsys.readouterr()
+    assert main(["analyse", "cka", str(a), str(b), "--task", TASK, "--out", str(tmp_path / "cka")]) == 2
+    err = capsys.readouterr().err
+    assert "not available for Hugging Face models" in err and len(err.strip().splitlines()) == 1

@@ -42,6 +42,14 @@ def _load(paths: list[Path], model: str | None, task_spec: str | None):
     return module, states, task_for(ckpts[0], task_spec)
 
 
+def _layers_are_tensors(module, what: str) -> None:
+    """weights/stitch/cka read layer outputs and input gradients as plain tensors; a Hugging Face model's
+    blocks return output objects and take integer tokens, so say so in one line rather than fail inside."""
+    if getattr(module, "hf_config", None) is not None:
+        raise MergescopeError(f"analyse {what}: not available for Hugging Face models yet (layer outputs are "
+                              "not plain tensors, inputs are tokens); analyse spaces and scaling work on them")
+
+
 def _unique_name(path: Path, taken) -> str:
     name = Path(path).name.removesuffix(".safetensors")
     return name if name not in taken else str(path)
@@ -124,12 +132,13 @@ def soup(
         write_json(json_out, {"members": names, **result.to_dict()})
     if out is not None:
         from ..io import load
-        from ..tasks.checkpoints import passed_metadata
+        from ..tasks.checkpoints import hf_folder, passed_metadata
 
         first = load(checkpoints[0]).metadata
         meta = {**provenance(inputs=checkpoints), **passed_metadata(first),
                 "soup": json.dumps({"kind": kind, "included": [names[i] for i in result.included]})}
-        save(result.state, out, metadata=meta, force=force, inputs=checkpoints)
+        save(result.state, out, metadata=meta, force=force, inputs=checkpoints,
+             copy_files_from=hf_folder(load(checkpoints[0])))  # a soup of HF folders is a HF folder
         say(f"wrote {out}")
 
 
@@ -145,6 +154,7 @@ def analyse_weights(checkpoints: list[Path] = CKPTS, out: Path = OUT, task: str 
     check_side_outputs(checkpoints, folders=[(out, ["weights.json", "weights.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load(checkpoints, model, task)
+        _layers_are_tensors(module, "weights")
         result = weights.analyse(module, states, task_obj)
     json_path, png = _save_and_plot(result, out, "weights", figures.plot_weights)
     layers = list(result.stats[result.names[0]])
@@ -248,6 +258,7 @@ def analyse_stitch(
     check_side_outputs([model_a, model_b], folders=[(out, ["stitch.json", "stitch.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load([model_a, model_b], model, task)
+        _layers_are_tensors(module, "stitch")
         a, b = states.values()
         result = stitching.stitch(module, a, b, task_obj, epochs=epochs, seed=seed)
     json_path, png = _save_and_plot(result, out, "stitch", figures.plot_stitching)
@@ -274,6 +285,7 @@ def analyse_cka(
     check_side_outputs([model_a, model_b], folders=[(out, ["cka.json", "cka.png"])])
     with torch_threads(threads):
         module, states, task_obj = _load([model_a, model_b], model, task)
+        _layers_are_tensors(module, "cka")
         a, b = states.values()
         aligned = None
         if align and spaces.alignment_available():

@@ -105,6 +105,9 @@ def train(
     if init_from is not None:
         source = load(init_from)
         module, model, options = model_for(source, model, **given)
+        if model is None:  # a Hugging Face folder: train fits zoo models and factories on digits
+            raise MergescopeError(f"{init_from}: train --from takes zoo or factory checkpoints; "
+                                  "a Hugging Face folder's model does not take digits")
         load_state_into(module, source, init_from)
     else:
         model = model or "mlp"

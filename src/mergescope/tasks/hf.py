@@ -132,9 +132,20 @@ _CLASSES: dict[str, type] = {}
 
 def _forward_on_tokens(self, x: torch.Tensor) -> torch.Tensor:
     ids, mask = split_tokens(x)
-    out = super(type(self), self).forward(input_ids=ids, attention_mask=mask, return_dict=True)
+    with _twice_differentiable():
+        out = super(type(self), self).forward(input_ids=ids, attention_mask=mask, return_dict=True)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
+
+
+def _twice_differentiable():
+    """With grad on, attention runs on SDPA's math kernel: the fused CPU/GPU kernels have no double
+    backward, which Hessian-vector products (``landscape sharpness``) need. Inference keeps the fast ones."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if torch.is_grad_enabled() else nullcontext()
 
 
 def split_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
