@@ -148,3 +148,11 @@ def test_slices_renumber_layers(folder):
 def test_vocabulary_tensor_names(name, vocab):
     """``output.weight`` (the GGUF-style head) counts as a vocabulary tensor; a layer's ``attn_output`` does not."""
     assert bool(P.VOCAB.search(name)) is vocab
+
+
+def test_a_multistage_file_given_as_one_recipe_says_how_to_run_it(tmp_path):
+    path = tmp_path / "multi.yml"
+    path.write_text("name: a\nmerge_method: linear\nmodels: [{model: x}]\n---\nmerge_method: linear\nmodels: [{model: a}]\n")
+    with pytest.raises(MergescopeError, match="holds 2 YAML documents, a multi-stage recipe") as e:
+        R.read(path)
+    assert "\n" not in str(e.value)

@@ -284,8 +284,22 @@ def read(source: str | os.PathLike | dict | Recipe) -> Recipe:
         path = Path(source)
         where = str(path)
         text = read_text(path, "recipe")
-    data = parse_yaml(text, where)
+    try:
+        data = parse_yaml(text, where)
+    except MergescopeError as e:
+        if "expected a single document" in str(e):
+            _refuse_multistage(text, where)
+        raise
     return parse(data, text=text, where=where)
+
+
+def _refuse_multistage(text: str, where: str) -> None:
+    """A file of several YAML documents is a multi-stage recipe: say how to run it (one recipe is expected here)."""
+    from .merge.multistage import split_documents
+
+    n = len(split_documents(text, where))
+    raise MergescopeError(f"{where}: holds {n} YAML documents, a multi-stage recipe (mergekit-multi): run it with "
+                          "'mergescope merge' or mergescope.merge.multistage.run, which run the stages in order")
 
 
 # ----------------------------------------------------------------------------- parameter resolution
