@@ -410,6 +410,13 @@ def test_cli_exit_code_2(zoo, tmp_path, capsys):
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "chat_template 'nosuch'" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    recipe.write_text(recipe.read_text().replace("chat_template: nosuch", "chat_template: auto"))
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 0
+    assert len(_vocab(tmp_path / "out")) == 14 and _template(tmp_path / "out") == TEMPLATES["chatml"]
+    recipe.write_text(f"models: [{{model: {zoo}/notok}}, {{model: {zoo}/padded}}]\nmerge_method: linear\n"
+                      f"parameters: {{weight: 1.0}}\nchat_template: auto\n")
+    assert main(["merge", str(recipe), str(tmp_path / "out2")]) == 2
+    assert "has no tokenizer files to attach the template to" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- MergeKit's own test recipes

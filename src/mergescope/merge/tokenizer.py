@@ -48,6 +48,7 @@ REPLACED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", 
                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
                   "chat_template.jinja", "chat_template.json")
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a template is attached to these
 MAX_PAD_MULTIPLE = 1 << 16
 TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -323,6 +324,10 @@ def prepare(recipe, models: list[str]) -> TokenizerPlan | None:
     template = resolve_template(recipe.chat_template, models, recipe.source) if recipe.chat_template else None
     if vocabulary is None and template is None:
         return None
+    donor = Path(recipe.base_model or models[0])
+    if vocabulary is None and donor.is_dir() and not any(os.path.lexists(donor / n) for n in TOKENIZER_FILES):
+        raise MergescopeError(f"{recipe.source}: chat_template: the base model {str(donor)!r} has no tokenizer files "
+                              "to attach the template to")
     return TokenizerPlan(vocabulary, template)
 
 
@@ -551,9 +556,7 @@ def write_files(folder: Path, plan: TokenizerPlan, copied: bool) -> None:
             data = parse_json(read_text(inside_folder(vocab.folder, special.name, vocab.folder), special.name),
                               str(special), special.name)
             (folder / special.name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    elif copied and plan.chat_template is not None:
-        if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
-            raise MergescopeError("chat_template: the base model has no tokenizer files to attach the template to")
+    elif copied and plan.chat_template is not None:  # the donor's files (checked by ``prepare``)
         config = read_config(folder)
     else:
         return
