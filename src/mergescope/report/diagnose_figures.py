@@ -1,7 +1,7 @@
 """The diagnosis figure and page, drawn from ``Diagnosis.to_dict()`` (the saved JSON), never recomputed.
 
 ``plot_diagnosis``: per-layer bars (relative distance, cosine, sign conflict, alignment gap) for at
-most ``MAX_LAYERS`` tensors (the most distant ones, kept in file order), plus, when measured, the
+most ``MAX_LAYERS`` tensors (those with an alignment gap and the most distant ones, in file order), plus, when measured, the
 loss/accuracy along the linear path and the measured merges next to the members and the ensemble.
 ``write_page``: one self-contained HTML page (``report.html.render_report``, base64 PNG).
 """
@@ -24,11 +24,12 @@ MEASURED = (("members", "members (mean)"), ("average", "uniform average"), ("ali
 
 
 def shown_layers(layers: list[dict], limit: int = MAX_LAYERS) -> list[dict]:
-    """At most ``limit`` rows: the largest relative distances, in file order."""
+    """At most ``limit`` rows in file order: those with an alignment gap, then the largest relative distances."""
     if len(layers) <= limit:
         return list(layers)
-    keyed = sorted(range(len(layers)), key=lambda i: -(layers[i].get("relative_distance") or 0.0))[:limit]
-    return [layers[i] for i in sorted(keyed)]
+    order = sorted(range(len(layers)), key=lambda i: (layers[i].get("alignment_gap") is None,
+                                                      -(layers[i].get("relative_distance") or 0.0)))
+    return [layers[i] for i in sorted(order[:limit])]
 
 
 def _value(v) -> float:
@@ -96,7 +97,8 @@ def plot_diagnosis(diagnosis: dict, out: str | os.PathLike) -> Path:
     axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
     _layer_panels(axes, layers)
     if measured:
-        _measured_panels(fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2:]), measured)
+        bottom = grid[1, :].subgridspec(1, 2, wspace=0.6)  # room for the path's right axis and the bar labels
+        _measured_panels(fig.add_subplot(bottom[0]), fig.add_subplot(bottom[1]), measured)
     rec = diagnosis.get("recommendation")
     title = "diagnosis" if not rec else f"diagnosis: {rec['family']} / {rec['method']}"
     fig.suptitle(title)
@@ -143,7 +145,7 @@ def write_page(diagnosis: dict, png: str | os.PathLike, out: str | os.PathLike) 
     inputs = diagnosis["inputs"]
     intro = f"Models: {', '.join(inputs['models'])}" + (f"; base: {inputs['base']}" if inputs.get("base") else "")
     sections = [{"id": "signals", "title": "Signals", "intro": intro,
-                 "figures": [{"file": png.name, "caption": "Per-layer signals (the most distant tensors, file order)"
+                 "figures": [{"file": png.name, "caption": "Per-layer signals (tensors with an alignment gap and the most distant ones, file order)"
                               + ("; linear path and measured merges on the val sample" if diagnosis.get("measured")
                                  else "")}],
                  "tables": [_signal_table(diagnosis["signals"])]}]
@@ -152,7 +154,7 @@ def write_page(diagnosis: dict, png: str | os.PathLike, out: str | os.PathLike) 
         sections.append({"id": "measured", "title": "Measured on the task",
                          "intro": f"{m['split']} sample of {m['sample_size']} examples, {m['points']} path points.",
                          "tables": [_measured_table(m)]})
-    sections.append({"id": "layers", "title": "Layers", "intro": "Tensors with the largest relative distance.",
+    sections.append({"id": "layers", "title": "Layers", "intro": "Tensors with an alignment gap and those with the largest relative distance.",
                      "tables": [_layer_table(shown_layers(diagnosis["layers"]))]})
     return render_report("mergescope diagnose", summary_lines(diagnosis), sections,
                          "Data-free signals are streamed from the checkpoints; measured figures use the val split "
