@@ -369,3 +369,18 @@ def test_cli_on_finetuned_minilm_folders_with_a_csv(minilm_dir, tmp_path, capsys
     assert frozen and all(r["relative_distance"] == 0 for r in frozen)  # hfutil trains only the last layers
     assert (out / "diagnosis.png").exists() and (out / "diagnosis.html").exists()
     assert "recommendation" in printed
+
+
+def test_cli_outputs_are_reproducible_and_thread_independent(zoo_files, tmp_path):
+    from mergescope.cli import main
+
+    args = ["-q", "diagnose", str(zoo_files["ft1"]), str(zoo_files["ft2"]), "--base", str(zoo_files["parent"])]
+    assert main([*args, "-o", str(tmp_path / "one"), "--threads", "2"]) == 0
+    assert main([*args, "-o", str(tmp_path / "two"), "--threads", "2"]) == 0
+    assert main([*args, "-o", str(tmp_path / "solo"), "--threads", "1", "--no-align-gap"]) == 0
+    for name in ("diagnosis.json", "diagnosis.png", "diagnosis.html"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    one, solo = (json.loads((tmp_path / d / "diagnosis.json").read_text())["signals"] for d in ("one", "solo"))
+    assert solo["alignment_gap"] is None and one["alignment_gap"] is not None
+    for key in ("relative_distance", "task_vector_cosine", "sign_conflict", "norm_ratio", "model_norms"):
+        assert solo[key] == one[key], key
