@@ -182,6 +182,11 @@ def test_mismatched_shapes_and_names_are_one_line_errors(tmp_path):
         data_free([a, a])
     with pytest.raises(MergescopeError, match="no such local file"):
         data_free([a, tmp_path / "nope.safetensors"])
+    import mergescope as ms
+
+    with pytest.raises(MergescopeError) as e:  # an unknown task: one line, before any tensor is read
+        ms.diagnose([a, b], task="no_such_task", model="mlp")
+    assert "no_such_task" in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- the zoo

@@ -74,7 +74,7 @@ def resolve(models: Sequence, task, model) -> tuple:
 
     first = _checkpoint(models[0], "state 0")
     module = model if isinstance(model, nn.Module) else model_for(first, model)[0]
-    the_task = task_for(first, task) if task is None or isinstance(task, str) else task
+    the_task = task_for(first, task) if isinstance(task, str) else task
     return module, the_task
 
 
@@ -97,13 +97,14 @@ def diagnose(models: Sequence, base=None, task=None, model=None, *, points: int 
     step = progress or (lambda stage, done, total: None)
     from .signals import data_free
 
+    resolved = None if task is None else resolve(models, task, model)  # a bad --task/--model fails before the pass
     glob, layers = data_free(models, base, align_gap=align_gap, threads=threads, seed=seed,
                              progress=lambda done, total: step("signals", done, total))
     measured = None
-    if task is not None:
+    if resolved is not None:
         from .measured import measure
 
-        module, the_task = resolve(models, task, model)
+        module, the_task = resolved
         stages = ("path", "members", "average", "ensemble")
         measured = measure(module, [_checkpoint(m, f"state {i}") for i, m in enumerate(models)], the_task,
                            None if base is None else _checkpoint(base, "base state"), points=points, sample=sample,
