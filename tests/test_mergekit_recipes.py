@@ -27,6 +27,10 @@ pytest.importorskip("mergekit")
 pytest.importorskip("transformers")
 
 from safetensors.torch import load_file
+from test_vs_mergekit import (  # MergeKit in-process, as mergekit-yaml runs it
+    _mergekit,
+    run_both,
+)
 
 import mergescope as ms
 from mergescope.errors import MergescopeError
@@ -221,17 +225,6 @@ def _text(name: str, root) -> str:
     return textwrap.dedent(RECIPES[name][0]).replace("M/", f"{root}/")
 
 
-def _mergekit(text: str, out) -> None:
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    options = MergeOptions(random_seed=0, lazy_unpickle=True, quiet=True, copy_tokenizer=False,
-                           write_model_card=False)
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), options=options)
-
-
 def _tensors(folder) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     out = {}
@@ -243,22 +236,11 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def results(zoo, tmp_path_factory):
     """Every recipe through both tools: name -> (MergeKit tensors or its error, ours or our error, our folder)."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("mk_recipes")
     done = {}
-    for name in RECIPES:
-        text = _text(name, zoo)
-        try:
-            _mergekit(text, root / f"mk-{name}")
-            theirs = _tensors(root / f"mk-{name}")
-        except Exception as e:  # noqa: BLE001 - MergeKit's own refusal is what is compared
-            theirs = e
-        try:
-            ms.merge(text, root / f"ms-{name}", seed=0)
-            ours = _tensors(root / f"ms-{name}")
-        except MergescopeError as e:
-            ours = e
-        done[name] = (theirs, ours, root / f"ms-{name}")
+    for name, (theirs, ours) in run_both({n: _text(n, zoo) for n in RECIPES}, root).items():
+        assert not isinstance(ours, Exception) or isinstance(ours, MergescopeError), ours  # never a traceback
+        done[name] = tuple(x if isinstance(x, Exception) else _tensors(x) for x in (theirs, ours)) + (root / f"ms-{name}",)
     return done
 
 

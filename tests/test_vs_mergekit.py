@@ -188,17 +188,38 @@ def _state(folder) -> dict[str, torch.Tensor]:
     return dict(ms.load(folder).items())
 
 
+def _outcome(run, *args):
+    """What ``run(*args)`` returned, or the exception it raised (a refusal is an outcome to compare)."""
+    try:
+        return run(*args)
+    except Exception as e:  # noqa: BLE001 - MergeKit's own refusals count as outcomes
+        return e
+
+
+def _mergekit_folder(text: str, out):
+    _mergekit(text, out)
+    return out
+
+
+def _mergescope_folder(text: str, out):
+    ms.merge(text, out, seed=0)
+    return out
+
+
+def run_both(texts: dict[str, str], root) -> dict[str, tuple]:
+    """Every recipe through MergeKit and mergescope once (one torch thread): name -> (MergeKit's output
+    folder or the exception it raised, mergescope's folder or its exception)."""
+    torch.set_num_threads(1)
+    return {name: (_outcome(_mergekit_folder, text, root / f"mk-{name}"),
+                   _outcome(_mergescope_folder, text, root / f"ms-{name}")) for name, text in texts.items()}
+
+
 @pytest.fixture(scope="module")
 def outputs(llamas, tmp_path_factory):
     """Run every recipe through both tools once; returns name -> (mergekit folder, mergescope folder)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("outputs")
-    done = {}
-    for name in RECIPES:
-        text = _recipe(name, llamas)
-        _mergekit(text, root / f"mk-{name}")
-        ms.merge(text, root / f"ms-{name}", seed=0)
-        done[name] = (root / f"mk-{name}", root / f"ms-{name}")
+    done = run_both({name: _recipe(name, llamas) for name in RECIPES}, tmp_path_factory.mktemp("outputs"))
+    for name, pair in done.items():
+        assert not any(isinstance(x, Exception) for x in pair), f"{name}: {pair}"
     return done
 
 

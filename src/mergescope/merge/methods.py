@@ -293,12 +293,17 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
             mixed, divisor = _sign_consensus(deltas, weights, mixed)
         else:
             divisor = total
-        if normalize:
-            mixed /= divisor
-        if lam != 1:
-            mixed *= lam
-        out[part] = b + mixed
+        out[part] = _scaled_sum(b, mixed, divisor, normalize, lam)
     return out.reshape(base.shape)
+
+
+def _scaled_sum(b: Tensor, mixed: Tensor, divisor, normalize: bool, lam: float) -> Tensor:
+    """base + lam * mixed (/ divisor when normalising), in MergeKit's order of operations."""
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return b + mixed
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -348,11 +353,7 @@ def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, n
         else:
             mixed, divisor = deltas.sum(dim=0), w.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        if normalize:
-            mixed /= divisor
-        if lam != 1:
-            mixed *= lam
-        out[part] = b + mixed
+        out[part] = _scaled_sum(b, mixed, divisor, normalize, lam)
     return out.reshape(base.shape)
 
 
