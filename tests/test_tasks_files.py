@@ -504,7 +504,38 @@ def test_lm_loss_equals_transformers_own_loss(kind, tmp_path, minilm_dir, capsys
         assert task_from_file(tmp_path / "t.txt", folder).input_shape == (2, 64)
         outcome = run_inprocess(["ensemble", str(folder), str(folder), "--task", "t.txt"], tmp_path, capsys)
         assert outcome.code == 2 and outcome.stderr.strip().count("\n") == 0, outcome.stderr
-        assert "t.txt: language-model tasks (.txt) work through the Python API only" in outcome.stderr
+        assert "t.txt: a language-model task (per-token loss); ensembles" in outcome.stderr
+
+
+def test_landscape_line_on_language_model_folders_and_a_text_file(tmp_path, minilm_dir):
+    """Tied GPT-2 folders (lm_head = wte) along a linear path with a .txt task: every point's token loss
+    equals TokenLMTask.evaluate of transformers' model holding the interpolated weights."""
+    pytest.importorskip("transformers")
+    from mergescope.cli import main
+    from mergescope.io import load
+    from mergescope.tasks.hf import hf_model
+
+    a = lm_folder("causal", minilm_dir, tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    import transformers
+
+    model_b = transformers.GPT2LMHeadModel.from_pretrained(str(b), local_files_only=True)
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    model_b.save_pretrained(str(b), safe_serialization=True)
+    (tmp_path / "t.txt").write_text(lm_text(1500))
+    assert main(["-q", "landscape", "line", str(a), str(b), "--task", str(tmp_path / "t.txt"), "--n", "3",
+                 "--split", "val", "-o", str(tmp_path / "out")]) == 0
+    line = json.loads((tmp_path / "out" / "line.json").read_text())
+    task = task_for(load(a), str(tmp_path / "t.txt"))
+    sa, sb = hf_model(a).state_dict(), hf_model(b).state_dict()
+    assert line["split"] == "val" and line["t"] == [0.0, 0.5, 1.0]
+    for t, loss in zip(line["t"], line["loss"]):
+        point = hf_model(a)
+        point.load_state_dict({k: (1 - t) * sa[k] + t * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa})
+        assert loss == pytest.approx(task.evaluate(point, "val")["loss"], rel=1e-4)
 
 
 def test_size_caps_are_checked_before_reading(tmp_path, monkeypatch, classifier):

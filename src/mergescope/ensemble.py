@@ -95,7 +95,11 @@ def weight_average(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]
 
 
 def split_tensors(task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (x, y) of a split, concatenated."""
+    """All (x, y) of a split, concatenated (classification: ensembles, soups and analyses compare class
+    probabilities per example; a language-model task is refused in one line)."""
+    if hasattr(task, "token_sums"):
+        raise MergescopeError(f"{task.name}: a language-model task (per-token loss); ensembles, soups and analyses "
+                              "need a classification task (.csv/.jsonl/.npz); landscape and evaluate take it")
     xs, ys = zip(*task.batches(split))
     return torch.cat(xs), torch.cat(ys)
 

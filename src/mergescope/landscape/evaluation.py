@@ -84,8 +84,19 @@ def lerp(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], ts: Itera
     return {k: a[k][None] + t.reshape(-1, *([1] * a[k].dim())) * (b[k] - a[k])[None] for k in a}
 
 
+def tied_aliases(model: nn.Module) -> frozenset[str]:
+    """Second names of tied parameters (GPT-2's lm_head.weight = transformer.wte.weight): the state lists
+    both, the module holds one tensor."""
+    canonical = {n for n, _ in model.named_parameters()}
+    return frozenset(n for n, _ in model.named_parameters(remove_duplicate=False) if n not in canonical)
+
+
 def _forward(net: nn.Module, chunk: Stack, x: torch.Tensor, vectorize: bool | None = None) -> torch.Tensor:
     """Outputs [P, N, ...] of the P states in ``chunk`` on the same inputs (vmap or a loop, see above)."""
+    aliases = tied_aliases(net)
+    if aliases:  # functional_call ties the twins itself and refuses two values for one tied parameter
+        chunk = {k: v for k, v in chunk.items() if k not in aliases}
+
     def one(weights, inputs):
         return functional_call(net, weights, (inputs,), strict=False)
 
@@ -122,16 +133,26 @@ def recompute_batchnorm(net: nn.Module, chunk: Stack, task, split: str = "train"
 
 def split_metrics(net: nn.Module, chunk: Stack, task, split: str, batches: int | None = None,
                   vectorize: bool | None = None) -> SplitMetrics:
-    """Mean task loss and accuracy over ``split`` (or its first ``batches`` batches) for each point."""
+    """Mean task loss and accuracy over ``split`` (or its first ``batches`` batches) for each point.
+
+    A task with ``token_sums`` (language-model loss, ``tasks.files.TokenLMTask``) is averaged over its
+    scored tokens, as its own ``evaluate`` does; any other over examples."""
     points = next(iter(chunk.values())).shape[0]
     loss_sum = torch.zeros(points, dtype=torch.float64)
     correct = torch.zeros(points, dtype=torch.float64)
-    count = 0
+    count = 0.0
+    token_sums = getattr(task, "token_sums", None)
     with torch.no_grad():
         for i, (x, y) in enumerate(task.batches(split)):
             if batches is not None and i >= batches:
                 break
             out = _forward(net, chunk, x, vectorize)
+            if token_sums is not None:  # [P, 3]: summed loss, correct, scored tokens (the same for every point)
+                sums = torch.stack([token_sums(o, y) for o in out])
+                loss_sum += sums[:, 0]
+                correct += sums[:, 1]
+                count += float(sums[0, 2])
+                continue
             loss_sum += torch.stack([task.loss(o, y) for o in out]).double() * len(y)
             if out.dim() >= 3:
                 correct += (out.argmax(-1) == y).double().sum(-1)

@@ -196,11 +196,7 @@ def _checked_file_task(ckpt, task):
     """A data-file task, checked against the zoo model the checkpoint records (built with its recorded
     options; weights do not change shapes), so a file the model cannot take is one line before any work."""
     from . import build
-    from .files import TokenLMTask
 
-    if isinstance(task, TokenLMTask):  # per-token outputs [B, L, vocab]
-        raise MergescopeError(f"{task.name}: language-model tasks (.txt) work through the Python API only "
-                              "(TokenLMTask.evaluate); the commands evaluate classification outputs (docs/tasks.md)")
     try:
         recorded = model_spec_of(ckpt)
     except MergescopeError:
