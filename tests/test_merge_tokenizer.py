@@ -182,6 +182,18 @@ def outputs(zoo, tmp_path_factory):
     return {name: _both(_recipe(name, zoo), root / name) for name in RECIPES}
 
 
+def _assert_same_tokenizer_json(mk_dir, ms_dir):
+    """The tokenizers transformers loads from both outputs: the same pipeline (model, normalizer,
+    pre-tokenizer, decoder, post-processor) and the same settings per added token (ids aside)."""
+    from transformers import AutoTokenizer
+
+    theirs, ours = (json.loads(AutoTokenizer.from_pretrained(d).backend_tokenizer.to_str()) for d in (mk_dir, ms_dir))
+    for key in ("model", "normalizer", "pre_tokenizer", "decoder", "post_processor"):
+        assert theirs[key] == ours[key], key
+    assert {e["content"]: {**e, "id": 0} for e in theirs["added_tokens"]} == \
+        {e["content"]: {**e, "id": 0} for e in ours["added_tokens"]}
+
+
 def _vocab(folder) -> dict[str, int]:
     from transformers import AutoTokenizer
 
@@ -204,6 +216,7 @@ def _assert_same(mk_dir, ms_dir, name):
         v_mk = _vocab(mk_dir)
         assert sorted(v_mk) == sorted(v_ms)
         order_mk = torch.tensor([v_mk[t] for t in sorted(v_ms, key=v_ms.get)])
+        _assert_same_tokenizer_json(mk_dir, ms_dir)
     for key, expected in theirs.items():
         got = ours[key]
         assert got.dtype == expected.dtype and got.shape == expected.shape, key
