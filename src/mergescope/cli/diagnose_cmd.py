@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import printable, progress, say, torch_threads, write_json
-from .options import fmt, model_option, out_option, show, table, task_option
+from .options import fmt, model_option, out_option, show, table
 
 OUTPUTS = ("diagnosis.json", "diagnosis.png", "diagnosis.html")
 SIGNALS = (("relative_distance", "relative distance"), ("weight_cosine", "weight cosine"),
@@ -60,9 +60,10 @@ def _say_recommendation(rec: dict | None) -> None:
 
 MODELS = typer.Argument(..., help="Two or more checkpoints (files or Hugging Face folders).")
 BASE = typer.Option(None, "--base", help="The common parent: task vectors, sign conflicts, TIES.")
-TASK = task_option("(measured only when given)")
+TASK = typer.Option(None, help="Measure on this task: a data file (data.csv, .jsonl, .npz, ...), 'digits', or "
+                    "package.module:factory (runs YOUR code, by design). Without it: data-free signals only.")
 MODEL = model_option()
-OUT = out_option("diagnose-out")
+OUT = out_option("diagnose-out")  # diagnosis.json, .png and .html
 POINTS = typer.Option(5, min=2, max=101, help="Points on the linear path (with --task).")
 SAMPLE = typer.Option(512, min=1, max=1_000_000, help="Val examples measured (with --task).")
 SEED = typer.Option(0, min=0, max=2**32 - 1, help="Seed for the val sample and the alignment-gap subsample.")
