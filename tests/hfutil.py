@@ -85,7 +85,7 @@ def text_task(csv_path: Path, tokenizer_dir: Path):
     return TensorClassificationTask("text", splits, num_classes=2, input_shape=(2, MAX_LENGTH))
 
 
-def finetune(model, task, seed: int, steps: int = 12, batch: int = 16, lr: float = 5e-4):
+def finetune(model, task, seed: int, steps: int = 12, batch: int = 16, lr: float = 1e-4):
     """A few AdamW steps on the train split (dropout off, only TRAINABLE tensors), data order from ``seed``."""
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TRAINABLE))

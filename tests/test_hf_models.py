@@ -155,9 +155,11 @@ def test_align_undoes_a_permutation_and_writes_a_hf_folder(hf_family, tmp_path):
     """B = A with its units shuffled: same logits (the spec is right), and `align` finds A back exactly."""
     from transformers import AutoTokenizer
 
+    from mergescope.state import example_input
+
     a = hf_family.variants[0]
     module = hf_model(a)
-    spec = ms.align.permutation_spec(module, ms.state.example_input(hf_family.task))
+    spec = ms.align.permutation_spec(module, example_input(hf_family.task))
     assert spec.heads and len(spec.perms) > len(spec.heads)
     perm = ms.align.random_permutation(spec, generator=torch.Generator().manual_seed(0))
     shuffled = reference(a)
@@ -168,7 +170,8 @@ def test_align_undoes_a_permutation_and_writes_a_hf_folder(hf_family, tmp_path):
     assert not torch.equal(shuffled.state_dict()["bert.encoder.layer.5.intermediate.dense.weight"],
                            reference(a).state_dict()["bert.encoder.layer.5.intermediate.dense.weight"])
     out = tmp_path / "aligned"
-    assert main(["-q", "align", str(a), str(tmp_path / "shuffled"), "-o", str(out), "--task", TASK]) == 0
+    # the text task of tasks/files.py, tokenized with A's own tokenizer (weight matching uses it for the trace only)
+    assert main(["-q", "align", str(a), str(tmp_path / "shuffled"), "-o", str(out), "--task", str(hf_family.csv)]) == 0
     aligned, original = reference(out).state_dict(), reference(a).state_dict()
     assert list(aligned) == list(original) and all(torch.equal(aligned[k], original[k]) for k in original)
     assert AutoTokenizer.from_pretrained(str(out))("the movie was great")["input_ids"][0] == 101
@@ -200,13 +203,22 @@ def test_merge_of_folders_loads_in_transformers(hf_family, tmp_path):
 
 
 def test_custom_study_without_model(hf_family, tmp_path):
+    """study --config with no 'model:' on HF folders, with the data-file task of tasks/files.py."""
+    from mergescope.tasks import get_task
+
     a, b = hf_family.variants[:2]
     config = tmp_path / "study.yml"
-    config.write_text(f"task: {TASK}\ncheckpoints: {{a: {a}, b: {b}}}\npath_points: 3\n")
+    config.write_text(f"task: {hf_family.csv}\ntask_options: {{model_folder: {a}, max_length: 16}}\n"
+                      f"checkpoints: {{a: {a}, b: {b}}}\npath_points: 3\n")
     assert main(["-q", "study", "--config", str(config), "--stages", "convexity", "--out", str(tmp_path / "s")]) == 0
     results = json.loads((tmp_path / "s" / "results.json").read_text())
     assert results["config"]["model"] == "mergescope.tasks.hf:hf_model"
-    assert "convexity" in results
+    path = results["convexity"]["replicates"][0]["paths"]["a - b"]
+    x, y = next(iter(get_task(str(hf_family.csv), model_folder=a, max_length=16).batches("test")))
+    mid = reference(a)
+    mid.load_state_dict(_average([a, b]))
+    expected = [F.cross_entropy(hf_logits(m, x), y).item() for m in (reference(a), mid, reference(b))]
+    assert path["t"] == [0.0, 0.5, 1.0] and path["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_hessian_of_a_hf_model_matches_the_dense_one(tmp_path):
