@@ -339,6 +339,10 @@ def test_refusals_are_one_line(zoo, tmp_path):
     refused("tokenizer: {tokens: {fish: {force: true}}}", "token 'fish': some model lacks it and its setting names no")
     refused(f"tokenizer: {{tokens: {{fish: {{source: {zoo}/base}}}}}}", "source model .* does not have this token")
     refused("tokenizer: {pad_to_multiple_of: -8}", "pad_to_multiple_of must be in")
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    _tokenizer(huge, [f"w{i}" for i in range(40)], [], [], None)
+    refused(f"tokenizer_source: {huge}", "the output vocabulary has 43 tokens, more than the models' 25 embedding rows")
     text = refused(f"tokenizer_source: {zoo}/padded", "token '<UNUSED_0>' has id 11, past the model's 11 embedding",
                    other="padded")
     with pytest.raises(KeyError):  # MergeKit fails there too (its permutation has no entry for the token)

@@ -296,6 +296,10 @@ def build_vocabulary(recipe, models: list[str]) -> Vocabulary | None:
     if list(vocab.values()) != list(range(len(vocab))):
         raise MergescopeError(f"{where}: the output vocabulary's ids are not 0..{len(vocab) - 1} without gaps")
     vocabs = {m: (toks[m] or toks[base]).get_vocab(with_added_tokens=True) for m in models}
+    limit = sum(rows[m] or len(vocabs[m]) for m in models) + len(tokens)
+    if len(vocab) > limit:  # checked before any row is allocated: a crafted tokenizer cannot size the output
+        raise MergescopeError(f"{where}: the output vocabulary has {len(vocab)} tokens, more than the models' "
+                              f"{limit - len(tokens)} embedding rows and {len(tokens)} named tokens together")
     maps = {m: token_map(vocab, vocabs[m], rows[m] or len(vocabs[m]), f"{where}: model {m!r}") for m in models}
     fills = {t: _fill(s) for t, s in tokens.items()}
     return Vocabulary(out, vocab, padded(len(vocab), pad), maps, {m: vocabs[m] for m in models if toks[m]}, fills,
