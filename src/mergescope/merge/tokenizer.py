@@ -463,7 +463,7 @@ def _default_row(vocab: Vocabulary, fill: Fill, tid: int, models, tensors, maps,
                                   "tokenizer")
         row = own[fill.token]
     if not 0 <= row < tensors[i].shape[0]:
-        raise MergescopeError(f"{where}: token id {row} is out of range for model {fill.model!r} "
+        raise MergescopeError(f"{where}: token id {short_repr(row)} is out of range for model {fill.model!r} "
                               f"({tensors[i].shape[0]} rows)")
     return tensors[i][row]
 
