@@ -339,6 +339,8 @@ def test_refusals_are_one_line(zoo, tmp_path):
     refused("tokenizer: {tokens: {fish: {force: true}}}", "token 'fish': some model lacks it and its setting names no")
     refused(f"tokenizer: {{tokens: {{fish: {{source: {zoo}/base}}}}}}", "source model .* does not have this token")
     refused("tokenizer: {pad_to_multiple_of: -8}", "pad_to_multiple_of must be in")
+    refused(f"tokenizer: {{tokens: {{fish: {{source: {{kind: model_token, model: {zoo}/base, token: nope}}}}}}}}",
+            "its source token 'nope' is not in model")
     huge = tmp_path / "huge"
     huge.mkdir()
     _tokenizer(huge, [f"w{i}" for i in range(40)], [], [], None)

@@ -24,6 +24,7 @@ as transformers does when it loads the folder).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -338,8 +339,6 @@ def prepare(recipe, models: list[str]) -> TokenizerPlan | None:
 def attach(plan, recipe):
     """The plan with its tokenizer work: vocabulary tensors get the output's rows (the hook the engine
     reads them through), and the rebuilt vocabulary / chat template travel with it."""
-    import dataclasses
-
     tok = prepare(recipe, list(plan.models))
     if tok is None or tok.vocabulary is None:
         return dataclasses.replace(plan, tokenizer=tok)
@@ -348,6 +347,9 @@ def attach(plan, recipe):
         if is_vocab_tensor(job.name) and job.dtype.is_floating_point and job.shape:
             job = dataclasses.replace(job, shape=(tok.vocabulary.rows, *job.shape[1:]))
             bases[job.name] = _tensor_base(recipe, job.name)
+            models = [plan.models[i] for i, _ in job.inputs]  # the recipe's token settings, checked now
+            fill_rules(tok.vocabulary, [tok.vocabulary.maps[m] for m in models], models, bases[job.name],
+                       f"tensor {job.name!r}")
         jobs.append(job)
     return dataclasses.replace(plan, jobs=tuple(jobs), tokenizer=dataclasses.replace(tok, bases=bases))
 
@@ -395,7 +397,7 @@ def fill_rules(vocab: Vocabulary, maps: list[torch.Tensor], models: list[str], b
         fill = vocab.settings.get(token)
         if fill is not None:
             if fill.force or not complete[tid]:
-                rules[tid] = _check_fill(fill, token, tid, maps, models, where)
+                rules[tid] = _check_fill(vocab, fill, token, tid, maps, models, where)
             continue
         if complete[tid]:
             continue
@@ -411,8 +413,9 @@ def fill_rules(vocab: Vocabulary, maps: list[torch.Tensor], models: list[str], b
     return rules
 
 
-def _check_fill(fill: Fill, token: str, tid: int, maps, models, where: str) -> Fill:
-    """A user's setting checked against this tensor's inputs (MergeKit fails on each of these)."""
+def _check_fill(vocab: Vocabulary, fill: Fill, token: str, tid: int, maps, models, where: str) -> Fill:
+    """A user's setting checked against this tensor's inputs (MergeKit fails on each of these); a
+    ``model_token`` given by name becomes its row."""
     label = f"{where}: token {short_repr(token)}"
     if fill.kind == "none":
         raise MergescopeError(f"{label}: some model lacks it and its setting names no source")
@@ -420,6 +423,12 @@ def _check_fill(fill: Fill, token: str, tid: int, maps, models, where: str) -> F
         raise MergescopeError(f"{label}: source model {fill.model!r} is not among this tensor's inputs")
     if fill.kind == "model" and maps[models.index(fill.model)][tid] < 0:
         raise MergescopeError(f"{label}: source model {fill.model!r} does not have this token")
+    if fill.kind == "model_token" and fill.row is None:
+        own = vocab.vocabs.get(fill.model)
+        if own is None or fill.token not in own:
+            raise MergescopeError(f"{label}: its source token {short_repr(fill.token)} is not in model "
+                                  f"{fill.model!r}'s tokenizer")
+        return dataclasses.replace(fill, row=own[fill.token])
     return fill
 
 
@@ -435,11 +444,11 @@ def remap(vocab: Vocabulary, name: str, models: list[str], tensors: list[torch.T
             raise MergescopeError(f"{where}: model {m!r} has {t.shape[0] if t.dim() else 0} rows, fewer than its "
                                   f"tokenizer needs ({int(mp.max()) + 1})")
     rules = fill_rules(vocab, maps, models, base, where)
-    defaults = {tid: _default_row(vocab, fill, tid, models, tensors, maps, where) for tid, fill in rules.items()}
+    defaults = {tid: _default_row(fill, tid, models, tensors, maps, where) for tid, fill in rules.items()}
     return [_rebuild(vocab, t, mp, rules, defaults) for t, mp in zip(tensors, maps)]
 
 
-def _default_row(vocab: Vocabulary, fill: Fill, tid: int, models, tensors, maps, where: str) -> torch.Tensor:
+def _default_row(fill: Fill, tid: int, models, tensors, maps, where: str) -> torch.Tensor:
     """The row a model lacking token ``tid`` receives (the same for every model)."""
     if fill.kind == "zero":
         return tensors[0].new_zeros(tensors[0].shape[1:])
@@ -455,13 +464,7 @@ def _default_row(vocab: Vocabulary, fill: Fill, tid: int, models, tensors, maps,
     i = models.index(fill.model)
     if fill.kind == "model":
         return tensors[i][maps[i][tid]]
-    row = fill.row
-    if row is None:
-        own = vocab.vocabs.get(fill.model)
-        if own is None or fill.token not in own:
-            raise MergescopeError(f"{where}: token {short_repr(fill.token)} not found in model {fill.model!r}'s "
-                                  "tokenizer")
-        row = own[fill.token]
+    row = fill.row  # a model_token (by name: resolved by _check_fill)
     if not 0 <= row < tensors[i].shape[0]:
         raise MergescopeError(f"{where}: token id {short_repr(row)} is out of range for model {fill.model!r} "
                               f"({tensors[i].shape[0]} rows)")
