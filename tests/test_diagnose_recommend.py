@@ -43,13 +43,13 @@ def check_shape(result: dict) -> None:
 # --- data-free (no task) -----------------------------------------------------------------------
 @pytest.mark.parametrize("signals, family, method, cited", [
     (SHARED, "average", "linear", ["0.010", "0.050"]),
-    (INDEPENDENT, "align", "weight+linear", ["0.340", "1.300"]),
+    (INDEPENDENT, "ensemble", "probs", ["0.340", "1.300"]),
     ({**SHARED, "task_vector_cosine": 0.93, "sign_conflict": 0.05}, "average", "linear", ["0.930"]),
     ({**SHARED, "task_vector_cosine": 0.12, "sign_conflict": 0.08}, "task_vectors", "task_arithmetic",
      ["0.120", "0.080"]),
     ({**SHARED, "task_vector_cosine": 0.12, "sign_conflict": 0.41}, "task_vectors", "ties", ["0.120", "0.410"]),
     # a large alignment gap wins over a shared base: the units do not correspond
-    ({**INDEPENDENT, "task_vector_cosine": 0.02, "sign_conflict": 0.45}, "align", "weight+linear", ["0.340"]),
+    ({**INDEPENDENT, "task_vector_cosine": 0.02, "sign_conflict": 0.45}, "ensemble", "probs", ["0.340"]),
 ])
 def test_data_free_branches(signals, family, method, cited):
     result = recommend(signals, None)
@@ -64,7 +64,7 @@ def test_data_free_branches(signals, family, method, cited):
 def test_thresholds_are_inclusive_at_the_boundary():
     at_gap = recommend({"alignment_gap": ALIGNMENT_GAP_LARGE}, None)
     below_gap = recommend({"alignment_gap": math.nextafter(ALIGNMENT_GAP_LARGE, 0)}, None)
-    assert (at_gap["family"], below_gap["family"]) == ("align", "average")
+    assert (at_gap["family"], below_gap["family"]) == ("ensemble", "average")
     at_cos = recommend({"task_vector_cosine": TASK_VECTOR_SIMILAR, "sign_conflict": 0.9}, None)
     assert at_cos["family"] == "average"
     at_sign = recommend({"task_vector_cosine": 0.0, "sign_conflict": SIGN_CONFLICT_HIGH}, None)
@@ -84,7 +84,8 @@ def test_missing_or_odd_signals_fall_back_to_the_average(signals):
                                    {k: None for k in measured()}])
 def test_no_measured_figures_means_no_expected_number(empty):
     result = recommend(INDEPENDENT, empty)
-    assert result["expected_change"] is None and result["family"] == "align"
+    assert result["expected_change"] is None and result["family"] == "ensemble"
+    assert "align first and measure" in text(result)
 
 
 # --- with measurements ------------------------------------------------------------------------
@@ -171,7 +172,8 @@ def test_loss_metric_when_only_losses_are_measured():
 
 def test_only_an_ensemble_figure_keeps_the_data_free_choice():
     result = recommend(INDEPENDENT, {"ensemble_accuracy": 0.9, "sample_size": 100})
-    assert result["family"] == "align" and result["expected_change"] is None
+    assert result["family"] == "ensemble" and result["expected_change"] is None
+    assert "no comparison" in text(result)
 
 
 def test_inputs_are_not_modified():

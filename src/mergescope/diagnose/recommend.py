@@ -8,7 +8,9 @@ Khan et al. 2024 and "Rethinking Weight-Averaged Model-merging", both in docs/):
    gap) are averaged (model soups). With a base, dissimilar task vectors (label-subset or other-task
    fine-tunes) call for task arithmetic, and TIES when many of their signs conflict. Independently
    trained models (large alignment gap: their units are permuted) are aligned first (weight
-   matching + average, BatchNorm statistics reset / REPAIR).
+   matching + average, BatchNorm statistics reset / REPAIR) when a task can check the result;
+   without one the output ensemble is recommended (whether alignment closes the barrier cannot be
+   read from the weights).
 2. With measurements on a validation sample, the prior's merge is kept when it is within noise of
    the best measured single-model merge, else the best measured one replaces it; an output
    ensemble is chosen only when it beats every single model by more than noise (it costs k forward
@@ -113,9 +115,25 @@ def recommend(signals: Mapping, measured: Mapping | None = None) -> dict:
     family, method, reasons = prior(signals or {})
     metric = _metric(measured) if measured else None
     if metric is None:
-        reasons.append("no task given: no expected change measured (pass a task to measure one)")
-        return {"family": family, "method": method, "expected_change": None, "metric": "accuracy", "reasons": reasons}
+        return _data_free(family, method, reasons)
     return _measured_choice(family, method, reasons, measured, metric)
+
+
+def _data_free(family: str, method: str, reasons: list[str]) -> dict:
+    """Without measurements: the prior, except that permuted (independent) models get the ensemble.
+
+    Whether alignment removes the barrier is not visible in the weights: on digits it did for the
+    MLP and not for the narrow CNN, ResNet and transformer (bench/diagnose_predicts.py, Ainsworth et
+    al.: only wide enough models become linearly connected after matching), where the aligned average
+    lost 5-80 points; the ensemble was within noise of the best family in every independent digits set.
+    """
+    if family == "align":
+        reasons.append("without a task it is unknown whether alignment removes the barrier (on digits it did for "
+                       "the MLP, not for the CNN, ResNet or transformer): the output ensemble is the safe choice "
+                       "(k forward passes per input); for one model, align first and measure with a task")
+        family, method = "ensemble", "probs"
+    reasons.append("no task given: no expected change measured (pass a task to measure one)")
+    return {"family": family, "method": method, "expected_change": None, "metric": "accuracy", "reasons": reasons}
 
 
 def _measured_choice(family: str, method: str, reasons: list[str], measured: Mapping, metric: str) -> dict:
@@ -137,7 +155,7 @@ def _measured_choice(family: str, method: str, reasons: list[str], measured: Map
     single = max([x for x in (value, best_member, mean) if x is not None], key=lambda v: sign * v, default=None)
     if single is None:  # only an ensemble figure: nothing to compare it with
         reasons.append(f"only the ensemble was measured ({where}): no comparison, the weight signals decide")
-        return _result(family, method, None, mean, metric, reasons)
+        return _data_free(family, method, reasons)
     if ensemble is not None and sign * (ensemble - single) > noise:
         reasons.append(f"output ensemble {metric} {ensemble:.3f} beats every single model by more than noise "
                        f"({noise:.3f}, {where}); it costs k forward passes per input")
