@@ -389,3 +389,50 @@ def test_cli_outputs_are_reproducible_and_thread_independent(zoo_files, tmp_path
     assert solo["alignment_gap"] is None and one["alignment_gap"] is not None
     for key in ("relative_distance", "task_vector_cosine", "sign_conflict", "norm_ratio", "model_norms"):
         assert solo[key] == one[key], key
+
+
+class _ToyLM:
+    """A language-model task by hand: token batches [B, L], targets with ignored (-100) positions,
+    ``token_sums`` as tasks.files.TokenLMTask defines it (summed loss, correct, scored tokens)."""
+
+    name = "toy-lm"
+
+    def __init__(self, vocab: int = 11, n: int = 40, length: int = 6):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, vocab, (n, length), generator=g)
+        self.y = torch.roll(self.x, -1, dims=1)
+        self.y[:, -1] = -100
+
+    def batches(self, split, batch_size=None, shuffle=False, generator=None):
+        order = torch.randperm(len(self.x), generator=generator) if shuffle else torch.arange(len(self.x))
+        for s in range(0, len(order), 16):
+            yield self.x[order[s:s + 16]], self.y[order[s:s + 16]]
+
+    def loss(self, out, y):
+        return torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100)
+
+    def token_sums(self, out, y):
+        keep = y != -100
+        return torch.stack([torch.nn.functional.cross_entropy(out[keep], y[keep], reduction="sum").double(),
+                            (out[keep].argmax(-1) == y[keep]).sum().double(), keep.sum().double()])
+
+
+def test_measured_on_a_language_model_task_averages_over_tokens():
+    import mergescope as ms
+
+    lm = _ToyLM()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))
+    a = {k: v.clone() for k, v in module.state_dict().items()}
+    b = {k: v + 0.3 * torch.randn_like(v) for k, v in a.items()}
+    m = ms.diagnose([a, b], task=lm, model=module, points=2, sample=20).measured
+    assert m["ensemble_accuracy"] is None and m["sample_size"] == 20  # no output ensemble of token distributions
+    from mergescope.diagnose.measured import SampleTask
+
+    x = torch.cat([xb for xb, _ in SampleTask(lm, 20).batches("val")])
+    y = torch.cat([yb for _, yb in SampleTask(lm, 20).batches("val")])
+    for state, loss in ((a, m["path"]["loss"][0]), (b, m["path"]["loss"][1])):
+        module.load_state_dict(state)
+        with torch.no_grad():
+            by_hand = float(lm.loss(module(x), y))  # mean over the scored tokens
+        assert loss == pytest.approx(by_hand, rel=1e-5)

@@ -54,6 +54,8 @@ class SampleTask:
         self.name = f"{getattr(task, 'name', 'task')} (val sample)"
         self.num_classes = getattr(task, "num_classes", None)
         self.parts = {SPLIT: _take(task, SPLIT, sample, seed), "train": _take(task, "train", sample, seed + 1)}
+        if hasattr(task, "token_sums"):  # a language-model task: losses averaged over scored tokens
+            self.token_sums = task.token_sums
 
     @property
     def sample_size(self) -> int:
@@ -87,7 +89,12 @@ def _evaluate(model: nn.Module, builders: Sequence[Callable[[], dict]], task: Sa
 
 
 def _ensemble(model: nn.Module, states: Sequence[dict], task: SampleTask) -> dict:
+    """The output ensemble (mean of probabilities); None for a language-model task (``ensemble`` compares
+    class probabilities per example)."""
     from ..ensemble import evaluate
+
+    if hasattr(task, "token_sums"):
+        return {"ensemble_accuracy": None, "ensemble_loss": None}
 
     result = evaluate(model, states, task, method="probs", split=SPLIT)
     return {"ensemble_accuracy": result.accuracy, "ensemble_loss": result.loss}
