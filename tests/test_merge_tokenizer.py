@@ -103,6 +103,15 @@ RECIPES = {
         base_model: D/base
         tokenizer_source: union
     """,
+    "union_bf16_ties_padded": """
+        models:
+          - {model: D/chatml, parameters: {weight: 0.6, density: 0.7}}
+          - {model: D/extra, parameters: {weight: 0.5, density: 0.9}}
+        merge_method: ties
+        base_model: D/base
+        dtype: bfloat16
+        tokenizer: {source: union, pad_to_multiple_of: 4}
+    """,
     "union_no_base_ta": """
         models:
           - {model: D/chatml, parameters: {weight: 0.7}}
