@@ -88,18 +88,23 @@ def train(
     lr: float = typer.Option(None, callback=finite(0, 10, open_low=True), help="Peak learning rate (default: the zoo model's)."),
     init_from: Path = typer.Option(None, "--from", help="Continue training from this checkpoint."),
     classes: str = typer.Option(None, help="Train only on these labels, e.g. 0,1,2,3,4 (label-subset tasks)."),
+    task_spec: str = typer.Option("digits", "--task", help="digits, mnist1d, a data file (.npz; docs/tasks.md) or "
+                                  "package.module:factory (runs YOUR code, by design)."),
     force: bool = typer.Option(False, help="Replace an existing output."),
 ):
-    """Train a model on digits deterministically (same seed, same bits) and print its test accuracy."""
+    """Train a model deterministically (same seed, same bits) on digits, MNIST-1D or your data; print its test accuracy.
+
+    An mlp takes the task's input size and every zoo head its number of classes (unless given)."""
     from ..io import load, provenance, save
-    from ..tasks import digits, seeded_model, train as train_model, train_defaults
+    from ..tasks import seeded_model, train as train_model, train_defaults
+    from ..tasks.zoo import options_for_task
     from ..tasks.checkpoints import load_state_into, model_for, model_metadata
 
     from ..io import check_output_path
 
     check_output_path(out, [init_from] if init_from else [], force)  # fail before training, not after
     label_set = _parse_classes(classes)
-    task = digits(classes=label_set)
+    task = _train_task(task_spec, label_set)
     given = {k: v for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads,
                                "batchnorm": batchnorm}.items() if v is not None}
     if init_from is not None:
@@ -111,7 +116,10 @@ def train(
         load_state_into(module, source, init_from)
     else:
         model = model or "mlp"
+        given.update(options_for_task(model, task, given))
         module, options = seeded_model(model, seed, given)
+    if hasattr(task, "check_model"):
+        task.check_model(module)  # a data file the model cannot take: one line before training
     defaults = train_defaults(model)
     params = {**defaults, "epochs": defaults["epochs"] if epochs is None else epochs, "lr": defaults["lr"] if lr is None else lr}
     epochs = params["epochs"]
@@ -124,6 +132,18 @@ def train(
                              train=json.dumps(params, sort_keys=True))}
     save(module.state_dict(), out, metadata=meta, force=force, inputs=[init_from] if init_from else [])
     say(f"{out}: {model} test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+
+
+def _train_task(spec: str, classes: tuple[int, ...] | None):
+    """The task to train on: a built-in (optionally restricted to ``classes``), a data file or the
+    user's factory."""
+    from ..tasks import digits, get_task, mnist1d
+
+    if spec in ("digits", "mnist1d"):
+        return {"digits": digits, "mnist1d": mnist1d}[spec](classes=classes)
+    if classes:
+        raise MergescopeError(f"--classes works with the built-in tasks (digits, mnist1d), not {spec!r}")
+    return get_task(spec)
 
 
 def _parse_classes(classes: str | None) -> tuple[int, ...] | None:

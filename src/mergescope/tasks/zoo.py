@@ -184,7 +184,9 @@ ZOO: dict[str, tuple[type[nn.Module], dict]] = {
 # Options added to a model after its checkpoints existed: accepted, defaulted by the class (mlp's
 # in_features=64 is the digits input), recorded only when given, so ``model_options`` and the
 # metadata of existing and new digits checkpoints stay exactly as they were.
-EXTRA_OPTIONS: dict[str, dict] = {"mlp": {"in_features": 64}}
+EXTRA_OPTIONS: dict[str, dict] = {"mlp": {"in_features": 64, "num_classes": 10}, "cnn": {"num_classes": 10},
+                                   "resnet": {"num_classes": 10}, "transformer": {"num_classes": 10},
+                                   "cnn1d": {"num_classes": 10}}
 # Training defaults per model, chosen on digits (bench/zoo_accuracy.py checks them on several seeds);
 # cnn1d's on MNIST-1D (bench/mnist1d_determinism.py --accuracy).
 TRAIN_DEFAULTS: dict[str, dict] = {
@@ -208,7 +210,21 @@ def train_defaults(model: str) -> dict:
 # Bounds on zoo options: any value inside builds in well under a GB; a checkpoint's metadata or a
 # command line asking for more (``--width 10**9``) is refused before anything is allocated.
 OPTION_BOUNDS: dict[str, tuple[int, int]] = {"width": (1, 16384), "depth": (1, 64), "dim": (1, 4096), "heads": (1, 64),
-                                             "in_features": (1, 4096)}
+                                             "in_features": (1, 4096), "num_classes": (2, 100_000)}
+
+
+def options_for_task(name: str, task, given: dict) -> dict:
+    """Zoo options a task's data decide unless the user gave them: an mlp reads a flat input of the
+    task's size, every head has the task's classes (only values that differ from the defaults, so
+    digits checkpoints record exactly what they always did)."""
+    if name not in ZOO:
+        return {}
+    defaults = {**ZOO[name][1], **EXTRA_OPTIONS.get(name, {})}
+    shape = tuple(getattr(task, "input_shape", ()) or ())
+    decided = {"num_classes": getattr(task, "num_classes", None)}
+    if name == "mlp" and len(shape) == 1:
+        decided["in_features"] = shape[0]
+    return {k: v for k, v in decided.items() if v is not None and k not in given and v != defaults.get(k)}
 
 
 # The zoo is for small models: options may not ask for more (a checkpoint's metadata naming
