@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ BAD = ("awful", "terrible", "boring", "dreadful", "poor", "horrible", "dull", "p
 TRAINABLE = ("bert.encoder.layer.4.", "bert.encoder.layer.5.", "bert.pooler.", "classifier.")
 
 _LAST: dict = {}
+FAMILY_ENV = "MERGESCOPE_TEST_HF_FAMILY"
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,13 @@ def build_family(root: Path, minilm_dir: Path, seeds: tuple[int, ...] = (1, 2, 3
         folders.append(root / name)
     family = HFFamily(root, folders[0], tuple(folders[1:]), csv_path, task)
     _LAST["family"] = family
+    os.environ[FAMILY_ENV] = str(root)  # worker processes (sweeps) rebuild the task from the files
     return family
 
 
 def family_task():
     """``--task hfutil:family_task``: the token task of the family built last (build_family first)."""
+    if "family" not in _LAST:
+        root = Path(os.environ[FAMILY_ENV])
+        return text_task(root / "data.csv", root / "base")
     return _LAST["family"].task

@@ -265,3 +265,15 @@ def test_uniform_soup_is_a_hf_folder_and_layer_analyses_refuse_in_one_line(hf_fa
     assert main(["analyse", "cka", str(a), str(b), "--task", TASK, "--out", str(tmp_path / "cka")]) == 2
     err = capsys.readouterr().err
     assert "not available for Hugging Face models" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_builds_hf_models_in_worker_processes(hf_family, tmp_path):
+    """A worker process rebuilds the model from the folder (no --model, nothing pickled from the driver)."""
+    a, b = hf_family.variants[:2]
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({"kind": "barrier_matrix", "checkpoints": [str(a), str(b)], "points": 3, "task": TASK}))
+    assert main(["-q", "sweep", str(sweep), "-w", "1", "-o", str(tmp_path / "rows.jsonl")]) == 0
+    row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[0])
+    x, y = next(iter(hf_family.task.batches("test")))
+    ends = [F.cross_entropy(hf_logits(reference(f), x), y).item() for f in (a, b)]
+    assert [row["path"]["loss"][0], row["path"]["loss"][-1]] == pytest.approx(ends, rel=1e-4)
