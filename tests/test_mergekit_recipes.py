@@ -289,11 +289,19 @@ def test_weight_on_methods_without_weight_is_ignored_with_one_warning(zoo, tmp_p
     assert "models[0].parameters" in lines[0] and result.warnings == tuple(lines)
 
 
-def test_model_card_states_the_recipe(results):
+def test_model_card_states_the_recipe_not_the_bases(results, zoo, tmp_path):
     folder = results["ties"][2]
     card = (folder / "README.md").read_text()
     assert "`ties`" in card and "arXiv:2306.01708" in card and "density: 0.3" in card
     assert "model_c` (base)" in card
+    base = tmp_path / "base_with_card"
+    base.mkdir()
+    for f in (zoo / "model_c").iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    (base / "README.md").write_text("# model_c\nThe base model's own card.\n")
+    ms.merge(_text("ties", zoo).replace(f"{zoo}/model_c", str(base)), tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "own card" not in card and "`ties`" in card
 
 
 def test_inspect_counts_buffers_apart_from_parameters(zoo, tmp_path, capsys):

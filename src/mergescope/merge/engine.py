@@ -296,7 +296,8 @@ def _finish_folder(tmp: Path, plan: planning.Plan, recipe: Recipe, copy_tokenize
         config_path.write_text(_dump_config(config, donor / "config.json"))
     if recipe.text:
         (tmp / "mergescope_recipe.yml").write_text(recipe.text)
-    (tmp / "README.md").write_text(model_card(plan, recipe))  # the base's card would describe the base
+    if (tmp / "config.json").is_file() or (tmp / "README.md").is_file():  # a Hugging Face model folder:
+        (tmp / "README.md").write_text(model_card(plan, recipe))  # its own card (the base's describes the base)
 
 
 def model_card(plan: planning.Plan, recipe: Recipe) -> str:
