@@ -47,12 +47,20 @@ def _layer_panels(axes, layers: list[dict]) -> None:
         else:
             ax.set_yticks([])  # the names once: every tick label costs text layout at save time
         ax.invert_yaxis()
-        missing = "n/a (needs --base)" if key == "sign_conflict" else "n/a (not measured)"
-        ax.set_title(missing.replace("n/a", label) if all(np.isnan(values)) else label)
+        ax.set_title(label)
+        if all(np.isnan(values)):  # say why the panel is empty instead of drawing a blank axis
+            ax.set_xticks([])
+            ax.text(0.5, 0.5, "needs --base" if key == "sign_conflict" else "not measured",
+                    transform=ax.transAxes, ha="center", va="center", color="#777777")
         ax.grid(axis="x", alpha=0.3)
 
 
-def _measured_panels(ax_path, ax_bars, measured: dict) -> None:
+# which measured row a recommended family is (green in the bars)
+FAMILY_ROW = {"average": "uniform average", "align": "weight matching + avg", "ensemble": "output ensemble",
+              "none": "members (mean)"}
+
+
+def _measured_panels(ax_path, ax_bars, measured: dict, recommended: str | None = None) -> None:
     path = measured["path"]
     ax_path.plot(path["t"], path["loss"], marker="o", color="#1f77b4")
     ax_path.set_ylabel(f"{measured['split']} loss (blue)", color="#1f77b4")
@@ -76,12 +84,17 @@ def _measured_panels(ax_path, ax_bars, measured: dict) -> None:
             if v is not None and np.isfinite(v):
                 labels.append(label)
                 values.append(v)
-    ax_bars.barh(np.arange(len(values)), values, color="#9e9e9e")
+    colors = ["#2ca02c" if label == recommended else "#9e9e9e" for label in labels]
+    ax_bars.barh(np.arange(len(values)), values, color=colors)
     ax_bars.set_yticks(np.arange(len(values)), labels)
     ax_bars.invert_yaxis()
+    low, high = min(values), max(values)
+    pad = max(high - low, 1e-3) * 0.6  # zoomed on the differences: bars from 0 hide them
+    ax_bars.set_xlim(max(low - pad, 0.0), high + pad)
     for i, v in enumerate(values):
         ax_bars.text(v, i, f" {v:.3f}", va="center", fontsize=7)
-    ax_bars.set(xlabel=f"{measured['split']} {metric} (sample of {measured['sample_size']})", title="measured merges")
+    ax_bars.set(xlabel=f"{measured['split']} {metric} (sample of {measured['sample_size']})",
+                title="measured merges (green: recommended)" if recommended in labels else "measured merges")
 
 
 def plot_diagnosis(diagnosis: dict, out: str | os.PathLike) -> Path:
@@ -98,7 +111,11 @@ def plot_diagnosis(diagnosis: dict, out: str | os.PathLike) -> Path:
     _layer_panels(axes, layers)
     if measured:
         bottom = grid[1, :].subgridspec(1, 2, wspace=0.6)  # room for the path's right axis and the bar labels
-        _measured_panels(fig.add_subplot(bottom[0]), fig.add_subplot(bottom[1]), measured)
+        rec = diagnosis.get("recommendation") or {}
+        row = FAMILY_ROW.get(rec.get("family"))
+        if rec.get("family") == "task_vectors":
+            row = "TIES" if rec.get("method", "").endswith("ties") else "task arithmetic"
+        _measured_panels(fig.add_subplot(bottom[0]), fig.add_subplot(bottom[1]), measured, row)
     rec = diagnosis.get("recommendation")
     title = "diagnosis" if not rec else f"diagnosis: {rec['family']} / {rec['method']}"
     fig.suptitle(title)
