@@ -116,7 +116,9 @@ def test_a_file_cannot_choose_code(hf_family, tmp_path, capsys):
         ("none", {"architectures": None}, "'architectures' must be a list"),
         ("mismatch", {"model_type": "gpt2"}, "model_type 'gpt2' does not fit architecture BertForSequenceClassification"),
         ("unknown", {"model_type": "nope"}, "'model_type' 'nope' is not a transformers model type"),
-        ("shape", {"hidden_size": 120_000, "intermediate_size": 4}, r"has shape \[384\], but config.json describes \[120000\]"),
+        ("shape", {"hidden_size": 120_000, "intermediate_size": 4}, r"shape \(30522, 384\), the model needs \(30522, 120000\)"),
+        ("deeper", {"num_hidden_layers": 60}, r"deeper: does not fit the model \(missing \['bert\.encoder\.layer\.6\."),
+        ("zero heads", {"num_attention_heads": 0}, "cannot build BertForSequenceClassification"),
     ]:
         with pytest.raises(MergescopeError, match=message):
             hf_model(_folder(tmp_path, base, name, **changes))

@@ -24,6 +24,9 @@ from ..io.untrusted import short_repr
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# what transformers raises on config values it cannot use (a zero head count divides by zero, ...)
+BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, ArithmeticError,
+                AssertionError, ImportError)
 SUFFIX = "OnTokens"  # name of the token-tensor subclass: BertForSequenceClassificationOnTokens
 
 
@@ -75,7 +78,10 @@ def architecture(config: Mapping, where: str | os.PathLike) -> type:
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise MergescopeError(f"{where}: 'architectures' must be a list naming a transformers model class")
     name = names[0]
-    cls = getattr(transformers, name, None) if name.isidentifier() and not name.startswith("_") else None
+    try:  # a class whose optional dependency is missing fails on access
+        cls = getattr(transformers, name, None) if name.isidentifier() and not name.startswith("_") else None
+    except (ImportError, RuntimeError):
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise MergescopeError(f"{where}: architecture {short_repr(name)} is not a model class of transformers "
                               f"{transformers.__version__}; mergescope never runs code a model folder ships (auto_map)")
@@ -96,7 +102,7 @@ def hf_config(config: Mapping, cls: type, where: str | os.PathLike):
     try:
         with quiet_transformers():
             return config_class.from_dict(values)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except BUILD_ERRORS as e:
         raise MergescopeError(f"{where}: cannot build a {config_class.__name__} ({_first_line(e)})") from None
 
 
@@ -173,7 +179,7 @@ def build(config: Mapping, where: str | os.PathLike, device: str | torch.device 
         with quiet_transformers(), _no_init(), torch.device(device):
             module = cls(cfg)
         module.tie_weights()  # skipped with the init; ties what the config ties (lm_head to the embeddings)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+    except BUILD_ERRORS as e:
         raise MergescopeError(f"{where}: cannot build {cls.__name__.removesuffix(SUFFIX)} ({_first_line(e)})") from None
     module.hf_config = cfg
     module.num_labels = getattr(cfg, "num_labels", None)
@@ -200,23 +206,16 @@ def _no_init():
     return no_init_weights()
 
 
-def check_shapes(config: Mapping, ckpt, where: str | os.PathLike) -> None:
-    """Every tensor the file holds for the model has the shape ``config.json`` implies.
+def check_fits(config: Mapping, ckpt, folder: Path) -> None:
+    """The file's tensors fit the model ``config.json`` describes (``tasks.checkpoints.fitted_state``
+    on names and shapes only), checked on a meta-device build before the real one allocates: a config
+    that claims a huge model next to small weights is one line, not a full memory."""
+    from .checkpoints import fitted_state
 
-    Checked on a meta-device build (no memory), before the real one allocates: a config that claims
-    a huge model next to small weights is refused instead of filling the memory.
-    """
-    expected = build(config, where, device="meta").state_dict()
-    for name in ckpt:
-        if name in expected:
-            shape = tuple(ckpt.info(name).shape) if hasattr(ckpt, "info") else tuple(ckpt[name].shape)
-            if shape != tuple(expected[name].shape):
-                raise MergescopeError(f"{where}: tensor {short_repr(name)} has shape {list(shape)}, "
-                                      f"but {CONFIG} describes {list(expected[name].shape)}")
-    missing = [k for k in expected if k not in ckpt]
-    if len(missing) == len(expected):
-        raise MergescopeError(f"{where}: no tensor of the file fits the model {CONFIG} describes "
-                              f"(it needs e.g. {short_repr(missing[0])})")
+    meta = build(config, folder / CONFIG, device="meta")
+    shapes = {k: torch.empty(tuple(ckpt.info(k).shape) if hasattr(ckpt, "info") else ckpt[k].shape, device="meta")
+              for k in ckpt}
+    fitted_state(meta, shapes, folder)
 
 
 def hf_model(folder: str | os.PathLike, ckpt=None) -> nn.Module:
@@ -232,7 +231,7 @@ def hf_model(folder: str | os.PathLike, ckpt=None) -> nn.Module:
     folder = Path(folder)
     config = read_config(folder)
     ckpt = load(folder) if ckpt is None else ckpt
-    check_shapes(config, ckpt, folder / CONFIG)
+    check_fits(config, ckpt, folder)
     module = build(config, folder / CONFIG)
     return load_state_into(module, ckpt, folder)
 
