@@ -279,3 +279,30 @@ def test_sweep_builds_hf_models_in_worker_processes(hf_family, tmp_path):
     x, y = next(iter(hf_family.task.batches("test")))
     ends = [F.cross_entropy(hf_logits(reference(f), x), y).item() for f in (a, b)]
     assert [row["path"]["loss"][0], row["path"]["loss"][-1]] == pytest.approx(ends, rel=1e-4)
+
+
+def test_fitted_state_fills_only_what_a_hf_file_may_leave_out():
+    """Tied copies and declared computed buffers are filled, non-persistent buffers ignored; a missing
+    parameter, or a missing buffer of a module that declares none (a zoo model), stays an error."""
+    from torch import nn
+
+    from mergescope.tasks.checkpoints import fitted_state
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+            self.head.weight = self.emb.weight  # tied
+            self.register_buffer("positions", torch.arange(4))  # persistent, computed in __init__
+            self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    net = Net()
+    weight = torch.randn(5, 3)
+    with pytest.raises(MergescopeError, match=r"missing \['positions'\]"):
+        fitted_state(net, {"emb.weight": weight})
+    net.derived_state_keys = frozenset({"positions"})
+    fitted = fitted_state(net, {"emb.weight": weight, "scratch": torch.ones(2)})
+    assert list(fitted) == list(net.state_dict()) == ["positions", "emb.weight", "head.weight"]
+    assert fitted["head.weight"] is weight and torch.equal(fitted["positions"], torch.arange(4))
+    with pytest.raises(MergescopeError, match=r"src: does not fit the model \(missing \['emb.weight', 'head.weight'\]"):
+        fitted_state(net, {"positions": torch.arange(4)}, "src")
