@@ -876,3 +876,6 @@ def get(name: str) -> Method:
         return REGISTRY[name]
     except KeyError:
         raise MergescopeError(f"unknown merge method {name!r}; known: {', '.join(names())}") from None
+
+
+from . import svd_methods as _svd_methods  # noqa: F401  (registers tsv, iso_c, iso_cts: a module of their own)
