@@ -125,7 +125,7 @@ def _data_free(family: str, method: str, reasons: list[str]) -> dict:
     Whether alignment removes the barrier is not visible in the weights: on digits it did for the
     MLP and not for the narrow CNN, ResNet and transformer (bench/diagnose_predicts.py, Ainsworth et
     al.: only wide enough models become linearly connected after matching), where the aligned average
-    lost 5-80 points; the ensemble was within noise of the best family in every independent digits set.
+    lost 5-77 points; the ensemble was within noise of the best family in every independent digits set.
     """
     if family == "align":
         reasons.append("without a task it is unknown whether alignment removes the barrier (on digits it did for "
