@@ -128,6 +128,15 @@ def _zipit(spec, a, b, task, seed, alpha: float = 0.5, batch_size: int | None = 
     return AlignResult(merged.state, {}, "zipit", merged=True, info=merged.info)
 
 
+def _cca(spec, a, b, task, seed, alpha: float = 0.5, batch_size: int | None = 512, reg: float = 1e-2,
+         reset_bn: bool = True) -> AlignResult:
+    from .cca import cca_merge
+
+    merged = cca_merge(spec, a.module, b.module, task.batches("train", batch_size=batch_size), alpha=alpha, reg=reg,
+                       reset_bn=reset_bn, seed=seed)
+    return AlignResult(merged.state, {}, "cca", merged=True, info=merged.info)
+
+
 REGISTRY: dict[str, Aligner] = {m.name: m for m in (
     Aligner("weight", _weight, ("max_iter", "init", "only", "restarts"),
             summary="weight matching: permutation maximizing <W_A, P W_B> (Git Re-Basin)", reference="arXiv:2209.04836"),
@@ -143,6 +152,9 @@ REGISTRY: dict[str, Aligner] = {m.name: m for m in (
     Aligner("zipit", _zipit, ("alpha", "batch_size", "unmerged", "allow_within", "reset_bn"), needs_data=True,
             merges=True, summary="ZipIt!: merge correlated features within and across models",
             reference="arXiv:2305.03053"),
+    Aligner("cca", _cca, ("alpha", "batch_size", "reg", "reset_bn"), needs_data=True, merges=True,
+            summary="CCA Merge: map B's features into A's by canonical correlation (linear, not a permutation)",
+            reference="arXiv:2407.05385"),
 )}
 
 
