@@ -29,7 +29,7 @@ def test_registry_lists_every_method_and_refuses_unknown_names():
     assert set(ms.align.names()) >= {"weight", "activation", "ste", "ot", "ot_fusion", "zipit"}
     assert ms.align.get("weight").name == "weight"
     with pytest.raises(MergescopeError, match="unknown method"):
-        ms.align.get("cca")
+        ms.align.get("no_such_method")
 
 
 @pytest.mark.parametrize("method", ["weight", "activation", "ot", "zipit", "ot_fusion"])

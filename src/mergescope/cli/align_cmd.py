@@ -14,7 +14,7 @@ from .common import STATE, console, finite, say, torch_threads
 from .options import DEPTH, DIM, HEADS, WIDTH
 from ..tasks.checkpoints import task_for
 
-METHODS = ("weight", "activation", "ste", "ot", "ot_fusion", "zipit")  # mergescope.align.names()
+METHODS = ("weight", "activation", "ste", "ot", "ot_fusion", "zipit", "cca")  # mergescope.align.names()
 
 
 def align(
