@@ -95,6 +95,20 @@ def test_permuted_copies_merge_back_to_the_model(task):
     torch.testing.assert_close(with_state(a, merged)(x), a(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name, options", [("cnn", {}), ("resnet", {}), ("transformer", {})])
+def test_permuted_zoo_copies_merge_back(task, name, options):
+    """Conv channels through BatchNorm, residual streams, and attention heads (weight-matching fallback)."""
+    a = ms.tasks.build(name, seed=0, **options)
+    spec = permutation_spec(a, next(iter(task.batches("train")))[0][:8])
+    b = ms.tasks.build(name, seed=5, **options)
+    b.load_state_dict(apply(spec, random_permutation(spec, generator=torch.Generator().manual_seed(1)), a.state_dict()))
+    result = ms.align.get("cca")(spec, a, b, task=task, reset_bn=False)
+    assert result.info["aligned_by_cca"]
+    assert bool(result.info["aligned_by_weights"]) == (name == "transformer")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(result.state[k], v, atol=1e-5, rtol=1e-5)
+
+
 def _linear_net(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 12), nn.Linear(12, 10))
