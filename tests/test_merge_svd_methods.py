@@ -198,6 +198,14 @@ def test_bad_parameters(name, params, message):
         _run(name, base, fts, **params)
 
 
+def test_non_finite_task_matrix_is_one_line():
+    base = torch.zeros(4, 3)
+    fts = [torch.full((4, 3), 2e38), torch.full((4, 3), 2e38)]  # the sum overflows float32
+    for name, params in (("tsv", {"weight": [1.0, 10.0]}), ("iso_c", {}), ("iso_cts", {})):
+        with pytest.raises(MergescopeError, match="not finite"):
+            ms.methods.get(name)(fts, base, **params)
+
+
 def test_needs_base_and_same_shapes():
     with pytest.raises(MergescopeError, match="base"):
         ms.methods.get("tsv")([torch.ones(3, 3)], None)

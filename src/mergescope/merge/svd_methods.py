@@ -54,9 +54,16 @@ def _mean_fallback(base: Tensor, taus: list[Tensor], alpha: float) -> Tensor:
     return _finish(base, torch.stack(taus).mean(0), alpha)
 
 
+def svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD; a non-finite matrix (weights or inputs near the float limit) is a one-line error, not LAPACK's."""
+    if not bool(torch.isfinite(a).all()):
+        raise MergescopeError("SVD merge: a task matrix is not finite (inputs or weights beyond the float range)")
+    return torch.linalg.svd(a, full_matrices=False)
+
+
 def polar(a: Tensor) -> Tensor:
     """The orthogonal matrix nearest to ``a`` in Frobenius norm (Procrustes): ``P Q^T`` for ``a = P S Q^T``."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = svd(a)
     return p @ qh
 
 
@@ -72,7 +79,7 @@ def tsv_merge_delta(taus: list[Tensor]) -> Tensor:
     k = min(taus[0].shape) // len(taus)
     us, ss, vhs = [], [], []
     for tau in taus:
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = svd(tau)
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
@@ -100,7 +107,7 @@ def iso_c(tensors: Sequence[Tensor], base: Tensor, *, alpha: float = 1.0, **_) -
     taus = task_matrices(tensors, base)
     if base.dim() != 2:
         return _mean_fallback(base, taus, alpha)
-    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
+    u, s, vh = svd(torch.stack(taus).sum(0))
     return _finish(base, (u * s.mean()) @ vh, alpha)
 
 
@@ -117,11 +124,11 @@ def cts_split(rank: int, n_tasks: int, fraction: float) -> tuple[int, int]:
 def iso_cts_delta(taus: list[Tensor], fraction: float) -> Tensor:
     """Iso-CTS of 2-D task matrices (the merged task matrix, unscaled)."""
     common, per_task = cts_split(min(taus[0].shape), len(taus), fraction)
-    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
+    u, s, vh = svd(torch.stack(taus).sum(0))
     uc = u[:, :common]
     us, ss, vhs = [], [], []
     for tau in taus:
-        ut, st, vht = torch.linalg.svd(tau - uc @ (uc.T @ tau), full_matrices=False)
+        ut, st, vht = svd(tau - uc @ (uc.T @ tau))
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vhs.append(vht[:per_task])
