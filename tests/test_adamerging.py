@@ -117,6 +117,7 @@ def test_first_adam_step_follows_entropy_gradient(family):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"steps": -1}, "steps"), ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"batch_size": 0}, "batch_size"),
+    ({"lr": 1e30}, "entropy became"),
 ])
 def test_bad_parameters_one_line(family, kwargs, message):
     module, base, fts, task = family

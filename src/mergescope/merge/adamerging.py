@@ -129,6 +129,9 @@ def adamerge(model: nn.Module, base: Mapping[str, torch.Tensor], states: Sequenc
                 order, at = torch.randperm(len(x), generator=generator), 0
             loss = batch_entropy(x[order[at:at + batch_size]])
             at += batch_size
+            if not bool(torch.isfinite(loss)):
+                raise MergescopeError(f"adamerging: the entropy became {float(loss.detach())} at step {len(curve) + 1} "
+                                      f"(coefficients {coefficients.detach().flatten()[:4].tolist()}...); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
