@@ -122,6 +122,11 @@ def test_a_file_cannot_choose_code(hf_family, tmp_path, capsys):
     ]:
         with pytest.raises(MergescopeError, match=message):
             hf_model(_folder(tmp_path, base, name, **changes))
+    outside = _folder(tmp_path, base, "outside")
+    (outside / "config.json").unlink()
+    (outside / "config.json").symlink_to(remote / "config.json")  # a config.json from elsewhere is refused
+    with pytest.raises(MergescopeError, match=r"outside: path 'config.json' resolves outside the model folder"):
+        hf_model(outside)
     assert not marker.exists()
     assert main(["landscape", "line", str(remote), str(remote), "--n", "2", "--task", TASK,
                  "--out", str(tmp_path / "o")]) == 2
