@@ -65,7 +65,7 @@ def test_reads_mergekit_yaml_file_text_and_mapping(folder):
     ("merge_method: linear\nmodules: {text: {}}\n", "'modules'"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 3]}]\n",
      "same number of layers"),
-    ("merge_method: linear\nmodels: [{model: a+lora}]\n", "LoRA"),
+    ("merge_method: linear\nmodels: [{model: a+b+lora}]\n", "LoRA adapter applied to a base: one"),
     ("merge_method: [linear\n", "not valid YAML"),
     ("- 1\n- 2\n", "must be a YAML mapping"),
 ])

@@ -46,8 +46,9 @@ Parameters = dict[str, Setting]
 def _model_path(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"model must be a local path string, got {value!r}")
-    if "+" in value and not os.path.exists(value):
-        raise ValueError(f"model {value!r}: LoRA references (model+lora) are not supported")
+    from .lora.adapter import split_reference
+
+    split_reference(value)  # MergeKit's BASE+ADAPTER (a PEFT LoRA applied to a base): one '+'
     return value
 
 

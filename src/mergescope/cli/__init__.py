@@ -51,6 +51,8 @@ def _register_all() -> None:
     for module in (io_cmds, merge_cmd, align_cmd, landscape_cmd, ensemble_cmd, evaluate_cmd, study_cmd, sweep_cmd,
                    diagnose_cmd):
         module.register(app)
+    from . import lora_cmd  # LoRA adapters: extract-lora, merge-adapters
+    lora_cmd.register(app)
     from . import adamerge_cmd  # AdaMerging (merge/adamerging.py)
     adamerge_cmd.register(app)
 

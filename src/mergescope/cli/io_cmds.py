@@ -35,13 +35,18 @@ def _buffer_elements(ckpt) -> int:
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="A .safetensors/.pt/.bin file or a Hugging Face model folder."),
+    path: Path = typer.Argument(..., help="A .safetensors/.pt/.bin file, a Hugging Face model folder or a PEFT "
+                                          "adapter folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     top: int = typer.Option(10, min=0, max=10**6, help="How many of the largest tensors to list."),
 ):
     """Tensor count, parameter count, dtypes, total bytes, largest tensors and metadata of a checkpoint."""
     from ..io import load, summarize
+    from ..lora import is_adapter_folder
 
+    if is_adapter_folder(path):  # a PEFT LoRA adapter folder
+        from .lora_cmd import show_adapter
+        return show_adapter(path, as_json)
     ckpt = load(path)
     info = summarize(ckpt, top=top)
     info["buffers"] = _buffer_elements(ckpt)

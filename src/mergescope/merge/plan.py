@@ -104,13 +104,22 @@ def count_layers(ckpt: Checkpoint) -> int:
 
 
 def open_models(recipe: Recipe) -> dict[str, Checkpoint]:
-    """Open every referenced model lazily; anything not a local path is an error (nothing is downloaded)."""
+    """Open every referenced model lazily; anything not a local path is an error (nothing is downloaded).
+
+    ``BASE+ADAPTER`` (MergeKit's LoRA syntax) opens the base with the adapter's updates added per tensor."""
+    from ..lora.adapter import open_reference, split_reference
+
     opened = {}
     for path in recipe.referenced_models():
-        if not Path(path).exists():
-            raise MergescopeError(f"model {path!r}: no such local file or folder (mergescope reads local paths only; "
-                                  "nothing is downloaded)")
-        opened[path] = load(path)
+        for part in filter(None, split_reference(path)):
+            if not Path(part).exists():
+                raise MergescopeError(f"model {part!r}: no such local file or folder (mergescope reads local paths "
+                                      "only; nothing is downloaded)")
+        opened[path] = open_reference(path)
+    for path in list(opened):  # each adapter's base too: the output's config and provenance come from it
+        base = split_reference(path)[0]
+        if base not in opened:
+            opened[base] = load(base)
     return opened
 
 
@@ -405,6 +414,13 @@ def _layer_table(ckpt: Checkpoint) -> dict[int, list[tuple[str, str]]]:
     return table
 
 
+def _donor(model: str) -> str:
+    """The folder config and tokenizer files come from: a ``BASE+ADAPTER``'s base."""
+    from ..lora.adapter import split_reference
+
+    return split_reference(model)[0]
+
+
 def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
     """The job list for a recipe (reads checkpoint headers only).
 
@@ -449,8 +465,8 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
             t = 0.0 if idx is None else (idx / (n_layers - 1) if n_layers > 1 else 1.0)
             add(name, sources, base, params, [name] * len(sources), t, have)
         warnings += _partial_warnings(recipe, notes, partial)
-        return attach(Plan(method, tuple(models), tuple(jobs), recipe.base_model or models[0], n_layers, False,
-                           warnings), recipe)
+        return attach(Plan(method, tuple(models), tuple(jobs), _donor(recipe.base_model or models[0]), n_layers,
+                           False, warnings), recipe)
     for name, have in outer(first[0], lambda n: PRE.search(n)):
         add(name, first[0], first[1], first[2], [name] * len(first[0]), 0.0, have)
     tables: dict[str, dict[int, list[tuple[str, str]]]] = {}
@@ -468,6 +484,6 @@ def build(recipe: Recipe, ckpts: dict[str, Checkpoint] | None = None) -> Plan:
             out_layer += 1
     for name, have in outer(last[0], lambda n: not PRE.search(n)):
         add(name, last[0], last[1], last[2], [name] * len(last[0]), 0.0, have)
-    donor = recipe.base_model or models[0]
+    donor = _donor(recipe.base_model or models[0])
     warnings += _partial_warnings(recipe, notes, partial)
     return attach(Plan(method, tuple(models), tuple(jobs), donor, out_layer, True, warnings), recipe)
