@@ -214,6 +214,22 @@ def test_svd_adapter_equals_peft_add_weighted_adapter(family, tmp_path, combinat
     assert config["r"] == rank and config["peft_type"] == "LORA"
 
 
+def test_merge_adapters_cli_matches_api_and_refuses_output_inside_an_input(family, tmp_path, capsys):
+    from mergescope.cli import main
+
+    adapters = [str(family / n) for n in ("ad1", "ad2")]
+    args = ["merge-adapters", str(family / "base"), *adapters, "--method", "ties", "--density", "0.5",
+            "-w", "0.6", "-w", "0.9", "--rank", "8"]
+    assert main([*args, "-o", str(tmp_path / "cli")]) == 0
+    merge_adapters(family / "base", adapters, tmp_path / "api", method="ties", weights=[0.6, 0.9],
+                   parameters={"density": 0.5}, rank=8)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+    for extra in (["--rank", "8"], []):
+        out = run_inprocess([*args[:-2], *extra, "-o", str(family / "ad1" / "merged")], tmp_path, capsys)
+        assert out.code == 2 and "overlaps input" in out.stderr and not (family / "ad1" / "merged").exists(), out.stderr
+
+
 # ------------------------------------------------------------------ (5) extract-lora
 
 

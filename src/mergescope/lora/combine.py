@@ -144,14 +144,16 @@ def merge_adapters(base: str | os.PathLike, adapters: Sequence[str | os.PathLike
                    threads: int | None = None):
     """Merge adapters of one base into ``out``: a full model (``rank=None``, the merge engine's
     ``MergeResult``) or an adapter of rank ``rank`` (its list of ``Factors``)."""
+    inputs = [Path(base), *map(Path, adapters)]
     if rank is None:
+        from ..io import check_output_path
         from ..merge.engine import merge
 
         recipe = adapter_recipe(str(base), [str(a) for a in adapters], method, weights, parameters)
+        check_output_path(Path(out), inputs, force)  # the engine sees BASE+ADAPTER names, not the adapter folders
         return merge(recipe, out, seed=seed, force=force, threads=threads)
     rank = check_rank(rank)
     factors: list[Factors] = [factorize(name, delta, rank, kind) for name, kind, delta in
                               merged_updates(base, adapters, method, weights, parameters, seed) if bool(delta.any())]
-    inputs = [Path(base), *map(Path, adapters)]
     write_adapter(out, factors, rank, inputs, force=force, metadata={"merge_method": method, "seed": seed})
     return factors
