@@ -55,9 +55,13 @@ def split_documents(text: str, where: str) -> list[str]:
     return [text[a:b] for a, b in spans]
 
 
+DOCUMENT_MARKER = re.compile(r"^(?:---|\.\.\.)(?:\s|$)", re.MULTILINE)
+
+
 def is_multistage(text: str, where: str = "recipe") -> bool:
-    """Whether a recipe text holds more than one YAML document."""
-    return len(split_documents(text, where)) > 1
+    """Whether a recipe text holds more than one YAML document (a second document needs a ``---`` or
+    ``...`` line, so most recipes are answered without parsing)."""
+    return DOCUMENT_MARKER.search(text) is not None and len(split_documents(text, where)) > 1
 
 
 def read_stages(text: str, where: str) -> list[Stage]:
