@@ -53,6 +53,18 @@ def test_classifier_matches_from_pretrained(hf_family):
         assert torch.equal(again(x), module(x))
 
 
+def test_save_pretrained_names_the_transformers_class(hf_family, tmp_path):
+    """A user saving the wrapped model gets a folder that names transformers' class and loads anywhere."""
+    module = hf_model(hf_family.variants[0])
+    module.save_pretrained(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"] == \
+        ["BertForSequenceClassification"]
+    assert type(module).__name__.endswith("OnTokens")  # the wrapper is back after saving
+    x, _ = next(iter(hf_family.task.batches("test")))
+    with torch.no_grad():
+        assert torch.equal(hf_logits(reference(tmp_path / "saved"), x), module(x))
+
+
 def test_pretrained_minilm_folder_as_is(minilm_dir):
     """The wheel's folder: a headless BertModel saved by transformers 4.8 (with the position_ids buffer)."""
     from transformers import BertModel

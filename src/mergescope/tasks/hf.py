@@ -127,13 +127,25 @@ def on_tokens(cls: type) -> type:
     name = cls.__name__ + SUFFIX
     made = _CLASSES.get(name)
     if made is None:
-        made = type(name, (cls,), {"forward": _forward_on_tokens, "__module__": __name__, "__qualname__": name,
+        made = type(name, (cls,), {"forward": _forward_on_tokens, "save_pretrained": _save_as_transformers_class,
+                                   "__module__": __name__, "__qualname__": name,
                                    "__doc__": f"{cls.__name__} on a [B, 2, L] token tensor (mergescope.tasks.hf)."})
         _CLASSES[name] = made
     return made
 
 
 _CLASSES: dict[str, type] = {}
+
+
+def _save_as_transformers_class(self, *args, **kwargs):
+    """``save_pretrained`` as the transformers class it wraps: the saved config.json names that class
+    (transformers writes ``type(self).__name__`` into ``architectures``), so the folder loads anywhere."""
+    made = type(self)
+    self.__class__ = made.__mro__[1]
+    try:
+        return self.save_pretrained(*args, **kwargs)
+    finally:
+        self.__class__ = made
 
 
 def _forward_on_tokens(self, x: torch.Tensor) -> torch.Tensor:
