@@ -206,21 +206,16 @@ class Adapter:
         self.weights.close()
 
 
-class AdaptedCheckpoint(Mapping):
-    """The base checkpoint with the adapter's updates added, read lazily one tensor at a time.
+class BaseView(Mapping):
+    """A lazy checkpoint with the base's tensor names, read per tensor (``__getitem__``, in subclasses).
 
-    It has no ``locate``, so the merge engine reads it through ``read`` (a sum, not a map)."""
+    It has no ``locate``, so the merge engine reads it through ``read`` (a computed tensor, not a map)."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter):
-        adapter.check_base(base)
+    def __init__(self, base: Checkpoint, adapter: Adapter | None):
+        if adapter is not None:
+            adapter.check_base(base)
         self.base, self.adapter = base, adapter
         self.path = base.path
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        t = self.base[name]
-        if name not in self.adapter.targets:
-            return t
-        return (t.float() + self.adapter.delta(name)).to(t.dtype)
 
     def read(self, name: str) -> torch.Tensor:
         return self[name]
@@ -243,7 +238,18 @@ class AdaptedCheckpoint(Mapping):
 
     def close(self) -> None:
         self.base.close()
-        self.adapter.close()
+        if self.adapter is not None:
+            self.adapter.close()
+
+
+class AdaptedCheckpoint(BaseView):
+    """The base checkpoint with the adapter's updates added (in float32, stored in the base's dtype)."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.base[name]
+        if name not in self.adapter.targets:
+            return t
+        return (t.float() + self.adapter.delta(name)).to(t.dtype)
 
 
 def open_reference(name: str) -> Checkpoint | AdaptedCheckpoint:

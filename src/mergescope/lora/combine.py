@@ -14,7 +14,7 @@ the product of means), so each adapter is treated as the model ``base + delta_i`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import MergescopeError
 from ..io import load
-from .adapter import Adapter
+from .adapter import Adapter, BaseView
 from .factor import Factors, check_rank, factorize, write_adapter
 
 DELTA_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
@@ -66,39 +66,23 @@ class _Info:
         return self.nbytes // self.dtype.itemsize
 
 
-class _Updates(Mapping):
+class _Updates(BaseView):
     """A model seen as its update from the base: the adapter's delta on targets, zeros elsewhere (float32)."""
-
-    def __init__(self, base, adapter: Adapter | None):
-        self.base, self.adapter = base, adapter
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.adapter is not None and name in self.adapter.targets:
             return self.adapter.delta(name)
         return torch.zeros(self.info(name).shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        return self[name]
-
     def info(self, name: str) -> _Info:
         return _Info(torch.float32, tuple(self.base.info(name).shape))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __contains__(self, name) -> bool:
-        return name in self.base
 
     @property
     def metadata(self) -> dict[str, str]:
         return {}
 
-    def close(self) -> None:
-        if self.adapter is not None:
-            self.adapter.close()
+    def close(self) -> None:  # the base and adapters are shared between views; merged_updates closes them
+        pass
 
 
 def merged_updates(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], method: str = "task_arithmetic",
@@ -120,7 +104,6 @@ def merged_updates(base: str | os.PathLike, adapters: Sequence[str | os.PathLike
     kinds: dict[str, str] = {}
     try:
         for adapter in opened:
-            adapter.check_base(base_ckpt)
             for name, target in adapter.targets.items():
                 if kinds.setdefault(name, target.kind) != target.kind:
                     raise MergescopeError(f"{adapter.path}: {name!r} is a {target.kind} update here but a "
