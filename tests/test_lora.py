@@ -175,6 +175,14 @@ def test_adapter_merge_equals_dense_merge(family, tmp_path, method, params):
         got = deltas.get(k, torch.zeros_like(expected))
         tol = 1e-6 + 1e-5 * float(expected.abs().max())  # float32 SVD round-off, relative to the update's size
         torch.testing.assert_close(got, expected, atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    if method == "ties":  # PEFT loads it (narrow modules get rank_pattern entries) and applies the same update
+        from peft import PeftModel
+
+        config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        assert config["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 16  # k_proj is [16, 32]: rank 16 < 64
+        model = PeftModel.from_pretrained(_base_model(family), tmp_path / "adapter").merge_and_unload()
+        merged = {k: v.detach() for k, v in model.state_dict().items()}
+        _assert_states_close({k: merged[k] for k in ref}, ref, atol=2e-5)
 
 
 # ------------------------------------------------------------------ (4) rank-r adapters = PEFT add_weighted_adapter
