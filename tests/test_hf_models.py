@@ -323,3 +323,11 @@ def test_fitted_state_fills_only_what_a_hf_file_may_leave_out():
     assert fitted["head.weight"] is weight and torch.equal(fitted["positions"], torch.arange(4))
     with pytest.raises(MergescopeError, match=r"src: does not fit the model \(missing \['emb.weight', 'head.weight'\]"):
         fitted_state(net, {"positions": torch.arange(4)}, "src")
+
+
+def test_a_folder_without_task_asks_for_one(hf_family, capsys):
+    """No --task on a Hugging Face folder: one line asking for the data, not a digits task it cannot read."""
+    capsys.readouterr()
+    assert main(["evaluate", str(hf_family.variants[0])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no task; pass --task" in err[0]

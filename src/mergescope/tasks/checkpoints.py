@@ -183,6 +183,10 @@ def task_for(ckpt, spec: str | None = None):
         return _checked_file_task(ckpt, get_task(spec, model_folder=hf_folder(ckpt)))
     if spec:
         return get_task(spec)
+    if "task" not in getattr(ckpt, "metadata", {}) and "model" not in getattr(ckpt, "metadata", {}) \
+            and hf_folder(ckpt) is not None:
+        raise MergescopeError(f"{ckpt.path}: a Hugging Face folder records no task; pass --task with your data "
+                              "(.csv/.tsv/.jsonl text classification, .txt language-model loss, .npz; docs/tasks.md)")
     recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
     match = TASK_PATTERN.fullmatch(recorded)
     if match is None:
