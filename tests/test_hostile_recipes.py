@@ -182,13 +182,17 @@ def test_every_method_survives_the_largest_accepted_parameters():
     # a later model lacks it
     ("merge_method: linear\nmodels:\n  - {model: a.safetensors, parameters: {weight: 1}}\n"
      "  - {model: lacks_norm.safetensors, parameters: {weight: 1}}\n", ["'model.norm.weight'", "'lacks_norm.safetensors'"]),
-    # a later model has an extra tensor
+    # a later model has an extra tensor the base lacks: TIES needs the base's tensor
     ("merge_method: ties\nbase_model: base.safetensors\nmodels:\n  - {model: a.safetensors, parameters: {weight: 1}}\n"
      "  - {model: with_head.safetensors, parameters: {weight: 1}}\n",
-     ["'lm_head.weight'", "'a.safetensors'", "'base.safetensors'"]),
-    # only the base has it, and slerp cannot merge from the base alone
-    ("merge_method: slerp\nbase_model: with_head.safetensors\nmodels: [{model: a.safetensors}]\nparameters: {t: 0.5}\n",
-     ["'lm_head.weight'", "only in the base model 'with_head.safetensors'"]),
+     ["'lm_head.weight'", "base model 'base.safetensors'", "'with_head.safetensors'"]),
+    # a model of a task-vector merge lacks a tensor no architecture lets it lack
+    ("merge_method: ties\nbase_model: base.safetensors\nmodels:\n  - {model: a.safetensors, parameters: {weight: 1}}\n"
+     "  - {model: lacks_norm.safetensors, parameters: {weight: 1}}\n",
+     ["'model.norm.weight'", "'lacks_norm.safetensors'"]),
+    # only the base has it, and slerp cannot merge it from the base alone
+    ("merge_method: slerp\nbase_model: a.safetensors\nmodels: [{model: lacks_norm.safetensors}]\nparameters: {t: 0.5}\n",
+     ["'model.norm.weight'", "'lacks_norm.safetensors'"]),
     # only the base lacks it, and TIES needs the base to form task vectors
     ("merge_method: ties\nbase_model: lacks_norm.safetensors\nmodels:\n  - {model: a.safetensors, parameters: {weight: 1}}\n"
      "  - {model: b.safetensors, parameters: {weight: 1}}\n", ["'model.norm.weight'", "base model 'lacks_norm.safetensors'"]),
