@@ -22,7 +22,8 @@ __all__ = ["engine", "methods", "merge", "get"]
 
 
 def __getattr__(name):
-    if name in ("engine", "methods", "plan", "writer", "reader", "data_aware"):
+    if name in ("engine", "methods", "plan", "writer", "reader", "data_aware", "adamerging", "svd_methods", "tokenizer",
+                "multistage", "architectures"):
         return import_module(f"{__name__}.{name}")
     if name == "merge":
         return import_module(f"{__name__}.engine").merge
