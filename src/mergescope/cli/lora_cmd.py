@@ -80,7 +80,8 @@ def show_adapter(path: Path, as_json: bool) -> None:
         return
     table = Table(title=f"{printable(path)} (LoRA adapter)", show_header=False)
     for key in ("rank", "lora_alpha", "use_rslora", "scales", "ranks", "fan_in_fan_out", "targets", "parameters"):
-        table.add_row(key, printable(info[key] if not isinstance(info[key], int) else f"{info[key]:,}"))
+        value = info[key]
+        table.add_row(key, f"{value:,}" if type(value) is int else printable(value))
     table.add_row("target_modules", printable(", ".join(info["target_modules"])))
     table.add_row("dtypes", ", ".join(info["dtypes"]))
     say(table)
