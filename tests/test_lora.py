@@ -111,6 +111,38 @@ def test_inspect_adapter(family, capsys):
     assert info["parameters"] == 2 * (4 * (32 + 32) + 4 * (32 + 16) + 4 * (32 + 64))  # A [r,in] + B [out,r]
 
 
+def test_gpt2_conv1d_and_embedding_adapters_round_trip_through_peft(tmp_path):
+    """GPT-2's Conv1D (fan_in_fan_out: the update is transposed) and an embedding LoRA (lora_embedding_A/B)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=32)).save_pretrained(
+        tmp_path / "base")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "ad")
+    model.merge_and_unload().save_pretrained(tmp_path / "ft")
+    kinds = {t.kind for t in Adapter(tmp_path / "ad").targets.values()}
+    assert kinds == {"conv1d", "embedding"}
+    base, ft = _state(tmp_path / "base"), _state(tmp_path / "ft")
+    deltas = _adapter_deltas(tmp_path / "ad")
+    for k, d in deltas.items():
+        torch.testing.assert_close(d, ft[k] - base[k], atol=1e-6, rtol=0)
+    # re-factored at rank 8 (>= 4: exact) and loaded by PEFT: the same fine-tuned weights
+    merge_adapters(tmp_path / "base", [tmp_path / "ad"], tmp_path / "r8", method="task_arithmetic", rank=8)
+    config = json.loads((tmp_path / "r8" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    again = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "r8")
+    merged = {k: v.detach() for k, v in again.merge_and_unload().state_dict().items()}
+    _assert_states_close({k: merged[k] for k in ft}, ft, atol=1e-5)
+
+
 # ------------------------------------------------------------------ (2) recipes with base+adapter
 
 
@@ -312,6 +344,9 @@ def _hostile_cases(family, root):
     save_file({k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()}, absent / "adapter_model.safetensors",
               metadata={"format": "pt"})
     cases["absent"] = (absent, "is not a tensor of the base model")
+    regex = _copy_adapter(family / "ad1", root / "regex")
+    _rewrite_config(regex, rank_pattern={"(a+)+$": 2})
+    cases["regex"] = (regex, "regular expressions are not supported")
     dora = _copy_adapter(family / "ad1", root / "dora")
     _rewrite_config(dora, use_dora=True)
     cases["dora"] = (dora, "DoRA adapters are not supported")
