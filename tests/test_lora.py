@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from hostile import run_inprocess
+from hostile import assert_refused, attack, run_inprocess
 
 import mergescope as ms
 from mergescope.errors import MergescopeError
@@ -365,6 +365,8 @@ def test_hostile_adapters_are_one_line_errors(family, tmp_path, capsys):
             assert len(lines) == 1 and "Traceback" not in out.stderr, (label, out.stderr)
             assert str(folder.name) in lines[0] and message in lines[0], (label, lines[0])
             assert out.changed == [], (label, out.changed)
+    # the real CLI in a subprocess: exit 2, one line, bounded time and memory, nothing changed
+    assert_refused(attack(["inspect", str(cases["huge"][0])], tmp_path), "huge", "'r' must be an integer")
     # a recipe naming a missing adapter, and a reference with two '+'
     with pytest.raises(MergescopeError, match="no such local file"):
         ms.merge({"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'nope'}",
