@@ -143,6 +143,51 @@ def test_gpt2_conv1d_and_embedding_adapters_round_trip_through_peft(tmp_path):
     _assert_states_close({k: merged[k] for k in ft}, ft, atol=1e-5)
 
 
+def test_modules_to_save_replace_the_base_tensor_and_survive_a_refactor(family, tmp_path):
+    """``modules_to_save`` (a whole trained copy of lm_head) next to LoRA factors: applied as PEFT does."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = get_peft_model(_base_model(family), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                           modules_to_save=["lm_head"]))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "ad")
+    model.merge_and_unload().save_pretrained(tmp_path / "ft")
+    assert sorted(Adapter(tmp_path / "ad").replaced) == ["lm_head.weight"]
+    ms.merge({"merge_method": "linear", "models": [{"model": f"{family / 'base'}+{tmp_path / 'ad'}",
+                                                    "parameters": {"weight": 1.0}}]}, tmp_path / "ours")
+    ft = _state(tmp_path / "ft")
+    _assert_states_close(_state(tmp_path / "ours"), ft)
+    # an adapter output keeps lm_head whole (no low-rank form) and PEFT applies it again
+    merge_adapters(family / "base", [tmp_path / "ad"], tmp_path / "r4", method="task_arithmetic", rank=4)
+    assert json.loads((tmp_path / "r4" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    again = PeftModel.from_pretrained(_base_model(family), tmp_path / "r4").merge_and_unload()
+    _assert_states_close({k: v.detach() for k, v in again.state_dict().items() if k in ft}, ft, atol=1e-5)
+
+
+def test_reads_mergekit_extract_lora_output(family, tmp_path):
+    """mergekit-extract-lora (in-process) writes norms/embeddings as modules_to_save: read, applied, and its
+    LoRA updates equal ours (both the best rank-4 approximation of a rank-4 update: the update itself)."""
+    pytest.importorskip("mergekit")
+    from mergekit.scripts.extract_lora import main as mergekit_extract
+
+    mergekit_extract.main(["--base-model", str(family / "base"), "--model", str(family / "ft1"), "--out-path",
+                           str(tmp_path / "mk"), "--max-rank", "4"], standalone_mode=False)
+    theirs = Adapter(tmp_path / "mk")
+    assert theirs.replaced  # embeddings, norms, lm_head saved whole
+    extract_lora(family / "ft1", family / "base", tmp_path / "ours", rank=4)
+    ours = _adapter_deltas(tmp_path / "ours")
+    for name in theirs.targets:
+        expected = ours.get(name, torch.zeros(theirs.delta_shape(name)))
+        torch.testing.assert_close(theirs.delta(name), expected, atol=1e-5, rtol=0)
+    ms.merge({"merge_method": "linear", "models": [{"model": f"{family / 'base'}+{tmp_path / 'mk'}",
+                                                    "parameters": {"weight": 1.0}}]}, tmp_path / "applied")
+    _assert_states_close(_state(tmp_path / "applied"), _state(family / "ft1"), atol=1e-5)
+
+
 # ------------------------------------------------------------------ (2) recipes with base+adapter
 
 

@@ -4,8 +4,9 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``a
 read with ``weights_only``). Each adapted weight ``W`` of the base gets ``scale * B @ A`` with
 ``scale = lora_alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), transposed for GPT-2's
 ``Conv1D`` (``fan_in_fan_out``) and for embeddings (PEFT stores their factors transposed).
-Everything PEFT would apply differently (DoRA, biases, ``modules_to_save``, conv layers) is
-refused by name rather than merged wrongly.
+Tensors of ``modules_to_save`` (full copies PEFT trains in place of the base's; mergekit-extract-lora
+writes norms and embeddings this way) replace the base's. Everything PEFT would apply differently
+(DoRA, LoRA biases, conv layers) is refused by name rather than merged wrongly.
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ def _check_config(config, where: str) -> None:
         raise MergescopeError(f"{where}: must be a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise MergescopeError(f"{where}: peft_type {short_repr(config.get('peft_type'))} is not supported (LORA only)")
-    unsupported = {"use_dora": "DoRA", "modules_to_save": "modules_to_save", "layer_replication": "layer_replication",
-                   "lora_bias": "lora_bias"}
+    unsupported = {"use_dora": "DoRA", "layer_replication": "layer_replication", "lora_bias": "lora_bias"}
     for key, what in unsupported.items():
         if config.get(key):
             raise MergescopeError(f"{where}: {what} adapters are not supported (only plain LoRA updates are merged)")
     if config.get("bias", "none") != "none":
         raise MergescopeError(f"{where}: bias {short_repr(config.get('bias'))} is not supported (only bias 'none')")
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) and PLAIN_NAME.match(m) for m in saved):
+        raise MergescopeError(f"{where}: 'modules_to_save' must be a list of plain module names")
 
 
 class Adapter:
@@ -124,6 +127,7 @@ class Adapter:
         self.rslora = bool(self.config.get("use_rslora", False))
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         self.weights = self._open_weights()
+        self.replaced: dict[str, str] = {}  # base tensor name -> its modules_to_save copy in the adapter file
         self.targets = self._targets(where)
 
     def _open_weights(self) -> Checkpoint:
@@ -141,12 +145,15 @@ class Adapter:
         parts: dict[str, dict[str, str]] = {}
         for key in self.weights:
             m = KEY.match(key)
+            if m is None and self._saved_module(key):
+                self.replaced[key[len(PREFIX):]] = key
+                continue
             if m is None or not key.startswith(PREFIX):
                 raise MergescopeError(f"{self.weights.path}: tensor {short_repr(key)} is not a LoRA factor "
                                       f"({PREFIX}MODULE.lora_A.weight / lora_B.weight); not supported")
             module = (m.group("module") or m.group("emodule"))[len(PREFIX):]
             parts.setdefault(module, {})[(m.group("part") or m.group("epart"))[-1]] = key
-        if not parts:
+        if not parts and not self.replaced:
             raise MergescopeError(f"{self.weights.path}: holds no LoRA factors")
         patterns = _pattern(self.config, "rank_pattern", where)
         targets = {}
@@ -160,6 +167,10 @@ class Adapter:
                                                  self._scale(module, rank, where), kind)
             self._check_factors(targets[f"{module}.weight"])
         return targets
+
+    def _saved_module(self, key: str) -> bool:
+        module = key[len(PREFIX):].rpartition(".")[0] if key.startswith(PREFIX) else ""
+        return bool(module) and _pick(dict.fromkeys(self.config.get("modules_to_save") or [], True), module, False)
 
     def _check_factors(self, t: Target) -> None:
         a, b = self.weights.info(t.a), self.weights.info(t.b)
@@ -179,8 +190,18 @@ class Adapter:
         d = (self.weights[t.b].float() @ self.weights[t.a].float()) * t.scale
         return d.T.contiguous() if t.transposed else d
 
+    def replacement(self, name: str) -> torch.Tensor:
+        """The ``modules_to_save`` copy of base tensor ``name``."""
+        return self.weights[self.replaced[name]]
+
     def check_base(self, base: Mapping) -> None:
-        """Every target must be a 2-D float tensor of the base with the delta's shape."""
+        """Every target must be a 2-D float tensor of the base with the delta's shape; every saved module's
+        tensor a base tensor of the same shape."""
+        for name, key in self.replaced.items():
+            info = self.weights.info(key)
+            if name not in base or tuple(base.info(name).shape) != tuple(info.shape):
+                raise MergescopeError(f"{self.path}: modules_to_save tensor {short_repr(name)} {list(info.shape)} "
+                                      "is not a tensor of the base model of that shape")
         for name in self.targets:
             if name not in base:
                 raise MergescopeError(f"{self.path}: target {short_repr(name)} is not a tensor of the base model")
@@ -200,6 +221,7 @@ class Adapter:
                 "scales": sorted({t.scale for t in self.targets.values()}),
                 "ranks": sorted({t.rank for t in self.targets.values()}), "fan_in_fan_out": self.fan_in_fan_out,
                 "target_modules": suffixes, "targets": len(self.targets), "parameters": self.parameters(),
+                "modules_to_save": sorted(self.replaced),
                 "dtypes": sorted({str(self.weights.info(k).dtype).removeprefix("torch.") for k in self.weights})}
 
     def close(self) -> None:
@@ -247,6 +269,8 @@ class AdaptedCheckpoint(BaseView):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self.base[name]
+        if name in self.adapter.replaced:
+            return self.adapter.replacement(name).to(t.dtype)
         if name not in self.adapter.targets:
             return t
         return (t.float() + self.adapter.delta(name)).to(t.dtype)

@@ -72,6 +72,8 @@ class _Updates(BaseView):
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.adapter is not None and name in self.adapter.targets:
             return self.adapter.delta(name)
+        if self.adapter is not None and name in self.adapter.replaced:  # a modules_to_save copy
+            return self.adapter.replacement(name).float() - self.base[name].float()
         return torch.zeros(self.info(name).shape)
 
     def info(self, name: str) -> _Info:
@@ -88,7 +90,8 @@ class _Updates(BaseView):
 def merged_updates(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], method: str = "task_arithmetic",
                    weights: Sequence[float] | None = None, parameters: dict | None = None,
                    seed: int = 0) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(tensor name, kind, merged update) for every tensor some adapter targets, one at a time."""
+    """(tensor name, kind, merged update) for every tensor some adapter targets or saves, one at a time
+    (kind ``full`` for a ``modules_to_save`` tensor: no low-rank form)."""
     from ..merge import plan as planning
     from ..merge.engine import run_job
     from ..recipe import read
@@ -108,6 +111,10 @@ def merged_updates(base: str | os.PathLike, adapters: Sequence[str | os.PathLike
                 if kinds.setdefault(name, target.kind) != target.kind:
                     raise MergescopeError(f"{adapter.path}: {name!r} is a {target.kind} update here but a "
                                           f"{kinds[name]} update in another adapter")
+            for name in adapter.replaced:
+                if kinds.setdefault(name, "full") != "full":
+                    raise MergescopeError(f"{adapter.path}: {name!r} is a modules_to_save tensor here but a "
+                                          f"{kinds[name]} update in another adapter (not supported)")
         ckpts = {str(base): _Updates(base_ckpt, None)} if recipe.base_model else {}
         ckpts.update({m.model: _Updates(base_ckpt, a) for m, a in zip(recipe.models, opened)})
         plan = planning.build(recipe, ckpts)
@@ -136,7 +143,20 @@ def merge_adapters(base: str | os.PathLike, adapters: Sequence[str | os.PathLike
         check_output_path(Path(out), inputs, force)  # the engine sees BASE+ADAPTER names, not the adapter folders
         return merge(recipe, out, seed=seed, force=force, threads=threads)
     rank = check_rank(rank)
-    factors: list[Factors] = [factorize(name, delta, rank, kind) for name, kind, delta in
-                              merged_updates(base, adapters, method, weights, parameters, seed) if bool(delta.any())]
-    write_adapter(out, factors, rank, inputs, force=force, metadata={"merge_method": method, "seed": seed})
+    factors: list[Factors] = []
+    saved: dict[str, torch.Tensor] = {}  # modules_to_save tensors: base + merged update, written whole
+    base_ckpt = load(base)
+    try:
+        for name, kind, delta in merged_updates(base, adapters, method, weights, parameters, seed):
+            if not bool(delta.any()):
+                continue
+            if kind == "full":
+                t = base_ckpt[name]
+                saved[name] = (t.float() + delta).to(t.dtype)
+            else:
+                factors.append(factorize(name, delta, rank, kind))
+    finally:
+        base_ckpt.close()
+    write_adapter(out, factors, rank, inputs, force=force, metadata={"merge_method": method, "seed": seed},
+                  saved=saved)
     return factors

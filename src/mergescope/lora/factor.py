@@ -52,34 +52,39 @@ def _keys(f: Factors) -> tuple[str, str]:
     return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
 
 
-def adapter_config(factors: list[Factors], rank: int, fan_in_fan_out: bool = False) -> dict:
+def adapter_config(factors: list[Factors], rank: int, fan_in_fan_out: bool = False, saved: tuple[str, ...] = ()) -> dict:
     """PEFT's ``adapter_config.json``: full module names as targets; smaller ranks (a module narrower
-    than ``rank``) in ``rank_pattern`` / ``alpha_pattern`` so every scale stays 1."""
+    than ``rank``) in ``rank_pattern`` / ``alpha_pattern`` so every scale stays 1; ``saved`` tensors'
+    modules in ``modules_to_save``."""
     modules = [f.weight.removesuffix(".weight") for f in factors]
     smaller = {m: f.a.shape[0] for m, f in zip(modules, factors) if f.a.shape[0] != rank}
     return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": rank,
             "lora_alpha": rank, "use_rslora": False, "target_modules": modules, "rank_pattern": smaller,
             "alpha_pattern": dict(smaller), "fan_in_fan_out": fan_in_fan_out, "bias": "none",
-            "lora_dropout": 0.0, "inference_mode": True, "init_lora_weights": True}
+            "lora_dropout": 0.0, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": sorted({name.rpartition(".")[0] for name in saved}) or None}
 
 
 def write_adapter(out: str | os.PathLike, factors: list[Factors], rank: int, inputs: list[Path] = (),
-                  force: bool = False, dtype: torch.dtype = torch.float32, metadata: dict | None = None) -> Path:
-    """An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically."""
-    if not factors:
+                  force: bool = False, dtype: torch.dtype = torch.float32, metadata: dict | None = None,
+                  saved: dict[str, torch.Tensor] | None = None) -> Path:
+    """An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically; ``saved``:
+    whole tensors (base name -> tensor) written as ``modules_to_save``."""
+    saved = saved or {}
+    if not factors and not saved:
         raise MergescopeError(f"{out}: no tensor to write (no target has a non-zero update)")
     kinds = {f.kind for f in factors} - {"embedding"}
     if len(kinds) > 1:
         raise MergescopeError(f"{out}: cannot write Linear and Conv1D (fan_in_fan_out) updates in one adapter")
     fan_in_fan_out = kinds == {"conv1d"}
-    state = {}
+    state = {PREFIX + name: t for name, t in sorted(saved.items())}
     for f in factors:
         a_key, b_key = _keys(f)
         state[a_key], state[b_key] = f.a.to(dtype), f.b.to(dtype)
     out = Path(out)
     with atomic_output(out, inputs, force=force, is_dir=True) as tmp:
         write_state(tmp / WEIGHTS[0], state, metadata=provenance(**(metadata or {})), single_file=True)
-        text = json.dumps(adapter_config(factors, rank, fan_in_fan_out), indent=2, sort_keys=True)
+        text = json.dumps(adapter_config(factors, rank, fan_in_fan_out, tuple(saved)), indent=2, sort_keys=True)
         (tmp / CONFIG).write_text(text + "\n")
     return out
 
