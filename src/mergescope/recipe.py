@@ -149,6 +149,29 @@ class TokenizerSection(_Strict):
         return v
 
 
+def _zoo_model_name(value: Any) -> str:
+    """A recipe's ``model``: a zoo model name only; a recipe is a file and must never choose code to run."""
+    from .io.untrusted import short_repr
+    from .tasks.zoo import ZOO
+
+    if not isinstance(value, str) or value not in ZOO:
+        raise ValueError(f"model {short_repr(value)} is not a zoo model ({', '.join(ZOO)}); a recipe cannot choose "
+                         "code to run (leave 'model' out to use the checkpoints' own record or Hugging Face folder)")
+    return value
+
+
+def _calibration_task(value: Any) -> str:
+    """A recipe's ``task``: a built-in task or a data file, never a ``package.module:factory``."""
+    from .io.untrusted import short_repr
+    from .tasks.checkpoints import TASK_PATTERN
+    from .tasks.files import is_data_file
+
+    if not isinstance(value, str) or not (TASK_PATTERN.fullmatch(value) or is_data_file(value)):
+        raise ValueError(f"task {short_repr(value)} is neither a built-in task (digits, mnist1d) nor a data file "
+                         "(.csv/.tsv/.jsonl/.txt/.npz); a recipe cannot choose code to run")
+    return value
+
+
 def _tokenizer_source(value: Any) -> str:
     """``union``, ``base`` or a local model path."""
     return value if value in ("union", "base") else _model_path(value)
@@ -167,6 +190,8 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
+    model: str | None = None  # fisher/regmean only: a zoo model name (merge/data_aware_recipe.py)
+    task: str | None = None  # fisher/regmean only: calibration data, a built-in task or a data file
     text: str = ""
     source: str = "recipe"  # where it was read from (the file, or "recipe"): error lines name it
 
@@ -190,6 +215,26 @@ class Recipe(_Strict):
         if v is not None and not v.strip():
             raise ValueError("chat_template must be 'auto', a built-in template name or a Jinja template")
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _zoo_model(cls, v):
+        return v if v is None else _zoo_model_name(v)
+
+    @field_validator("task")
+    @classmethod
+    def _builtin_task(cls, v):
+        return v if v is None else _calibration_task(v)
+
+    @model_validator(mode="after")
+    def _data_aware_keys(self):
+        from .merge.data_aware_recipe import METHODS
+
+        given = [k for k in ("model", "task") if getattr(self, k) is not None]
+        if given and self.merge_method not in METHODS:
+            raise ValueError(f"{given[0]!r} is a key of the data-aware methods ({', '.join(METHODS)}), "
+                             f"not of {self.merge_method}")
+        return self
 
     @model_validator(mode="after")
     def _one_tokenizer(self):

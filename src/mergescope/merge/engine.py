@@ -330,6 +330,11 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     start = time.perf_counter()
     release_freed_memory()
     recipe = read(recipe)
+    from . import data_aware_recipe
+
+    if data_aware_recipe.is_data_aware(recipe.merge_method):  # needs a model + calibration data: not streamed
+        return data_aware_recipe.merge(recipe, out_dir, force=force, seed=seed, max_shard_size=max_shard_size,
+                                on_plan=on_plan, on_tensor=on_tensor)
     seed = 0 if seed is None else int(seed)
     threads = max(1, int(threads or min(2, os.cpu_count() or 1)))
     shard_bytes = parse_size(max_shard_size)

@@ -118,11 +118,12 @@ class MergeGridSweep(_Common):
                 raise ValueError(f"model_sets name checkpoints not in 'checkpoints': {unknown}")
             if not s:
                 raise ValueError("an empty model set")
+        from ..merge.data_aware_recipe import METHODS as DATA_AWARE
         from ..merge.methods import names
 
-        bad = [m.method for m in self.methods if m.method not in names()]
+        bad = [m.method for m in self.methods if m.method not in names() and m.method not in DATA_AWARE]
         if bad:
-            raise ValueError(f"unknown merge methods {bad}; known: {', '.join(names())}")
+            raise ValueError(f"unknown merge methods {bad}; known: {', '.join([*names(), *DATA_AWARE])}")
         return self
 
 
@@ -130,13 +131,19 @@ def _check_grid(sweep: MergeGridSweep) -> None:
     """Every grid value of every method obeys the recipe rules (``recipe.check_parameters``) for every
     model-set size; a method that needs a base has one, and every model set has a size the method takes.
     Each value is checked on its own (not the Cartesian product), so the work is linear in the file."""
+    from ..merge import data_aware_recipe
     from ..merge.methods import get
     from ..recipe import check_parameters
 
     sets = sweep.model_sets or [list(sweep.checkpoints)]
     for i, m in enumerate(sweep.methods):
-        method = get(m.method)
         where = f"methods.{i} ({m.method})"
+        if data_aware_recipe.is_data_aware(m.method):  # calibrated on the sweep's task; no base, no per-model lists
+            for key, values in m.grid.items():
+                for v in values:
+                    data_aware_recipe.check_parameters(m.method, {key: v}, f"{where}: grid.{key}")
+            continue
+        method = get(m.method)
         if method.base == "required" and sweep.base is None:
             raise MergescopeError(f"{where}: merge method {m.method!r} needs 'base'")
         for models in sets:

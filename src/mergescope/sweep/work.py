@@ -141,8 +141,14 @@ def _merge(src: Sources, p: dict) -> dict:
     task = _task(p["task"])
     module = _module(src, p, p["models"][0])
     states = _align(module, [src.state(c) for c in p["models"]], task, p["align"], p["seed"])
-    base = None if p["base"] is None else src.state(p["base"])
-    merged = merge_states(p["method"], states, base, **method_params(p["method"], p["params"], len(states), p["seed"]))
+    from ..merge import data_aware_recipe as data_aware
+
+    if data_aware.is_data_aware(p["method"]):  # Fisher / RegMean: the model run on the sweep's task
+        params = data_aware.check_parameters(p["method"], p["params"], f"merge {p['method']}")
+        merged = data_aware.merge_states(p["method"], module, states, task, params)
+    else:
+        base = None if p["base"] is None else src.state(p["base"])
+        merged = merge_states(p["method"], states, base, **method_params(p["method"], p["params"], len(states), p["seed"]))
     return {"method": p["method"], "params": p["params"], "models": p["models"], "align": p["align"],
             **_evaluate_on(module, merged, task, ("val", "test"))}
 
