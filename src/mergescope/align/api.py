@@ -20,20 +20,22 @@ def interpolate_states(state_a: Mapping, state_b: Mapping, alpha: float) -> dict
 
 
 def align_models(spec, model_a: nn.Module, model_b: nn.Module, method: str = "weight", task=None, seed: int = 0,
-                 alpha: float = 0.5, batch_size: int = 512, unmerged: int = 0, repair: bool = False) -> AlignResult:
+                 alpha: float = 0.5, batch_size: int = 512, unmerged: int = 0, repair: bool = False,
+                 **params) -> AlignResult:
     """Run one registered alignment method (``mergescope.align.get(method)``); data-driven ones read ``task``'s train split.
 
     ``alpha`` is the mixing weight of B for methods that merge (zipit, ot_fusion) and for ``repair``;
     ``batch_size`` applies to the methods that read batches; ``unmerged`` (zipit only): leave the
     last K unit groups unmerged (partial zipping, a widened state). ``repair``: return the REPAIRed
     interpolation (1 - alpha) A + alpha B_aligned (``merged=True``, ``info["repair"]``); a method
-    that already merges is returned as it is.
+    that already merges is returned as it is. ``params``: the method's own parameters (ste: epochs,
+    lr; cca, ot_fusion: reg; ...), refused by the registry when the method does not take them.
     """
     if not 0.0 <= alpha <= 1.0:
         raise MergescopeError(f"align: alpha={alpha}: must be within [0, 1]")
     aligner = get(method)
     given = {"alpha": alpha, "batch_size": batch_size}
-    params = {k: v for k, v in given.items() if k in aligner.params}
+    params = {**{k: v for k, v in given.items() if k in aligner.params}, **params}
     if unmerged:
         params["unmerged"] = unmerged
     result = aligner(spec, model_a, model_b, task=task, seed=seed, **params)

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from ..errors import MergescopeError
-from .common import STATE, console, finite, say, torch_threads
-from .options import DEPTH, DIM, HEADS, WIDTH
+from .common import STATE, console, finite, progress, say, torch_threads, write_json
+from .options import DEPTH, DIM, HEADS, JSON_OUT, MODEL_OPTIONS, WIDTH, model_options
 from ..tasks.checkpoints import task_for
 
 METHODS = ("weight", "activation", "ste", "ot", "ot_fusion", "zipit", "cca")  # mergescope.align.names()
@@ -28,30 +28,38 @@ def align(
     depth: int = DEPTH,
     dim: int = DIM,
     heads: int = HEADS,
+    model_option: list[str] = MODEL_OPTIONS,
     repair: bool = typer.Option(False, "--repair",
                                 help="Write the REPAIRed interpolation (1-alpha) A + alpha B_aligned instead."),
     alpha: float = typer.Option(0.5, callback=finite(0, 1), help="Mixing weight of B for --repair and --method zipit."),
     unmerged: int = typer.Option(0, min=0, max=10000, help="zipit only: leave the last K unit groups unmerged (partial zipping: "
                                           "a shared trunk and both models' tails, outputs mixed by --alpha)."),
+    epochs: int = typer.Option(None, min=1, max=100000, help="ste only: epochs of straight-through training [default: 2]."),
+    lr: float = typer.Option(None, callback=finite(0, 10, open_low=True),
+                             help="ste only: Adam learning rate of the free weights [default: 1e-3]."),
+    reg: float = typer.Option(None, callback=finite(0, 1e6),
+                              help="cca: ridge added to the covariances [default: 0.01]; ot_fusion: entropic "
+                                   "regularization [default: 0.01]."),
     task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed (layer order of weight matching, STE data order)."),
     spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),
+    json_out: Path = JSON_OUT,
     threads: int = typer.Option(1, min=1, max=1024, help="Torch threads."),
     force: bool = typer.Option(False, help="Replace an existing output."),
 ):
-    """Align B to A (weight/activation/STE matching, OT, ZipIt!) and save it; optionally REPAIR the merge."""
-    import torch
-
+    """Align B to A (weight/activation/STE matching, OT, ZipIt!, CCA) and save it; optionally REPAIR the merge."""
     from .. import align as al
     from ..io import check_output_path, check_side_outputs, load, provenance, save
     from ..state import example_input
     from ..tasks.checkpoints import hf_folder, load_state_into, model_for
 
     aligner = al.get(method)  # an unknown method fails before anything is read
+    params = method_params(aligner, epochs=epochs, lr=lr, reg=reg)
     check_output_path(out, [a, b], force)  # fail before aligning, not after
-    check_side_outputs([a, b], files=[spec_out], main=out)
+    check_side_outputs([a, b], files=[spec_out, json_out], main=out)
+    options = model_options(model_option, width=width, depth=depth, dim=dim, heads=heads)
     ca, cb = load(a), load(b)
-    module_a, name, used = model_for(ca, model, width=width, depth=depth, dim=dim, heads=heads)
+    module_a, name, used = model_for(ca, model, **options)
     module_b, _, _ = model_for(ca, name, **used)
     folder = hf_folder(ca) if name is None else None  # a HF folder in, a HF folder out (config, tokenizer)
     if folder is not None and unmerged:
@@ -60,28 +68,37 @@ def align(
     load_state_into(module_a, ca, a)
     load_state_into(module_b, cb, b)
     the_task = task_for(ca, task)
-    with torch_threads(threads):
+    with torch_threads(threads), progress() as bar:
+        job = bar.add_task(f"align ({method}): permutation spec", total=3)
         start = time.perf_counter()
         spec = al.permutation_spec(module_a, example_input(the_task))
+        bar.update(job, advance=1, description=f"align ({method}): matching")
         result = al.align_models(spec, module_a, module_b, method=method, task=the_task, seed=seed, alpha=alpha,
-                                 unmerged=unmerged, repair=repair)
+                                 unmerged=unmerged, repair=repair, **params)
         state = result.state
         seconds = time.perf_counter() - start
-    record = (name, used)
-    from ..tasks.checkpoints import model_metadata
+        bar.update(job, advance=1, description=f"align ({method}): saving")
+        record = (name, used)
+        from ..tasks.checkpoints import model_metadata
 
-    recipe = {"method": method, "repair": repair, "alpha": alpha if repair or aligner.merges else None}
-    meta = {**provenance(inputs=[a, b], seed=seed),
-            **({} if name is None else model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits"))),
-            "align": json.dumps(recipe, sort_keys=True)}
-    if unmerged:
-        meta = _partial_zip_metadata(meta, result.info)
-    save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b],
-         copy_files_from=folder)
+        recipe = {"method": method, "repair": repair, "alpha": alpha if repair or aligner.merges else None, **params}
+        meta = {**provenance(inputs=[a, b], seed=seed),
+                **({} if name is None else model_metadata(record[0], record[1], task=ca.metadata.get("task", "digits"))),
+                "align": json.dumps(recipe, sort_keys=True)}
+        if unmerged:
+            meta = _partial_zip_metadata(meta, result.info)
+        save({k: v.detach() for k, v in state.items()}, out, metadata=meta, force=force, inputs=[a, b],
+             copy_files_from=folder)
+        bar.update(job, advance=1)
     if spec_out is not None:
-        from .common import write_json
-
         write_json(spec_out, spec.to_dict())
+    moved = permutation_rows(result.perms)
+    if json_out is not None:
+        write_json(json_out, {"a": str(a), "b": str(b), "out": str(out), "method": method, "merged": result.merged,
+                              "repair": repair, "alpha": recipe["alpha"], "params": params, "seed": seed,
+                              "seconds": seconds, "model": record[0], "model_options": record[1],
+                              "permutations": moved, "spec_out": None if spec_out is None else str(spec_out)},
+                   strict=True)
     if unmerged and not STATE["quiet"]:
         console.print(_partial_zip_table(spec, result.info, module_a, a.name, b.name))
         say(f"widened model: zipped_model(ms.tasks.make_model({record[0]!r}, **{record[1]!r}), ms.load({str(out)!r})) "
@@ -91,10 +108,27 @@ def align(
         table.add_column("permutation")
         table.add_column("units", justify="right")
         table.add_column("moved", justify="right")
-        for p, idx in result.perms.items():
-            table.add_row(p, str(len(idx)), str(int((idx != torch.arange(len(idx))).sum())))
+        for p, row in moved.items():
+            table.add_row(p, str(row["units"]), str(row["moved"]))
         console.print(table)
     say(f"wrote {out} ({seconds:.2f}s)")
+
+
+def method_params(aligner, **given) -> dict:
+    """The method options the user gave (None: not given), refused by name when the method lacks them."""
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - set(aligner.params))
+    if unknown:
+        raise MergescopeError(f"align --method {aligner.name}: --{', --'.join(unknown)} not taken by this method "
+                              f"(it takes: {', '.join(aligner.params) or 'no parameters'})")
+    return given
+
+
+def permutation_rows(perms: dict) -> dict:
+    """Per permutation: its units and how many of them moved (what the table and --json report)."""
+    import torch
+
+    return {p: {"units": len(idx), "moved": int((idx != torch.arange(len(idx))).sum())} for p, idx in perms.items()}
 
 
 def _partial_zip_metadata(meta: dict, info: dict) -> dict:

@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from ..errors import MergescopeError
-from .common import STATE, console, finite, printable, progress, say
-from .options import DEPTH, DIM, HEADS, WIDTH
+from .common import STATE, console, finite, printable, progress, say, write_json
+from .options import DEPTH, DIM, HEADS, JSON_OUT, MODEL_OPTIONS, WIDTH, model_options
 
 
 def _human(n: float) -> str:
@@ -88,6 +88,7 @@ def train(
     heads: int = HEADS,
     batchnorm: bool = typer.Option(None, "--batchnorm/--no-batchnorm",
                                    help="cnn: with or without BatchNorm [default: with]."),
+    model_opts: list[str] = MODEL_OPTIONS,
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for initialization and data order."),
     epochs: int = typer.Option(None, min=1, max=100000, help="Epochs (default: the zoo model's)."),
     lr: float = typer.Option(None, callback=finite(0, 10, open_low=True), help="Peak learning rate (default: the zoo model's)."),
@@ -95,6 +96,7 @@ def train(
     classes: str = typer.Option(None, help="Train only on these labels, e.g. 0,1,2,3,4 (label-subset tasks)."),
     task_spec: str = typer.Option("digits", "--task", help="digits, mnist1d, a data file (.npz; docs/tasks.md) or "
                                   "package.module:factory (runs YOUR code, by design)."),
+    json_out: Path = JSON_OUT,
     force: bool = typer.Option(False, help="Replace an existing output."),
 ):
     """Train a model deterministically (same seed, same bits) on digits, MNIST-1D or your data; print its test accuracy.
@@ -105,13 +107,13 @@ def train(
     from ..tasks.zoo import options_for_task
     from ..tasks.checkpoints import load_state_into, model_for, model_metadata
 
-    from ..io import check_output_path
+    from ..io import check_output_path, check_side_outputs
 
     check_output_path(out, [init_from] if init_from else [], force)  # fail before training, not after
+    check_side_outputs([init_from], files=[json_out], main=out)
     label_set = _parse_classes(classes)
     task = _train_task(task_spec, label_set)
-    given = {k: v for k, v in {"width": width, "depth": depth, "dim": dim, "heads": heads,
-                               "batchnorm": batchnorm}.items() if v is not None}
+    given = model_options(model_opts, width=width, depth=depth, dim=dim, heads=heads, batchnorm=batchnorm)
     if init_from is not None:
         source = load(init_from)
         module, model, options = model_for(source, model, **given)
@@ -136,6 +138,11 @@ def train(
             **model_metadata(model, options, task=task.name,
                              train=json.dumps(params, sort_keys=True))}
     save(module.state_dict(), out, metadata=meta, force=force, inputs=[init_from] if init_from else [])
+    if json_out is not None:
+        write_json(json_out, {"out": str(out), "model": model, "options": options, "task": task.name, "seed": seed,
+                              "params": params, "parameters": sum(p.numel() for p in module.parameters()),
+                              "from": None if init_from is None else str(init_from), "metrics": {"test": metrics}},
+                   strict=True)
     say(f"{out}: {model} test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
 
 

@@ -10,7 +10,8 @@ from rich.table import Table
 from ..errors import MergescopeError
 from ..io import check_output_path, check_side_outputs
 from .common import finite, progress, say, torch_threads, write_json
-from .options import THREADS, WIDTH, fmt as _f, model_option, out_option, show as _show, task_option
+from .options import MODEL_OPTIONS, THREADS, WIDTH, fmt as _f, model_option, model_options, out_option
+from .options import show as _show, task_option
 from ..tasks.checkpoints import task_for
 
 landscape = typer.Typer(name="landscape", help="Loss-landscape geometry: paths, barriers, curves, planes, curvature, "
@@ -22,13 +23,14 @@ MODEL = model_option()
 SPLIT = typer.Option("test", help="Split the path is reported on (train is always measured too).")
 
 
-def _load_models(paths: list[Path], model: str | None):
-    """(template module, states) for checkpoints that share one architecture."""
+def _load_models(paths: list[Path], model: str | None, pairs: list[str] | None = None):
+    """(template module, states) for checkpoints that share one architecture (``pairs``: --model-option)."""
     from ..io import load
     from ..tasks.checkpoints import model_for
 
+    options = model_options(pairs)
     ckpts = [load(p) for p in paths]
-    module, _, _ = model_for(ckpts[0], model)
+    module, _, _ = model_for(ckpts[0], model, **options)
     return module, ckpts
 
 
@@ -62,14 +64,15 @@ def line(
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
     robust_eps: float = typer.Option(0.0, callback=finite(0, 1e6), help="Also measure the robust path: PGD L-inf radius in input units (0: off)."),
     robust_steps: int = typer.Option(5, min=1, max=1000, help="PGD steps for the robust path."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, model_opts: list[str] = MODEL_OPTIONS,
+    threads: int = THREADS,
 ):
     """Loss and accuracy along the straight line between two models; loss and accuracy barriers."""
     from ..landscape import interpolate, robust_interpolate
     from ..report.landscape_figures import plot_path
 
     check_side_outputs([a, b], folders=[(out, ["line.json", "line.png"])])
-    module, (ca, cb) = _load_models([a, b], model)
+    module, (ca, cb) = _load_models([a, b], model, model_opts)
     the_task = task_for(ca, task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("line", total=n)
@@ -98,7 +101,11 @@ def matrix(
     n: int = typer.Option(11, min=2, max=10001, help="Points along each path."),
     split: str = SPLIT,
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    align: str = typer.Option("none", help="Before each pair's path, permute the second model to match the first: "
+                              "none, weight, activation, ste or ot (mergescope.align methods that permute)."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the alignment (--align)."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, model_opts: list[str] = MODEL_OPTIONS,
+    threads: int = THREADS,
 ):
     """Pairwise loss/accuracy barrier matrix of N models (each pair's path computed once)."""
     from ..landscape import barrier_matrix
@@ -106,8 +113,9 @@ def matrix(
 
     if len(checkpoints) < 2:
         raise MergescopeError("matrix: give at least two checkpoints")
+    how = _permuting_method(align)
     check_side_outputs(checkpoints, folders=[(out, ["matrix.json", "matrix.png"])])
-    module, ckpts = _load_models(checkpoints, model)
+    module, ckpts = _load_models(checkpoints, model, model_opts)
     names = [p.stem if p.suffix else p.name for p in checkpoints]
     if len(set(names)) != len(names):
         names = [str(p) for p in checkpoints]
@@ -116,10 +124,10 @@ def matrix(
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("pairs", total=pairs)
         result = barrier_matrix(module, ckpts, the_task, names=names, n=n, split=split, bn_reset=bn_reset,
-                                on_pair=lambda done, total: bar.update(job, completed=done))
+                                on_pair=lambda done, total: bar.update(job, completed=done), align=how, seed=seed)
     write_json(out / "matrix.json", result.to_dict())
     plot_matrix(result, out / "matrix.png")
-    table = Table(title=f"loss barrier / accuracy barrier ({split})")
+    table = Table(title=f"loss barrier / accuracy barrier ({split}{f', {how}-aligned' if how else ''})")
     table.add_column("")
     for name in names:
         table.add_column(name, justify="right")
@@ -127,6 +135,18 @@ def matrix(
         table.add_row(name, *(f"{result.loss[i][j]:.3f} / {result.accuracy[i][j]:.3f}" for j in range(len(names))))
     _show(table)
     say(f"wrote {out / 'matrix.json'} and {out / 'matrix.png'}")
+
+
+def _permuting_method(name: str) -> str | None:
+    """--align of `matrix`: None for none, else a registered method that permutes B (checked before any work)."""
+    from ..align import get
+
+    if name.lower() in ("none", ""):
+        return None
+    if get(name).merges:
+        raise MergescopeError(f"--align {name}: this method merges the models; choose one that permutes "
+                              "(weight, activation, ste, ot)")
+    return name
 
 
 def curve(
@@ -137,6 +157,9 @@ def curve(
                               "(weight matching re-solved each epoch, Tatro et al.)."),
     epochs: int = typer.Option(20, min=1, max=100000, help="Epochs of curve training on the train split."),
     lr: float = typer.Option(1e-3, callback=finite(0, 10, open_low=True), help="Adam learning rate of the bend."),
+    pam_step: float = typer.Option(None, callback=finite(0, 1e6),
+                                   help="--align pam only: relative proximal step eta of each permutation update "
+                                        "(0: stays weight matching) [default: 0.1]."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for t sampling and data order."),
     n: int = typer.Option(25, min=2, max=10001, help="Points along the curve for evaluation."),
     split: str = SPLIT,
@@ -145,23 +168,27 @@ def curve(
                                        "(e.g. for `landscape plane A B MID`)."),
     robust_eps: float = typer.Option(0.0, callback=finite(0, 1e6), help="Also measure curve and line on PGD inputs of this L-inf radius (0: off)."),
     robust_steps: int = typer.Option(5, min=1, max=1000, help="PGD steps for the robust measurements."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, model_opts: list[str] = MODEL_OPTIONS,
+    threads: int = THREADS,
 ):
     """Fit a Bezier/polychain curve between two models (optionally aligned) and compare it with the line."""
     from ..landscape import fit_curve
     from ..report.landscape_figures import plot_curve
 
     how = None if align.lower() in ("none", "") else align.lower()
+    if pam_step is not None and how != "pam":
+        raise MergescopeError("--pam-step applies to --align pam only")
     check_side_outputs([a, b], folders=[(out, ["curve.json", "curve.png"])], main=save_midpoint)
     if save_midpoint is not None:
         check_output_path(save_midpoint, [a, b], force=False)
-    module, (ca, cb) = _load_models([a, b], model)
+    module, (ca, cb) = _load_models([a, b], model, model_opts)
     the_task = task_for(ca, task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task(f"{kind} curve", total=epochs)
         result = fit_curve(module, ca, cb, the_task, kind=kind, align=how, epochs=epochs, seed=seed, n=n, split=split,
                            bn_reset=bn_reset, lr=lr, on_epoch=lambda e, loss: bar.update(job, completed=e + 1),
-                           robust_eps=robust_eps, robust_steps=robust_steps)
+                           robust_eps=robust_eps, robust_steps=robust_steps,
+                           **({} if pam_step is None else {"pam_step": pam_step}))
     write_json(out / "curve.json", {"a": str(a), "b": str(b), **result.to_dict()})
     plot_curve(result, out / "curve.png")
     if save_midpoint is not None:
@@ -207,7 +234,8 @@ def plane(
     split: str = typer.Option("train", help="Split evaluated on the grid."),
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset", help="Recompute BatchNorm statistics at each point."),
     chunk: int = typer.Option(32, min=1, max=4096, help="Grid points evaluated together (vmap)."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, model_opts: list[str] = MODEL_OPTIONS,
+    threads: int = THREADS,
 ):
     """Loss and accuracy on a 2-D plane: filter-normalized random directions (Li et al.) or through three models."""
     from ..landscape import plane as random_plane
@@ -217,7 +245,7 @@ def plane(
     if len(checkpoints) not in (1, 3):
         raise MergescopeError(f"plane: give 1 or 3 checkpoints, got {len(checkpoints)}")
     check_side_outputs(checkpoints, folders=[(out, ["plane.json", "plane.png"])])
-    module, ckpts = _load_models(checkpoints, model)
+    module, ckpts = _load_models(checkpoints, model, model_opts)
     the_task = task_for(ckpts[0], task)
     with torch_threads(threads), progress() as bar:
         job = bar.add_task("plane", total=grid * grid)
@@ -260,14 +288,15 @@ def sharpness(
                               help="Relative accuracy: Lanczos stops when every residual is below tol*|eigenvalue| "
                                    "(a guaranteed bound); power iteration when values change by less than tol."),
     iters: int = typer.Option(None, min=1, max=100000, help="Most iterations (default: lanczos max(10k+50, 100), power 200)."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, model_opts: list[str] = MODEL_OPTIONS,
+    threads: int = THREADS,
 ):
     """Top Hessian eigenvalues (Lanczos or power iteration on HVPs) and Hessian trace (Hutchinson)."""
     from ..landscape import hessian_eigenvalues, hessian_trace
     from ..report.landscape_figures import plot_sharpness
 
     check_side_outputs([checkpoint], folders=[(out, ["sharpness.json", "sharpness.png"])])
-    module, (ckpt,) = _load_models([checkpoint], model)
+    module, (ckpt,) = _load_models([checkpoint], model, model_opts)
     the_task = task_for(ckpt, task)
     with torch_threads(threads):
         eig = hessian_eigenvalues(module, ckpt, the_task, k=k, split=split, batches=batches, method=method, seed=seed,
@@ -295,6 +324,7 @@ def sharpness(
 def stability(
     model: str = typer.Option("mlp", help="Zoo model (or package.module:factory) trained from scratch."),
     width: int = WIDTH,
+    model_opts: list[str] = MODEL_OPTIONS,
     ks: str = typer.Option("0,1,2,5", help="Spawn epochs k, comma-separated."),
     epochs: int = typer.Option(None, min=1, max=100000, help="Epochs of the full run (default: the zoo model's)."),
     lr: float = typer.Option(None, callback=finite(0, 10, open_low=True), help="Peak learning rate (default: the zoo model's)."),
@@ -317,7 +347,7 @@ def stability(
     check_side_outputs([], folders=[(out, ["stability.json", "stability.png"])])
     defaults = train_defaults(model)
     epochs = epochs or defaults["epochs"]
-    options = {"width": width} if width else {}
+    options = model_options(model_opts, width=width)
     module, _ = seeded_model(model, seed, options)
     the_task = get_task(task)
     with torch_threads(threads), progress() as bar:
@@ -342,7 +372,8 @@ def taskvec(
     finetuned: list[Path] = typer.Argument(..., help="Fine-tunes of the base, each recording its task "
                                            "(e.g. `mergescope train --from base --classes 0,1,2,3,4`)."),
     scales: str = typer.Option("0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", help="Scaling coefficients lambda."),
-    out: Path = OUT, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, model: str = MODEL, model_opts: list[str] = MODEL_OPTIONS,
+    threads: int = THREADS,
 ):
     """Task vectors: cosine matrix, task arithmetic (lambda chosen on val, reported on test), negation."""
     from ..landscape import task_vectors
@@ -353,7 +384,7 @@ def taskvec(
     except ValueError:
         raise MergescopeError(f"--scales {scales!r}: expected comma-separated numbers") from None
     check_side_outputs([base, *finetuned], folders=[(out, ["taskvec.json", "taskvec.png"])])
-    module, ckpts = _load_models([base, *finetuned], model)
+    module, ckpts = _load_models([base, *finetuned], model, model_opts)
     names = [p.stem for p in finetuned]
     if len(set(names)) != len(names):
         names = [str(p) for p in finetuned]

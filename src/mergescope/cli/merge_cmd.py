@@ -56,18 +56,26 @@ def merge(
     intermediate_dir: Path = typer.Option(None, "--intermediate-dir",
                                           help="Multi-stage recipes (YAML documents separated by ---, as "
                                                "mergekit-multi): folder for the named stages [default: OUT.stages]."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the merge result (tensors, bytes, seconds, warnings, "
+                                  "files; per stage for a multi-stage recipe) as strict JSON to this file."),
 ):
     """Merge the models of RECIPE into OUT (same recipes and numbers as mergekit-yaml, streamed).
 
     A RECIPE of several YAML documents is run stage by stage (as mergekit-multi); a stage already
     merged from the same recipe is reused."""
+    from ..io import check_side_outputs
     from ..merge.engine import merge as run
     from ..merge.multistage import is_multistage
+    from ..results import write_json
 
+    if json_out is not None:
+        check_side_outputs(_recipe_inputs(recipe), files=[json_out], main=out)
     if _is_multistage_file(recipe, is_multistage):
-        _run_stages(recipe, out, intermediate_dir, force=force, seed=random_seed, threads=threads,
-                    max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer, resume=resume,
-                    allow_nonfinite=allow_nonfinite)
+        results = _run_stages(recipe, out, intermediate_dir, force=force, seed=random_seed, threads=threads,
+                              max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer, resume=resume,
+                              allow_nonfinite=allow_nonfinite)
+        if json_out is not None:
+            write_json(json_out, {"stages": [None if r is None else r.to_dict() for r in results]}, strict=True)
         return
 
     lock = threading.Lock()
@@ -88,6 +96,8 @@ def merge(
         result = run(recipe, out, force=force, seed=random_seed, threads=threads, max_shard_size=max_shard_size,
                      copy_tokenizer=copy_tokenizer, on_tensor=on_tensor, on_plan=on_plan, resume=resume,
                      allow_nonfinite=allow_nonfinite)
+    if json_out is not None:
+        write_json(json_out, result.to_dict(), strict=True)
     if STATE["quiet"]:
         return
     table = Table(title=f"{out}", show_header=False)
@@ -103,14 +113,29 @@ def merge(
     say(f"wrote {out}")
 
 
+def _recipe_inputs(recipe: Path) -> list[Path]:
+    """The recipe and every model its stages name: what --json must never write over."""
+    from ..io.untrusted import read_text
+    from ..merge.multistage import is_multistage, read_stages
+    from ..recipe import parse, read
+
+    text = read_text(recipe, "recipe")
+    if is_multistage(text, str(recipe)):
+        recipes = [parse(stage.data, where=str(recipe)) for stage in read_stages(text, str(recipe))]
+    else:
+        recipes = [read(recipe)]
+    return [recipe, *(Path(m) for r in recipes for m in r.referenced_models())]
+
+
 def _is_multistage_file(recipe: Path, is_multistage) -> bool:
     from ..io.untrusted import read_text
 
     return is_multistage(read_text(recipe, "recipe"), str(recipe))
 
 
-def _run_stages(recipe: Path, out: Path, intermediate_dir: Path | None, **options) -> None:
-    """A multi-stage recipe: one line per stage (reused or merged), then the final output."""
+def _run_stages(recipe: Path, out: Path, intermediate_dir: Path | None, **options) -> list:
+    """A multi-stage recipe: one line per stage (reused or merged), then the final output; the per-stage
+    MergeResults (None: reused)."""
     from ..merge.multistage import run as run_stages
 
     def on_stage(i: int, n: int, name: str | None, reused: bool) -> None:
@@ -120,6 +145,7 @@ def _run_stages(recipe: Path, out: Path, intermediate_dir: Path | None, **option
         results = run_stages(recipe, out, intermediate_dir, on_stage=on_stage, **options)
     merged = [r for r in results if r is not None]
     say(f"wrote {printable(out)} ({len(merged)} of {len(results)} stages merged, {len(results) - len(merged)} reused)")
+    return results
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import STATE, console
+from ..errors import MergescopeError
+from .common import STATE, console, printable
 
 
 def task_option(records: str = "the checkpoint records"):
@@ -32,6 +33,7 @@ def out_option(default: str):
 
 
 THREADS = typer.Option(1, min=1, max=1024, help="Torch threads.")
+JSON_OUT = typer.Option(None, "--json", help="Also write what the command did as strict JSON to this file.")
 
 
 def size_option(name: str, help: str):
@@ -46,6 +48,65 @@ WIDTH = size_option("width", "Hidden width (mlp, cnn, resnet).")
 DEPTH = size_option("depth", "Hidden layers (mlp) or blocks (transformer).")
 DIM = size_option("dim", "Embedding dim (transformer).")
 HEADS = size_option("heads", "Attention heads (transformer).")
+MODEL_OPTIONS = typer.Option(None, "--model-option", metavar="KEY=VALUE",
+                             help="An option of the model (repeatable), e.g. width=128 or batchnorm=false: passed "
+                                  "to a zoo model (checked) or to your factory as key=value (int, float, "
+                                  "true/false, null, JSON list/object, else a string).")
+
+
+def parse_model_options(pairs: list[str] | None) -> dict:
+    """``--model-option key=value`` pairs as keyword arguments (values parsed as ``option_value`` says)."""
+    options: dict = {}
+    for pair in pairs or ():
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise MergescopeError(f"--model-option {printable(pair)[:80]!r}: expected key=value with a name as key")
+        if key in options:
+            raise MergescopeError(f"--model-option {key}: given twice")
+        options[key] = option_value(raw.strip())
+    return options
+
+
+def option_value(raw: str):
+    """int, finite float, true/false, null, a JSON list/object, else the string itself."""
+    import json
+    import math
+
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            continue
+        if kind is float and not math.isfinite(value):
+            raise MergescopeError(f"--model-option value {raw!r}: not a finite number")
+        return value
+    if raw[:1] in "[{" and raw:
+        try:
+            return json.loads(raw, parse_constant=_no_constant)
+        except json.JSONDecodeError as e:
+            raise MergescopeError(f"--model-option value {printable(raw)[:80]!r}: invalid JSON ({e.msg})") from None
+    return raw
+
+
+def _no_constant(token: str):
+    raise MergescopeError(f"--model-option value: {token} is not a finite number")
+
+
+def model_options(pairs: list[str] | None = None, **sizes) -> dict:
+    """The one dict of model options a command passes to ``model_for``: the size options (--width,
+    ...) that were given plus ``--model-option`` pairs; a key given both ways is refused."""
+    given = {k: v for k, v in sizes.items() if v is not None}
+    extra = parse_model_options(pairs)
+    twice = sorted(set(given) & set(extra))
+    if twice:
+        raise MergescopeError(f"--model-option {twice[0]}: also given as --{twice[0]}; give it once")
+    return {**given, **extra}
 
 
 def fmt(x: float | None, digits: int = 4) -> str:

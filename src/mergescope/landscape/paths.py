@@ -139,17 +139,26 @@ class BarrierMatrix:
     n: int
     bn_reset: bool
     paths: tuple[PathResult, ...] = ()
+    align: str | None = None
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "split": self.split, "n": self.n, "bn_reset": self.bn_reset,
+        return {"names": list(self.names), "split": self.split, "n": self.n, "bn_reset": self.bn_reset, "align": self.align,
                 "barrier_loss": [list(r) for r in self.loss], "barrier_acc": [list(r) for r in self.accuracy],
                 "paths": [p.to_dict() for p in self.paths]}
 
 
 def barrier_matrix(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], task,
                    names: Sequence[str] | None = None, n: int = 25, split: str = "test", bn_reset: bool = True,
-                   on_pair: Callable[[int, int], None] | None = None) -> BarrierMatrix:
-    """Pairwise loss/accuracy barriers; each unordered pair's path is computed once (it is symmetric)."""
+                   on_pair: Callable[[int, int], None] | None = None, align: str | None = None,
+                   seed: int = 0) -> BarrierMatrix:
+    """Pairwise loss/accuracy barriers; each unordered pair's path is computed once.
+
+    ``align`` (a permuting ``mergescope.align`` method: weight, activation, ste, ot) first permutes
+    the second model of each pair (i < j) to match the first (``curves.align_endpoint``, seeded by
+    ``seed``): the barriers left once permutation symmetry is factored out.
+    """
+    from .curves import align_endpoint  # curves builds on this module
+
     if len(states) < 2:
         raise MergescopeError(f"barrier matrix: need at least 2 states, got {len(states)}")
     names = tuple(names) if names is not None else tuple(f"model{i}" for i in range(len(states)))
@@ -162,10 +171,12 @@ def barrier_matrix(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]
     paths = []
     pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
     for done, (i, j) in enumerate(pairs):
-        path = evaluate_path(model, lerp(loaded[i], loaded[j], ts), ts, task, split, bn_reset)
+        other = loaded[j] if align is None else align_endpoint(model, loaded[i], loaded[j], task, align, seed)
+        path = evaluate_path(model, lerp(loaded[i], other, ts), ts, task, split, bn_reset)
         loss[i, j] = loss[j, i] = path.barrier_loss
         acc[i, j] = acc[j, i] = path.barrier_acc
         paths.append(path)
         if on_pair is not None:
             on_pair(done + 1, len(pairs))
-    return BarrierMatrix(names, tuple(map(_tuple, loss)), tuple(map(_tuple, acc)), split, n, bn_reset, tuple(paths))
+    return BarrierMatrix(names, tuple(map(_tuple, loss)), tuple(map(_tuple, acc)), split, n, bn_reset, tuple(paths),
+                        align)
