@@ -6,6 +6,7 @@ from .adapter import (
     Target,
     is_adapter_folder,
     open_reference,
+    reference_paths,
     split_reference,
 )
 from .combine import DELTA_METHODS, adapter_recipe, merge_adapters, merged_updates
@@ -20,4 +21,4 @@ from .factor import (
 
 __all__ = ["DELTA_METHODS", "AdaptedCheckpoint", "Adapter", "ExtractResult", "Factors", "Target", "adapter_config",
            "adapter_recipe", "extract_lora", "factorize", "is_adapter_folder", "merge_adapters", "merged_updates",
-           "open_reference", "split_reference", "write_adapter"]
+           "open_reference", "reference_paths", "split_reference", "write_adapter"]

@@ -61,6 +61,11 @@ def split_reference(name: str) -> tuple[str, str | None]:
     return parts[0], parts[1]
 
 
+def reference_paths(name: str) -> list[Path]:
+    """The folders a recipe's model reads: ``BASE+ADAPTER`` is both (for output guards and fingerprints)."""
+    return [Path(p) for p in split_reference(name) if p is not None]
+
+
 def is_adapter_folder(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and os.path.lexists(Path(path) / CONFIG)
 
