@@ -215,6 +215,21 @@ dtype: float32
     _assert_states_close(ours, _state(tmp_path / "mk"))
 
 
+def test_bf16_base_plus_adapter_is_bit_identical_to_peft(family, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(family / "base", dtype=torch.bfloat16).save_pretrained(tmp_path / "base")
+    peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16),
+                                     family / "ad2").merge_and_unload()
+    ref = {k: v.detach() for k, v in peft.state_dict().items()}
+    ms.merge({"merge_method": "linear", "models": [{"model": f"{tmp_path / 'base'}+{family / 'ad2'}",
+                                                    "parameters": {"weight": 1.0}}]}, tmp_path / "ours")
+    ours = _state(tmp_path / "ours")
+    assert {v.dtype for v in ours.values()} == {torch.bfloat16}
+    assert all(torch.equal(v, ref[k]) for k, v in ours.items())
+
+
 # ------------------------------------------------------------------ (3) adapters merged = dense merge
 
 
