@@ -28,7 +28,7 @@ def ckpts(tmp_path_factory):
     paths = []
     for seed in (0, 1, 2):
         model = ms.tasks.build("mlp", seed=seed, width=WIDTH)
-        ms.tasks.train(model, task, epochs=3, seed=seed)
+        ms.tasks.train(model, task, epochs=10, seed=seed)
         path = folder / f"m{seed}.safetensors"
         save(model.state_dict(), path, metadata=model_metadata("mlp", {"width": WIDTH, "depth": 2}))
         paths.append(path)
@@ -58,15 +58,18 @@ def _strict(path):
 def test_align_ste_epochs_lr_reach_the_method_and_json_reports_it(ckpts, tmp_path, capsys):
     out, report = tmp_path / "ste.safetensors", tmp_path / "ste.json"
     assert main(["align", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--method", "ste", "--epochs", "2",
-                 "--lr", "0.01", "--json", str(report)]) == 0
+                 "--lr", "0.01", "--batch-size", "64", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     aligned = dict(load(out))
-    api = _api_align(ckpts, "ste", epochs=2, lr=0.01)
+    api = _api_align(ckpts, "ste", epochs=2, lr=0.01, batch_size=64)
     assert all(torch.equal(aligned[k], api.state[k]) for k in aligned)
     weight = _api_align(ckpts, "weight")
     assert any(not torch.equal(aligned[k], weight.state[k]) for k in aligned)  # the issue: it was weight matching
+    for other in ({"epochs": 1, "lr": 0.01}, {"epochs": 2, "lr": 1e-4}):  # both options reached the method
+        moved = _api_align(ckpts, "ste", batch_size=64, **other).state
+        assert any(not torch.equal(aligned[k], moved[k]) for k in aligned), other
     data = _strict(report)
-    assert data["method"] == "ste" and data["params"] == {"epochs": 2, "lr": 0.01} and data["out"] == str(out)
+    assert data["method"] == "ste" and data["params"] == {"epochs": 2, "lr": 0.01, "batch_size": 64} and data["out"] == str(out)
     assert data["model"] == "mlp" and data["model_options"]["width"] == WIDTH
     moved = {p: int((idx != torch.arange(len(idx))).sum()) for p, idx in api.perms.items()}
     assert {p: r["moved"] for p, r in data["permutations"].items()} == moved
@@ -95,15 +98,16 @@ def test_align_refuses_an_option_the_method_lacks(ckpts, tmp_path, capsys):
 
 def test_curve_pam_step_equals_the_api(ckpts, tmp_path):
     out = tmp_path / "curve"
-    assert main(["-q", "landscape", "curve", str(ckpts[0]), str(ckpts[1]), "--align", "pam", "--pam-step", "2",
+    assert main(["-q", "landscape", "curve", str(ckpts[0]), str(ckpts[1]), "--align", "pam", "--pam-step", "200",
                  "--epochs", "3", "--n", "5", "-o", str(out)]) == 0
     data = json.loads((out / "curve.json").read_text())
     task, model = ms.tasks.digits(), ms.tasks.build("mlp", width=WIDTH)
-    api = ms.landscape.fit_curve(model, load(ckpts[0]), load(ckpts[1]), task, align="pam", pam_step=2.0, epochs=3,
+    api = ms.landscape.fit_curve(model, load(ckpts[0]), load(ckpts[1]), task, align="pam", pam_step=200.0, epochs=3,
                                  n=5)
-    assert data["curve"]["loss"] == list(api.curve.loss)
+    default = ms.landscape.fit_curve(model, load(ckpts[0]), load(ckpts[1]), task, align="pam", epochs=3, n=5)
+    assert data["curve"]["loss"] == list(api.curve.loss) != list(default.curve.loss)  # the step reached PAM
     assert data["aligned_line"]["loss"] == list(api.aligned_line.loss)
-    assert main(["-q", "landscape", "curve", str(ckpts[0]), str(ckpts[1]), "--pam-step", "2", "-o", str(out)]) == 2
+    assert main(["-q", "landscape", "curve", str(ckpts[0]), str(ckpts[1]), "--pam-step", "200", "-o", str(out)]) == 2
 
 
 def test_matrix_align_weight_equals_aligning_each_pair_then_interpolating(ckpts, tmp_path):

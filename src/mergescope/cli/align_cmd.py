@@ -40,6 +40,8 @@ def align(
     reg: float = typer.Option(None, callback=finite(0, 1e6),
                               help="cca: ridge added to the covariances [default: 0.01]; ot_fusion: entropic "
                                    "regularization [default: 0.01]."),
+    batch_size: int = typer.Option(None, min=1, max=10**6, help="activation, ste, zipit, cca: examples per batch of "
+                                   "train data [default: 512]; ste takes one step per batch."),
     task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed (layer order of weight matching, STE data order)."),
     spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),
@@ -54,7 +56,7 @@ def align(
     from ..tasks.checkpoints import hf_folder, load_state_into, model_for
 
     aligner = al.get(method)  # an unknown method fails before anything is read
-    params = method_params(aligner, epochs=epochs, lr=lr, reg=reg)
+    params = method_params(aligner, epochs=epochs, lr=lr, reg=reg, batch_size=batch_size)
     check_output_path(out, [a, b], force)  # fail before aligning, not after
     check_side_outputs([a, b], files=[spec_out, json_out], main=out)
     options = model_options(model_option, width=width, depth=depth, dim=dim, heads=heads)
