@@ -177,3 +177,25 @@ def check_widening(template: nn.Module, widened_state, x: torch.Tensor, tail: li
         raise MergescopeError(f"zipit: unmerged={len(tail)} widens unit group(s) {', '.join(tail)}, but the widened "
                               "model does not compute the same function (an operation fixes the unit count, e.g. "
                               "GroupNorm groups or a reshape into heads); use a smaller unmerged")
+
+
+def widened_template(template: nn.Module, x: torch.Tensor, unmerged: int) -> tuple[nn.Module, list[str]]:
+    """(the module a partial zip of ``template`` with its last ``unmerged`` unit groups fits, those groups).
+
+    Why: a partial-zip checkpoint's tensors are wider than its base model's, so rebuilding it from a
+    record needs the widths. They follow from the architecture alone: ``template`` zipped with itself
+    (identity pairing, the tail unmerged) has them; its values are replaced when the file is loaded.
+    An ``unmerged`` the model cannot take (too many groups, attention, a fixed unit count) is one line.
+    """
+    from .trace import permutation_spec, trace_model
+    from .zipit import merge_unmerge, zip_state
+
+    state = template.state_dict()
+    spec = permutation_spec(template, x).with_sizes(state)
+    order = unit_order(trace_model(template, x, on_unsupported="fix"), spec)
+    tail = tail_groups(order, unmerged)
+    check_attention(spec, order, tail)
+    ops = {p: None if p in tail else merge_unmerge([(i, n + i) for i in range(n)], n, 0.5) for p, n in spec.sizes.items()}
+    widened = zip_state(spec, state, state, ops, 0.5)
+    check_widening(template, widened, x, tail)
+    return zipped_model(template, widened), tail

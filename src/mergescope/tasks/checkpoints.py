@@ -83,6 +83,8 @@ def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str
 
     recorded = _recorded_unless_given(ckpt, model)
     given = {k: v for k, v in options.items() if v is not None}  # unset CLI options arrive as None
+    if model is None and recorded is None and PARTIAL_ZIP in getattr(ckpt, "metadata", {}):
+        return _partial_zip_model_for(ckpt, given)
     if model is None and recorded is None and hf_folder(ckpt) is not None:
         return _hf_model_for(ckpt, given)
     if model is None:
@@ -92,6 +94,43 @@ def model_for(ckpt, model: str | None = None, **options) -> tuple[nn.Module, str
     base = recorded[1] if recorded is not None and recorded[0] == model else {}
     options = {**base, **given}
     return make_model(model, **options), model, options
+
+
+PARTIAL_ZIP = "partial_zip"  # align --unmerged K: {"model": {name, options}, "unmerged": [unit groups], ...}
+MAX_GROUPS = 10_000  # unit groups a record may name (align's --unmerged bound)
+
+
+def _partial_zip_model_for(ckpt, given: Mapping) -> tuple[nn.Module, str, dict]:
+    """The widened module of a partial-zip checkpoint, rebuilt from its record: the base must be a zoo
+    model (options bounded as any zoo record), and its last ``len(unmerged)`` unit groups, traced on the
+    recorded built-in task's inputs, must be the groups the record names."""
+    from ..align.partial import widened_template
+    from ..state import example_input
+    from . import make_model
+
+    where = f"{ckpt.path}: metadata {PARTIAL_ZIP!r}"
+    if given:
+        raise MergescopeError(f"{ckpt.path}: {', '.join(sorted(given))} cannot change a partial-zip checkpoint's "
+                              "model (its record fixes the architecture)")
+    try:
+        record = json.loads(ckpt.metadata[PARTIAL_ZIP])
+        base = json.dumps(record["model"]) if isinstance(record, dict) and isinstance(record.get("model"), dict) else None
+    except (ValueError, KeyError, RecursionError):
+        base = None
+    unmerged = record.get("unmerged") if base is not None else None
+    if base is None or not isinstance(unmerged, list) or not 0 < len(unmerged) <= MAX_GROUPS \
+            or not all(isinstance(g, str) for g in unmerged):
+        raise MergescopeError(f"{where} must be JSON with a model record and a non-empty list of unmerged unit groups")
+    name, options = model_spec_of(_Meta({"model": base}, where))
+    template = make_model(name, **options)
+    try:
+        module, tail = widened_template(template, example_input(task_for(ckpt)), len(unmerged))
+    except MergescopeError as e:
+        raise MergescopeError(f"{where}: {e}") from None
+    if tail != unmerged:
+        raise MergescopeError(f"{where} names unmerged groups {short_repr(unmerged)}, but the last {len(unmerged)} "
+                              f"unit groups of {name} are {short_repr(tail)}")
+    return module, name, options
 
 
 def hf_folder(ckpt) -> os.PathLike | None:

@@ -1,0 +1,121 @@
+"""Partial-zip checkpoints (`align --method zipit --unmerged K`) rebuild their widened model from the record.
+
+Reference: the API (``align_models(..., unmerged=K)`` + ``zipped_model``) evaluated here with plain torch,
+against ``mergescope evaluate`` reading only the file. Tampered records are one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mergescope import align as al
+from mergescope.align import zipped_model
+from mergescope.cli import main
+from mergescope.io import load, save
+from mergescope.state import example_input
+from mergescope.tasks import build, digits, train
+from mergescope.tasks.checkpoints import model_for, model_metadata
+
+OPTS = {"width": 16, "depth": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def zipped(tmp_path_factory):
+    """Two trained MLPs and their partial zip (both hidden groups unmerged) written by the CLI."""
+    root = tmp_path_factory.mktemp("pz")
+    task = digits()
+    for seed in range(2):
+        m = build("mlp", seed=seed, **OPTS)
+        train(m, task, epochs=3, lr=1e-2, weight_decay=0.0, seed=seed)
+        save(m.state_dict(), root / f"m{seed}.safetensors", metadata=model_metadata("mlp", OPTS))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["-q", "align", str(root / "m0.safetensors"), str(root / "m1.safetensors"), "--method", "zipit",
+                     "--unmerged", "2", "-o", str(root / "zip.safetensors")]) == 0
+    finally:
+        torch.set_num_threads(old)
+    return root
+
+
+def api_reference(root, unmerged: int):
+    """(loss, accuracy) on test of the API's partial zip, computed with plain torch."""
+    task = digits()
+    a, b = build("mlp", **OPTS), build("mlp", **OPTS)
+    a.load_state_dict(dict(load(root / "m0.safetensors")))
+    b.load_state_dict(dict(load(root / "m1.safetensors")))
+    spec = al.permutation_spec(a, example_input(task))
+    state = al.align_models(spec, a, b, method="zipit", task=task, unmerged=unmerged).state
+    model = zipped_model(a, state).eval()
+    x, y = (torch.cat(t) for t in zip(*task.batches("test")))
+    with torch.no_grad():
+        logits = model(x)
+    return float(F.cross_entropy(logits, y)), int((logits.argmax(1) == y).sum()) / len(y), state
+
+
+def test_evaluate_rebuilds_the_widened_model_with_the_api_accuracy(zipped, tmp_path):
+    loss, acc, state = api_reference(zipped, 2)
+    assert state["layers.0.weight"].shape == (32, 64)  # widened: the test would fail on the base model
+    out = tmp_path / "e.json"
+    assert main(["-q", "evaluate", str(zipped / "zip.safetensors"), "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["model"] == "mlp"
+    assert row["test"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+    assert row["test"]["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_model_for_gives_the_widened_module(zipped):
+    ckpt = load(zipped / "zip.safetensors")
+    module, name, options = model_for(ckpt)
+    assert (name, options) == ("mlp", OPTS)
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {k: tuple(v.shape) for k, v in ckpt.items()}
+
+
+def tampered(zipped, tmp_path, change) -> str:
+    ckpt = load(zipped / "zip.safetensors")
+    meta = dict(ckpt.metadata)
+    record = json.loads(meta["partial_zip"])
+    change(record)
+    meta["partial_zip"] = json.dumps(record) if not isinstance(record, str) else record
+    path = tmp_path / "bad.safetensors"
+    save({k: ckpt[k] for k in ckpt}, path, metadata=meta)
+    return str(path)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda r: r.update(unmerged=["layers.0.weight:0", "layers.1.weight:0", "x"]), "unmerged=3 must be an integer"),
+    (lambda r: r.update(unmerged=["layers.1.weight:0", "layers.0.weight:0"]), "names unmerged groups"),
+    (lambda r: r.update(unmerged=[]), "non-empty list"),
+    (lambda r: r.update(unmerged=5), "non-empty list"),
+    (lambda r: r["model"].update(name="os:system"), "not a zoo model"),
+    (lambda r: r["model"].update(name="nosuchmodel"), "not a zoo model"),
+    (lambda r: r["model"]["options"].update(width=10**12), "option 'width'"),
+    (lambda r: r.pop("model"), "model record"),
+])
+def test_tampered_record_is_one_line_exit_2(zipped, tmp_path, capsys, change, words):
+    path = tampered(zipped, tmp_path, change)
+    capsys.readouterr()
+    assert main(["-q", "evaluate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "bad.safetensors" in err[0], err
+
+
+def test_record_with_fewer_groups_than_the_file_does_not_fit(zipped, tmp_path, capsys):
+    """K=1 names a real last group, but the file's first layer is widened too: the shapes are refused."""
+    path = tampered(zipped, tmp_path, lambda r: r.update(unmerged=["layers.1.weight:0"]))
+    capsys.readouterr()
+    assert main(["-q", "evaluate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shape" in err[0], err
