@@ -28,14 +28,6 @@ OPTS = {"width": 16, "depth": 1}
 N = 96  # calibration examples
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Two small MLP checkpoints from different seeds that record their zoo model."""

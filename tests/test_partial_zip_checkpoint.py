@@ -23,14 +23,6 @@ from mergescope.tasks.checkpoints import model_for, model_metadata
 OPTS = {"width": 16, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def zipped(tmp_path_factory):
     """Two trained MLPs and their partial zip (both hidden groups unmerged) written by the CLI."""
@@ -40,28 +32,28 @@ def zipped(tmp_path_factory):
         m = build("mlp", seed=seed, **OPTS)
         train(m, task, epochs=3, lr=1e-2, weight_decay=0.0, seed=seed)
         save(m.state_dict(), root / f"m{seed}.safetensors", metadata=model_metadata("mlp", OPTS))
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["-q", "align", str(root / "m0.safetensors"), str(root / "m1.safetensors"), "--method", "zipit",
-                     "--unmerged", "2", "-o", str(root / "zip.safetensors")]) == 0
-    finally:
-        torch.set_num_threads(old)
+    assert main(["-q", "align", str(root / "m0.safetensors"), str(root / "m1.safetensors"), "--method", "zipit",
+                 "--unmerged", "2", "-o", str(root / "zip.safetensors")]) == 0
     return root
 
 
-def api_reference(root, unmerged: int):
-    """(loss, accuracy) on test of the API's partial zip, computed with plain torch."""
+def api_logits(root, unmerged: int, alpha: float = 0.5):
+    """(test logits, labels, state) of the API's partial zip, computed with plain torch."""
     task = digits()
     a, b = build("mlp", **OPTS), build("mlp", **OPTS)
     a.load_state_dict(dict(load(root / "m0.safetensors")))
     b.load_state_dict(dict(load(root / "m1.safetensors")))
     spec = al.permutation_spec(a, example_input(task))
-    state = al.align_models(spec, a, b, method="zipit", task=task, unmerged=unmerged).state
+    state = al.align_models(spec, a, b, method="zipit", task=task, alpha=alpha, unmerged=unmerged).state
     model = zipped_model(a, state).eval()
     x, y = (torch.cat(t) for t in zip(*task.batches("test")))
     with torch.no_grad():
-        logits = model(x)
+        return model(x), y, state
+
+
+def api_reference(root, unmerged: int):
+    """(loss, accuracy, state) on test of the API's partial zip."""
+    logits, y, state = api_logits(root, unmerged)
     return float(F.cross_entropy(logits, y)), int((logits.argmax(1) == y).sum()) / len(y), state
 
 
@@ -74,6 +66,21 @@ def test_evaluate_rebuilds_the_widened_model_with_the_api_accuracy(zipped, tmp_p
     assert row["model"] == "mlp"
     assert row["test"]["accuracy"] == pytest.approx(acc, abs=1e-9)
     assert row["test"]["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_ensemble_of_partial_zips_matches_the_api(zipped, tmp_path):
+    """Two partial zips (alpha 0.5 and 0.3) ensembled from the files alone = the API's models' mean probabilities."""
+    other = tmp_path / "zip03.safetensors"
+    assert main(["-q", "align", str(zipped / "m0.safetensors"), str(zipped / "m1.safetensors"), "--method", "zipit",
+                 "--unmerged", "2", "--alpha", "0.3", "-o", str(other)]) == 0
+    out = tmp_path / "ens.json"
+    assert main(["-q", "ensemble", str(zipped / "zip.safetensors"), str(other), "--json", str(out)]) == 0
+    row = next(r for r in json.loads(out.read_text())["results"] if r["method"] == "probs")
+    (la, y, _), (lb, _, _) = api_logits(zipped, 2), api_logits(zipped, 2, alpha=0.3)
+    probs = (la.double().softmax(1) + lb.double().softmax(1)) / 2
+    assert row["member_accuracy"] == pytest.approx([int((lg.argmax(1) == y).sum()) / len(y) for lg in (la, lb)])
+    assert row["accuracy"] == pytest.approx(int((probs.argmax(1) == y).sum()) / len(y))
+    assert row["loss"] == pytest.approx(float(-probs[torch.arange(len(y)), y].log().mean()), rel=1e-5)
 
 
 def test_model_for_gives_the_widened_module(zipped):
