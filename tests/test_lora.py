@@ -215,6 +215,26 @@ dtype: float32
     _assert_states_close(ours, _state(tmp_path / "mk"))
 
 
+def test_recipe_base_plus_adapter_fingerprints_and_guards_the_adapter(family, tmp_path, capsys):
+    """Both folders of BASE+ADAPTER are inputs: the adapter is fingerprinted in the output's metadata,
+    and an output inside the adapter folder is refused before anything is written."""
+    import json
+
+    from mergescope.cli import main
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"models:\n  - model: {family / 'base'}+{family / 'ad1'}\n    parameters: {{weight: 1.0}}\n"
+                      "merge_method: linear\n")
+    assert main(["-q", "merge", str(recipe), str(tmp_path / "out.safetensors")]) == 0
+    inputs = json.loads(ms.load(tmp_path / "out.safetensors").metadata["inputs"])
+    assert [i["name"] for i in inputs] == ["base", "ad1"]
+    before = sorted(p.name for p in (family / "ad1").iterdir())
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(family / "ad1" / "merged")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (family / "ad1").iterdir()) == before
+
+
 def test_bf16_base_plus_adapter_is_bit_identical_to_peft(family, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM

@@ -347,7 +347,11 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     layout = [(j.name, j.dtype, j.shape) for j in plan.jobs]
     dtype = planning.DTYPES[recipe.dtype] if recipe.dtype else None
     donor_meta = ckpts[plan.donor].metadata
-    meta = provenance(inputs=list(plan.models), recipe_text=recipe.text, seed=seed, merge_method=plan.method.name)
+    from ..lora.adapter import reference_paths
+
+    # BASE+ADAPTER reads (and guards) both folders; each folder once
+    inputs = list(dict.fromkeys(p for m in plan.models for p in reference_paths(m)))
+    meta = provenance(inputs=inputs, recipe_text=recipe.text, seed=seed, merge_method=plan.method.name)
     meta.update(passed_metadata(donor_meta))  # zoo model / built-in task records only: a payload never spreads
     out = Path(out_dir)
     single = out.suffix == ".safetensors"
@@ -356,7 +360,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel reductions would make the bits depend on the core count
     try:
-        with atomic_output(out, [Path(m) for m in plan.models], force=force, is_dir=not single, resume=resume) as tmp:
+        with atomic_output(out, inputs, force=force, is_dir=not single, resume=resume) as tmp:
             writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume)
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
