@@ -67,3 +67,17 @@ def test_tasks_a_model_cannot_take_are_one_line(npz, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "cannot take this file's inputs" in err[0] and "--classes works with" in err[1]
     assert not out.exists()
+
+
+def test_analyse_weights_on_a_task_that_is_not_8x8_images(npz, tmp_path):
+    """Unit templates and class directions of 12-feature inputs: drawn as 1 x 12 strips, no traceback."""
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        assert main(["-q", "train", "--task", str(npz), "--epochs", "2", "--width", "16", "--seed", str(seed),
+                     "-o", str(paths[-1])]) == 0
+    out = tmp_path / "weights"
+    assert main(["-q", "analyse", "weights", *map(str, paths), "--task", str(npz), "-o", str(out)]) == 0
+    data = json.loads((out / "weights.json").read_text())
+    assert all(len(row) == 12 for row in data["class_templates"]["average"])  # one value per input feature
+    assert len(data["class_templates"]["average"]) == 3 and (out / "weights.png").stat().st_size > 0
