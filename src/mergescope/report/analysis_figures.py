@@ -171,3 +171,22 @@ def plot_similarity(result: dict, path) -> None:
     bars.set_title("layer-wise agreement of A and B")
     bars.legend(fontsize=7, loc="upper center", ncol=2)
     save(fig, path)
+
+
+def plot_backdoor(result: dict, path, title: str | None = None) -> None:
+    """Clean accuracy and attack success rate of every member and merge, from a saved
+    ``analysis.backdoor.PersistenceResult.to_dict()`` (the clean target rate as a tick: the ASR's floor)."""
+    plt = pyplot()
+    rows = [(f"member {n}", v) for n, v in result["members"].items()] + list(result["merges"].items())
+    pos = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.6))
+    ax.bar(pos - 0.2, [v["accuracy"] for _, v in rows], 0.4, label="clean accuracy")
+    ax.bar(pos + 0.2, [v["asr"] for _, v in rows], 0.4, label="attack success rate")
+    ax.plot(pos + 0.2, [v["clean_target_rate"] for _, v in rows], "k_", ms=14, label="target rate without trigger")
+    ax.axvline(len(result["members"]) - 0.5, color="gray", lw=1, ls=":")
+    ax.set_xticks(list(pos), [n for n, _ in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"{result['split']} rate")
+    ax.set_title(title or f"backdoor persistence ({result['trigger']['kind']} trigger, target {result['target']})")
+    ax.legend(fontsize=7, loc="lower left")
+    save(fig, path)
