@@ -173,3 +173,42 @@ def test_sweep_refuses_a_bad_regmean_grid(zoo, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(MergescopeError, match="alpha"):
         sweep.run(path, tmp_path / "rows.jsonl", sweep.LocalExecutor(workers=1))
+
+
+@pytest.fixture(scope="module")
+def hf_pair(minilm_dir, tmp_path_factory):
+    """Two short MiniLM fine-tunes as Hugging Face folders and their CSV task (tests/hfutil.py)."""
+    pytest.importorskip("transformers")
+    from hfutil import build_family
+
+    return build_family(tmp_path_factory.mktemp("hf_pair"), minilm_dir, seeds=(1, 2), steps=2)
+
+
+def test_regmean_recipe_on_hugging_face_folders_with_a_data_file(hf_pair, tmp_path):
+    """No 'model' key: the folders' config.json builds the model; the CSV is tokenized by the first folder."""
+    from mergescope.tasks.checkpoints import fitted_state, model_for, task_for
+
+    data = {"merge_method": "regmean", "task": str(hf_pair.csv), "parameters": {"examples": 8, "batch_size": 8},
+            "models": [{"model": str(f)} for f in hf_pair.variants]}
+    ms.merge(data, tmp_path / "out")
+    merged = load(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+    ckpts = [load(f) for f in hf_pair.variants]
+    module = model_for(ckpts[0])[0]
+    api = regmean_merge(module, [fitted_state(module, dict(c), "c") for c in ckpts], task_for(ckpts[0], str(hf_pair.csv)),
+                        n_examples=8, batch_size=8)
+    name = "bert.encoder.layer.4.attention.output.dense.weight"  # fine-tuned (the first layers are frozen)
+    torch.testing.assert_close(merged[name], api[name], rtol=0, atol=0)
+    torch.testing.assert_close(merged["classifier.weight"], api["classifier.weight"], rtol=0, atol=0)
+    assert (merged[name] - (ckpts[0][name] + ckpts[1][name]) / 2).abs().max() > 1e-6  # solved, not averaged
+
+
+def test_fisher_on_a_model_vmap_cannot_run_is_one_line(hf_pair, tmp_path, capsys):
+    path = tmp_path / "fisher.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "fisher", "task": str(hf_pair.csv), "parameters": {"examples": 2},
+                                    "models": [{"model": str(f)} for f in hf_pair.variants]}))
+    capsys.readouterr()
+    assert cli("merge", path, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vmap" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -62,7 +62,13 @@ def merge_states(method: str, module, states: Sequence[Mapping[str, torch.Tensor
     common = {"n_examples": p.pop("examples", None), "batch_size": p.pop("batch_size", 128)}
     if method == "fisher":
         p.pop("weight", None)
-        return data_aware.fisher_merge(module, states, task, weights=weights, floor=p.pop("floor", 1e-6), **common)
+        try:
+            return data_aware.fisher_merge(module, states, task, weights=weights, floor=p.pop("floor", 1e-6), **common)
+        except RuntimeError as e:  # per-example gradients run under torch.func.vmap; some models' code cannot
+            if "vmap" not in str(e):
+                raise
+            raise MergescopeError(f"fisher: {type(module).__name__} cannot run under torch.func.vmap (per-example "
+                                  f"gradients): {str(e).splitlines()[0][:160]}; use regmean for this model") from None
     return data_aware.regmean_merge(module, states, task, alpha=p.pop("alpha", 0.9), **common)
 
 
