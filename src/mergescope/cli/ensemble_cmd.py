@@ -10,7 +10,7 @@ import typer
 
 from ..errors import MergescopeError
 from ..io import check_side_outputs
-from .common import progress, say, torch_threads, write_json
+from .common import finite, progress, say, torch_threads, write_json
 from .options import THREADS, fmt as _f, model_option, out_option, show as _show, table as _table, task_option
 from ..tasks.checkpoints import task_for
 
@@ -300,6 +300,40 @@ def analyse_cka(
         table.add_row(layer, _f(result.cka[i][i]), _f(result.aligned[i][i]) if result.aligned else "-",
                       _f(result.unit_correlation[i]),
                       _f(result.aligned_unit_correlation[i]) if result.aligned_unit_correlation else "-")
+    _show(table)
+    say(f"wrote {json_path} and {png}")
+
+
+@analyse_app.command("backdoor")
+def analyse_backdoor(
+    checkpoints: list[Path] = CKPTS,
+    target: int = typer.Option(..., min=0, max=1_000_000, help="The label the trigger should force."),
+    trigger: str = typer.Option("patch", help="patch (bottom-right 3x3 of an 8x8 input set to --value) or pattern "
+                                "(--value times a fixed normal pattern drawn from --seed; any input shape)."),
+    value: float = typer.Option(3.0, callback=finite(-1e6, 1e6), help="Patch value / pattern scale."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the pattern trigger and of weight matching."),
+    base: Path = typer.Option(None, help="The models' common parent: adds task arithmetic and TIES."),
+    align: bool = typer.Option(True, help="Without --base, add the weight-matched average (needs mergescope.align)."),
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+):
+    """Attack success rate of a trigger (and clean accuracy) for each member and each merge of them."""
+    from ..analysis import backdoor
+    from ..report import analysis_figures as figures
+
+    inputs = [*checkpoints, *([base] if base is not None else [])]
+    check_side_outputs(inputs, folders=[(out, ["backdoor.json", "backdoor.png"])])
+    trig = backdoor.Trigger(kind=trigger, value=value, seed=seed)
+    with torch_threads(threads):
+        module, states, task_obj = _load(inputs, model, task)
+        base_state = states.pop(list(states)[-1]) if base is not None else None
+        merges = backdoor.standard_merges(module, states, task_obj, base=base_state, align=align, seed=seed)
+        result = backdoor.persistence(module, states, merges, task_obj, trig, target)
+    json_path, png = _save_and_plot(result, out, "backdoor", figures.plot_backdoor)
+    table = _table(f"backdoor: {trigger} trigger -> label {target} ({task_obj.name} {result.split})",
+                   ["model", "clean accuracy", "attack success", "target rate, no trigger"])
+    for label, rows in (("member ", result.members), ("", result.merges)):
+        for name, r in rows.items():
+            table.add_row(f"{label}{name}", _f(r["accuracy"]), _f(r["asr"]), _f(r["clean_target_rate"]))
     _show(table)
     say(f"wrote {json_path} and {png}")
 
