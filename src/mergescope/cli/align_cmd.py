@@ -34,14 +34,14 @@ def align(
     alpha: float = typer.Option(0.5, callback=finite(0, 1), help="Mixing weight of B for --repair and --method zipit."),
     unmerged: int = typer.Option(0, min=0, max=10000, help="zipit only: leave the last K unit groups unmerged (partial zipping: "
                                           "a shared trunk and both models' tails, outputs mixed by --alpha)."),
-    epochs: int = typer.Option(None, min=1, max=100000, help="ste only: epochs of straight-through training [default: 2]."),
+    epochs: int = typer.Option(None, min=1, max=100000, help="ste only: epochs of straight-through training (default 2)."),
     lr: float = typer.Option(None, callback=finite(0, 10, open_low=True),
-                             help="ste only: Adam learning rate of the free weights [default: 1e-3]."),
+                             help="ste only: Adam learning rate of the free weights (default 1e-3)."),
     reg: float = typer.Option(None, callback=finite(0, 1e6),
-                              help="cca: ridge added to the covariances [default: 0.01]; ot_fusion: entropic "
-                                   "regularization [default: 0.01]."),
+                              help="cca: ridge added to the covariances (default 0.01); ot_fusion: entropic "
+                                   "regularization (default 0.01)."),
     batch_size: int = typer.Option(None, min=1, max=10**6, help="activation, ste, zipit, cca: examples per batch of "
-                                   "train data [default: 512]; ste takes one step per batch."),
+                                   "train data (default 512); ste takes one step per batch."),
     task: str = typer.Option(None, help="Data for activation-based methods and REPAIR (default: the recorded task)."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed (layer order of weight matching, STE data order)."),
     spec_out: Path = typer.Option(None, help="Also write the derived permutation spec as JSON here."),

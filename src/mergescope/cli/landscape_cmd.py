@@ -159,7 +159,7 @@ def curve(
     lr: float = typer.Option(1e-3, callback=finite(0, 10, open_low=True), help="Adam learning rate of the bend."),
     pam_step: float = typer.Option(None, callback=finite(0, 1e6),
                                    help="--align pam only: relative proximal step eta of each permutation update "
-                                        "(0: stays weight matching) [default: 0.1]."),
+                                        "(0: stays weight matching) (default 0.1)."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for t sampling and data order."),
     n: int = typer.Option(25, min=2, max=10001, help="Points along the curve for evaluation."),
     split: str = SPLIT,
