@@ -42,6 +42,10 @@ def _engine_warnings():
         log.propagate = propagate
 
 
+JSON_OUT = typer.Option(None, "--json", help="Also write the merge result (tensors, bytes, seconds, warnings, files; "
+                        "per stage for a multi-stage recipe) as strict JSON to this file.")
+
+
 def merge(
     recipe: Path = typer.Argument(..., help="MergeKit-style YAML recipe (the same file mergekit-yaml reads)."),
     out: Path = typer.Argument(..., help="Output folder (Hugging Face layout) or a .safetensors file."),
@@ -56,8 +60,7 @@ def merge(
     intermediate_dir: Path = typer.Option(None, "--intermediate-dir",
                                           help="Multi-stage recipes (YAML documents separated by ---, as "
                                                "mergekit-multi): folder for the named stages [default: OUT.stages]."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the merge result (tensors, bytes, seconds, warnings, "
-                                  "files; per stage for a multi-stage recipe) as strict JSON to this file."),
+    json_out: Path = JSON_OUT,
 ):
     """Merge the models of RECIPE into OUT (same recipes and numbers as mergekit-yaml, streamed).
 
