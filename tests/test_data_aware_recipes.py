@@ -212,3 +212,19 @@ def test_fisher_on_a_model_vmap_cannot_run_is_one_line(hf_pair, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vmap" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_regmean_stage_of_a_multistage_recipe_is_merged_then_reused(zoo, tmp_path, capsys):
+    m0, m1 = (str(zoo / f"m{i}.safetensors") for i in range(2))
+    text = (f"name: rm\nmerge_method: regmean\ntask: digits\nparameters: {{examples: {N}}}\n"
+            f"models: [{{model: {m0}}}, {{model: {m1}}}]\n---\nmerge_method: linear\n"
+            f"models: [{{model: rm, parameters: {{weight: 1.0}}}}, {{model: {m0}, parameters: {{weight: 1.0}}}}]\n")
+    (tmp_path / "two.yml").write_text(text)
+    assert cli("merge", tmp_path / "two.yml", tmp_path / "out") == 0
+    api = regmean_merge(build("mlp", **OPTS), states(zoo), digits(), n_examples=N)
+    final = load(tmp_path / "out")
+    for k in api:
+        torch.testing.assert_close(final[k], (api[k] + states(zoo)[0][k]) / 2)
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "two.yml"), str(tmp_path / "out")]) == 0
+    assert "0 of 2 stages merged, 2 reused" in capsys.readouterr().out

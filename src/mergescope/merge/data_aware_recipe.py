@@ -125,11 +125,12 @@ def check_recipe(recipe) -> None:
 
 
 def merge(recipe, out_dir: str | os.PathLike, force: bool = False, seed: int | None = None,
-          max_shard_size: int | str = "2GB", on_plan=None, on_tensor=None):
-    """Run a fisher/regmean recipe into ``out_dir`` (a ``.safetensors`` file or a HF-layout folder)."""
-    from ..io import check_output_path, load, provenance, save
+          max_shard_size: int | str = "2GB", on_plan=None, on_tensor=None, allow_nonfinite: bool = False):
+    """Run a fisher/regmean recipe into ``out_dir`` (a ``.safetensors`` file or a HF-layout folder); a merged
+    tensor with NaN/Inf is an error unless ``allow_nonfinite`` (as in the streamed engine)."""
+    from ..io import check_output_path, load, provenance
     from ..tasks import checkpoints as ck
-    from .engine import MergeResult
+    from .engine import MergeResult, check_finite
     from .plan import DTYPES
 
     start = time.perf_counter()
@@ -157,19 +158,35 @@ def merge(recipe, out_dir: str | os.PathLike, force: bool = False, seed: int | N
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         merged = {k: v.to(DTYPES[out_dtype]) if v.is_floating_point() else v for k, v in merged.items()}
+    for k, v in merged.items() if not allow_nonfinite else ():
+        check_finite(k, v)
     meta = provenance(inputs=paths, recipe_text=recipe.text, seed=seed, merge_method=recipe.merge_method)
     meta.update(ck.passed_metadata(ckpts[0].metadata))
     folder = ck.hf_folder(ckpts[0]) if name is None else None
-    save(merged, out, max_shard_size=max_shard_size, metadata=meta, force=force, inputs=[Path(p) for p in paths],
-         copy_files_from=folder)
-    files = (out.name,) if out.suffix == ".safetensors" else tuple(sorted(f.name for f in out.glob("*.safetensors")))
-    written = sum((out if out.suffix == ".safetensors" else out / f).stat().st_size for f in files)
+    files = _write(merged, out, meta, max_shard_size, force, [Path(p) for p in paths], folder, recipe.text)
+    written = sum(f.stat().st_size for f in files)
     read = sum(t.numel() * t.element_size() for s in states for t in s.values())
     if on_tensor is not None:
         for k, v in merged.items():
             on_tensor(k, v.numel() * v.element_size())
     return MergeResult(str(out), recipe.merge_method, len(merged), read, written, time.perf_counter() - start,
-                       files, seed)
+                       tuple(f.name for f in files), seed)
+
+
+def _write(state, out: Path, meta, max_shard_size, force, inputs, folder, recipe_text: str) -> list[Path]:
+    """Atomically write the merged state (the engine's writer); a folder output also gets the donor's
+    config/tokenizer files and ``mergescope_recipe.yml`` (multi-stage recipes reuse a stage by it)."""
+    from ..io import atomic_output, copy_aux_files, write_state
+
+    single = out.suffix == ".safetensors"
+    with atomic_output(out, inputs, force=force, is_dir=not single) as tmp:
+        names = [Path(f).name for f in write_state(tmp, state, max_shard_size, meta, single_file=single)]
+        if not single:
+            if folder is not None:
+                copy_aux_files(folder, tmp)
+            if recipe_text:
+                (tmp / "mergescope_recipe.yml").write_text(recipe_text)
+    return [out] if single else [out / n for n in names]
 
 
 __all__ = ["METHODS", "PARAMS", "check_parameters", "check_recipe", "is_data_aware", "merge", "merge_states"]

@@ -334,7 +334,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
 
     if data_aware_recipe.is_data_aware(recipe.merge_method):  # needs a model + calibration data: not streamed
         return data_aware_recipe.merge(recipe, out_dir, force=force, seed=seed, max_shard_size=max_shard_size,
-                                on_plan=on_plan, on_tensor=on_tensor)
+                                on_plan=on_plan, on_tensor=on_tensor, allow_nonfinite=allow_nonfinite)
     seed = 0 if seed is None else int(seed)
     threads = max(1, int(threads or min(2, os.cpu_count() or 1)))
     shard_bytes = parse_size(max_shard_size)
