@@ -188,5 +188,5 @@ def plot_backdoor(result: dict, path, title: str | None = None) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"{result['split']} rate")
     ax.set_title(title or f"backdoor persistence ({result['trigger']['kind']} trigger, target {result['target']})")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save(fig, path)
