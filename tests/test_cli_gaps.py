@@ -173,6 +173,15 @@ def test_model_option_reaches_a_user_factory_and_train_json(tmp_path, monkeypatc
                  "gapsfactory:make", "--model-option", "width=24", "--model-option", "bias=false",
                  "-o", str(tmp_path / "line")]) == 0
     assert gapsfactory.SEEN[0]["width"] == 24 and gapsfactory.SEEN[0]["bias"] is False
+    # ... and from evaluate, ensemble/soup/analyse and diagnose
+    for argv in (["evaluate", str(out)], ["ensemble", str(out), str(tmp_path / "al.safetensors")],
+                 ["analyse", "scaling", str(out), str(tmp_path / "al.safetensors"), "-o", str(tmp_path / "sc")],
+                 ["diagnose", str(out), str(tmp_path / "al.safetensors"), "--task", "digits", "--sample", "64",
+                  "--points", "3", "-o", str(tmp_path / "dg")]):
+        gapsfactory.SEEN.clear()
+        assert main(["-q", *argv, "--model", "gapsfactory:make", "--model-option", "width=24",
+                     "--model-option", "bias=false", "--model-option", "act=tanh"]) == 0, argv
+        assert gapsfactory.SEEN and all(s["width"] == 24 and s["bias"] is False for s in gapsfactory.SEEN), argv
 
 
 @pytest.mark.parametrize("argv, word", [

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import printable, progress, say, torch_threads, write_json
-from .options import fmt, model_option, out_option, show, table
+from .options import MODEL_OPTIONS, fmt, model_option, model_options, out_option, show, table
 
 OUTPUTS = ("diagnosis.json", "diagnosis.png", "diagnosis.html")
 SIGNALS = (("relative_distance", "relative distance"), ("weight_cosine", "weight cosine"),
@@ -74,7 +74,7 @@ JSON_OUT = typer.Option(None, "--json", help="Also write the diagnosis JSON here
 
 def diagnose(models: list[Path] = MODELS, base: Path = BASE, task: str = TASK, model: str = MODEL, out: Path = OUT,
              points: int = POINTS, sample: int = SAMPLE, seed: int = SEED, align_gap: bool = ALIGN_GAP,
-             threads: int = THREADS, json_out: Path = JSON_OUT):
+             threads: int = THREADS, json_out: Path = JSON_OUT, model_opts: list[str] = MODEL_OPTIONS):
     """Which merge for these models (average, task vectors, align first, ensemble, or none) and why."""
     from ..diagnose import diagnose as run
     from ..io import check_side_outputs
@@ -90,7 +90,7 @@ def diagnose(models: list[Path] = MODELS, base: Path = BASE, task: str = TASK, m
 
         result = run([str(m) for m in models], None if base is None else str(base), task=task, model=model,
                      points=points, sample=sample, seed=seed, align_gap=align_gap, threads=threads,
-                     progress=on_progress)
+                     model_options=model_options(model_opts), progress=on_progress)
     path = write_json(out / "diagnosis.json", result.to_dict(), strict=True)
     data = json.loads(path.read_text())
     plot_diagnosis(data, out / "diagnosis.png")

@@ -11,12 +11,16 @@ import typer
 from ..errors import MergescopeError
 from ..io import check_side_outputs
 from .common import finite, progress, say, torch_threads, write_json
-from .options import THREADS, fmt as _f, model_option, out_option, show as _show, table as _table, task_option
+from .options import MODEL_OPTIONS, THREADS, model_option, model_options, out_option, task_option
+from .options import fmt as _f
+from .options import show as _show
+from .options import table as _table
 from ..tasks.checkpoints import task_for
 
 CKPTS = typer.Argument(..., help="Checkpoints of one architecture (.safetensors files or folders).")
 TASK = task_option("the checkpoints record")
 MODEL = model_option("the checkpoints record")
+MODEL_OPTS = MODEL_OPTIONS  # --model-option KEY=VALUE
 OUT = out_option("analysis-out")
 
 analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
@@ -25,7 +29,7 @@ analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
 
 # ---------------------------------------------------------------- shared plumbing
 
-def _load(paths: list[Path], model: str | None, task_spec: str | None):
+def _load(paths: list[Path], model: str | None, task_spec: str | None, model_opts: list[str] | None = None):
     """(template module, {name: state}, task) for checkpoints sharing one architecture."""
     from ..io import load
     from ..tasks.checkpoints import fitted_state, model_for
@@ -34,7 +38,7 @@ def _load(paths: list[Path], model: str | None, task_spec: str | None):
         if not Path(p).exists():
             raise MergescopeError(f"{p}: no such file or folder")
     ckpts = [load(p) for p in paths]
-    module, _, _ = model_for(ckpts[0], model)
+    module, _, _ = model_for(ckpts[0], model, **model_options(model_opts))
     states = {}
     for p, ckpt in zip(paths, ckpts):
         # one-line error if it does not fit; under the model's own keys (a HF file may differ, see fitted_state)
@@ -77,7 +81,7 @@ def ensemble(
                                      help="probs, logits, vote, weighted, features, features-refit, or all (repeatable)."),
     split: str = typer.Option("test", help="Split to report on."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
-    task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Evaluate output ensembles of the checkpoints next to their single weight average."""
     from .. import ensemble as ens
@@ -88,7 +92,7 @@ def ensemble(
             raise MergescopeError(f"--method {m!r}: choose from {', '.join(ens.METHODS)} or all")
     check_side_outputs(checkpoints, files=[json_out])
     with torch_threads(threads):
-        module, states, task_obj = _load(checkpoints, model, task)
+        module, states, task_obj = _load(checkpoints, model, task, model_opts)
         results = [ens.evaluate(module, list(states.values()), task_obj, method=m, split=split) for m in methods]
         results.append(ens.evaluate_weight_average(module, list(states.values()), task_obj, split=split))
     table = _table(f"{len(states)} models on {task_obj.name} {split}", ["combination", "accuracy", "loss", "ECE",
@@ -109,7 +113,7 @@ def soup(
     kind: str = typer.Option("greedy", help="greedy (validation-driven) or uniform."),
     json_out: Path = typer.Option(None, "--json", help="Also write the result as JSON here."),
     force: bool = typer.Option(False, help="Replace an existing output."),
-    task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Model soup (Wortsman et al. 2022): uniform, or greedy by validation accuracy; reported on test."""
     from ..analysis.soups import soup as make_soup
@@ -119,7 +123,7 @@ def soup(
     if out is not None:
         check_output_path(out, checkpoints, force)
     with torch_threads(threads):
-        module, states, task_obj = _load(checkpoints, model, task)
+        module, states, task_obj = _load(checkpoints, model, task, model_opts)
         result = make_soup(module, list(states.values()), task_obj, kind=kind)
     names = list(states)
     table = _table(f"{kind} soup of {len(names)} models ({task_obj.name})", ["model", "val acc", "test acc", "in soup"])
@@ -146,14 +150,14 @@ def soup(
 
 @analyse_app.command("weights")
 def analyse_weights(checkpoints: list[Path] = CKPTS, out: Path = OUT, task: str = TASK, model: str = MODEL,
-                    threads: int = THREADS):
+                    threads: int = THREADS, model_opts: list[str] = MODEL_OPTS):
     """First-layer unit templates and class directions as 8x8 images; per-layer norms and ranks."""
     from ..analysis import weights
     from ..report import analysis_figures as figures
 
     check_side_outputs(checkpoints, folders=[(out, ["weights.json", "weights.png"])])
     with torch_threads(threads):
-        module, states, task_obj = _load(checkpoints, model, task)
+        module, states, task_obj = _load(checkpoints, model, task, model_opts)
         _layers_are_tensors(module, "weights")
         result = weights.analyse(module, states, task_obj)
     json_path, png = _save_and_plot(result, out, "weights", figures.plot_weights)
@@ -173,7 +177,7 @@ def analyse_spaces(
     n: int = typer.Option(8, min=2, max=256, help="Models per family with --zoo."),
     epochs: int = typer.Option(None, min=1, max=100000, help="Training epochs with --zoo (default: the zoo model's)."),
     align: bool = typer.Option(True, help="Add the family aligned to its first model (needs mergescope.align)."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Weight averaging vs feature and output averaging for 2..N models of each family."""
     from ..analysis import spaces
@@ -197,7 +201,7 @@ def analyse_spaces(
         else:
             if not checkpoints:
                 raise MergescopeError("analyse spaces: give checkpoints of one family, or --zoo MODEL")
-            module, states, task_obj = _load(checkpoints, model, task)
+            module, states, task_obj = _load(checkpoints, model, task, model_opts)
             _need(states, 2, "analyse spaces")
             families, base, name = {"given": list(states.values())}, "given", type(module).__name__
         if align and spaces.alignment_available():
@@ -219,7 +223,7 @@ def analyse_scaling(
     checkpoints: list[Path] = CKPTS,
     factors: str = typer.Option(",".join(map(str, (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0))),
                                 help="Comma-separated scale factors."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Scale parameters (globally and per layer); accuracy, agreement and KL vs the unscaled model."""
     from ..analysis import scaling
@@ -231,7 +235,7 @@ def analyse_scaling(
         raise MergescopeError(f"--factors {factors!r}: expected comma-separated numbers") from None
     check_side_outputs(checkpoints, folders=[(out, ["scaling.json", "scaling.png"])])
     with torch_threads(threads):
-        module, states, task_obj = _load(checkpoints, model, task)
+        module, states, task_obj = _load(checkpoints, model, task, model_opts)
         result = scaling.analyse(module, states, task_obj, factors=values)
     json_path, png = _save_and_plot(result, out, "scaling", figures.plot_scaling)
     table = _table("global scaling: KL(p_1 || p_c) / accuracy", ["c", *result.names])
@@ -249,7 +253,7 @@ def analyse_stitch(
     model_b: Path = typer.Argument(..., help="Model whose later layers receive them."),
     epochs: int = typer.Option(5, min=1, max=100000, help="Epochs to train each stitching layer."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed for the stitching data order."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Stitch A's layer l into B's layer l+1 with a trained affine map; penalty per layer."""
     from ..analysis import stitching
@@ -257,7 +261,7 @@ def analyse_stitch(
 
     check_side_outputs([model_a, model_b], folders=[(out, ["stitch.json", "stitch.png"])])
     with torch_threads(threads):
-        module, states, task_obj = _load([model_a, model_b], model, task)
+        module, states, task_obj = _load([model_a, model_b], model, task, model_opts)
         _layers_are_tensors(module, "stitch")
         a, b = states.values()
         result = stitching.stitch(module, a, b, task_obj, epochs=epochs, seed=seed)
@@ -275,7 +279,7 @@ def analyse_cka(
     model_a: Path = typer.Argument(..., help="First model."),
     model_b: Path = typer.Argument(..., help="Second model."),
     align: bool = typer.Option(True, help="Also compare with B aligned to A (needs mergescope.align)."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Linear CKA between every pair of layers of two models, before and after alignment."""
     from ..analysis import similarity, spaces
@@ -284,7 +288,7 @@ def analyse_cka(
 
     check_side_outputs([model_a, model_b], folders=[(out, ["cka.json", "cka.png"])])
     with torch_threads(threads):
-        module, states, task_obj = _load([model_a, model_b], model, task)
+        module, states, task_obj = _load([model_a, model_b], model, task, model_opts)
         _layers_are_tensors(module, "cka")
         a, b = states.values()
         aligned = None
@@ -314,7 +318,7 @@ def analyse_backdoor(
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the pattern trigger and of weight matching."),
     base: Path = typer.Option(None, help="The models' common parent: adds task arithmetic and TIES."),
     align: bool = typer.Option(True, help="Without --base, add the weight-matched average (needs mergescope.align)."),
-    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS,
+    out: Path = OUT, task: str = TASK, model: str = MODEL, threads: int = THREADS, model_opts: list[str] = MODEL_OPTS,
 ):
     """Attack success rate of a trigger (and clean accuracy) for each member and each merge of them."""
     from ..analysis import backdoor
@@ -324,7 +328,7 @@ def analyse_backdoor(
     check_side_outputs(inputs, folders=[(out, ["backdoor.json", "backdoor.png"])])
     trig = backdoor.Trigger(kind=trigger, value=value, seed=seed)
     with torch_threads(threads):
-        module, states, task_obj = _load(inputs, model, task)
+        module, states, task_obj = _load(inputs, model, task, model_opts)
         base_state = states.pop(list(states)[-1]) if base is not None else None
         merges = backdoor.standard_merges(module, states, task_obj, base=base_state, align=align, seed=seed)
         result = backdoor.persistence(module, states, merges, task_obj, trig, target)

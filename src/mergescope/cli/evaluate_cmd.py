@@ -9,7 +9,7 @@ import typer
 from ..errors import MergescopeError
 from ..io import check_side_outputs
 from .common import torch_threads, write_json
-from .options import THREADS, model_option, show, table, task_option
+from .options import MODEL_OPTIONS, THREADS, model_option, model_options, show, table, task_option
 from .options import fmt as _f
 
 SPLIT_CHOICES = ("train", "val", "test")
@@ -24,7 +24,8 @@ def _splits(split: str) -> list[str]:
     return names
 
 
-def evaluate_checkpoint(path: Path, model: str | None, task: str | None, splits: list[str]) -> dict:
+def evaluate_checkpoint(path: Path, model: str | None, task: str | None, splits: list[str],
+                        options: dict | None = None) -> dict:
     """{"checkpoint", "model", "task", split: {"loss", "accuracy"}} for one checkpoint; its own
     architecture (the zoo record, a Hugging Face folder, or ``model``) and task."""
     from ..io import load
@@ -33,7 +34,7 @@ def evaluate_checkpoint(path: Path, model: str | None, task: str | None, splits:
     if not Path(path).exists():
         raise MergescopeError(f"{path}: no such file or folder")
     ckpt = load(path)
-    module, name, _ = model_for(ckpt, model)
+    module, name, _ = model_for(ckpt, model, **(options or {}))
     load_state_into(module, ckpt, path)
     the_task = task_for(ckpt, task)
     return {"checkpoint": str(path), "model": name, "task": the_task.name,
@@ -45,13 +46,13 @@ def evaluate(
     split: str = typer.Option("test", help="train, val, test, a comma-separated list, or all."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
     task: str = task_option("each checkpoint records"), model: str = model_option("each checkpoint records"),
-    threads: int = THREADS,
+    threads: int = THREADS, model_opts: list[str] = MODEL_OPTIONS,
 ):
     """Loss and accuracy of each checkpoint on the task's splits (its own model and task by default)."""
     splits = _splits(split)
     check_side_outputs(checkpoints, files=[json_out])
     with torch_threads(threads):
-        rows = [evaluate_checkpoint(p, model, task, splits) for p in checkpoints]
+        rows = [evaluate_checkpoint(p, model, task, splits, model_options(model_opts)) for p in checkpoints]
     columns = [f"{s} {m}" for s in splits for m in ("accuracy", "loss")]
     t = table(f"{len(rows)} checkpoint(s)", ["checkpoint", "model", "task", *columns])
     for r in rows:

@@ -62,18 +62,18 @@ def _checkpoint(source, label: str):
     return load(source)
 
 
-def resolve(models: Sequence, task, model) -> tuple:
+def resolve(models: Sequence, task, model, model_options: Mapping | None = None) -> tuple:
     """(template module, Task) from what the user gave, else from the first checkpoint's records.
 
-    ``model`` may be an ``nn.Module``, a zoo name or the user's ``package.module:factory``; ``task``
-    a Task or a spec string. A checkpoint may only name a zoo model / built-in task (``tasks.checkpoints``).
+    ``model`` may be an ``nn.Module``, a zoo name or the user's ``package.module:factory`` (built with
+    ``model_options``); ``task`` a Task or a spec string. A checkpoint may only name a zoo model / built-in task (``tasks.checkpoints``).
     """
     from torch import nn
 
     from ..tasks.checkpoints import model_for, task_for
 
     first = _checkpoint(models[0], "state 0")
-    module = model if isinstance(model, nn.Module) else model_for(first, model)[0]
+    module = model if isinstance(model, nn.Module) else model_for(first, model, **dict(model_options or {}))[0]
     the_task = task_for(first, task) if isinstance(task, str) else task
     return module, the_task
 
@@ -83,7 +83,7 @@ def _name(x) -> str:
 
 
 def diagnose(models: Sequence, base=None, task=None, model=None, *, points: int = 5, sample: int = 512, seed: int = 0,
-             align_gap: bool = True, threads: int | None = None,
+             align_gap: bool = True, threads: int | None = None, model_options: Mapping | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> Diagnosis:
     """Diagnose two or more models (paths or states), optionally against a ``base`` and on a ``task``.
 
@@ -97,7 +97,7 @@ def diagnose(models: Sequence, base=None, task=None, model=None, *, points: int 
     step = progress or (lambda stage, done, total: None)
     from .signals import data_free
 
-    resolved = None if task is None else resolve(models, task, model)  # a bad --task/--model fails before the pass
+    resolved = None if task is None else resolve(models, task, model, model_options)  # a bad --task/--model fails before the pass
     glob, layers = data_free(models, base, align_gap=align_gap, threads=threads, seed=seed,
                              progress=lambda done, total: step("signals", done, total))
     measured = None
