@@ -216,15 +216,12 @@ class Recipe(_Strict):
             raise ValueError("chat_template must be 'auto', a built-in template name or a Jinja template")
         return v
 
-    @field_validator("model")
+    @field_validator("model", "task")
     @classmethod
-    def _zoo_model(cls, v):
-        return v if v is None else _zoo_model_name(v)
-
-    @field_validator("task")
-    @classmethod
-    def _builtin_task(cls, v):
-        return v if v is None else _calibration_task(v)
+    def _no_code(cls, v, info):
+        """A recipe is a file: it names a zoo model and a built-in task or data file, never code to run."""
+        check = _zoo_model_name if info.field_name == "model" else _calibration_task
+        return v if v is None else check(v)
 
     @model_validator(mode="after")
     def _data_aware_keys(self):
