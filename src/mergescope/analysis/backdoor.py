@@ -146,7 +146,7 @@ def standard_merges(model: nn.Module, states: Mapping[str, Mapping], task, base:
                                            x_train) for lam in TA_LAMBDAS}
         x_val, y_val = split_tensors(task, "val")
         lam = max(TA_LAMBDAS, key=lambda v: (run(model, candidates[v], x_val).argmax(-1) == y_val).double().mean().item())
-        merges[f"task arithmetic (lambda {lam:g})"] = candidates[lam]
+        merges["task arithmetic"] = candidates[lam]  # one name whatever lambda won (replicates line up)
         merges["ties"] = reset_batchnorm(model, per_tensor(get("ties"), members, base, weight=ones,
                                                            density=[TIES_DENSITY] * len(members)), x_train)
     elif align and len(members) > 1:
@@ -160,6 +160,20 @@ def standard_merges(model: nn.Module, states: Mapping[str, Mapping], task, base:
         if aligned is not None:
             merges["weight-matched average"] = weight_average(model, aligned, task)
     return merges
+
+
+def poisoned_finetune(model: nn.Module, parent: Mapping[str, torch.Tensor], task, trigger: Trigger, target: int,
+                      fraction: float = 0.1, seed: int = 0, **train_options) -> dict[str, torch.Tensor]:
+    """A copy of ``model`` started from ``parent`` and fine-tuned on ``poison(task, ...)`` (``tasks.train``
+    with ``train_options``): the backdoored member of a fine-tune family (``model`` is left as it was)."""
+    import copy
+
+    from ..tasks.train import train
+
+    net = copy.deepcopy(model)
+    net.load_state_dict(as_state(parent))
+    train(net, poison(task, trigger, target, fraction, seed), seed=seed, **train_options)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ def study(
     workers: int = typer.Option(None, min=1, max=64, help="Processes running replicates in parallel "
                                 "[default: one per core, at most 2]."),
     stages: str = typer.Option(None, help="Comma-separated subset of stages to run."),
+    backdoor: bool = typer.Option(False, "--backdoor", help="Merging stage: also fine-tune one poisoned member "
+                                  "and add an attack-success column (docs/backdoor.md). Off: nothing changes."),
     threads: int = typer.Option(1, min=1, max=1024, help="torch threads (small models run fastest on one)."),
     config: Path = typer.Option(None, "--config", help="Study YAML for your own checkpoints (model, task, checkpoints, "
                                 "base). Its model and task may be package.module:factory: that runs YOUR code, by "
@@ -37,6 +39,8 @@ def study(
         if unknown:
             raise MergescopeError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
         overrides["stages"] = chosen
+    if backdoor:
+        overrides["backdoor"] = True
     inputs = []
     if config is not None:
         from ..study.custom import read_config
@@ -51,8 +55,8 @@ def study(
         if config is not None:
             from ..study import run_custom_study
 
-            if replicates is not None or quick:
-                raise MergescopeError("--replicates/--quick apply to the built-in study; with --config your "
+            if replicates is not None or quick or backdoor:
+                raise MergescopeError("--replicates/--quick/--backdoor apply to the built-in study; with --config your "
                                       "checkpoints are the one replicate")
             results = run_custom_study(config, out, seed=seed, stages=overrides.get("stages"), **hooks)
         else:

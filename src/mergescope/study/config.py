@@ -50,6 +50,10 @@ class StudyConfig:
     mnist1d_spawn_epochs: int = 10
     mnist1d_spawn_ks: tuple[int, ...] = (0, 1, 2, 4)  # the barrier is 0 from k=4 on (bench/mnist1d_determinism)
     stages: tuple[str, ...] = field(default=STAGES)
+    # Optional column (off by default): the merging stage also fine-tunes one poisoned member
+    # (analysis.backdoor) and reports attack success rates. Left out of to_dict() when off, so the
+    # default study's results, cache keys and report are those of a config without the field.
+    backdoor: bool = False
 
     @classmethod
     def quick_config(cls, **overrides) -> StudyConfig:
@@ -69,4 +73,7 @@ class StudyConfig:
         return self.seed + REPLICATE_SEED_STRIDE * replicate
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.backdoor:
+            out.pop("backdoor")
+        return out

@@ -264,14 +264,41 @@ def merging_section(res: dict, fig_dir: Path) -> dict:
                 "test loss": "n/a (votes)" if vote else _iv(r["loss"]),
                 "seconds": "-" if r["seconds"][0] is None else f"{sum(r['seconds']) / len(r['seconds']):.3f}",
                 "_best": r is v["best_merge"] or r is v["best_ensemble"]})
+    columns = ["models", "family", "method", "replicates", "val accuracy (%)", "test accuracy (%)", "test loss",
+               "seconds"]
+    if all("backdoor" in rep for rep in reps):  # the optional column (config.backdoor): absent by default
+        rows, reading = backdoor_rows([rep["backdoor"] for rep in reps])
+        table_rows += rows
+        readings.append(reading)
+        columns.append(BACKDOOR_COLUMN)
     return _section("merging", "Merging outcome: every method on the same models",
                     "Test accuracy of each merge (one model) and each output ensemble (N models' inference cost), "
                     "next to the members. The best merge and the best ensemble of each set are chosen on the "
                     "validation split (highlighted) and compared on test with the best single member, itself "
                     "chosen on validation. A vote ensemble has no meaningful loss (its likelihood is clipped), so "
-                    "none is shown.", [{"file": "merging.png", "caption": " ".join(readings)}], table_rows,
-                    ["models", "family", "method", "replicates", "val accuracy (%)", "test accuracy (%)", "test loss",
-                     "seconds"])
+                    "none is shown.", [{"file": "merging.png", "caption": " ".join(readings)}], table_rows, columns)
+
+
+BACKDOOR_COLUMN = "attack success (%)"
+
+
+def backdoor_rows(reps: list[dict]) -> tuple[list[dict], str]:
+    """Table rows (members, then merges) of the backdoor column and one reading, from each replicate's
+    ``analysis.backdoor.PersistenceResult.to_dict()``: clean test accuracy and ASR with intervals."""
+    first, n = reps[0], len(reps)
+    rows = []
+    for family, kind in (("single model", "members"), ("weight aggregation", "merges")):
+        for name in [n for n in first[kind] if all(n in rep[kind] for rep in reps)]:
+            values = [rep[kind][name] for rep in reps]
+            rows.append({"models": first["models"], "family": family, "method": name, "replicates": n,
+                         "val accuracy (%)": "-", "test accuracy (%)": _iv([v["accuracy"] for v in values], 2, 100),
+                         "test loss": "-", "seconds": "-", BACKDOOR_COLUMN: _iv([v["asr"] for v in values], 1, 100)})
+    asr = {r["method"]: r[BACKDOOR_COLUMN] for r in rows}
+    merged = ", ".join(f"{r['method']} {r[BACKDOOR_COLUMN]}%" for r in rows if r["family"] != "single model")
+    reading = (f"Backdoor (trigger {first['trigger']['kind']}, target label {first['target']}): the poisoned "
+               f"fine-tune's attack success rate is {asr['poisoned fine-tune']}% on test digits of other labels; "
+               f"after merging with the clean fine-tunes: {merged}.")
+    return rows, reading
 
 
 def merge_advice(group: str, v: dict) -> str:

@@ -86,6 +86,7 @@ class Context:
 
 
 SAME_BASIN, INDEPENDENT = "MLP, fine-tunes of one parent", "MLP, independent seeds"
+BACKDOOR_TARGET = 0  # the label the poisoned member's trigger forces (config.backdoor)
 
 
 def convexity(ctx: Context) -> dict:
@@ -182,7 +183,29 @@ def merging(ctx: Context) -> dict:
     a, b = ctx.states(recipes)
     rows += measure.pair_rows(ctx.module(recipes[0]), a, b, ctx.mnist1d, "MNIST-1D: 2 independent CNN seeds",
                               ctx.seed, ctx.tick)
-    return {"rows": rows}
+    out = {"rows": rows}
+    if c.backdoor:  # optional column: absent (not empty) when off, so default results stay as they were
+        out["backdoor"] = backdoor_persistence(ctx, module, fts)
+    return out
+
+
+def backdoor_persistence(ctx: Context, module: torch.nn.Module, finetunes: dict) -> dict:
+    """One more fine-tune of the parent, on digits with 10% of train triggered (corner patch) and relabelled
+    0; clean accuracy and attack success rate of every member and merge (uniform average, task arithmetic,
+    TIES; ``analysis.backdoor``)."""
+    from ..analysis import backdoor
+    from ..tasks import train_defaults
+
+    c, task, parent = ctx.config, ctx.task, ctx.family.state(ctx.parent)
+    trigger = backdoor.Trigger()
+    params = {**train_defaults("mlp"), "epochs": c.finetune_epochs, "lr": c.finetune_lr}  # as the clean fine-tunes
+    poisoned = backdoor.poisoned_finetune(module, parent, task, trigger, BACKDOOR_TARGET, seed=ctx.seed + 400,
+                                          **params)
+    ctx.tick("poisoned fine-tune")
+    states = {**finetunes, "poisoned fine-tune": poisoned}
+    merges = backdoor.standard_merges(module, states, task, base=parent, seed=ctx.seed)
+    result = backdoor.persistence(module, states, merges, task, trigger, BACKDOOR_TARGET).to_dict()
+    return {**result, "models": f"{len(finetunes)} fine-tunes + 1 poisoned (backdoor)"}
 
 
 def why(ctx: Context) -> dict:
