@@ -168,3 +168,67 @@ def test_bad_target_and_trigger_are_one_line_errors(family, saved, tmp_path, cap
     err = capsys.readouterr().err
     assert "target 10" in err and "blob" in err and "Traceback" not in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------- the study's optional column
+
+def test_study_config_without_backdoor_is_the_config_it_was():
+    """Off (the default), the field is left out of to_dict: results.json's config and every stage's cache
+    key are computed from exactly the fields the study had before the option existed."""
+    from dataclasses import asdict
+
+    from mergescope.study import _stage_key
+    from mergescope.study.config import StudyConfig
+
+    for config in (StudyConfig(), StudyConfig.quick_config()):
+        assert config.to_dict() == {k: v for k, v in asdict(config).items() if k != "backdoor"}
+    on = StudyConfig(backdoor=True)
+    assert on.to_dict()["backdoor"] is True
+    assert _stage_key(on, "merging") != _stage_key(StudyConfig(), "merging")  # on never reuses an off result
+
+
+def _rep(shift: float, backdoor: bool) -> dict:
+    rows = [{"models": "g", "family": family, "method": method, "accuracy": acc + shift, "loss": 0.3,
+             "val_accuracy": acc, "seconds": None if family == "single model" else 0.1}
+            for family, method, acc in (("single model", "a", 0.90), ("single model", "b", 0.91),
+                                        ("weight aggregation", "linear (uniform average)", 0.92),
+                                        ("ensembling", "ensemble (probs)", 0.93))]
+    rep = {"rows": rows}
+    if backdoor:
+        score = {"accuracy": 0.9, "clean_target_rate": 0.0}
+        rep["backdoor"] = {"target": 0, "trigger": {"kind": "patch"}, "split": "test", "models": "g + poisoned",
+                           "members": {"a": {**score, "asr": 0.0}, "poisoned fine-tune": {**score, "asr": 0.9 + shift}},
+                           "merges": {"average": {**score, "asr": 0.1 + shift}}}
+    return rep
+
+
+def test_merging_section_gets_the_column_only_when_on(tmp_path):
+    from mergescope.study.sections import BACKDOOR_COLUMN, merging_section
+
+    off = merging_section({"replicates": [_rep(0.0, False), _rep(0.02, False)]}, tmp_path)
+    on = merging_section({"replicates": [_rep(0.0, True), _rep(0.02, True)]}, tmp_path)
+    off_table, on_table = off["tables"][0], on["tables"][0]
+    assert BACKDOOR_COLUMN not in off_table["columns"] and "Backdoor" not in off["figures"][0]["caption"]
+    assert on_table["columns"] == [*off_table["columns"], BACKDOOR_COLUMN]
+    assert on_table["rows"][:len(off_table["rows"])] == off_table["rows"]  # the usual rows are untouched
+    extra = {r["method"]: r for r in on_table["rows"][len(off_table["rows"]):]}
+    assert list(extra) == ["a", "poisoned fine-tune", "average"]
+    assert extra["poisoned fine-tune"][BACKDOOR_COLUMN].startswith("91.0")  # mean of 0.90 and 0.92, in %
+    assert extra["average"][BACKDOOR_COLUMN].startswith("11.0") and extra["average"]["family"] == "weight aggregation"
+    assert "poisoned fine-tune's attack success rate is 91.0" in on["figures"][0]["caption"]
+
+
+def test_study_merging_stage_backdoor_member(tmp_path):
+    """The stage's own poisoned fine-tune (quick sizes) is backdoored; the clean fine-tunes are not."""
+    from mergescope.study.config import StudyConfig
+    from mergescope.study.family import Family
+    from mergescope.study.stages import Context, backdoor_persistence
+
+    ctx = Context(StudyConfig.quick_config(backdoor=True), Family(tmp_path / "checkpoints"), 0)
+    finetunes = ctx.named(ctx.finetunes(), "fine-tune")
+    out = backdoor_persistence(ctx, ctx.module(), finetunes)
+    assert list(out["members"]) == [*finetunes, "poisoned fine-tune"]
+    assert list(out["merges"]) == ["average", "task arithmetic", "ties"]
+    # measured (replicate 0): poisoned ASR 0.910, clean fine-tunes 0.000, average 0.006
+    assert out["members"]["poisoned fine-tune"]["asr"] > 0.5
+    assert max(out["members"][n]["asr"] for n in finetunes) < 0.1
