@@ -10,7 +10,7 @@ Submodules: ``soups``, ``similarity``, ``stitching``, ``weights``, ``spaces``, `
 
 from importlib import import_module
 
-_SUBMODULES = ("soups", "similarity", "stitching", "weights", "spaces", "scaling")
+_SUBMODULES = ("soups", "similarity", "stitching", "weights", "spaces", "scaling", "backdoor")
 __all__ = list(_SUBMODULES)
 
 
