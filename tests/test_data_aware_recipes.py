@@ -116,6 +116,21 @@ def test_fisher_recipe_api_equals_api_and_per_example_autograd(zoo, tmp_path):
         np.testing.assert_allclose(merged[k].double().numpy(), ref, rtol=1e-4, atol=1e-6)
 
 
+def test_per_model_calibration_tasks_equal_the_api(zoo, tmp_path):
+    """Each model's Fisher on its own data (the paper's setting): models[i].parameters.task."""
+    path = recipe(zoo, "fisher", parameters={"examples": 40},
+                  models=[{"model": str(zoo / "m0.safetensors"), "parameters": {"task": "digits[0,1,2,3,4]"}},
+                          {"model": str(zoo / "m1.safetensors"), "parameters": {"task": "digits[5,6,7,8,9]"}}])
+    assert cli("merge", path, tmp_path / "own.safetensors") == 0
+    own = load(tmp_path / "own.safetensors")
+    tasks = [digits(classes=(0, 1, 2, 3, 4)), digits(classes=(5, 6, 7, 8, 9))]
+    api = fisher_merge(build("mlp", **OPTS), states(zoo), None, n_examples=40, tasks=tasks)
+    shared = fisher_merge(build("mlp", **OPTS), states(zoo), digits(), n_examples=40)
+    for k in api:
+        torch.testing.assert_close(own[k], api[k], rtol=0, atol=0)
+    assert max(float((api[k] - shared[k]).abs().max()) for k in api) > 1e-4  # the tasks were used
+
+
 @pytest.mark.parametrize("key,value,words", [
     ("task", "os:system", "cannot choose code"),
     ("task", "mergescope.tasks:digits", "cannot choose code"),
@@ -136,6 +151,8 @@ def test_recipe_naming_a_factory_is_refused_in_one_line(zoo, tmp_path, capsys, k
     ({"parameters": {"alpha": 1.5}}, "'alpha' must be in [0, 1]"),
     ({"parameters": {"density": 0.5}}, "not used by regmean"),
     ({"base_model": "x.safetensors"}, "no base_model"),
+    ({"models": [{"model": "m.safetensors", "parameters": {"task": "os:system"}}]}, "cannot choose code"),
+    ({"parameters": {"task": "digits"}}, "top-level key 'task'"),
 ])
 def test_bad_data_aware_recipes_are_one_line(zoo, extra, words):
     data = {"merge_method": "regmean", "task": "digits", "models": [{"model": str(zoo / "m0.safetensors")}], **extra}

@@ -54,12 +54,13 @@ def check_parameters(method: str, params: Mapping, where: str) -> dict:
 
 
 def merge_states(method: str, module, states: Sequence[Mapping[str, torch.Tensor]], task, params: Mapping,
-                 weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """The API call a recipe or sweep point stands for (``data_aware.fisher_merge`` / ``regmean_merge``)."""
+                 weights: Sequence[float] | None = None, tasks: Sequence | None = None) -> dict[str, torch.Tensor]:
+    """The API call a recipe or sweep point stands for (``data_aware.fisher_merge`` / ``regmean_merge``);
+    model i is calibrated on ``tasks[i]`` when given, else on ``task``."""
     from . import data_aware
 
     p = dict(params)
-    common = {"n_examples": p.pop("examples", None), "batch_size": p.pop("batch_size", 128)}
+    common = {"n_examples": p.pop("examples", None), "batch_size": p.pop("batch_size", 128), "tasks": tasks}
     if method == "fisher":
         p.pop("weight", None)
         try:
@@ -72,39 +73,46 @@ def merge_states(method: str, module, states: Sequence[Mapping[str, torch.Tensor
     return data_aware.regmean_merge(module, states, task, alpha=p.pop("alpha", 0.9), **common)
 
 
-def _recipe_parameters(recipe) -> tuple[dict, list[float] | None]:
-    """(shared parameters, per-model Fisher weights or None) from a recipe's plain scalar settings."""
-    from ..recipe import Conditional
+PER_MODEL = {"fisher": ("weight", "task"), "regmean": ("task",)}  # per-model keys (``models[i].parameters``)
 
-    where = recipe.source
+
+def _recipe_parameters(recipe) -> tuple[dict, list[float] | None, list[str]]:
+    """(shared parameters, per-model Fisher weights or None, per-model calibration task specs) from a
+    recipe's plain scalar settings; a model's own ``task`` (checked like the top-level one) beats ``task``."""
+    from ..recipe import Conditional, _calibration_task
+
+    where, method = recipe.source, recipe.merge_method
 
     def scalar(scope, key):
         value = scope[key]
         if isinstance(value, (list, Conditional)):
-            raise MergescopeError(f"{where}: parameter {key!r} of {recipe.merge_method} must be one value "
+            raise MergescopeError(f"{where}: parameter {key!r} of {method} must be one value "
                                   "(no gradients or filters: the method solves whole layers)")
         return value
 
     top = recipe.parameters or {}
-    shared = check_parameters(recipe.merge_method, {k: scalar(top, k) for k in top if k != "weight"}, where)
-    if recipe.merge_method != "fisher":
-        bad = [m.model for m in recipe.models if m.parameters]
-        if bad or "weight" in top:
-            raise MergescopeError(f"{where}: regmean takes no per-model parameters (model {bad[0] if bad else 'weight'!r})")
-        return shared, None
-    weights = []
+    if "task" in top:
+        raise MergescopeError(f"{where}: give the calibration data as the top-level key 'task', not a parameter")
+    shared = check_parameters(method, {k: scalar(top, k) for k in top if k != "weight"}, where)
+    if "weight" in top and method != "fisher":
+        raise MergescopeError(f"{where}: parameter 'weight' is not used by {method}")
+    weights, tasks = [], []
     for m in recipe.models:
         own = m.parameters or {}
-        extra = [k for k in own if k != "weight"]
+        extra = [k for k in own if k not in PER_MODEL[method]]
         if extra:
-            raise MergescopeError(f"{where}: model {m.model!r}: per-model parameter {extra[0]!r} is not used by fisher; "
-                                  "valid: weight")
+            raise MergescopeError(f"{where}: model {m.model!r}: per-model parameter {extra[0]!r} is not used by "
+                                  f"{method}; valid: {', '.join(PER_MODEL[method])}")
+        try:
+            tasks.append(_calibration_task(scalar(own, "task")) if "task" in own else recipe.task)
+        except ValueError as e:
+            raise MergescopeError(f"{where}: model {m.model!r}: {e}") from None
         scope = own if "weight" in own else top
-        value = check_parameters("fisher", {"weight": scalar(scope, "weight")}, where)["weight"] if "weight" in scope else 1.0
-        weights.append(value)
+        weights.append(check_parameters(method, {"weight": scalar(scope, "weight")}, where)["weight"]
+                       if "weight" in scope else 1.0)
     if sum(weights) <= 0:
         raise MergescopeError(f"{where}: fisher weights must not all be zero")
-    return shared, weights
+    return shared, weights if method == "fisher" else None, tasks
 
 
 def check_recipe(recipe) -> None:
@@ -145,14 +153,15 @@ def merge(recipe, out_dir: str | os.PathLike, force: bool = False, seed: int | N
     ckpts = [load(p) for p in paths]
     module, name, _ = ck.model_for(ckpts[0], recipe.model)
     states = [ck.fitted_state(module, {k: c[k] for k in c}, p) for p, c in zip(paths, ckpts)]
-    task = ck.task_for(ckpts[0], recipe.task)
-    shared, weights = _recipe_parameters(recipe)
+    shared, weights, specs = _recipe_parameters(recipe)
+    built = {t: ck.task_for(ckpts[0], t) for t in dict.fromkeys(specs)}  # each named task built once
+    tasks = [built[t] for t in specs]
     if on_plan is not None:
         on_plan(len(states[0]), sum(t.numel() * t.element_size() for s in states for t in s.values()))
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # same bits whatever the core count
     try:
-        merged = merge_states(recipe.merge_method, module, states, task, shared, weights)
+        merged = merge_states(recipe.merge_method, module, states, tasks[0], shared, weights, tasks)
     finally:
         torch.set_num_threads(old)
     out_dtype = recipe.out_dtype or recipe.dtype

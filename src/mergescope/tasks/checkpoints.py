@@ -215,11 +215,13 @@ def task_for(ckpt, spec: str | None = None):
 
     A data file (``tasks.files``) is tokenized with the checkpoint's own folder when it is a Hugging Face folder.
     """
-    from . import digits, get_task, mnist1d
+    from . import get_task
     from .files import is_data_file
 
     if spec and is_data_file(spec):
         return _checked_file_task(ckpt, get_task(spec, model_folder=hf_folder(ckpt)))
+    if spec and TASK_PATTERN.fullmatch(spec):  # digits[0,1]: a built-in task restricted to some classes
+        return builtin_task(spec)
     if spec:
         return get_task(spec)
     if "task" not in getattr(ckpt, "metadata", {}) and "model" not in getattr(ckpt, "metadata", {}) \
@@ -227,10 +229,17 @@ def task_for(ckpt, spec: str | None = None):
         raise MergescopeError(f"{ckpt.path}: a Hugging Face folder records no task; pass --task with your data "
                               "(.csv/.tsv/.jsonl text classification, .txt language-model loss, .npz; docs/tasks.md)")
     recorded = getattr(ckpt, "metadata", {}).get("task", "digits")
-    match = TASK_PATTERN.fullmatch(recorded)
-    if match is None:
+    if TASK_PATTERN.fullmatch(recorded) is None:
         raise MergescopeError(f"{ckpt.path}: records task {short_repr(recorded)}, which is not a built-in task; "
                               "a checkpoint cannot choose code to run: pass --task yourself")
+    return builtin_task(recorded)
+
+
+def builtin_task(spec: str):
+    """The built-in task a ``TASK_PATTERN`` string names (``digits``, ``mnist1d[0,1]``: some classes only)."""
+    from . import digits, mnist1d
+
+    match = TASK_PATTERN.fullmatch(spec)
     build = {"digits": digits, "mnist1d": mnist1d}[match.group(1)]
     return build(classes=tuple(int(c) for c in match.group(2).split(","))) if match.group(2) else build()
 
