@@ -83,6 +83,30 @@ def test_ensemble_of_partial_zips_matches_the_api(zipped, tmp_path):
     assert row["loss"] == pytest.approx(float(-probs[torch.arange(len(y)), y].log().mean()), rel=1e-5)
 
 
+def test_ensemble_of_a_plain_model_and_its_partial_zip(zipped, tmp_path, capsys):
+    """The issue's own command, `ensemble m0 zip.safetensors`: members of different architectures, each
+    rebuilt from its record; output ensembles only (no weight average), costs summed."""
+    out = tmp_path / "mixed.json"
+    assert main(["-q", "ensemble", str(zipped / "m0.safetensors"), str(zipped / "zip.safetensors"), "-m", "probs",
+                 "-m", "vote", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["probs", "vote"]
+    m0 = build("mlp", **OPTS).eval()
+    m0.load_state_dict(dict(load(zipped / "m0.safetensors")))
+    lz, y, _ = api_logits(zipped, 2)
+    with torch.no_grad():
+        l0 = m0(torch.cat([x for x, _ in digits().batches("test")]))
+    probs = (l0.double().softmax(1) + lz.double().softmax(1)) / 2
+    row = results[0]
+    assert row["member_accuracy"] == pytest.approx([int((lg.argmax(1) == y).sum()) / len(y) for lg in (l0, lz)])
+    assert row["accuracy"] == pytest.approx(int((probs.argmax(1) == y).sum()) / len(y))
+    assert row["params"] == sum(p.numel() for p in m0.parameters()) + sum(
+        t.numel() for t in load(zipped / "zip.safetensors").values())
+    capsys.readouterr()
+    assert main(["ensemble", str(zipped / "m0.safetensors"), str(zipped / "zip.safetensors"), "-m", "features"]) == 2
+    assert "one architecture" in capsys.readouterr().err
+
+
 def test_model_for_gives_the_widened_module(zipped):
     ckpt = load(zipped / "zip.safetensors")
     module, name, options = model_for(ckpt)

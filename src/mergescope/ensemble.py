@@ -260,10 +260,30 @@ def feature_average_probs(model: nn.Module, states: Sequence[Mapping], task, spl
 
 # ---------------------------------------------------------------- public entry points
 
-def member_logits(model: nn.Module, states: Sequence[Mapping], task, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def members(model: nn.Module | Sequence[nn.Module], n: int) -> list[nn.Module]:
+    """One module per member: ``model`` for all of them, or a list of modules, one per state (members of
+    different architectures, e.g. a partial-zip checkpoint next to a plain one, in an output ensemble)."""
+    if isinstance(model, nn.Module):
+        return [model] * n
+    modules = list(model)
+    if len(modules) != n:
+        raise MergescopeError(f"ensemble: {len(modules)} modules for {n} states; give one module per state")
+    return modules
+
+
+def single(model, what: str) -> nn.Module:
+    """The one architecture a weight-space method needs (a list of different modules is refused)."""
+    if isinstance(model, nn.Module):
+        return model
+    raise MergescopeError(f"{what} needs every member in one architecture; output ensembles (probs, logits, vote, "
+                          "weighted) take members of different architectures")
+
+
+def member_logits(model: nn.Module | Sequence[nn.Module], states: Sequence[Mapping], task, split: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [M, N, C] of every member on a split, and the labels [N]."""
     x, y = split_tensors(task, split)
-    return torch.stack([run(model, s, x) for s in states]), y
+    return torch.stack([run(m, s, x) for m, s in zip(members(model, len(states)), states)]), y
 
 
 def member_metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[tuple[float, ...], ...]:
@@ -286,10 +306,10 @@ def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], tas
         raise MergescopeError("ensemble: no models given")
     states = [as_state(s) for s in states]
     logits, y = member_logits(model, states, task, split)
-    members = member_metrics(logits, y)
+    scores = member_metrics(logits, y)
     if method.startswith("features"):
-        probs = feature_average_probs(model, states, task, split, refit=method == "features-refit", head=head,
-                                      seed=seed)
+        probs = feature_average_probs(single(model, f"method {method!r}"), states, task, split,
+                                      refit=method == "features-refit", head=head, seed=seed)
     else:
         w = None
         if method == "weighted":
@@ -298,8 +318,13 @@ def evaluate(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], tas
         probs = combine(logits, method, w)
     vote = method == "vote"
     acc, loss, ece = metrics(probs, y, floor=VOTE_FLOOR if vote else 0.0, pred=vote_predictions(logits) if vote else None)
-    params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], len(states), method, head)
-    return EnsembleResult(method, len(states), split, acc, loss, ece, params, flops, *members)
+    example = next(iter(task.batches(split)))[0]
+    if isinstance(model, nn.Module):
+        params, flops = ensemble_cost(model, example, len(states), method, head)
+    else:  # members of different architectures: the sum of their costs
+        params = sum(count_params(m) for m in model)
+        flops = sum(flops_per_example(m, example) for m in model)
+    return EnsembleResult(method, len(states), split, acc, loss, ece, params, flops, *scores)
 
 
 def validation_accuracies(model: nn.Module, states: Sequence[Mapping], task, split: str = "val") -> torch.Tensor:
@@ -312,11 +337,12 @@ def evaluate_weight_average(model: nn.Module, states: Sequence[Mapping[str, torc
                             split: str = "test", reset_bn: bool = True) -> EnsembleResult:
     """The single uniformly weight-averaged model, reported like an ensemble (cost of one model);
     BatchNorm statistics are recomputed on train data unless ``reset_bn`` is False."""
+    model = single(model, "the weight average")
     states = [as_state(s) for s in states]
     logits, y = member_logits(model, states, task, split)
-    members = member_metrics(logits, y)
+    scores = member_metrics(logits, y)
     avg = weight_average(model, states, task) if reset_bn else average_states(states)
     avg_logits, _ = member_logits(model, [avg], task, split)
     acc, loss, ece = metrics(avg_logits[0].softmax(-1), y)
     params, flops = ensemble_cost(model, next(iter(task.batches(split)))[0], 1, "weight-average")
-    return EnsembleResult("weight-average", len(states), split, acc, loss, ece, params, flops, *members)
+    return EnsembleResult("weight-average", len(states), split, acc, loss, ece, params, flops, *scores)

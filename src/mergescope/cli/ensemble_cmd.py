@@ -46,6 +46,27 @@ def _load(paths: list[Path], model: str | None, task_spec: str | None, model_opt
     return module, states, task_for(ckpts[0], task_spec)
 
 
+def _load_members(paths: list[Path], model: str | None, task_spec: str | None, model_opts: list[str] | None = None):
+    """(modules, {name: state}, task): like ``_load``, but each checkpoint builds its own module when the
+    architectures differ (a partial-zip checkpoint next to a plain one); one shared module otherwise."""
+    from ..io import load
+    from ..tasks.checkpoints import fitted_state, model_for
+
+    for p in paths:
+        if not Path(p).exists():
+            raise MergescopeError(f"{p}: no such file or folder")
+    ckpts = [load(p) for p in paths]
+    modules = [model_for(c, model, **model_options(model_opts))[0] for c in ckpts]
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in modules]
+    if all(s == shapes[0] for s in shapes):
+        modules = modules[0]
+    states = {}
+    for i, (p, ckpt) in enumerate(zip(paths, ckpts)):
+        module = modules if not isinstance(modules, list) else modules[i]
+        states[_unique_name(p, states)] = fitted_state(module, {k: ckpt[k] for k in ckpt}, p)
+    return modules, states, task_for(ckpts[0], task_spec)
+
+
 def _layers_are_tensors(module, what: str) -> None:
     """weights/stitch/cka read layer outputs and input gradients as plain tensors; a Hugging Face model's
     blocks return output objects and take integer tokens, so say so in one line rather than fail inside."""
@@ -92,14 +113,23 @@ def ensemble(
             raise MergescopeError(f"--method {m!r}: choose from {', '.join(ens.METHODS)} or all")
     check_side_outputs(checkpoints, files=[json_out])
     with torch_threads(threads):
-        module, states, task_obj = _load(checkpoints, model, task, model_opts)
+        module, states, task_obj = _load_members(checkpoints, model, task, model_opts)
+        mixed = isinstance(module, list)  # different architectures: output ensembles only, no weight average
+        if mixed and any(m.startswith("features") for m in methods):
+            raise MergescopeError("feature averaging needs every checkpoint in one architecture; these differ "
+                                  "(use --method probs, logits, vote or weighted)")
         results = [ens.evaluate(module, list(states.values()), task_obj, method=m, split=split) for m in methods]
-        results.append(ens.evaluate_weight_average(module, list(states.values()), task_obj, split=split))
+        if not mixed:
+            results.append(ens.evaluate_weight_average(module, list(states.values()), task_obj, split=split))
     table = _table(f"{len(states)} models on {task_obj.name} {split}", ["combination", "accuracy", "loss", "ECE",
                                                                        "params", "FLOPs/example"])
-    single = results[-1]  # the weight average: one model's cost, like each member's
-    for name, acc, loss, ece in zip(states, single.member_accuracy, single.member_loss, single.member_ece):
-        table.add_row(f"member {name}", _f(acc), _f(loss), _f(ece), f"{single.params:,}", f"{single.flops:,}")
+    scored = results[-1]
+    for i, (name, acc, loss, ece) in enumerate(zip(states, scored.member_accuracy, scored.member_loss,
+                                                    scored.member_ece)):
+        one = module[i] if mixed else module  # each member's own cost
+        example = next(iter(task_obj.batches(split)))[0]
+        table.add_row(f"member {name}", _f(acc), _f(loss), _f(ece), f"{ens.count_params(one):,}",
+                      f"{ens.flops_per_example(one, example):,}")
     for r in results:
         table.add_row(r.method, _f(r.accuracy), _f(r.loss), _f(r.ece), f"{r.params:,}", f"{r.flops:,}")
     _show(table)
