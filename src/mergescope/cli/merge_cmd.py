@@ -57,6 +57,8 @@ def merge(
                                         help="Copy tokenizer files from the base model."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the hash-verified shards an interrupted run left."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Keep merged tensors with NaN/Inf."),
+    fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="Sync each finished shard to disk (in the background, "
+                               "while the next is merged) and the folder after its rename; --no-fsync leaves it to the OS."),
     intermediate_dir: Path = typer.Option(None, "--intermediate-dir",
                                           help="Multi-stage recipes (YAML documents separated by ---, as "
                                                "mergekit-multi): folder for the named stages [default: OUT.stages]."),
@@ -76,7 +78,7 @@ def merge(
     if _is_multistage_file(recipe, is_multistage):
         results = _run_stages(recipe, out, intermediate_dir, force=force, seed=random_seed, threads=threads,
                               max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer, resume=resume,
-                              allow_nonfinite=allow_nonfinite)
+                              allow_nonfinite=allow_nonfinite, fsync=fsync)
         if json_out is not None:
             write_json(json_out, {"stages": [None if r is None else r.to_dict() for r in results]}, strict=True)
         return
@@ -98,7 +100,7 @@ def merge(
 
         result = run(recipe, out, force=force, seed=random_seed, threads=threads, max_shard_size=max_shard_size,
                      copy_tokenizer=copy_tokenizer, on_tensor=on_tensor, on_plan=on_plan, resume=resume,
-                     allow_nonfinite=allow_nonfinite)
+                     allow_nonfinite=allow_nonfinite, fsync=fsync)
     if json_out is not None:
         write_json(json_out, result.to_dict(), strict=True)
     if STATE["quiet"]:
@@ -109,11 +111,25 @@ def merge(
     table.add_row("read", f"{result.bytes_read / 1e9:.3f} GB")
     table.add_row("written", f"{result.bytes_written / 1e9:.3f} GB in {len(result.files)} file(s)")
     table.add_row("time", f"{result.seconds:.2f} s ({result.bytes_read / 1e9 / max(result.seconds, 1e-9):.2f} GB/s read)")
+    for row in _timing_rows(result):
+        table.add_row(*row)
     table.add_row("seed", str(result.seed))
     if result.reused:
         table.add_row("resumed", f"{result.reused:,} tensors reused from the interrupted run")
     console.print(table)
     say(f"wrote {out}")
+
+
+def _timing_rows(result) -> list[tuple[str, str]]:
+    """Time to the first merged tensor, steady-state input throughput and the sync wait (engine timestamps)."""
+    rows = []
+    if result.first_tensor_s is not None:
+        rows.append(("first tensor", f"{result.first_tensor_s:.2f} s after start"))
+    steady = result.steady_bytes_per_s
+    if steady is not None:
+        rows.append(("steady state", f"{steady / 1e9:.2f} GB/s read after the first tensor"))
+    rows.append(("fsync", f"on ({result.fsync_wait_s:.2f} s waited at the end)" if result.fsync else "off"))
+    return rows
 
 
 def _recipe_inputs(recipe: Path) -> list[Path]:

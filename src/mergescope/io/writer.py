@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -132,10 +132,13 @@ class PlannedWriter:
     """Write tensors of a known layout into ``folder`` (HF shards + index) or one ``file``."""
 
     def __init__(self, target: str | os.PathLike, layout: Layout, max_shard_size: int, metadata: Mapping[str, str] | None,
-                 single_file: bool = False, resume: bool = False, log_done: bool = True):
+                 single_file: bool = False, resume: bool = False, log_done: bool = True,
+                 on_shard: Callable[[int, int], None] | None = None):
         """``resume`` reuses the shards of an interrupted run into the same folder that the done log
         vouches for (sha256) and that start with this plan's header; everything else is removed.
         ``log_done=False`` skips the done log (and its hashing) for a writer that never resumes.
+        ``on_shard(shard index, fd)`` is called (from the writing thread) once a shard's last tensor
+        is written: the merge engine fsyncs it there, in the background; ``fd`` stays open until ``close``.
         """
         target = Path(target)
         meta = file_metadata(metadata)
@@ -145,6 +148,7 @@ class PlannedWriter:
         headers = [build_header(shard, meta) for shard in shards]
         ends = [len(h) + sum(nbytes(dtype, shape) for _, dtype, shape in shard) for h, shard in zip(headers, shards)]
         self._log_folder = None if single_file or not log_done else target
+        self._on_shard = on_shard
         kept = _reusable(target, paths, headers, ends) if resume and not single_file else {}
         self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
@@ -199,6 +203,8 @@ class PlannedWriter:
             # The last shard to finish is not hashed: the run completes right after it, and a run
             # killed in between only redoes that shard (hashing 1 GB costs ~1 s here).
             self._log_done(self.paths[shard])
+        if finished and self._on_shard is not None:
+            self._on_shard(shard, fd)
         return done
 
     def _log_done(self, path: Path) -> None:

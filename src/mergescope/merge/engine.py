@@ -61,11 +61,28 @@ class MergeResult:
     seed: int
     reused: int = 0  # tensors kept from an interrupted run's verified shards (``resume``)
     warnings: tuple[str, ...] = ()  # recipe settings accepted without effect (also logged)
+    # The engine's own timestamps, in seconds from the start of ``merge`` (None: no tensor merged).
+    first_tensor_s: float | None = None  # the first merged tensor written (start-up: recipe, plan, layout)
+    last_tensor_s: float | None = None  # the last merged tensor written
+    shards_s: tuple[float, ...] = ()  # each shard's last tensor written, in completion order
+    steady_bytes_read: int = 0  # input bytes of the tensors merged after the first one
+    fsync: bool = False  # shards, small files and folders synced to disk before returning
+    fsync_wait_s: float = 0.0  # time spent waiting for syncs once every tensor was written (not overlapped)
+
+    @property
+    def steady_bytes_per_s(self) -> float | None:
+        """Input bytes per second after the first tensor (start-up and finishing left out)."""
+        if self.first_tensor_s is None or self.last_tensor_s is None or self.last_tensor_s <= self.first_tensor_s:
+            return None
+        return self.steady_bytes_read / (self.last_tensor_s - self.first_tensor_s)
 
     def to_dict(self) -> dict:
         return {"out": self.out, "method": self.method, "tensors": self.tensors, "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written, "seconds": self.seconds, "files": list(self.files),
-                "seed": self.seed, "reused": self.reused, "warnings": list(self.warnings)}
+                "seed": self.seed, "reused": self.reused, "warnings": list(self.warnings),
+                "first_tensor_s": self.first_tensor_s, "last_tensor_s": self.last_tensor_s,
+                "shards_s": list(self.shards_s), "steady_bytes_per_s": self.steady_bytes_per_s,
+                "fsync": self.fsync, "fsync_wait_s": self.fsync_wait_s}
 
 
 def release_freed_memory() -> None:
@@ -179,7 +196,84 @@ def _job_bytes(job: planning.Job) -> int:
     return job.nbytes_in + job.nbytes_out
 
 
-def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False) -> tuple[int, int]:
+class _Timeline:
+    """The merge's milestones as seconds from its start (called from worker threads)."""
+
+    def __init__(self, start: float):
+        self.start, self.first, self.last, self.first_bytes, self.total = start, None, None, 0, 0
+        self.shards: list[float] = []
+        self._lock = threading.Lock()
+
+    def tensor(self, nbytes_in: int) -> None:
+        now = time.perf_counter() - self.start
+        with self._lock:
+            if self.first is None:
+                self.first, self.first_bytes = now, nbytes_in
+            self.last = now
+            self.total += nbytes_in
+
+    def shard(self) -> None:
+        now = time.perf_counter() - self.start
+        with self._lock:
+            self.shards.append(now)
+
+
+class _ShardSync:
+    """fsync each finished shard on one background thread while the next shards are merged.
+
+    One sync per shard (not per tensor): the kernel writes the shard's dirty pages back while the
+    workers keep computing; only the last shard's sync is waited for at the end (``wait``).
+    """
+
+    def __init__(self, enabled: bool):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fsync") if enabled else None
+        self._futures: list[Future] = []
+
+    def submit(self, fd: int) -> None:
+        if self._pool is not None:
+            self._futures.append(self._pool.submit(os.fsync, fd))
+
+    def wait(self) -> float:
+        """Block until every submitted sync is done (errors re-raised); the seconds waited."""
+        if self._pool is None:
+            return 0.0
+        start = time.perf_counter()
+        self._pool.shutdown(wait=True)
+        for f in self._futures:
+            f.result()
+        return time.perf_counter() - start
+
+    def cancel(self) -> None:
+        """Stop before the writer closes the files on an error (pending syncs dropped, running one awaited)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file or folder by path (a folder's sync makes its entries, e.g. a rename, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path, done: set[Path]) -> None:
+    """fsync the files of ``folder`` not in ``done`` (index, config, tokenizer, resumed shards), then its folders."""
+    folders = [folder]
+    for item in sorted(folder.rglob("*")):
+        if item.is_symlink():
+            continue
+        if item.is_dir():
+            folders.append(item)
+        elif item.is_file() and item not in done:
+            fsync_path(item)
+    for f in reversed(folders):
+        fsync_path(f)
+
+
+def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False,
+             timeline: _Timeline | None = None) -> tuple[int, int]:
     budget = _Budget(max(MIN_BUDGET, max((_job_bytes(j) for j in plan.jobs), default=0)))
     totals = [0, 0]
     lock = threading.Lock()
@@ -198,6 +292,8 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
         with lock:
             totals[0] += job.nbytes_in
             totals[1] += written
+        if timeline is not None:
+            timeline.tensor(job.nbytes_in)
         if on_tensor is not None:
             on_tensor(job.name, job.nbytes_in)
         return job
@@ -317,7 +413,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
           seed: int | None = None, threads: int | None = None, max_shard_size: int | str = "2GB",
           copy_tokenizer: bool = True, on_tensor: Callable[[str, int], None] | None = None,
           on_plan: Callable[[int, int], None] | None = None, resume: bool = False,
-          allow_nonfinite: bool = False) -> MergeResult:
+          allow_nonfinite: bool = False, fsync: bool = True) -> MergeResult:
     """Run a MergeKit-compatible recipe (file path, YAML text, mapping or Recipe) into ``out_dir``.
 
     ``out_dir`` ending in ``.safetensors`` gives one file; otherwise a Hugging Face folder with
@@ -326,6 +422,9 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     after each tensor (from worker threads). ``resume`` reuses the hash-verified shards that an
     interrupted run into the same output left in ``.NAME.partial`` (the bytes are those of an
     uninterrupted run). A merged tensor with NaN/Inf is an error unless ``allow_nonfinite``.
+    ``fsync`` (default) makes the output durable before returning: each finished shard is synced on a
+    background thread while the next is merged, then the small files, the folder, and after the
+    rename its parent (docs/merge.md, Performance, measures the cost); ``fsync=False`` leaves it to the OS.
     """
     start = time.perf_counter()
     release_freed_memory()
@@ -361,20 +460,36 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
     torch.set_num_threads(1)  # parallel reductions would make the bits depend on the core count
     try:
         with atomic_output(out, inputs, force=force, is_dir=not single, resume=resume) as tmp:
-            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume)
+            timeline, sync, synced = _Timeline(start), _ShardSync(fsync), set()
+
+            def on_shard(index: int, fd: int) -> None:
+                timeline.shard()
+                synced.add(writer.paths[index])
+                sync.submit(fd)
+
+            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume, on_shard=on_shard)
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
-                read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite)
+                read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite,
+                                               timeline)
+                fsync_wait = sync.wait()
             except BaseException:
+                sync.cancel()
                 writer.abort()
                 raise
             files = writer.close()
             if not single:
                 _finish_folder(tmp, plan, recipe, copy_tokenizer)
+                if fsync:
+                    _fsync_tree(tmp, synced)  # reused (resumed) shards too
+        if fsync:
+            fsync_path(out.parent)  # the rename into place
     finally:
         torch.set_num_threads(old_threads)
         for c in ckpts.values():
             c.close()
     names = tuple(out.name if single else f.name for f in files)
     return MergeResult(str(out), plan.method.name, len(plan.jobs), read_bytes, written,
-                       time.perf_counter() - start, names, seed, len(writer.reused), plan.warnings)
+                       time.perf_counter() - start, names, seed, len(writer.reused), plan.warnings,
+                       timeline.first, timeline.last, tuple(timeline.shards), timeline.total - timeline.first_bytes,
+                       fsync, fsync_wait)
