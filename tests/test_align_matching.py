@@ -203,7 +203,7 @@ def test_repair_restores_interpolated_unit_statistics(name, options, points, tra
 
 def test_repair_helps_the_aligned_cnn(trained, task):
     sa, sb = trained("cnn", 0, 6, width=8), trained("cnn", 1, 6, width=8)
-    ma, mb = _model("cnn", sa, width=8), _model("cnn", sb, width=8)
+    ma = _model("cnn", sa, width=8)
     spec = permutation_spec(ma, torch.randn(2, 64))
     sb_aligned = apply(spec, weight_matching(spec, sa, sb), sb)
     mb_aligned = _model("cnn", sb_aligned, width=8)

@@ -224,7 +224,7 @@ def task_vector_figure(reps: list[dict], out) -> Path:
     if has_negation:
         for name in res["negation"]:
             line = band(axes[2], res["scales"], [r["negation"][name]["target_test"] for r in reps], f"on {name}")
-            band(axes[2], res["scales"], [r["negation"][name]["control_test"] for r in reps], f"on the others",
+            band(axes[2], res["scales"], [r["negation"][name]["control_test"] for r in reps], "on the others",
                  "s--", line.get_color())
         axes[2].set(xlabel="lambda in base - lambda * tau", ylabel="test accuracy (%)")
         axes[2].set_title("task negation (forget one task)", fontsize=9)
