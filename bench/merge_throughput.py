@@ -139,8 +139,8 @@ def measure(args, folders: list[Path], methods: list[str], mk_methods: set[str])
                     runs.setdefault(f"mergekit_error:{method}", []).append(str(e).splitlines()[-1][:200])
                 shutil.rmtree(out, ignore_errors=True)
             print(f"  {method}: " + ", ".join(f"{k.split(':')[0]} {v[-1]['wall_s'] + v[-1]['sync_s']:.1f} s"
-                                               for k, v in runs.items() if k.endswith(f":{method}") and isinstance(v[-1], dict)),
-                  flush=True)
+                                               for k, v in runs.items() if k.endswith(f":{method}") and len(v) == rep + 1
+                                               and isinstance(v[-1], dict)), flush=True)
     if "linear" in methods:
         fsync_pairs(args, runs)
     return {"in_bytes": in_bytes, "out_bytes": out_bytes, "runs": runs}
@@ -230,7 +230,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("throughput / copy floor")
     ax.legend(fontsize=8)
     ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB fp32 Llama, copy floor {results['floor_gbps']:.2f} GB/s, "
-                 f"median of {results['repeats']}, load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
+                 f"median of {results['repeats']} (MergeKit {results['mergekit_repeats']}), load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     print(f"fixture 4 x {total / 4e9:.2f} GB; page cache {cache_before:.1f} -> {page_cache_gb():.1f} GB after warming; "
           f"read alone {total / read_s / 1e9:.2f} GB/s; load {load_start:.1f}", flush=True)
     measured = measure(args, folders, methods, mk_methods)
-    results = {"size": args.size, "repeats": args.repeats, "threads": args.threads, "max_shard_size": args.max_shard_size,
+    results = {"size": args.size, "repeats": args.repeats, "mergekit_repeats": args.mergekit_repeats, "threads": args.threads, "max_shard_size": args.max_shard_size,
                "cpus": os.cpu_count(), "mem_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9,
                "in_bytes": measured["in_bytes"], "out_bytes": measured["out_bytes"],
                "read_only_gbps": round(total / read_s / 1e9, 3), "page_cache_gb_after_warm": page_cache_gb(),
