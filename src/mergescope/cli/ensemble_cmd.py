@@ -29,8 +29,12 @@ analyse_app = typer.Typer(name="analyse", no_args_is_help=True,
 
 # ---------------------------------------------------------------- shared plumbing
 
-def _load(paths: list[Path], model: str | None, task_spec: str | None, model_opts: list[str] | None = None):
-    """(template module, {name: state}, task) for checkpoints sharing one architecture."""
+def _load(paths: list[Path], model: str | None, task_spec: str | None, model_opts: list[str] | None = None,
+          mixed: bool = False):
+    """(template module, {name: state}, task) for checkpoints sharing one architecture, built once from the
+    first checkpoint. ``mixed``: a checkpoint that does not fit it builds its own module from its own record
+    (a partial-zip checkpoint next to a plain one), and the module returned is then the list of each
+    member's module."""
     from ..io import load
     from ..tasks.checkpoints import fitted_state, model_for
 
@@ -38,33 +42,21 @@ def _load(paths: list[Path], model: str | None, task_spec: str | None, model_opt
         if not Path(p).exists():
             raise MergescopeError(f"{p}: no such file or folder")
     ckpts = [load(p) for p in paths]
-    module, _, _ = model_for(ckpts[0], model, **model_options(model_opts))
-    states = {}
+    options = model_options(model_opts)
+    first, _, _ = model_for(ckpts[0], model, **options)
+    modules, states = [], {}
     for p, ckpt in zip(paths, ckpts):
-        # one-line error if it does not fit; under the model's own keys (a HF file may differ, see fitted_state)
-        states[_unique_name(p, states)] = fitted_state(module, {k: ckpt[k] for k in ckpt}, p)
-    return module, states, task_for(ckpts[0], task_spec)
-
-
-def _load_members(paths: list[Path], model: str | None, task_spec: str | None, model_opts: list[str] | None = None):
-    """(modules, {name: state}, task): like ``_load``, but each checkpoint builds its own module when the
-    architectures differ (a partial-zip checkpoint next to a plain one); one shared module otherwise."""
-    from ..io import load
-    from ..tasks.checkpoints import fitted_state, model_for
-
-    for p in paths:
-        if not Path(p).exists():
-            raise MergescopeError(f"{p}: no such file or folder")
-    ckpts = [load(p) for p in paths]
-    modules = [model_for(c, model, **model_options(model_opts))[0] for c in ckpts]
-    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in modules]
-    if all(s == shapes[0] for s in shapes):
-        modules = modules[0]
-    states = {}
-    for i, (p, ckpt) in enumerate(zip(paths, ckpts)):
-        module = modules if not isinstance(modules, list) else modules[i]
-        states[_unique_name(p, states)] = fitted_state(module, {k: ckpt[k] for k in ckpt}, p)
-    return modules, states, task_for(ckpts[0], task_spec)
+        tensors, module = {k: ckpt[k] for k in ckpt}, first
+        try:  # one-line error if it does not fit; under the model's own keys (a HF file may differ, see fitted_state)
+            state = fitted_state(first, tensors, p)
+        except MergescopeError:
+            if not mixed:
+                raise
+            module, _, _ = model_for(ckpt, model, **options)
+            state = fitted_state(module, tensors, p)
+        states[_unique_name(p, states)] = state
+        modules.append(module)
+    return (first if all(m is first for m in modules) else modules), states, task_for(ckpts[0], task_spec)
 
 
 def _layers_are_tensors(module, what: str) -> None:
@@ -113,7 +105,7 @@ def ensemble(
             raise MergescopeError(f"--method {m!r}: choose from {', '.join(ens.METHODS)} or all")
     check_side_outputs(checkpoints, files=[json_out])
     with torch_threads(threads):
-        module, states, task_obj = _load_members(checkpoints, model, task, model_opts)
+        module, states, task_obj = _load(checkpoints, model, task, model_opts, mixed=True)
         mixed = isinstance(module, list)  # different architectures: output ensembles only, no weight average
         if mixed and any(m.startswith("features") for m in methods):
             raise MergescopeError("feature averaging needs every checkpoint in one architecture; these differ "
@@ -124,12 +116,13 @@ def ensemble(
     table = _table(f"{len(states)} models on {task_obj.name} {split}", ["combination", "accuracy", "loss", "ECE",
                                                                        "params", "FLOPs/example"])
     scored = results[-1]
+    example = next(iter(task_obj.batches(split)))[0]
+    costs = {id(m): (ens.count_params(m), ens.flops_per_example(m, example))  # each distinct module once
+             for m in (module if mixed else [module])}
     for i, (name, acc, loss, ece) in enumerate(zip(states, scored.member_accuracy, scored.member_loss,
                                                     scored.member_ece)):
-        one = module[i] if mixed else module  # each member's own cost
-        example = next(iter(task_obj.batches(split)))[0]
-        table.add_row(f"member {name}", _f(acc), _f(loss), _f(ece), f"{ens.count_params(one):,}",
-                      f"{ens.flops_per_example(one, example):,}")
+        params, flops = costs[id(module[i] if mixed else module)]  # each member's own cost
+        table.add_row(f"member {name}", _f(acc), _f(loss), _f(ece), f"{params:,}", f"{flops:,}")
     for r in results:
         table.add_row(r.method, _f(r.accuracy), _f(r.loss), _f(r.ece), f"{r.params:,}", f"{r.flops:,}")
     _show(table)

@@ -149,10 +149,11 @@ def train(
 def _train_task(spec: str, classes: tuple[int, ...] | None):
     """The task to train on: a built-in (optionally restricted to ``classes``), a data file or the
     user's factory."""
-    from ..tasks import digits, get_task, mnist1d
+    from ..tasks import get_task
+    from ..tasks.checkpoints import builtin_task
 
-    if spec in ("digits", "mnist1d"):
-        return {"digits": digits, "mnist1d": mnist1d}[spec](classes=classes)
+    if spec in ("digits", "mnist1d"):  # the name a checkpoint records, e.g. mnist1d[0,1,2]
+        return builtin_task(f"{spec}[{','.join(map(str, classes))}]" if classes else spec)
     if classes:
         raise MergescopeError(f"--classes works with the built-in tasks (digits, mnist1d), not {spec!r}")
     return get_task(spec)
