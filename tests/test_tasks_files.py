@@ -582,3 +582,10 @@ def test_hostile_data_files_through_the_cli(tmp_path):
     for data, names in (("fifo.npz", ("fifo.npz", "FIFO")), ("bomb.npz", ("bomb.npz", "over the", "limit"))):
         out = attack(["landscape", "line", "m0.safetensors", "m1.safetensors", "--task", data, "-o", "out"], tmp_path)
         assert_refused(out, *names, max_rss_mb=1000, max_seconds=60)
+
+
+def test_a_missing_data_file_says_so_first(tmp_path, capsys):
+    """Not 'needs a Hugging Face folder': the file itself is missing, whatever the checkpoint is."""
+    for name in ("nope.csv", "nope.txt", "nope.npz"):  # no model folder given: the file is still named first
+        with pytest.raises(MergescopeError, match=rf"{name}: cannot read data file \(No such file"):
+            task_from_file(tmp_path / name)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import MergescopeError
 from ..io.untrusted import (
+    check_regular,
     inside_folder,
     open_regular,
     parse_json,
@@ -104,6 +105,7 @@ def task_from_file(path: str | os.PathLike, model_folder: str | os.PathLike | No
         raise MergescopeError(f"{path}: not a data file; expected one of {', '.join(SUFFIXES)}")
     if suffix == ".npz":
         return array_task(path)
+    check_regular(path, "data file")  # a missing or odd file is said before what the model folder lacks
     model = ModelInfo.read(path, model_folder)
     if suffix == ".txt":
         return lm_task(path, model, max_length)
