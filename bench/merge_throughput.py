@@ -12,7 +12,7 @@ models (base + 3 fine-tunes).
 
     .venv/bin/python bench/merge_throughput.py --size 250mb --repeats 3
 
-Writes bench/results/merge_throughput.json and docs/img/merge_throughput.png.
+Writes bench/results/merge_throughput_SIZE.json and docs/img/merge_throughput_SIZE.png.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge_vs_mergekit as mvm
 
-RESULTS = mvm.ROOT / "bench" / "results" / "merge_throughput.json"
-FIGURE = mvm.ROOT / "docs" / "img" / "merge_throughput.png"
+RESULTS = mvm.ROOT / "bench" / "results" / "merge_throughput_{size}.json"
+FIGURE = mvm.ROOT / "docs" / "img" / "merge_throughput_{size}.png"
 ALL_METHODS = "linear,task_arithmetic,slerp,model_stock,ties,dare_ties,breadcrumbs,della"
 mvm.METHODS.setdefault("model_stock", "models:\n{models_w}base_model: {base}\nmerge_method: model_stock\n")
 mvm.METHODS.setdefault("della", "models:\n{models_wd}base_model: {base}\nmerge_method: della\n"
@@ -176,6 +176,9 @@ def table(measured: dict, methods: list[str]) -> dict:
         elif f"mergekit_error:{method}" in measured["runs"]:
             row["mergekit_error"] = measured["runs"][f"mergekit_error:{method}"][0]
         rows[method] = row
+    linear = rows.get("linear")
+    for row in rows.values():  # issue 20: the sparsifying methods within 1.5x linear's wall
+        row["vs_linear"] = round(row["mergescope"]["durable_s"] / linear["mergescope"]["durable_s"], 3) if linear else None
     return {"floor_s": round(floor_s, 3), "floor_gbps": round(floor_bps / 1e9, 3), "methods": rows,
             "fsync_cost": fsync_cost(measured["runs"])}
 
@@ -195,14 +198,15 @@ def fsync_cost(runs: dict) -> dict | None:
 def print_table(results: dict) -> None:
     print(f"copy floor: {results['floor_s']:.2f} s = {results['floor_gbps']:.2f} GB/s of input "
           f"(read {results['in_bytes'] / 1e9:.2f} GB, write + fsync {results['out_bytes'] / 1e9:.2f} GB)")
-    print(f"{'method':16s} {'ours s':>7s} {'frac':>5s} {'steady':>6s} {'1st s':>5s} {'RSS GB':>6s} "
+    print(f"{'method':16s} {'ours s':>7s} {'/lin':>5s} {'frac':>5s} {'steady':>6s} {'1st s':>5s} {'RSS GB':>6s} "
           f"{'MK s':>7s} {'MK frac':>7s} {'ratio':>5s} {'MK RSS':>6s}")
     for method, r in results["methods"].items():
         o, mk = r["mergescope"], r.get("mergekit")
         steady = "-" if r["steady_fraction"] is None else f"{r['steady_fraction']:.2f}"
         mk_cols = (f"{mk['durable_s']:7.1f} {r['mergekit_fraction']:7.2f} {r['wall_ratio']:5.2f} {mk['peak_rss_gb']:6.2f}"
                    if mk else f"{'-':>7s} {'-':>7s} {'-':>5s} {'-':>6s}")
-        print(f"{method:16s} {o['durable_s']:7.1f} {r['fraction']:5.2f} {steady:>6s} {o['first_tensor_s']:5.2f} "
+        lin = "-" if r.get("vs_linear") is None else f"{r['vs_linear']:.2f}"
+        print(f"{method:16s} {o['durable_s']:7.1f} {lin:>5s} {r['fraction']:5.2f} {steady:>6s} {o['first_tensor_s']:5.2f} "
               f"{o['peak_rss_gb']:6.2f} {mk_cols}")
     cost = results["fsync_cost"]
     if cost:
@@ -271,9 +275,10 @@ def main(argv=None) -> int:
     print_table(results)
     print(f"load average {results['load_start']:.1f} at start, {results['load_end']:.1f} at end; "
           f"page cache {results['page_cache_gb_after_warm']:.1f} GB of {results['mem_total_gb']:.0f} GB", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, FIGURE)
+    results_path = Path(str(RESULTS).format(size=args.size))
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, Path(str(FIGURE).format(size=args.size)))
     return 0
 
 
