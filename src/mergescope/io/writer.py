@@ -10,11 +10,16 @@ so one place decides:
 - the index: ``index_json`` (``{"metadata": {"total_size": ..., **file metadata}, "weight_map": ...}``).
 
 ``PlannedWriter`` lays out every shard file (header and each tensor's offset) from the names,
-dtypes and shapes before any tensor exists; each tensor is then ``pwrite``n at its offset as soon
-as it is ready, in any order and from any thread, and freed: nothing waits in memory for a shard to
-fill, and the bytes do not depend on the order. A shard whose last tensor lands is hashed into the
-partial folder's done log (``io.atomic.record_done``; the last shard to complete is not: the run
-ends right after it), so a merge's ``resume`` reuses it after a crash instead of redoing it.
+dtypes and shapes before any tensor exists and reserves each shard's full size on disk
+(``posix_fallocate``: a full disk is one line naming the shard before any work, not a SIGBUS in a
+mapped write). Each tensor is then either ``pwrite``n at its offset (``write``) or computed straight
+into the file through ``slot``: a tensor viewing a shared map of exactly its byte range, so the
+result needs no buffer of its own and no second copy. Either way, in any order and from any thread:
+nothing waits in memory for a shard to fill, and the bytes do not depend on the order. A shard whose
+last tensor lands is hashed into the partial folder's done log (``io.atomic.record_done``; the last
+shard to complete is not: the run ends right after it), so a merge's ``resume`` reuses it after a
+crash instead of redoing it; the merge engine does that hashing on its background thread, after the
+shard's fsync, so the log only vouches for durable bytes and workers never wait for it.
 ``write_state`` (``ms.save``) streams a state through it tensor by tensor. ``ShardedWriter`` is for
 callers that learn their tensors one by one without knowing the layout up front: it holds one
 shard, writes it through a ``PlannedWriter`` when it fills, and names the shards at ``close``.
@@ -22,8 +27,11 @@ shard, writes it through a ``PlannedWriter`` when it fills, and names the shards
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -128,17 +136,55 @@ def _reusable(folder: Path, paths: list[Path], headers: list[bytes], ends: list[
     return kept
 
 
+def _reserve(fd: int, path: Path, size: int) -> bool:
+    """Allocate ``size`` bytes of ``path`` on disk; False where the file system cannot (the shard is
+    then written with ``pwrite`` only: a mapped write into a hole could SIGBUS on a full disk)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise MergescopeError(f"{path}: cannot reserve {size} bytes for this shard ({e.strerror or e})") from None
+    return True
+
+
+class Slot:
+    """One planned tensor's bytes in its shard file, as a writable contiguous tensor (a shared map of
+    exactly that range, page-aligned). ``done`` marks it written; ``close`` unmaps it (always call it)."""
+
+    def __init__(self, writer: PlannedWriter, name: str, tensor: torch.Tensor, mapped: mmap.mmap | None):
+        self.writer, self.name, self.tensor, self._map = writer, name, tensor, mapped
+
+    def done(self) -> int:
+        """Record the tensor as written (as ``PlannedWriter.write`` does); returns its byte count."""
+        self.close()
+        return self.writer._written_slot(self.name)
+
+    def close(self) -> None:
+        self.tensor = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view; unmapped when that is freed
+                pass
+            self._map = None
+
+
 class PlannedWriter:
     """Write tensors of a known layout into ``folder`` (HF shards + index) or one ``file``."""
 
     def __init__(self, target: str | os.PathLike, layout: Layout, max_shard_size: int, metadata: Mapping[str, str] | None,
                  single_file: bool = False, resume: bool = False, log_done: bool = True,
-                 on_shard: Callable[[int, int], None] | None = None):
+                 on_shard: Callable[[int, int, Callable[[], None] | None], None] | None = None,
+                 mapped: bool = True):
         """``resume`` reuses the shards of an interrupted run into the same folder that the done log
         vouches for (sha256) and that start with this plan's header; everything else is removed.
         ``log_done=False`` skips the done log (and its hashing) for a writer that never resumes.
-        ``on_shard(shard index, fd)`` is called (from the writing thread) once a shard's last tensor
-        is written: the merge engine fsyncs it there, in the background; ``fd`` stays open until ``close``.
+        ``on_shard(shard index, fd, log)`` is called (from the writing thread) once a shard's last
+        tensor is written; ``log`` (None when the shard is not logged) hashes it into the done log and
+        is the caller's to run, after the shard is durable (the merge engine: on its fsync thread);
+        ``fd`` stays open until ``close``. Without ``on_shard`` the writer logs the shard itself.
+        ``mapped=False`` reserves nothing and offers no slots (every tensor goes through ``write``).
         """
         target = Path(target)
         meta = file_metadata(metadata)
@@ -152,6 +198,7 @@ class PlannedWriter:
         kept = _reusable(target, paths, headers, ends) if resume and not single_file else {}
         self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
+        self._reserved: set[int] = set()
         self._written: set[str] = set()
         self._remaining: list[int] = []
         self._lock = threading.Lock()
@@ -171,6 +218,8 @@ class PlannedWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             os.pwrite(fd, header, 0)
+            if mapped and ends[i] > len(header) and _reserve(fd, path, ends[i]):
+                self._reserved.add(i)
             offset = len(header)
             for name, dtype, shape in shard:
                 self._slots[name] = (fd, offset, dtype, tuple(shape), i)
@@ -181,31 +230,65 @@ class PlannedWriter:
             self._index = index_json(shards, [p.name for p in paths], meta)
             self._index_path = target / SAFE_INDEX
 
+    def slot(self, name: str) -> Slot | None:
+        """A writable tensor over ``name``'s bytes in its shard, or None where its shard is not
+        reserved on disk (``write`` it instead)."""
+        fd, offset, dtype, shape, shard = self._slots[name]
+        if shard not in self._reserved:
+            return None
+        if name in self._written:
+            raise MergescopeError(f"tensor {name!r}: written twice")
+        size = nbytes(dtype, shape)
+        if size == 0:
+            return Slot(self, name, torch.empty(shape, dtype=dtype), None)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, offset + size - start, flags=mmap.MAP_SHARED, offset=start)
+        tensor = torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=offset - start).view(shape)
+        return Slot(self, name, tensor, mapped)
+
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Store one tensor at its planned place; returns the bytes written."""
         fd, offset, dtype, shape, shard = self._slots[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise MergescopeError(f"tensor {name!r}: merged to {tensor.dtype} {list(tensor.shape)}, "
                                   f"planned {dtype} {list(shape)}")
-        with self._lock:
-            if name in self._written:
-                raise MergescopeError(f"tensor {name!r}: written twice")
-            self._written.add(name)
+        self._claim(name)
         data = tensor_bytes(tensor).cast("B")
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
+        self._landed(shard, fd)
+        return done
+
+    def _written_slot(self, name: str) -> int:
+        fd, _, dtype, shape, shard = self._slots[name]
+        self._claim(name)
+        self._landed(shard, fd)
+        return nbytes(dtype, shape)
+
+    def _claim(self, name: str) -> None:
+        with self._lock:
+            if name in self._written:
+                raise MergescopeError(f"tensor {name!r}: written twice")
+            self._written.add(name)
+
+    def _landed(self, shard: int, fd: int) -> None:
+        """One tensor of ``shard`` is in place: when it was the shard's last, log it and tell ``on_shard``."""
         with self._lock:
             self._remaining[shard] -= 1
             finished = self._remaining[shard] == 0
             last = not any(self._remaining)
-        if finished and not last and self._log_folder is not None:
-            # The last shard to finish is not hashed: the run completes right after it, and a run
-            # killed in between only redoes that shard (hashing 1 GB costs ~1 s here).
-            self._log_done(self.paths[shard])
-        if finished and self._on_shard is not None:
-            self._on_shard(shard, fd)
-        return done
+        if not finished:
+            return
+        # The last shard to finish is not hashed: the run completes right after it, and a run
+        # killed in between only redoes that shard (hashing 1 GB costs ~1 s here).
+        log = None
+        if not last and self._log_folder is not None:
+            log = functools.partial(self._log_done, self.paths[shard])
+        if self._on_shard is not None:
+            self._on_shard(shard, fd, log)
+        elif log is not None:
+            log()
 
     def _log_done(self, path: Path) -> None:
         """Record a complete shard (and its hash) so an interrupted run can be resumed from it."""

@@ -1,10 +1,13 @@
 """Streaming merge executor: tensor by tensor, bounded memory, a thread pool, atomic output.
 
 ``merge(recipe, out)`` plans the output from the input headers, lays out the output shards
-(``writer.PlannedWriter``), then runs one job per output tensor on ``threads`` worker threads:
-map just the input tensors' byte ranges (``reader.JobMaps``: no copy, unmapped when the job
-ends, so resident memory is only what jobs in flight hold), merge them with the method's pure
-function, ``pwrite`` the result, free it.
+(``writer.PlannedWriter``: header written, full size reserved on disk), then runs one job per
+output tensor on ``threads`` worker threads: map just the input tensors' byte ranges
+(``reader.JobMaps``: no copy, unmapped when the job ends, so resident memory is only what jobs in
+flight hold), map the output tensor's byte range (``PlannedWriter.slot``) and merge straight into it
+when the method's function takes ``out=`` (no result buffer, no second copy); other methods' results
+are ``pwrite``n and freed. A finished shard is fsynced and hashed into the resume log on one
+background thread, off the workers' path.
 
 Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
 within ``max(largest job, 256 MB)``, and a method's scratch is at most about one tensor plus
@@ -18,7 +21,9 @@ same seed gives the same bits whatever the worker count, core count or completio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -43,6 +48,9 @@ from .writer import PlannedWriter
 
 LOG = logging.getLogger("mergescope.merge")
 MIN_BUDGET = 256 * 10**6
+# Set to "pwrite" to write every tensor through PlannedWriter.write (the path before mapped output
+# shards; the tests compare both paths' bytes, the benchmark their speed).
+WRITE_ENV = "MERGESCOPE_WRITE"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
 
@@ -67,7 +75,7 @@ class MergeResult:
     shards_s: tuple[float, ...] = ()  # each shard's last tensor written, in completion order
     steady_bytes_read: int = 0  # input bytes of the tensors merged after the first one
     fsync: bool = False  # shards, small files and folders synced to disk before returning
-    fsync_wait_s: float = 0.0  # time spent waiting for syncs once every tensor was written (not overlapped)
+    fsync_wait_s: float = 0.0  # waited for the background syncs/done-log hashes once every tensor was written
 
     @property
     def steady_bytes_per_s(self) -> float | None:
@@ -111,26 +119,54 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], torch.Tensor],
-            dtype: torch.dtype | None, seed: int) -> torch.Tensor:
+            dtype: torch.dtype | None, seed: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """Read one job's inputs with ``read(model index, tensor name)`` and merge them (no writing).
 
     The result never shares memory with an input (inputs may be maps that are closed next).
+    ``into`` (the output slot, of the job's dtype and shape) receives the result, which is returned:
+    the method writes it there itself when its function takes ``out=`` and works in the job's dtype,
+    otherwise the result is copied (cast) in.
     """
     tensors = remap_job(plan, job, _read_inputs(job, read, dtype))
     if job.copy or not tensors[0].is_floating_point():  # a single holder's tensor, a buffer: copied
-        return tensors[job.base or 0].to(job.dtype, copy=True)
+        source = tensors[job.base or 0]
+        return source.to(job.dtype, copy=True) if into is None else into.copy_(source)
     method = plan.method
     base, others, params = _method_arguments(method, job, tensors)
     if method.random:
         params["seed"] = tensor_seed(seed, job.name)
+    if into is not None and tensors[0].dtype == job.dtype and takes_out(method.fn):
+        params["out"] = into
     try:
         out = method(others, base, **params)
     except MergescopeError as e:
         raise MergescopeError(f"tensor {job.name!r}: {e}") from None
+    if into is not None:
+        return into if _same_memory(out, into) else into.copy_(out)
     out = out if out.dtype == job.dtype else out.to(job.dtype)
-    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors):
+    if any(_shares_storage(out, t) for t in tensors):
         out = out.clone()
     return out
+
+
+@functools.cache
+def takes_out(fn: Callable) -> bool:
+    """Whether a method's function accepts an ``out=`` tensor to write its result into."""
+    try:
+        param = inspect.signature(fn).parameters.get("out")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _same_memory(result: torch.Tensor, slot: torch.Tensor) -> bool:
+    """Whether ``result`` is ``slot``'s bytes (a method that wrote into ``out``, maybe reshaped)."""
+    return (result.dtype == slot.dtype and result.numel() == slot.numel() and result.is_contiguous()
+            and result.data_ptr() == slot.data_ptr())
 
 
 def _read_inputs(job: planning.Job, read: Callable[[int, str], torch.Tensor], dtype: torch.dtype | None) -> list:
@@ -219,24 +255,32 @@ class _Timeline:
 
 
 class _ShardSync:
-    """fsync each finished shard on one background thread while the next shards are merged.
+    """fsync each finished shard, then hash it into the done log, on one background thread while the
+    next shards are merged.
 
     One sync per shard (not per tensor): the kernel writes the shard's dirty pages back while the
-    workers keep computing; only the last shard's sync is waited for at the end (``wait``).
+    workers keep computing; the done-log entry follows the sync, so it only vouches for durable
+    bytes, and workers never wait for the hash (~1 GB/s). Only the last shard's work is waited
+    for at the end (``wait``). With ``fsync`` off the thread only hashes.
     """
 
-    def __init__(self, enabled: bool):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fsync") if enabled else None
+    def __init__(self, fsync: bool):
+        self.fsync = fsync
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fsync")
         self._futures: list[Future] = []
 
-    def submit(self, fd: int) -> None:
-        if self._pool is not None:
-            self._futures.append(self._pool.submit(os.fsync, fd))
+    def submit(self, fd: int, log: Callable[[], None] | None) -> None:
+        if self.fsync or log is not None:
+            self._futures.append(self._pool.submit(self._finish, fd, log))
+
+    def _finish(self, fd: int, log: Callable[[], None] | None) -> None:
+        if self.fsync:
+            os.fsync(fd)
+        if log is not None:
+            log()
 
     def wait(self) -> float:
-        """Block until every submitted sync is done (errors re-raised); the seconds waited."""
-        if self._pool is None:
-            return 0.0
+        """Block until every submitted sync and log entry is done (errors re-raised); the seconds waited."""
         start = time.perf_counter()
         self._pool.shutdown(wait=True)
         for f in self._futures:
@@ -244,9 +288,8 @@ class _ShardSync:
         return time.perf_counter() - start
 
     def cancel(self) -> None:
-        """Stop before the writer closes the files on an error (pending syncs dropped, running one awaited)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop before the writer closes the files on an error (pending work dropped, running work awaited)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -278,17 +321,28 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     totals = [0, 0]
     lock = threading.Lock()
     locators = [Locator(ckpts[m]) for m in plan.models]
+    in_place = takes_out(plan.method.fn)
 
     def work(job):
         maps = JobMaps()
+        # Only a method writing into ``out=`` (and a plain copy) goes through the mapped slot: copying
+        # another method's finished result into the map measured no faster than pwrite (docs/merge.md).
+        slot = writer.slot(job.name) if in_place or job.copy else None
         try:
-            out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed)
+            out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed,
+                          into=None if slot is None else slot.tensor)
             if not allow_nonfinite:
                 check_finite(job.name, out)
-            written = writer.write(job.name, out)
-            del out
+            if slot is None:
+                written = writer.write(job.name, out)
+                del out
+            else:
+                del out  # a view of the map: gone before the slot unmaps
+                written = slot.done()
         finally:
             maps.close()
+            if slot is not None:
+                slot.close()
         with lock:
             totals[0] += job.nbytes_in
             totals[1] += written
@@ -462,12 +516,13 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
         with atomic_output(out, inputs, force=force, is_dir=not single, resume=resume) as tmp:
             timeline, sync, synced = _Timeline(start), _ShardSync(fsync), set()
 
-            def on_shard(index: int, fd: int) -> None:
+            def on_shard(index: int, fd: int, log: Callable[[], None] | None) -> None:
                 timeline.shard()
                 synced.add(writer.paths[index])
-                sync.submit(fd)
+                sync.submit(fd, log)
 
-            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume, on_shard=on_shard)
+            writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume, on_shard=on_shard,
+                                   mapped=os.environ.get(WRITE_ENV, "mapped") != "pwrite")
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
                 read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite,
