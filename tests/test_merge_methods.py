@@ -159,6 +159,33 @@ def test_model_stock_closed_form():
     np.testing.assert_allclose(_np(out), expected, atol=1e-6)
 
 
+def _model_stock_whole_tensor(ws, w0):
+    """MergeKit 0.1.5's model_stock expression on whole tensors (the blocked version must give its bits)."""
+    offsets = [w - w0 for w in ws]
+    cos = torch.stack([((a * b).sum(-1) / (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+                       for i, a in enumerate(offsets) for b in offsets[i + 1:]]).mean(0).unsqueeze(-1)
+    denom = 1 + (len(ws) - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), len(ws) * cos / torch.where(singular, torch.ones_like(denom), denom))
+    return t * (sum(ws) / len(ws)) + (1 - t) * w0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(300_001,), (700, 513), (2, 3, 40_000), (40_000, 3)])
+def test_model_stock_blocks_give_the_whole_tensor_bits(shape, dtype):
+    g = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(shape, generator=g).to(dtype)
+    base.view(-1)[:4] = -0.0  # signed zeros survive the same roundings
+    models = [base + 0.1 * torch.randn(shape, generator=g).to(dtype) for _ in range(3)]
+    models[0].view(-1)[:2] = -0.0
+    flat = _model_stock_whole_tensor([m.reshape(-1) for m in models], base.reshape(-1)).reshape(shape)
+    rows = _model_stock_whole_tensor(models, base)
+    for filter_wise, expected in ((False, flat), (True, rows)):
+        out = M.get("model_stock")(models, base, filter_wise=filter_wise)
+        assert out.dtype == expected.dtype
+        assert torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit())
+
+
 def test_nearswap_formula():
     a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.05, 0.5, -2.0])
     out = M.get("nearswap")([b], a, t=0.1)
