@@ -14,7 +14,6 @@ keeps state or touches a global random generator. Conventions (as MergeKit 0.1.5
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -53,10 +52,11 @@ def _check_same_shape(tensors: Sequence[Tensor], base: Tensor | None = None) -> 
 def top_k_mask(score: Tensor, k: int, tie_order: Callable[[], Tensor] | None = None) -> Tensor:
     """Boolean mask of the ``k`` largest entries of a flat score.
 
-    Uses a selection (``kthvalue``, O(n)) instead of a full sort. When entries equal to the k-th
+    Uses a selection (``kth_largest``, O(n)) instead of a full sort. When entries equal to the k-th
     largest value straddle the cut, which of them are kept is a convention: ``tie_order()`` (when
-    given) returns the mask to use then (MergeKit's own sort, see ``mergekit_topk``); without it
-    ties go to lower indices and the masks are nested (``top_k_mask(s, j)`` inside ``top_k_mask(s, k)``).
+    given) returns the mask to use then (SCE: MergeKit's ``topk``); without it ties go to lower
+    indices and the masks are nested (``top_k_mask(s, j)`` inside ``top_k_mask(s, k)``). Masks in
+    ``torch.sort``'s order (TIES, breadcrumbs) come from ``select.sorted_range_mask``.
     """
     n = score.numel()
     if k >= n:
@@ -89,50 +89,21 @@ def _positions_mask(n: int, positions: Tensor) -> Tensor:
     return mask
 
 
-def mergekit_topk(score: Tensor, k: int) -> Callable[[], Tensor]:
-    """MergeKit's TIES choice among tied magnitudes: the first ``k`` of ``argsort(descending=True)``.
+def kth_largest(score: Tensor, k: int) -> Tensor:
+    """The k-th largest value of a flat tensor (1 <= k <= n), exactly as ``torch.kthvalue`` gives it."""
+    from . import select  # numba: imported on first use, not at ``import mergescope``
 
-    torch's CPU sort is not stable; the order it gives equal keys depends on the whole array (not a
-    simple lower/higher index rule) but not on the thread count, so the same call on the same float32
-    scores reproduces MergeKit's mask bit for bit. Only run when ties straddle the cut (O(n log n)).
-    """
-    return lambda: _positions_mask(score.numel(), torch.argsort(score, descending=True)[:k])
-
-
-def kth_largest(score: Tensor, k: int, sample: int = 1 << 16) -> Tensor:
-    """The k-th largest value of a flat tensor (1 <= k <= n), exactly as ``torch.kthvalue`` gives it.
-
-    A strided sample brackets the answer in (lo, hi]; one pass counts the entries above ``hi``
-    and selects the few inside the bracket, so the exact selection runs on a small tensor.
-    Falls back to a full ``kthvalue`` when the bracket misses (then it is only slower).
-    """
-    n = score.numel()
-    stride = n // sample
-    if stride < 4:
-        return torch.kthvalue(score, n - k + 1).values
-    probe = torch.sort(score[::stride]).values
-    m = probe.numel()
-    at = (n - k) / n * m
-    margin = 8 * int(m**0.5) + 16
-    lo = probe[max(0, int(at) - margin)]
-    hi = probe[min(m - 1, int(at) + margin)]
-    lower = lo if int(at) - margin > 0 else torch.tensor(-math.inf, dtype=score.dtype)
-    above, pieces = 0, []
-    for part in _chunks(n):  # chunked: no tensor-sized boolean temporaries
-        piece = score[part]
-        above += int((piece > hi).sum())
-        pieces.append(piece[(piece > lower) & (piece <= hi)])
-    inside = torch.cat(pieces)
-    rank = k - above  # wanted: the rank-th largest inside the bracket
-    if above >= k or rank > inside.numel() or rank < 1:
-        return torch.kthvalue(score, n - k + 1).values
-    return torch.kthvalue(inside, inside.numel() - rank + 1).values
+    return select.kth_largest(score, k)
 
 
 def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor | float:
-    """L1 norm restoring factor ``|delta|_1 / |delta * mask|_1`` (1 when either is tiny), as MergeKit."""
+    """L1 norm restoring factor ``|delta|_1 / |delta * mask|_1`` (1 when either is tiny), as MergeKit.
+
+    Overwrites ``magnitude`` (the caller's scratch) with ``magnitude * mask``: no second tensor-sized
+    temporary, and torch's sum sees the same values in the same layout, so the same bits.
+    """
     before = magnitude.sum()
-    after = (magnitude.reshape(-1) * mask).sum()
+    after = magnitude.reshape(-1).mul_(mask).sum()
     if before < eps or after < eps:
         return 1.0
     return before / after
@@ -151,8 +122,10 @@ def magnitude_mask(magnitude: Tensor, density: float, **_) -> Tensor | None:
     n = magnitude.numel()
     if density <= 0 or n == 0:
         return torch.zeros(n, dtype=torch.bool)
-    score, k = magnitude.reshape(-1).float(), max(1, int(density * n))  # float32 scores, as MergeKit ranks them
-    return top_k_mask(score, k, mergekit_topk(score, k))
+    from . import select
+
+    # float32 scores, as MergeKit ranks them: the first k of its argsort(descending=True), ties included
+    return select.sorted_prefix_mask(magnitude.reshape(-1).float(), max(1, int(density * n)))
 
 
 def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, **_) -> Tensor | None:
@@ -173,17 +146,10 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, **_) ->
     n = magnitude.numel()
     keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - keep - n_top)
-    score = magnitude.reshape(-1).float()  # float32 scores, as MergeKit ranks them
+    from . import select
 
-    exact: list[Tensor] = []
-
-    def mergekit_order() -> Tensor:  # ties at a cut: ascending sort positions [n_bot, n_bot + keep), as MergeKit
-        exact.append(_positions_mask(n, torch.sort(score, descending=False).indices[n_bot:n_bot + keep]))
-        return exact[0]
-
-    upper = top_k_mask(score, n - n_bot, mergekit_order)
-    lower = top_k_mask(score, max(0, n - n_bot - keep), mergekit_order) if not exact else None
-    return exact[0] if exact else upper & ~lower
+    # float32 scores, as MergeKit ranks them: its ascending torch.sort, positions [n_bot, n_bot + keep)
+    return select.sorted_range_mask(magnitude.reshape(-1).float(), n_bot, n_bot + keep, descending=False)
 
 
 def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator, epsilon: float = 0.15,
@@ -198,6 +164,8 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
         return torch.zeros(magnitude.numel(), dtype=torch.bool)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergescopeError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
+    from . import select
+
     rows = magnitude if magnitude.dim() >= 2 else magnitude.reshape(1, -1)
     rows = rows.reshape(rows.shape[0], rows.shape[1], -1).movedim(2, 1)  # ranks run along dim 1
     m = rows.shape[-1]
@@ -206,8 +174,7 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m)
     for start in range(0, flat_rows.shape[0], step):
         block = flat_rows[start:start + step]
-        order = torch.argsort(block, dim=1)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+        ranks = select.row_ranks(block)  # the ranks torch.argsort(block, dim=1) gives, as MergeKit
         rank_norm = ranks.to(magnitude.dtype) / (m - 1) if m > 1 else torch.zeros(block.shape, dtype=magnitude.dtype)
         probs = (density - epsilon) + rank_norm * (2 * epsilon)
         flat_keep[start:start + step] = _uniform(block.numel(), generator).view(block.shape) < probs
@@ -247,7 +214,7 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
             params = {k: v[i] for k, v in extra.items()}
             mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
             if mask is not None and rescale:
-                factor = _rescale_factor(magnitude, mask)
+                factor = _rescale_factor(magnitude, mask)  # consumes magnitude
             del magnitude
         plan.append((mask, factor))
     return plan
@@ -256,28 +223,36 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
 def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weight: Sequence[float],
                                 density: Sequence[float] | None = None, sparsify: str | None = None,
                                 consensus: bool = False, normalize: bool = False, rescale: bool = False,
-                                lam: float = 1.0, seed: int = 0, **extra: Sequence[float]) -> Tensor:
+                                lam: float = 1.0, seed: int = 0, out: Tensor | None = None,
+                                **extra: Sequence[float]) -> Tensor:
     """base + lam * combine_i(w_i * sparsify(theta_i - base)).
 
     combine = sum (task arithmetic) or, with ``consensus``, the TIES sign election: the majority
     sign is that of sum_i w_i d_i (>= 0 counts positive) and only agreeing entries are summed;
     ``normalize`` divides by the summed weights of the contributing models (per entry with consensus).
+    float32/float64 run as one fused loop (merge/kernels.py, the same bits); ``out`` (see _out_buffer)
+    receives the result and is returned.
     """
     _check_same_shape(tensors, base)
     if not tensors:
-        return base.clone()
+        return base.clone() if out is None else _out_buffer(out, base).copy_(base)
     density = density if density is not None else [1.0] * len(tensors)
     if base.dtype in HALF:
-        return _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam,
-                                     seed, extra)
+        merged = _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam,
+                                       seed, extra)
+        return merged if out is None else _out_buffer(out, base).copy_(merged)
     work = _work_dtype(base)
     plan = _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra)
     total = float(torch.tensor([float(x) for x in weight], dtype=work).sum())
     if abs(total) < 1e-8:
         total = 1.0
-    out = torch.empty(base.numel(), dtype=base.dtype)
-    b_flat = _flat(base)
     weights = [float(x) for x in weight]
+    result = _out_buffer(out, base)
+    kernels = _kernels(work, [base, *tensors] if weights else [], [m for m, _ in plan if m is not None])
+    if kernels is not None:
+        return kernels.task_vectors(result, base, tensors, plan, weights, total, consensus, normalize, lam)
+    out = result.view(-1)
+    b_flat = _flat(base)
     for part in _chunks(base.numel()):
         b = b_flat[part].to(work)
         deltas = []
@@ -294,7 +269,32 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
         else:
             divisor = total
         out[part] = _scaled_sum(b, mixed, divisor, normalize, lam)
-    return out.reshape(base.shape)
+    return result
+
+
+def _out_buffer(out: Tensor | None, like: Tensor) -> Tensor:
+    """Where a method writes its result: ``out`` when given (a contiguous CPU tensor of the result's dtype
+    and shape, e.g. the mapped pages of an output shard: no allocation, no copy), else a new tensor."""
+    if out is None:
+        return torch.empty(like.shape, dtype=like.dtype)
+    if not isinstance(out, Tensor) or out.shape != like.shape or out.dtype != like.dtype \
+            or out.device.type != "cpu" or not out.is_contiguous():
+        got = f"{out.dtype} {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise MergescopeError(f"out: needs a contiguous CPU {like.dtype} tensor of shape {list(like.shape)}, "
+                              f"got {got}")
+    return out
+
+
+def _kernels(dtype: torch.dtype, tensors: Sequence[Tensor], masks: Sequence[Tensor] = ()):
+    """merge/kernels.py when numba imports and the inputs fit its loops, else None (the torch chain).
+    Imported here, not at ``import mergescope``: numba takes a while to load."""
+    if not tensors:
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.fits(dtype, tensors, masks) else None
 
 
 def _scaled_sum(b: Tensor, mixed: Tensor, divisor, normalize: bool, lam: float) -> Tensor:
@@ -381,70 +381,79 @@ def _sign_consensus(deltas: list[Tensor], weights: list[float], total: Tensor) -
     return mixed, divisor
 
 
-def task_arithmetic(tensors, base, *, weight, normalize=False, lam=1.0, **_):
+def task_arithmetic(tensors, base, *, weight, normalize=False, lam=1.0, out=None, **_):
     """Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): base + lam * sum_i w_i (theta_i - base).
 
     Negative weights subtract a task vector (task negation).
     """
-    return generalized_task_arithmetic(tensors, base, weight=weight, normalize=normalize, lam=lam)
+    return generalized_task_arithmetic(tensors, base, weight=weight, normalize=normalize, lam=lam, out=out)
 
 
-def ties(tensors, base, *, weight, density=None, normalize=True, lam=1.0, rescale=False, **_):
+def ties(tensors, base, *, weight, density=None, normalize=True, lam=1.0, rescale=False, out=None, **_):
     """TIES-merging (Yadav et al. 2023, arXiv:2306.01708): trim to top-density |delta|, elect signs, disjoint mean."""
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="magnitude",
-                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam)
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, out=out)
 
 
-def dare_ties(tensors, base, *, weight, density=None, normalize=False, rescale=True, lam=1.0, seed=0, **_):
+def dare_ties(tensors, base, *, weight, density=None, normalize=False, rescale=True, lam=1.0, seed=0, out=None,
+              **_):
     """DARE (Yu et al. 2023, arXiv:2311.03099) drop with probability 1 - density, L1-rescale, then TIES sign election."""
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="random",
-                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, seed=seed)
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, seed=seed,
+                                       out=out)
 
 
-def dare_linear(tensors, base, *, weight, density=None, normalize=False, rescale=True, lam=1.0, seed=0, **_):
+def dare_linear(tensors, base, *, weight, density=None, normalize=False, rescale=True, lam=1.0, seed=0, out=None,
+                **_):
     """DARE (arXiv:2311.03099) drop with probability 1 - density, L1-rescale, then task arithmetic."""
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="random",
-                                       normalize=normalize, rescale=rescale, lam=lam, seed=seed)
+                                       normalize=normalize, rescale=rescale, lam=lam, seed=seed, out=out)
 
 
-def breadcrumbs(tensors, base, *, weight, density=None, gamma=None, normalize=False, rescale=False, lam=1.0, **_):
+def breadcrumbs(tensors, base, *, weight, density=None, gamma=None, normalize=False, rescale=False, lam=1.0,
+                out=None, **_):
     """Model Breadcrumbs (arXiv:2312.06795): drop the largest gamma and the smallest |delta|, then sum."""
     gamma = gamma if gamma is not None else [0.01] * len(tensors)
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="magnitude_outliers",
-                                       normalize=normalize, rescale=rescale, lam=lam, gamma=gamma)
+                                       normalize=normalize, rescale=rescale, lam=lam, gamma=gamma, out=out)
 
 
-def breadcrumbs_ties(tensors, base, *, weight, density=None, gamma=None, normalize=False, rescale=False, lam=1.0, **_):
+def breadcrumbs_ties(tensors, base, *, weight, density=None, gamma=None, normalize=False, rescale=False, lam=1.0,
+                     out=None, **_):
     """Model Breadcrumbs (arXiv:2312.06795) masks with the TIES sign election."""
     gamma = gamma if gamma is not None else [0.01] * len(tensors)
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="magnitude_outliers",
-                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, gamma=gamma)
+                                       consensus=True, normalize=normalize, rescale=rescale, lam=lam, gamma=gamma,
+                                       out=out)
 
 
-def della(tensors, base, *, weight, density=None, epsilon=None, normalize=True, rescale=True, lam=1.0, seed=0, **_):
+def della(tensors, base, *, weight, density=None, epsilon=None, normalize=True, rescale=True, lam=1.0, seed=0,
+          out=None, **_):
     """DELLA (Deep et al. 2024, arXiv:2406.11617): MagPrune by rank, L1-rescale, TIES sign election."""
     epsilon = epsilon if epsilon is not None else [0.15] * len(tensors)
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="della_magprune",
                                        consensus=True, normalize=normalize, rescale=rescale, lam=lam, seed=seed,
-                                       epsilon=epsilon)
+                                       epsilon=epsilon, out=out)
 
 
 def della_linear(tensors, base, *, weight, density=None, epsilon=None, normalize=False, rescale=True, lam=1.0,
-                 seed=0, **_):
+                 seed=0, out=None, **_):
     """DELLA MagPrune (arXiv:2406.11617) followed by plain task arithmetic."""
     epsilon = epsilon if epsilon is not None else [0.15] * len(tensors)
     return generalized_task_arithmetic(tensors, base, weight=weight, density=density, sparsify="della_magprune",
-                                       normalize=normalize, rescale=rescale, lam=lam, seed=seed, epsilon=epsilon)
+                                       normalize=normalize, rescale=rescale, lam=lam, seed=seed, epsilon=epsilon,
+                                       out=out)
 
 
 # ----------------------------------------------------------------------------- averages and interpolation
 
 
 def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Sequence[float],
-           normalize: bool = True, **_) -> Tensor:
+           normalize: bool = True, out: Tensor | None = None, **_) -> Tensor:
     """Model soup / weighted average (Wortsman et al. 2022, arXiv:2203.05482): sum_i w_i theta_i / sum_i w_i.
 
-    With ``normalize=False`` the weighted sum is returned unscaled.
+    With ``normalize=False`` the weighted sum is returned unscaled. float32/float64 run as one fused loop
+    (merge/kernels.py, the same bits); ``out`` (see _out_buffer) receives the result and is returned.
     """
     _check_same_shape(tensors)
     first = tensors[0]
@@ -453,7 +462,11 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
     work = _work_dtype(first)
     w = torch.tensor([float(x) for x in weight], dtype=work)  # weights and their sum in the working dtype,
     total = w.sum()  # as MergeKit 0.1.5 rounds them (a float64 sum rounded once differs in the last bit)
-    out = torch.empty(first.numel(), dtype=first.dtype)
+    result = _out_buffer(out, first)
+    kernels = _kernels(work, tensors if len(w) else [])
+    if kernels is not None and kernels.torch_fuses_addcmul(work) is not None:
+        return kernels.weighted_sum(result, tensors, w, total, normalize)
+    out = result.view(-1)
     for part in _chunks(first.numel()):
         acc = torch.zeros(part.stop - part.start, dtype=work)
         for t, w_i in zip(tensors, w):
@@ -461,7 +474,7 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
         if normalize:
             acc.div_(total)
         out[part] = acc
-    return out.reshape(first.shape)
+    return result
 
 
 SLERP_CHUNK = 1 << 20  # entries per partial norm / dot (MergeKit 0.1.5's chunk: the same sums, the same bits)
@@ -645,8 +658,28 @@ def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = 
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
-    average = sum(ws) / n
-    return (ratio * average + (1 - ratio) * w0).reshape(base.shape)
+    return _stock_mix(ws, w0, ratio).reshape(base.shape)
+
+
+def _stock_mix(ws: Sequence[Tensor], w0: Tensor, ratio: Tensor) -> Tensor:
+    """``ratio * (sum(ws) / n) + (1 - ratio) * w0`` in blocks: the same elementwise roundings as the whole-tensor
+    expression (MergeKit's), without its seven tensor-sized temporaries. ``ratio`` is one number, or one per
+    row of the last dimension (filter-wise)."""
+    n, keep = len(ws), 1 - ratio
+    out = torch.empty(w0.shape, dtype=torch.result_type(ratio, w0))
+    if ratio.numel() == 1:  # flat blocks of CHUNK entries
+        blocks, flat_ws, flat_w0, flat_out = _chunks(w0.numel()), [w.reshape(-1) for w in ws], w0.reshape(-1), out.view(-1)
+        ratios = lambda part: (ratio, keep)
+    else:  # row blocks, each row with its own ratio
+        width = w0.shape[-1]
+        flat_ws, flat_w0 = [w.reshape(-1, width) for w in ws], w0.reshape(-1, width)
+        flat_out, step = out.view(flat_w0.shape), max(1, CHUNK // max(1, width))
+        blocks = (slice(i, i + step) for i in range(0, flat_w0.shape[0], step))
+        ratios = lambda part: (ratio.reshape(-1, 1)[part], keep.reshape(-1, 1)[part])
+    for part in blocks:
+        r, k = ratios(part)
+        flat_out[part] = r * (sum(w[part] for w in flat_ws) / n) + k * flat_w0[part]
+    return out
 
 
 def nearswap(tensors: Sequence[Tensor], base: Tensor, *, t: float, **_) -> Tensor:

@@ -1,0 +1,310 @@
+"""Exact top-k / sorted-range selection in O(n), with torch's CPU sort order among ties.
+
+Why: MergeKit picks the TIES and breadcrumbs masks with ``torch.argsort``/``torch.sort`` and the
+DELLA ranks with ``torch.argsort(dim=1)``. Those sorts are unstable, so *which* of several entries
+equal to the value at a cut are kept depends on the sort itself, and a full O(n log n) sort was the
+only way to reproduce MergeKit's masks. torch 2.x's CPU sort (``stable=False``) is libstdc++'s
+``std::sort`` (introsort) on (value, index) pairs, comparator ``a > b`` (descending) or ``a < b``
+(ascending). This module replays that algorithm exactly, but only along the segments that hold a
+requested boundary (a quickselect: expected O(n)), so the masks are bit for bit MergeKit's.
+
+Why replaying only some segments is exact: libstdc++ partitions a segment [first, last) around a
+median-of-three pivot into [first, cut), whose entries are all <= pivot, and [cut, last), all >=
+pivot (in the comparator's order); segments of <= 16 entries are left to one final insertion sort
+of the whole array. That insertion sort moves an entry left only past entries strictly after it, and
+every entry of an earlier segment is <= every entry of a later one, so no entry leaves its segment:
+the final sort equals a stable insertion sort of each <= 16 segment. Hence the *set* of entries in
+positions [0, b) is fixed once b falls on a segment edge, and the order among ties is fixed by the
+path of segments containing b. A segment past the depth limit (2 floor(log2 n) partitions) is
+heapsorted by libstdc++; that is not replayed: the caller then runs the full torch sort (rare).
+
+A descending sort with ``a > b`` performs the same swaps as an ascending one on keys mapped by an
+order-reversing bijection (``~bits``), so the kernels only know ``<``. The k-th value is found by a
+radix select on the float32 bit patterns (non-negative floats order like their uint32 bits): one
+histogram of the top 16 bits, one of the low 16 bits inside the chosen bin. Scores that are not
+float32 or hold NaN or a sign bit (negatives, -0.0) take the old torch path.
+
+numba kernels release the GIL (the merge engine calls methods from worker threads); this module
+imports numba, so import it lazily (never at ``import mergescope``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+_SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
+_MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
+_jit = numba.njit(cache=True, nogil=True)
+
+
+# ----------------------------------------------------------------------------- libstdc++ std::sort replay
+
+
+@_jit
+def _swap(v, ix, i, j):
+    v[i], v[j] = v[j], v[i]
+    ix[i], ix[j] = ix[j], ix[i]
+
+
+@_jit
+def _median_to_first(v, ix, result, a, b, c):
+    """std::__move_median_to_first."""
+    if v[a] < v[b]:
+        if v[b] < v[c]:
+            _swap(v, ix, result, b)
+        elif v[a] < v[c]:
+            _swap(v, ix, result, c)
+        else:
+            _swap(v, ix, result, a)
+    elif v[a] < v[c]:
+        _swap(v, ix, result, a)
+    elif v[b] < v[c]:
+        _swap(v, ix, result, c)
+    else:
+        _swap(v, ix, result, b)
+
+
+@_jit
+def _partition(v, ix, first, last, pivot):
+    """std::__unguarded_partition (Hoare, pivot value at ``pivot``)."""
+    while True:
+        while v[first] < v[pivot]:
+            first += 1
+        last -= 1
+        while v[pivot] < v[last]:
+            last -= 1
+        if not first < last:
+            return first
+        _swap(v, ix, first, last)
+        first += 1
+
+
+@_jit
+def _insertion_sort(v, ix, first, last):
+    """std::__insertion_sort: stable, moves an entry left past strictly larger ones only."""
+    for i in range(first + 1, last):
+        val, vi, j = v[i], ix[i], i
+        while j > first and val < v[j - 1]:
+            v[j] = v[j - 1]
+            ix[j] = ix[j - 1]
+            j -= 1
+        v[j] = val
+        ix[j] = vi
+
+
+@_jit
+def _holds(bounds, first, last, full):
+    if full:
+        return True
+    for b in bounds:
+        if first < b < last:
+            return True
+    return False
+
+
+@_jit
+def _introsort(v, ix, bounds, full):
+    """std::sort's permutation of (v, ix), ascending, restricted to the segments holding a boundary
+    (all of them when ``full``). False when a needed segment hits the depth limit (heapsort)."""
+    n = v.shape[0]
+    depth0 = 0
+    while (n >> depth0) > 1:
+        depth0 += 1
+    size = 2 * depth0 + bounds.shape[0] + 4  # pending segments: one per boundary, or one per level
+    s_first = np.empty(size, np.int64)
+    s_last = np.empty(size, np.int64)
+    s_depth = np.empty(size, np.int64)
+    s_first[0], s_last[0], s_depth[0], top = 0, n, 2 * depth0, 1
+    while top > 0:
+        top -= 1
+        first, last, depth = s_first[top], s_last[top], s_depth[top]
+        resolved = True
+        while last - first > _SMALL:
+            if depth == 0:
+                return False
+            depth -= 1
+            _median_to_first(v, ix, first, first + 1, first + (last - first) // 2, last - 1)
+            cut = _partition(v, ix, first + 1, last, first)
+            if _holds(bounds, cut, last, full):
+                s_first[top], s_last[top], s_depth[top] = cut, last, depth
+                top += 1
+            if not _holds(bounds, first, cut, full):
+                resolved = False
+                break
+            last = cut
+        if resolved:
+            _insertion_sort(v, ix, first, last)
+    return True
+
+
+@_jit
+def _mark_equal_before(work, ix, b, key, mask):
+    """Marks the entries equal to ``key`` among the first ``b`` positions of the replayed order."""
+    for i in range(b):
+        if work[i] == key:
+            mask[ix[i]] = True
+
+
+@_jit
+def _row_ranks(block, ranks, ok):
+    """Per row: the rank each entry gets from an ascending std::sort (torch.argsort(dim=1))."""
+    m = block.shape[1]
+    v = np.empty(m, block.dtype)
+    ix = np.empty(m, np.int32)
+    none = np.empty(0, np.int64)
+    for r in range(block.shape[0]):
+        for j in range(m):
+            v[j] = block[r, j]
+            ix[j] = j
+        ok[r] = _introsort(v, ix, none, True)
+        if ok[r]:
+            for p in range(m):
+                ranks[r, ix[p]] = p
+
+
+# ----------------------------------------------------------------------------- radix select
+
+
+@_jit
+def _high_histogram(bits):
+    """Counts of the top 16 bits; the largest pattern (anything above +inf means: not radix-able)."""
+    hist = np.zeros(1 << 16, np.int64)
+    top = np.uint32(0)
+    for x in bits:
+        hist[x >> 16] += 1
+        top = max(top, x)
+    return hist, top
+
+
+@_jit
+def _kth_pattern(bits, hist, k):
+    """The k-th largest bit pattern, how many are larger and how many equal (one pass in one bin)."""
+    above, high = 0, (1 << 16) - 1
+    while above + hist[high] < k:
+        above += hist[high]
+        high -= 1
+    low_hist = np.zeros(1 << 16, np.int64)
+    for x in bits:
+        if (x >> 16) == high:
+            low_hist[x & 0xFFFF] += 1
+    low = (1 << 16) - 1
+    while above + low_hist[low] < k:
+        above += low_hist[low]
+        low -= 1
+    return np.uint32((high << 16) | low), above, low_hist[low]
+
+
+def _bits(score: Tensor):
+    """uint32 view of a float32 score, its top-16-bit histogram, or None when radix order fails."""
+    if score.dtype != torch.float32 or score.numel() == 0:
+        return None
+    bits = score.detach().reshape(-1).contiguous().numpy().view(np.uint32)
+    hist, top = _high_histogram(bits)
+    return (bits, hist) if top <= _MAX_BITS else None
+
+
+def _as_float(pattern) -> float:
+    return float(np.array([pattern], np.uint32).view(np.float32)[0])
+
+
+def kth_largest(score: Tensor, k: int) -> Tensor:
+    """The k-th largest value of a flat tensor (1 <= k <= n), exactly ``torch.kthvalue(score, n - k + 1)``.
+
+    Two passes over the float32 bit patterns instead of a copy and nth_element; other dtypes, NaN or
+    negative scores go to ``torch.kthvalue``.
+    """
+    found = _bits(score)
+    if found is None:
+        return torch.kthvalue(score.reshape(-1), score.numel() - k + 1).values
+    bits, hist = found
+    return torch.tensor(_as_float(_kth_pattern(bits, hist, k)[0]), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- sorted-order masks
+
+
+def _positions(n: int, positions: Tensor) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[positions] = True
+    return mask
+
+
+def _boundary(bits, hist, b: int, descending: bool):
+    """Key of the b-th entry in sort order and whether its ties straddle position b."""
+    n = bits.shape[0]
+    pattern, larger, equal = _kth_pattern(bits, hist, b if descending else n - b + 1)
+    before = larger if descending else n - larger - equal
+    return pattern, b < before + equal
+
+
+def _prefix(score: Tensor, pattern, straddles: bool, work, ix, b: int, descending: bool) -> Tensor:
+    """Mask of sort positions [0, b): the entries strictly before the b-th key, plus its ties either
+    all (no straddle) or those the replayed order puts before b."""
+    value = _as_float(pattern)
+    if not straddles:
+        return score >= value if descending else score <= value
+    mask = score > value if descending else score < value
+    key = np.uint32(pattern) ^ np.uint32(0xFFFFFFFF if descending else 0)
+    _mark_equal_before(work, ix, b, key, mask.numpy())
+    return mask
+
+
+def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True) -> Tensor:
+    """Mask of the entries that ``torch.sort(score, descending)`` puts at positions [lo, hi).
+
+    Expected O(n): radix select for the keys at the cuts; the introsort replay only when ties
+    straddle a cut, and then only along the segments holding such a cut. Bit-identical to
+    ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it).
+    """
+    flat = score.detach().reshape(-1)
+    n = flat.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool)
+    if lo == 0 and hi == n:
+        return torch.ones(n, dtype=torch.bool)
+    found = _bits(flat)
+    if found is None:
+        return _positions(n, torch.sort(flat, descending=descending).indices[lo:hi])
+    bits, hist = found
+    cuts = {b: _boundary(bits, hist, b, descending) for b in (lo, hi) if 0 < b < n}
+    straddling = np.array([b for b, (_, s) in cuts.items() if s], np.int64)
+    work = ix = None
+    if straddling.size:
+        work = ~bits if descending else bits.copy()  # ~: descending replays as ascending
+        ix = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        if not _introsort(work, ix, straddling, False):  # depth limit: libstdc++ heapsorts there
+            return _positions(n, torch.sort(flat, descending=descending).indices[lo:hi])
+    flat = flat.float().contiguous()
+    masks = {b: _prefix(flat, *cuts[b], work, ix, b, descending) for b in cuts}
+    upper = masks[hi] if hi in masks else torch.ones(n, dtype=torch.bool)
+    return upper & ~masks[lo] if lo in masks else upper
+
+
+def sorted_prefix_mask(score: Tensor, k: int, descending: bool = True) -> Tensor:
+    """Mask of the first ``k`` entries of ``torch.sort(score, descending)`` (MergeKit's top-k)."""
+    return sorted_range_mask(score, 0, k, descending)
+
+
+def row_ranks(rows: Tensor) -> Tensor:
+    """int64 ranks of each row's entries in ``torch.argsort(rows, dim=1)`` (ascending, unstable).
+
+    The same std::sort replay per row; rows with NaN, or past the depth limit, use torch itself.
+    """
+    r, m = rows.shape
+    ranks = torch.empty((r, m), dtype=torch.int64)
+    if rows.numel() == 0:
+        return ranks
+    if torch.isnan(rows).any():
+        order = torch.argsort(rows, dim=1)
+        return ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+    exact = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows
+    ok = np.empty(r, np.bool_)
+    _row_ranks(exact.detach().contiguous().numpy(), ranks.numpy(), ok)
+    for i in np.flatnonzero(~ok):
+        order = torch.argsort(rows[i : i + 1], dim=1)
+        ranks[i : i + 1].scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+    return ranks
