@@ -150,7 +150,13 @@ def _reserve(fd: int, path: Path, size: int) -> bool:
 
 class Slot:
     """One planned tensor's bytes in its shard file, as a writable contiguous tensor (a shared map of
-    exactly that range, page-aligned). ``done`` marks it written; ``close`` unmaps it (always call it)."""
+    exactly that range, page-aligned). ``done`` marks it written; ``close`` lets the map go (always call it).
+
+    The map is never closed explicitly: ``mmap.close`` succeeds under a live torch view (torch holds a
+    reference to the map, not a buffer export), and a view kept anywhere (a traceback's frame) would
+    then read freed memory. Dropping the references unmaps it at once when no view is left, else
+    when the last view goes.
+    """
 
     def __init__(self, writer: PlannedWriter, name: str, tensor: torch.Tensor, mapped: mmap.mmap | None):
         self.writer, self.name, self.tensor, self._map = writer, name, tensor, mapped
@@ -161,13 +167,7 @@ class Slot:
         return self.writer._written_slot(self.name)
 
     def close(self) -> None:
-        self.tensor = None
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a caller still holds a view; unmapped when that is freed
-                pass
-            self._map = None
+        self.tensor, self._map = None, None
 
 
 class PlannedWriter:
@@ -336,7 +336,7 @@ def write_state(target: str | os.PathLike, state: Mapping[str, torch.Tensor], ma
         layout.append((name, t.dtype, tuple(t.shape)))
         del t
     limit = 0 if single_file else parse_size(max_shard_size)  # a single file ignores the limit
-    writer = PlannedWriter(target, layout, limit, metadata, single_file=single_file, log_done=False)
+    writer = PlannedWriter(target, layout, limit, metadata, single_file=single_file, log_done=False, mapped=False)
     try:
         for name in state:
             writer.write(name, _checked(name, state[name]).detach().to("cpu"))

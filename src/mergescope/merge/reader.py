@@ -40,7 +40,11 @@ class Locator:
 
 
 class JobMaps:
-    """The maps one job holds; ``close`` unmaps them (after the tensors viewing them are gone)."""
+    """The maps one job holds; ``close`` lets them go: each is unmapped as soon as no tensor views it.
+
+    Not ``mmap.close``: it succeeds under a live torch view (torch keeps a reference to the map, not
+    a buffer export), so a view kept past the job (a traceback's frame) would read unmapped memory.
+    """
 
     def __init__(self):
         self._maps: list[mmap.mmap] = []
@@ -69,9 +73,4 @@ class JobMaps:
         return torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset - start).view(shape)
 
     def close(self) -> None:
-        for mapped in self._maps:
-            try:
-                mapped.close()
-            except BufferError:  # a tensor still views it; it is unmapped when that is freed
-                pass
         self._maps = []
