@@ -1,0 +1,336 @@
+"""The fused kernels (merge/kernels.py) against the torch chains they replace: the same bits, every input.
+
+The reference below is a copy of methods.py's float32/float64 torch code as it was before the kernels
+(commit 7e3878c), kept here so the comparison does not run the code under test.
+"""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mergescope.errors import MergescopeError
+from mergescope.merge import kernels, methods
+
+torch.set_num_threads(1)
+INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+# ----------------------------------------------------------------------------- the reference (old torch chain)
+
+
+def ref_rescale(magnitude, mask, eps=1e-7):
+    before = magnitude.sum()
+    after = (magnitude.reshape(-1) * mask).sum()
+    if before < eps or after < eps:
+        return 1.0
+    return before / after
+
+
+def ref_plan(tensors, base, density, sparsify, rescale, seed, extra):
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    generator = methods.random_stream(seed)
+    plan = []
+    for i, t in enumerate(tensors):
+        mask, factor = None, 1.0
+        if sparsify is not None:
+            magnitude = (t.reshape(-1).to(work) - base.reshape(-1).to(work)).abs_().reshape(base.shape)
+            params = {k: v[i] for k, v in extra.items()}
+            mask = methods.SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
+            if mask is not None and rescale:
+                factor = ref_rescale(magnitude, mask)
+        plan.append((mask, factor))
+    return plan
+
+
+def ref_combine(tensors, base, plan, weights, consensus, normalize, lam):
+    work = base.dtype
+    total = float(torch.tensor(weights, dtype=work).sum())
+    if abs(total) < 1e-8:
+        total = 1.0
+    b = base.reshape(-1)
+    deltas = []
+    for t, (mask, factor), w in zip(tensors, plan, weights):
+        d = t.reshape(-1).to(work) - b
+        if mask is not None:
+            d.mul_(mask.reshape(-1).to(work))
+        if not (isinstance(factor, float) and factor == 1.0):
+            d.mul_(factor)
+        deltas.append(d.mul_(w))
+    mixed = deltas[0].clone()
+    for p in deltas[1:]:
+        mixed.add_(p)
+    divisor = total
+    if consensus:
+        majority = torch.where(mixed >= 0, 1.0, -1.0).to(work)
+        mixed, divisor = torch.zeros_like(b), torch.zeros_like(b)
+        for d, w in zip(deltas, weights):
+            agree = (d * majority > 0).to(work)
+            mixed.addcmul_(d, agree)
+            divisor.add_(agree, alpha=w)
+        divisor[divisor == 0] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return (b + mixed).reshape(base.shape)
+
+
+def ref_gta(tensors, base, *, weight, density=None, sparsify=None, consensus=False, normalize=False, rescale=False,
+            lam=1.0, seed=0, **extra):
+    density = density if density is not None else [1.0] * len(tensors)
+    plan = ref_plan(tensors, base, density, sparsify, rescale, seed, extra)
+    return ref_combine(tensors, base, plan, [float(x) for x in weight], consensus, normalize, lam)
+
+
+def ref_linear(tensors, weight, normalize):
+    work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    w = torch.tensor([float(x) for x in weight], dtype=work)
+    acc = torch.zeros(tensors[0].numel(), dtype=work)
+    for t, w_i in zip(tensors, w):
+        acc.addcmul_(t.reshape(-1), w_i)
+    if normalize:
+        acc.div_(w.sum())
+    return acc.to(tensors[0].dtype).reshape(tensors[0].shape)
+
+
+# ----------------------------------------------------------------------------- hostile-ish inputs
+
+
+def models(n, dtype, count=3, seed=0):
+    """base + fine-tunes with signed zeros, unchanged entries, exact opposite deltas and exact sums of 0."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g, dtype=dtype)
+    base[::7] = -0.0
+    base[3::11] = 0.0
+    out = []
+    for i in range(count):
+        t = base + torch.randn(n, generator=g, dtype=dtype) * 0.01
+        t[i::5] = base[i::5]  # delta exactly 0 (t - (-0.0) = +0, -0 - -0 = +0)
+        t[::13] = -0.0  # delta -0.0 where base is +0
+        out.append(t)
+    if count >= 2:  # exact opposites: with equal weights the sum is 0 (majority +), and they disagree
+        out[1][1::6] = 2 * base[1::6] - out[0][1::6]
+    return base, out
+
+
+def bits(t):
+    return t.view(INT[t.dtype])
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a.contiguous()), bits(b.contiguous()))
+
+
+SIZES = (1, 17, 1000, methods.CHUNK + 37)
+WEIGHTS = ([0.5, 0.3, 0.2], [1.0, -0.7, 0.0], [0.5, -0.5, 0.5], [1e-9, -1e-9, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_combine_bits_with_masks_factors_weights(dtype, consensus, normalize):
+    """The kernel alone: masks of density 0 / ~0.5 / 1, factors (0-d tensors) or none, weights with zeros,
+    negatives and a ~0 total, lam 1 and not."""
+    g = torch.Generator().manual_seed(1)
+    for n in SIZES:
+        base, tensors = models(n, dtype, seed=n)
+        masks = [torch.zeros(n, dtype=torch.bool), torch.rand(n, generator=g) < 0.5, None]
+        factors = [torch.tensor(1.37, dtype=dtype), 1.0, torch.tensor(0.9, dtype=dtype)]
+        plan = list(zip(masks, factors))
+        for weights in WEIGHTS:
+            total = float(torch.tensor(weights, dtype=dtype).sum())
+            total = 1.0 if abs(total) < 1e-8 else total
+            for lam in (1.0, 0.7, -1.5):
+                want = ref_combine(tensors, base, plan, weights, consensus, normalize, lam)
+                got = kernels.task_vectors(torch.empty_like(base), base, tensors, plan, weights, total, consensus,
+                                           normalize, lam)
+                assert same_bits(got, want), (n, weights, lam)
+
+
+def test_all_disagree_and_all_masked_entries_get_divisor_one():
+    """Entries where no model agrees (all deltas 0, or agreeing weights summing to 0) divide by 1, as torch."""
+    base = torch.tensor([0.0, -0.0, 1.0, 2.0, -0.0])
+    tensors = [torch.tensor([0.0, -0.0, 1.5, 2.0, 0.0]), torch.tensor([-0.0, 0.0, 0.5, 2.0, -0.0])]
+    plan = [(None, 1.0), (None, 1.0)]
+    results = []
+    for weights in ([0.5, -0.5], [1.0, 1.0], [0.0, 0.0]):
+        want = ref_combine(tensors, base, plan, weights, True, True, 1.0)
+        got = kernels.task_vectors(torch.empty(5), base, tensors, plan, weights, 1.0, True, True, 1.0)
+        assert same_bits(got, want)
+        results.append(got)
+    # entry 2: w = (0.5, -0.5): both weighted deltas +0.25 agree, divisor 0.5 - 0.5 = 0 -> 1: 1 + 0.5;
+    # w = (1, 1): deltas +0.5 and -0.5 sum to 0 (majority +), only the first is kept: 1 + 0.5 / 1
+    assert results[0][2] == 1.5 and results[1][2] == 1.5 and torch.equal(results[2], base)
+    assert not torch.signbit(results[0][1])  # -0.0 base + the +0.0 kept sum is +0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"normalize": True, "lam": 0.6}),
+    ("ties", {"density": [0.5, 0.0, 1.0]}),
+    ("ties", {"density": [0.3, 0.6, 0.9], "rescale": True, "normalize": False, "lam": 1.3}),
+    ("dare_ties", {"density": [0.5, 0.5, 1.0], "seed": 3}),
+    ("dare_linear", {"density": [0.7, 0.2, 0.5], "seed": 4, "normalize": True}),
+    ("breadcrumbs", {"density": [0.8, 0.8, 0.5], "gamma": [0.01, 0.05, 0.0]}),
+    ("breadcrumbs_ties", {"density": [0.8, 0.6, 0.5], "gamma": [0.01, 0.05, 0.0], "rescale": True}),
+    ("della", {"density": [0.5, 0.4, 0.6], "epsilon": [0.1, 0.2, 0.15], "seed": 5}),
+    ("della_linear", {"density": [0.5, 0.4, 0.6], "epsilon": [0.1, 0.2, 0.15], "seed": 6, "lam": 0.5}),
+])
+def test_methods_bits_vs_old_torch_chain(dtype, method, params):
+    """Every task-vector method end to end (masks, L1 rescale, election) equals the old torch chain."""
+    spec = dict(params)
+    sparsify, consensus = {
+        "task_arithmetic": (None, False), "ties": ("magnitude", True), "dare_ties": ("random", True),
+        "dare_linear": ("random", False), "breadcrumbs": ("magnitude_outliers", False),
+        "breadcrumbs_ties": ("magnitude_outliers", True), "della": ("della_magprune", True),
+        "della_linear": ("della_magprune", False)}[method]
+    defaults = {"normalize": method in ("ties", "della"), "rescale": method in ("dare_ties", "dare_linear", "della",
+                                                                                "della_linear")}
+    ref_kw = {**defaults, **spec}
+    for n, shape in ((1000, (40, 25)), (methods.CHUNK + 37, (methods.CHUNK + 37,))):
+        base, tensors = models(n, dtype, seed=n + 1)
+        base, tensors = base.reshape(shape), [t.reshape(shape) for t in tensors]
+        for weights in WEIGHTS[:3]:
+            want = ref_gta(tensors, base, weight=weights, sparsify=sparsify, consensus=consensus, **ref_kw)
+            got = getattr(methods, method)(tensors, base, weight=weights, **spec)
+            assert same_bits(got, want), (method, n, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rescale_factor_bits(dtype):
+    """The in-place L1 factor equals the one with a temporary product, on many tensors (torch's own sums)."""
+    g = torch.Generator().manual_seed(2)
+    for n in (1, 15, 16, 17, 1000, 4097, 70001, 300003):
+        for density in (0.0, 0.1, 0.5, 0.99):
+            magnitude = (torch.randn(n, generator=g, dtype=dtype) * 0.02).abs()
+            mask = torch.rand(n, generator=g) < density
+            want = ref_rescale(magnitude.clone(), mask)
+            got = methods._rescale_factor(magnitude.clone(), mask)
+            assert type(got) is type(want)
+            if isinstance(want, float):
+                assert got == want
+            else:
+                assert same_bits(got, want), (n, density)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_bits(dtype, normalize):
+    """Weighted sums with torch's rounding (its addcmul_ fuses multiply-add on this CPU: the kernel too)."""
+    for n in SIZES:
+        _, tensors = models(n, dtype, count=4, seed=n + 2)
+        for weights in ([0.25, 0.25, 0.25, 0.25], [0.5, -0.3, 0.0, 0.9], [1 / 3, 1 / 7, 0.1, 0.0]):
+            want = ref_linear(tensors, weights, normalize)
+            got = methods.linear(tensors, weight=weights, normalize=normalize)
+            assert same_bits(got, want), (n, weights)
+
+
+def test_fma_probe_matches_torch_and_matters():
+    """The probe says what torch does, and the choice changes bits (so the linear test can fail)."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    w = torch.tensor(0.3)
+    acc = torch.randn(4096, generator=torch.Generator().manual_seed(4))
+    fused = (acc.double() + x.double() * w.double()).float()  # exact product and sum, rounded once
+    torch_acc = acc.clone().addcmul_(x, w)
+    separate = acc + x * w
+    assert kernels.torch_fuses_addcmul(torch.float32) == torch.equal(torch_acc, fused)
+    assert not torch.equal(fused, separate)
+
+
+def test_out_is_filled_and_returned():
+    base, tensors = models(3000, torch.float32)
+    base, tensors = base.reshape(60, 50), [t.reshape(60, 50) for t in tensors]
+    cases = [(methods.dare_ties, {"density": [0.5, 0.5, 0.5], "seed": 1}), (methods.task_arithmetic, {}),
+             (methods.della_linear, {"density": [0.5, 0.4, 0.6]}), (methods.breadcrumbs, {"density": [0.8] * 3})]
+    for fn, kw in cases:
+        want = fn(tensors, base, weight=[0.5, 0.3, 0.2], **kw)
+        out = torch.full_like(base, float("nan"))
+        got = fn(tensors, base, weight=[0.5, 0.3, 0.2], out=out, **kw)
+        assert got is out and same_bits(out, want)
+    out = torch.empty_like(base)
+    assert methods.linear(tensors, weight=[1, 2, 3], out=out) is out
+    assert same_bits(out, ref_linear(tensors, [1, 2, 3], True))
+
+
+def test_out_on_the_torch_paths():
+    """Half precision, mixed dtypes, strided inputs and no models keep the torch code; ``out`` still works."""
+    base, tensors = models(500, torch.float32)
+    half = [t.to(torch.bfloat16) for t in tensors]
+    out = torch.empty(500, dtype=torch.bfloat16)
+    want = methods.ties(half, base.to(torch.bfloat16), weight=[1, 1, 1], density=[0.5] * 3)
+    assert methods.ties(half, base.to(torch.bfloat16), weight=[1, 1, 1], density=[0.5] * 3, out=out) is out
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    mixed = [tensors[0].double(), *tensors[1:]]
+    out = torch.empty(500)
+    methods.task_arithmetic(mixed, base, weight=[1, 1, 1], out=out)
+    assert same_bits(out, ref_gta(mixed, base, weight=[1, 1, 1]))
+    strided = [torch.stack([t, t], 1)[:, 0] for t in tensors]
+    out = torch.empty(500)
+    methods.linear(strided, weight=[1, 2, 3], out=out)
+    assert same_bits(out, ref_linear(tensors, [1, 2, 3], True))
+    out = torch.empty(500)
+    assert methods.task_arithmetic([], base, weight=[], out=out) is out and same_bits(out, base)
+
+
+@pytest.mark.parametrize("bad", [torch.empty(499), torch.empty(500, dtype=torch.float64), torch.empty(1000)[::2],
+                                 "not a tensor"])
+def test_bad_out_is_refused_in_one_line(bad):
+    base, tensors = models(500, torch.float32)
+    for call in (lambda: methods.task_arithmetic(tensors, base, weight=[1, 1, 1], out=bad),
+                 lambda: methods.linear(tensors, weight=[1, 1, 1], out=bad)):
+        with pytest.raises(MergescopeError, match="out: needs a contiguous CPU torch.float32 tensor of shape"):
+            call()
+
+
+def test_two_threads_at_once_give_the_serial_bits():
+    """The engine runs methods from two threads; the kernels release the GIL and share nothing."""
+    jobs = []
+    for seed in range(4):
+        base, tensors = models(methods.CHUNK + 5, torch.float32, seed=seed)
+        jobs.append((base, tensors, {"density": [0.5, 0.6, 0.7], "seed": seed}))
+    serial = [methods.dare_ties(t, b, weight=[0.5, 0.3, 0.2], **kw) for b, t, kw in jobs]
+    serial_linear = [methods.linear(t, weight=[0.5, 0.3, 0.2]) for _, t, _ in jobs]
+    results = {}
+
+    def work(i):
+        for _ in range(3):
+            b, t, kw = jobs[i]
+            results[i] = (methods.dare_ties(t, b, weight=[0.5, 0.3, 0.2], **kw),
+                          methods.linear(t, weight=[0.5, 0.3, 0.2]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(len(jobs)):
+        assert same_bits(results[i][0], serial[i]) and same_bits(results[i][1], serial_linear[i])
+
+
+def test_inputs_are_not_modified():
+    base, tensors = models(2000, torch.float64)
+    before = [base.clone(), *(t.clone() for t in tensors)]
+    methods.della(tensors, base, weight=[0.5, 0.3, 0.2], density=[0.5] * 3, seed=2)
+    methods.linear(tensors, weight=[1, 1, 1])
+    assert all(same_bits(a, b) for a, b in zip(before, [base, *tensors]))
+
+
+def test_import_mergescope_does_not_load_numba():
+    code = "import sys, mergescope, mergescope.merge.methods; print('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+
+
+def test_kernel_refuses_nothing_it_cannot_match():
+    """fits(): only same-dtype contiguous float32/float64 tensors and flat bool masks go to the kernels."""
+    a = torch.zeros(10)
+    assert kernels.fits(torch.float32, [a, a], [torch.zeros(10, dtype=torch.bool)])
+    assert not kernels.fits(torch.float32, [a, a.double()])
+    assert not kernels.fits(torch.bfloat16, [a.bfloat16()])
+    assert not kernels.fits(torch.float32, [a, torch.zeros(20)[::2]])
+    assert not kernels.fits(torch.float32, [a], [torch.zeros(10, dtype=torch.uint8)])
+    assert not kernels.fits(torch.float32, [a], [torch.zeros(9, dtype=torch.bool)])
