@@ -253,8 +253,8 @@ def test_row_ranks_fallbacks(monkeypatch):
     assert torch.equal(S.row_ranks(with_nan), _torch_ranks(with_nan))
     kernel = S._row_ranks
 
-    def depth_hit_on_odd_rows(block, ranks, ok):
-        kernel(block, ranks, ok)
+    def depth_hit_on_odd_rows(block, order, ranks, ok):
+        kernel(block, order, ranks, ok)
         ranks[1::2] = -1  # what the kernel leaves there must not survive
         ok[1::2] = False
 

@@ -36,6 +36,7 @@ import torch
 
 Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
+_BLOCK = 128  # entries per block of the branch-free partition scan
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
 _jit = numba.njit(cache=True, nogil=True)
 
@@ -83,6 +84,48 @@ def _partition(v, ix, first, last, pivot):
 
 
 @_jit
+def _block_partition(v, ix, first, last, pivot, off_l, off_r):
+    """The same swaps as ``_partition``, found without branches (BlockQuicksort's idea).
+
+    Hoare swaps the i-th entry a left-to-right scan stops at (not < pivot) with the i-th entry a
+    right-to-left scan stops at (not > pivot), until the scans cross; stops are decided by values no
+    swap has touched yet. So stops are collected for whole disjoint blocks from both ends and paired
+    in order; near the crossing, the scalar loop resumes from the same state (the next pending stop
+    on each side, or the next unscanned entry: skipped entries are not stops).
+    """
+    size = off_l.shape[0]
+    p = v[pivot]
+    lo, hi = first, last  # entries not scanned yet: [lo, hi)
+    n_l = i_l = n_r = i_r = 0
+    base_l = base_r = 0
+    while True:
+        if i_l == n_l:
+            if hi - lo < size:
+                break
+            base_l, n_l, i_l = lo, 0, 0
+            for j in range(size):
+                off_l[n_l] = j
+                n_l += not v[base_l + j] < p
+            lo += size
+        if i_r == n_r:
+            if hi - lo < size:
+                break
+            base_r, n_r, i_r = hi - 1, 0, 0
+            for j in range(size):
+                off_r[n_r] = j
+                n_r += not p < v[base_r - j]
+            hi -= size
+        c = min(n_l - i_l, n_r - i_r)
+        for j in range(c):
+            _swap(v, ix, base_l + off_l[i_l + j], base_r - off_r[i_r + j])
+        i_l += c
+        i_r += c
+    left = base_l + off_l[i_l] if i_l < n_l else lo
+    right = base_r - off_r[i_r] + 1 if i_r < n_r else hi
+    return _partition(v, ix, left, right, pivot)
+
+
+@_jit
 def _insertion_sort(v, ix, first, last):
     """std::__insertion_sort: stable, moves an entry left past strictly larger ones only."""
     for i in range(first + 1, last):
@@ -97,12 +140,11 @@ def _insertion_sort(v, ix, first, last):
 
 @_jit
 def _holds(bounds, first, last, full):
+    """Whether a sorted boundary lies strictly inside [first, last) (binary search: rows pass many)."""
     if full:
         return True
-    for b in bounds:
-        if first < b < last:
-            return True
-    return False
+    i = np.searchsorted(bounds, first, side="right")
+    return i < bounds.shape[0] and bounds[i] < last
 
 
 @_jit
@@ -118,6 +160,8 @@ def _introsort(v, ix, bounds, full):
     s_last = np.empty(size, np.int64)
     s_depth = np.empty(size, np.int64)
     s_first[0], s_last[0], s_depth[0], top = 0, n, 2 * depth0, 1
+    off_l = np.empty(_BLOCK, np.int32)
+    off_r = np.empty(_BLOCK, np.int32)
     while top > 0:
         top -= 1
         first, last, depth = s_first[top], s_last[top], s_depth[top]
@@ -127,7 +171,7 @@ def _introsort(v, ix, bounds, full):
                 return False
             depth -= 1
             _median_to_first(v, ix, first, first + 1, first + (last - first) // 2, last - 1)
-            cut = _partition(v, ix, first + 1, last, first)
+            cut = _block_partition(v, ix, first + 1, last, first, off_l, off_r)
             if _holds(bounds, cut, last, full):
                 s_first[top], s_last[top], s_depth[top] = cut, last, depth
                 top += 1
@@ -141,6 +185,17 @@ def _introsort(v, ix, bounds, full):
 
 
 @_jit
+def _work_arrays(bits, flip, ix):
+    """The replay's (key, index) arrays in one pass: keys ``~bits`` for a descending order."""
+    work = np.empty_like(bits)
+    mask = np.uint32(0xFFFFFFFF) if flip else np.uint32(0)
+    for i in range(bits.shape[0]):
+        work[i] = bits[i] ^ mask
+        ix[i] = i
+    return work
+
+
+@_jit
 def _mark_equal_before(work, ix, b, key, mask):
     """Marks the entries equal to ``key`` among the first ``b`` positions of the replayed order."""
     for i in range(b):
@@ -149,20 +204,58 @@ def _mark_equal_before(work, ix, b, key, mask):
 
 
 @_jit
-def _row_ranks(block, ranks, ok):
-    """Per row: the rank each entry gets from an ascending std::sort (torch.argsort(dim=1))."""
+def _row_ranks(block, order, ranks, ok):
+    """Per row: the rank of each entry in an ascending std::sort (``torch.argsort(dim=1)``).
+
+    ``order`` is any ascending argsort of each row (its low 32 bits: packed keys work): it fixes every rank except
+    inside groups of equal values, which the replay decides, bounded by every position of a group
+    and its edges (a position whose two edges are resolved holds its final entry)."""
     m = block.shape[1]
     v = np.empty(m, block.dtype)
     ix = np.empty(m, np.int32)
-    none = np.empty(0, np.int64)
+    bounds = np.empty(m + 1, np.int64)
+    tied = np.empty(m, np.bool_)
     for r in range(block.shape[0]):
+        count = 0
+        p = 0
+        while p < m:
+            at = order[r, p] & 0xFFFFFFFF
+            ranks[r, at] = p
+            q = p + 1
+            while q < m and block[r, order[r, q] & 0xFFFFFFFF] == block[r, at]:
+                ranks[r, order[r, q] & 0xFFFFFFFF] = q
+                q += 1
+            group = q - p > 1
+            tied[p:q] = group
+            for b in range(max(p, 1), min(q, m - 1) + 1) if group else range(0):
+                if count == 0 or bounds[count - 1] < b:  # neighbouring groups share an edge
+                    bounds[count] = b
+                    count += 1
+            p = q
+        ok[r] = True
+        if count == 0:
+            continue
         for j in range(m):
             v[j] = block[r, j]
             ix[j] = j
-        ok[r] = _introsort(v, ix, none, True)
+        ok[r] = _introsort(v, ix, bounds[:count], count > m // 4)
         if ok[r]:
             for p in range(m):
-                ranks[r, ix[p]] = p
+                if tied[p]:
+                    ranks[r, ix[p]] = p
+
+
+@_jit
+def _packed_keys(block):
+    """uint64 per entry: an order-preserving key of the float32 value (high half; -0.0 as 0.0, so
+    equal values share a key) and the column (low half): one numpy sort of these is an argsort."""
+    out = np.empty(block.shape, np.uint64)
+    for r in range(block.shape[0]):
+        for j in range(block.shape[1]):
+            u = np.uint32(np.float32(block[r, j] + np.float32(0.0)).view(np.uint32))
+            key = ~u if u >> 31 else u | np.uint32(0x80000000)
+            out[r, j] = (np.uint64(key) << np.uint64(32)) | np.uint64(j)
+    return out
 
 
 # ----------------------------------------------------------------------------- radix select
@@ -274,8 +367,8 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True) 
     straddling = np.array([b for b, (_, s) in cuts.items() if s], np.int64)
     work = ix = None
     if straddling.size:
-        work = ~bits if descending else bits.copy()  # ~: descending replays as ascending
-        ix = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        ix = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+        work = _work_arrays(bits, descending, ix)  # ~bits: descending replays as ascending
         if not _introsort(work, ix, straddling, False):  # depth limit: libstdc++ heapsorts there
             return _positions(n, torch.sort(flat, descending=descending).indices[lo:hi])
     flat = flat.float().contiguous()
@@ -292,7 +385,8 @@ def sorted_prefix_mask(score: Tensor, k: int, descending: bool = True) -> Tensor
 def row_ranks(rows: Tensor) -> Tensor:
     """int64 ranks of each row's entries in ``torch.argsort(rows, dim=1)`` (ascending, unstable).
 
-    The same std::sort replay per row; rows with NaN, or past the depth limit, use torch itself.
+    A fast sort gives the ranks of distinct values; the std::sort replay, bounded by the tie groups,
+    orders equal ones. Rows with NaN, or past the depth limit, use torch itself.
     """
     r, m = rows.shape
     ranks = torch.empty((r, m), dtype=torch.int64)
@@ -302,8 +396,14 @@ def row_ranks(rows: Tensor) -> Tensor:
         order = torch.argsort(rows, dim=1)
         return ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
     exact = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows
+    values = exact.detach().contiguous().numpy()
     ok = np.empty(r, np.bool_)
-    _row_ranks(exact.detach().contiguous().numpy(), ranks.numpy(), ok)
+    if values.dtype == np.float32:  # numpy's SIMD sort of packed (key, column) beats its argsort 2x
+        order = _packed_keys(values)
+        order.sort(axis=1)
+    else:
+        order = np.argsort(values, axis=1)
+    _row_ranks(values, order, ranks.numpy(), ok)
     for i in np.flatnonzero(~ok):
         order = torch.argsort(rows[i : i + 1], dim=1)
         ranks[i : i + 1].scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
