@@ -42,12 +42,18 @@ def _scores(kind, n, rng):
         x = torch.from_numpy(rng.permutation(n).astype(np.float32))
         x[x.argsort()[n // 3 : 2 * n // 3]] = float(n // 2)
         return x
+    if kind == "sorted":  # runs and reversed runs: the partition's scans cross in every way
+        return torch.from_numpy(np.sort(rng.integers(0, max(2, n // 8), n)).astype(np.float32))
+    if kind == "reversed":
+        return torch.from_numpy(np.sort(rng.integers(0, max(2, n // 8), n))[::-1].astype(np.float32))
+    if kind == "sawtooth":
+        return torch.from_numpy((np.arange(n) % 7).astype(np.float32))
     if kind == "zeros_inf":
         return torch.from_numpy(rng.choice(np.array([0.0, 1.0, np.inf], np.float32), n))
     raise AssertionError(kind)
 
 
-KINDS = ["ints", "bf16", "fp16", "equal", "one_tie", "zeros_inf"]
+KINDS = ["ints", "bf16", "fp16", "equal", "one_tie", "sorted", "reversed", "sawtooth", "zeros_inf"]
 
 
 def _edges(score, rng, descending):
@@ -73,7 +79,9 @@ def test_prefix_and_range_masks_are_torch_sort_positions(kind, descending):
 
 
 @pytest.mark.parametrize("kind", ["ints", "bf16", "one_tie"])
-def test_millions_of_entries(kind):
+def test_millions_of_entries(kind, monkeypatch):
+    kernel, replays = S._introsort, []  # the replay itself decides here, not a fallback to torch
+    monkeypatch.setattr(S, "_introsort", lambda *a: replays.append(kernel(*a)) or replays[-1])
     rng = np.random.default_rng(7)
     score = _scores(kind, 2_500_000, rng)
     order_desc = torch.sort(score, descending=True).indices
@@ -86,6 +94,7 @@ def test_millions_of_entries(kind):
     want = torch.zeros(score.numel(), dtype=torch.bool)
     want[order_asc[lo:hi]] = True
     assert torch.equal(S.sorted_range_mask(score, lo, hi, descending=False), want)
+    assert replays and all(replays)
 
 
 def test_tied_cuts_differ_from_any_index_rule():
