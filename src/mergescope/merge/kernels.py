@@ -39,14 +39,39 @@ def _fma(typingctx, a, b, c):
 
 
 @_jit
-def _delta(t, base, mask, has_mask, factor, has_factor, weight, j, one, zero):
-    """w * (factor * (mask * (t - b))) for one element, each product rounded as torch's in-place mul_."""
-    d = t[j] - base[j]
+def _deltas(d, t, b, mask, has_mask, factor, has_factor, weight, one, zero):
+    """d = w * (factor * (mask * (t - b))) over one block: one rounding per step, as torch's in-place mul_s
+    (a pass per step over an L1-resident block vectorises; branches inside one loop did not)."""
+    for k in range(d.size):
+        d[k] = t[k] - b[k]
     if has_mask:
-        d = d * (one if mask[j] else zero)
+        for k in range(d.size):
+            d[k] = d[k] * (one if mask[k] else zero)
     if has_factor:
-        d = d * factor
-    return d * weight
+        for k in range(d.size):
+            d[k] = d[k] * factor
+    for k in range(d.size):
+        d[k] = d[k] * weight
+
+
+@_jit
+def _elect(mixed, divisor, kept, deltas, weights, one, zero, minus):
+    """_sign_consensus over one block: majority = sign(sum) (>= 0 is +); mixed <- sum of agreeing deltas
+    (d * agree, so a NaN or inf delta poisons as in torch), divisor <- their weights, 1 where none agree."""
+    size = mixed.size
+    for k in range(size):
+        kept[k] = zero
+        divisor[k] = zero
+    for i in range(deltas.shape[0]):
+        d, w = deltas[i, :size], weights[i]
+        for k in range(size):
+            agree = one if d[k] * (one if mixed[k] >= zero else minus) > zero else zero
+            kept[k] = kept[k] + d[k] * agree
+            divisor[k] = divisor[k] + w * agree
+    for k in range(size):
+        mixed[k] = kept[k]
+        if divisor[k] == zero:
+            divisor[k] = one
 
 
 @_jit
@@ -55,38 +80,33 @@ def _task_vectors(out, base, tensors, masks, has_mask, factors, has_factor, weig
     """methods.generalized_task_arithmetic's chunk loop; consts = (total, lam, 0, 1, -1) in the work dtype."""
     total, lam, zero, one, minus = consts[0], consts[1], consts[2], consts[3], consts[4]
     n, models = base.size, len(tensors)
-    mixed = np.empty(BLOCK, base.dtype)
-    kept = np.empty(BLOCK, base.dtype)
-    divisor = np.empty(BLOCK, base.dtype)
+    deltas = np.empty((models, BLOCK), base.dtype)
+    sums, kept = np.empty(BLOCK, base.dtype), np.empty(BLOCK, base.dtype)
+    divisors = np.full(BLOCK, total)
     for start in range(0, n, BLOCK):
-        size = min(n, start + BLOCK) - start
-        for i in range(models):  # _sum: d_0 + d_1 + ... (starting from d_0, not from 0)
-            t, mask, hm, f, hf, w = tensors[i], masks[i], has_mask[i], factors[i], has_factor[i], weights[i]
+        stop = min(n, start + BLOCK)
+        size, b = stop - start, base[start:stop]
+        mixed, divisor = sums[:size], divisors[:size]
+        for i in range(models):
+            mask = masks[i][start:stop] if has_mask[i] else masks[i]
+            _deltas(deltas[i, :size], tensors[i][start:stop], b, mask, has_mask[i], factors[i], has_factor[i],
+                    weights[i], one, zero)
+        mixed[:] = deltas[0, :size]  # _sum: d_0 + d_1 + ... (from d_0, not from 0: -0.0 survives)
+        for i in range(1, models):
+            d = deltas[i, :size]
             for k in range(size):
-                d = _delta(t, base, mask, hm, f, hf, w, start + k, one, zero)
-                mixed[k] = d if i == 0 else mixed[k] + d
-        if consensus:  # _sign_consensus: majority = sign(sum) (>= 0 is +), agreeing entries and weights
+                mixed[k] = mixed[k] + d[k]
+        if consensus:
+            _elect(mixed, divisor, kept[:size], deltas, weights, one, zero, minus)
+        if normalize:  # _scaled_sum: (/ divisor) (* lam) then base +
             for k in range(size):
-                kept[k] = zero
-                divisor[k] = zero
-            for i in range(models):
-                t, mask, hm, f, hf, w = tensors[i], masks[i], has_mask[i], factors[i], has_factor[i], weights[i]
-                for k in range(size):
-                    d = _delta(t, base, mask, hm, f, hf, w, start + k, one, zero)
-                    agree = one if d * (one if mixed[k] >= zero else minus) > zero else zero
-                    kept[k] = kept[k] + d * agree
-                    divisor[k] = divisor[k] + w * agree
+                mixed[k] = mixed[k] / divisor[k]
+        if scale:
             for k in range(size):
-                mixed[k] = kept[k]
-                if divisor[k] == zero:
-                    divisor[k] = one
-        for k in range(size):  # _scaled_sum: (/ divisor) (* lam) then base +
-            r = mixed[k]
-            if normalize:
-                r = r / (divisor[k] if consensus else total)
-            if scale:
-                r = r * lam
-            out[start + k] = base[start + k] + r
+                mixed[k] = mixed[k] * lam
+        o = out[start:stop]
+        for k in range(size):
+            o[k] = b[k] + mixed[k]
 
 
 @_jit
