@@ -131,6 +131,18 @@ def _weighted_sum(out, tensors, weights, total, normalize, fused):
             out[start + k] = acc[k] / total if normalize else acc[k]
 
 
+@_jit
+def _abs_diff(out, t, base):
+    for k in range(out.size):
+        out[k] = abs(t[k] - base[k])
+
+
+@_jit
+def _mask(values, mask, one, zero):
+    for k in range(values.size):
+        values[k] = values[k] * (one if mask[k] else zero)
+
+
 @functools.cache
 def torch_fuses_addcmul(dtype: torch.dtype) -> bool | None:
     """Whether torch's addcmul_ rounds ``acc + t * w`` once (FMA) on this CPU: True, False, or None when
@@ -191,3 +203,16 @@ def weighted_sum(out: Tensor, tensors: Sequence[Tensor], weights: Tensor, total:
     _weighted_sum(out.reshape(-1).numpy(), _arrays(tensors), weights.numpy(), total.numpy()[()], bool(normalize),
                   bool(fused))
     return out
+
+
+def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
+    """out = |t - base| (torch's ``(t - base).abs_()``: one rounding, sign cleared) without a temporary."""
+    _abs_diff(out.reshape(-1).numpy(), t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy())
+    return out
+
+
+def mask_(values: Tensor, mask: Tensor) -> Tensor:
+    """values *= mask (as 1 / 0 in values' dtype, so -0.0 and NaN come out as torch's ``mul_(mask)``)."""
+    flat = values.reshape(-1).numpy()
+    _mask(flat, mask.reshape(-1).numpy(), flat.dtype.type(1), flat.dtype.type(0))
+    return values

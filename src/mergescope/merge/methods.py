@@ -103,7 +103,8 @@ def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tenso
     temporary, and torch's sum sees the same values in the same layout, so the same bits.
     """
     before = magnitude.sum()
-    after = magnitude.reshape(-1).mul_(mask).sum()
+    kernels = _kernels(magnitude.dtype, [magnitude], [mask])
+    after = (kernels.mask_(magnitude, mask) if kernels is not None else magnitude.reshape(-1).mul_(mask)).sum()
     if before < eps or after < eps:
         return 1.0
     return before / after
@@ -207,10 +208,15 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
     work = _work_dtype(base)
     generator = random_stream(seed)
     plan = []
+    kernels = _kernels(work, [base, *tensors]) if sparsify is not None else None
+    scratch = torch.empty(base.shape, dtype=work) if kernels is not None else None  # one buffer for all models
     for i, t in enumerate(tensors):
         mask, factor = None, 1.0
         if sparsify is not None:
-            magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
+            if kernels is not None:
+                magnitude = kernels.abs_diff(scratch, t, base)
+            else:
+                magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
             params = {k: v[i] for k, v in extra.items()}
             mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
             if mask is not None and rescale:
