@@ -54,18 +54,12 @@ def _swap(v, ix, i, j):
 def _median_to_first(v, ix, result, a, b, c):
     """std::__move_median_to_first."""
     if v[a] < v[b]:
-        if v[b] < v[c]:
-            _swap(v, ix, result, b)
-        elif v[a] < v[c]:
-            _swap(v, ix, result, c)
-        else:
-            _swap(v, ix, result, a)
+        median = b if v[b] < v[c] else (c if v[a] < v[c] else a)
     elif v[a] < v[c]:
-        _swap(v, ix, result, a)
-    elif v[b] < v[c]:
-        _swap(v, ix, result, c)
+        median = a
     else:
-        _swap(v, ix, result, b)
+        median = c if v[b] < v[c] else b
+    _swap(v, ix, result, median)
 
 
 @_jit
