@@ -334,3 +334,28 @@ def test_kernel_refuses_nothing_it_cannot_match():
     assert not kernels.fits(torch.float32, [a, torch.zeros(20)[::2]])
     assert not kernels.fits(torch.float32, [a], [torch.zeros(10, dtype=torch.uint8)])
     assert not kernels.fits(torch.float32, [a], [torch.zeros(9, dtype=torch.bool)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf_entries_give_torchs_bits(dtype):
+    """A NaN or inf in a fine-tune (or base) propagates exactly as through the torch ops, NaN sign included."""
+    base, tensors = models(3000, dtype, seed=9)
+    base[5], tensors[0][7], tensors[1][7], tensors[2][9] = float("inf"), float("nan"), float("inf"), float("-inf")
+    tensors[0][11], tensors[1][11] = float("inf"), float("inf")
+    g = torch.Generator().manual_seed(10)
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    for t in (base, *tensors):  # ~2% specials each, so entries meet several at once
+        where = torch.rand(3000, generator=g) < 0.02
+        t[where] = specials[torch.randint(0, 4, (int(where.sum()),), generator=g)]
+    for method, kw in (("task_arithmetic", {"lam": 0.5}), ("ties", {"density": [1.0, 1.0, 1.0]}),
+                       ("ties", {"density": [1.0, 1.0, 1.0], "normalize": False, "lam": 0.3}),
+                       ("dare_ties", {"density": [0.5] * 3, "rescale": False}), ("della_linear", {"density": [0.5] * 3,
+                                                                                                   "rescale": False})):
+        sparsify, consensus = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
+                               "dare_ties": ("random", True), "della_linear": ("della_magprune", False)}[method]
+        ref_kw = {"normalize": method == "ties", **kw}
+        want = ref_gta(tensors, base, weight=[0.5, 0.3, 0.2], sparsify=sparsify, consensus=consensus, **ref_kw)
+        got = getattr(methods, method)(tensors, base, weight=[0.5, 0.3, 0.2], **kw)
+        assert want.isnan().any() and same_bits(got, want), method
+    want = ref_linear(tensors, [0.5, 0.3, 0.2], True)
+    assert want.isnan().any() and same_bits(methods.linear(tensors, weight=[0.5, 0.3, 0.2]), want)

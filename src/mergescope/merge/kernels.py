@@ -55,7 +55,7 @@ def _deltas(d, t, b, mask, has_mask, factor, has_factor, weight, one, zero):
 
 
 @_jit
-def _elect(mixed, divisor, kept, deltas, weights, one, zero, minus):
+def _elect(mixed, divisor, kept, deltas, weights, one, zero, minus, fused):
     """_sign_consensus over one block: majority = sign(sum) (>= 0 is +); mixed <- sum of agreeing deltas
     (d * agree, so a NaN or inf delta poisons as in torch), divisor <- their weights, 1 where none agree."""
     size = mixed.size
@@ -66,7 +66,8 @@ def _elect(mixed, divisor, kept, deltas, weights, one, zero, minus):
         d, w = deltas[i, :size], weights[i]
         for k in range(size):
             agree = one if d[k] * (one if mixed[k] >= zero else minus) > zero else zero
-            kept[k] = kept[k] + d[k] * agree
+            # addcmul_: the product is exact; fused only decides which NaN survives inf * 0 + NaN, as in torch
+            kept[k] = _fma(d[k], agree, kept[k]) if fused else kept[k] + d[k] * agree
             divisor[k] = divisor[k] + w * agree
     for k in range(size):
         mixed[k] = kept[k]
@@ -76,7 +77,7 @@ def _elect(mixed, divisor, kept, deltas, weights, one, zero, minus):
 
 @_jit
 def _task_vectors(out, base, tensors, masks, has_mask, factors, has_factor, weights, consts, consensus,
-                  normalize, scale):
+                  normalize, scale, fused):
     """methods.generalized_task_arithmetic's chunk loop; consts = (total, lam, 0, 1, -1) in the work dtype."""
     total, lam, zero, one, minus = consts[0], consts[1], consts[2], consts[3], consts[4]
     n, models = base.size, len(tensors)
@@ -97,7 +98,7 @@ def _task_vectors(out, base, tensors, masks, has_mask, factors, has_factor, weig
             for k in range(size):
                 mixed[k] = mixed[k] + d[k]
         if consensus:
-            _elect(mixed, divisor, kept[:size], deltas, weights, one, zero, minus)
+            _elect(mixed, divisor, kept[:size], deltas, weights, one, zero, minus, fused)
         if normalize:  # _scaled_sum: (/ divisor) (* lam) then base +
             for k in range(size):
                 mixed[k] = mixed[k] / divisor[k]
@@ -191,7 +192,7 @@ def task_vectors(out: Tensor, base: Tensor, tensors: Sequence[Tensor], plan: Seq
     consts = np.array([total, lam, 0.0, 1.0, -1.0], dtype=np_dtype)
     _task_vectors(out.reshape(-1).numpy(), base.detach().reshape(-1).numpy(), _arrays(tensors), masks, has_mask,
                   factors, has_factor, np.array(weights, dtype=np_dtype), consts, bool(consensus),
-                  bool(normalize), lam != 1)
+                  bool(normalize), lam != 1, bool(torch_fuses_addcmul(base.dtype)))
     return out
 
 
