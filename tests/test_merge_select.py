@@ -304,3 +304,17 @@ def test_methods_masks_are_torch_sort_masks():
     keep, n_top = int(density * n), int(gamma * n)
     n_bot = n - keep - n_top
     assert torch.equal(M.outlier_mask(delta, density, gamma), _torch_range(flat, n_bot, n_bot + keep, False))
+
+
+def test_kernels_compile_without_a_cache_folder(monkeypatch):
+    """A read-only install without a writable home: numba finds no cache folder; compile per process."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def twice(x):
+        return 2 * x
+
+    with pytest.raises(RuntimeError, match="no locator"):
+        caching.FunctionCache(twice)
+    assert S._jit(twice)(21) == 42

@@ -38,7 +38,14 @@ Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
 _BLOCK = 128  # entries per block of the branch-free partition scan
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
-_jit = numba.njit(cache=True, nogil=True)
+
+
+def _jit(kernel):
+    """Compiled once per machine (numba's on-disk cache) and GIL-free (the engine's worker threads)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(kernel)
+    except RuntimeError:  # no writable cache folder (read-only install, no home): compile per process
+        return numba.njit(nogil=True)(kernel)
 
 
 # ----------------------------------------------------------------------------- libstdc++ std::sort replay
