@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -359,3 +360,36 @@ def test_nan_and_inf_entries_give_torchs_bits(dtype):
         assert want.isnan().any() and same_bits(got, want), method
     want = ref_linear(tensors, [0.5, 0.3, 0.2], True)
     assert want.isnan().any() and same_bits(methods.linear(tensors, weight=[0.5, 0.3, 0.2]), want)
+
+
+def test_kernels_release_the_gil():
+    """While a kernel runs in one thread, Python code runs in another. A long switch interval means the worker
+    never hands the GIL over on its own: the main thread advances during the kernel only if it is released.
+    (The compiled loop is called directly: torch's own calls in the wrapper release the GIL too.)"""
+    n, dtype = 1 << 20, np.float32
+    base, tensors = np.zeros(n, dtype), tuple(np.ones(n, dtype) for _ in range(3))
+    args = (np.empty(n, dtype), base, tensors, tuple(np.zeros(1, np.bool_) for _ in range(3)), np.zeros(3, np.bool_),
+            np.ones(3, dtype), np.zeros(3, np.bool_), np.ones(3, dtype), np.array([3, 1, 0, 1, -1], dtype), True,
+            True, False, True)
+    kernels._task_vectors(*args)  # compiled / loaded
+    steps, during = [0], []
+    started = threading.Event()
+
+    def run():
+        started.set()
+        before = steps[0]
+        kernels._task_vectors(*args)
+        during.append(steps[0] - before)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        started.wait()
+        while worker.is_alive():
+            steps[0] += 1
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert during[0] > 100 and args[0][0] == 1  # (3 * 1 / 3)
