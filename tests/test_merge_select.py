@@ -80,6 +80,7 @@ def test_prefix_and_range_masks_are_torch_sort_positions(kind, descending):
 
 @pytest.mark.parametrize("kind", ["ints", "bf16", "one_tie"])
 def test_millions_of_entries(kind, monkeypatch):
+    assert S.replay_matches_torch()
     kernel, replays = S._introsort, []  # the replay itself decides here, not a fallback to torch
     monkeypatch.setattr(S, "_introsort", lambda *a: replays.append(kernel(*a)) or replays[-1])
     rng = np.random.default_rng(7)
@@ -110,6 +111,7 @@ def test_tied_cuts_differ_from_any_index_rule():
 
 
 def test_untied_cuts_do_not_replay_the_sort(monkeypatch):
+    assert S.replay_matches_torch()  # computed before the kernels are patched
     def boom(*_):
         raise AssertionError("replayed although nothing ties at the cut")
 
@@ -123,6 +125,7 @@ def test_untied_cuts_do_not_replay_the_sort(monkeypatch):
 
 def test_depth_limit_falls_back_to_torch(monkeypatch):
     """libstdc++ heapsorts a segment past 2 floor(log2 n) partitions; then torch's sort decides."""
+    assert S.replay_matches_torch()  # computed before the kernels are patched
     calls = []
 
     def depth_hit(*args):
@@ -139,6 +142,7 @@ def test_depth_limit_falls_back_to_torch(monkeypatch):
 def test_depth_limit_is_detected_and_falls_back(monkeypatch):
     """A median-of-three adversary (McIlroy's antiqsort against the replay) drives a segment to the
     depth limit, where libstdc++ heapsorts: the kernel says so and torch's sort decides the mask."""
+    assert S.replay_matches_torch()
     n = 64
     score = torch.from_numpy(_adversary(n))
     ties = int((score == score.max()).sum())  # the adversary's never-frozen items tie at the top
@@ -256,6 +260,7 @@ def test_row_ranks_are_argsort_ranks(dtype):
 
 
 def test_row_ranks_fallbacks(monkeypatch):
+    assert S.replay_matches_torch()  # computed before the kernels are patched
     rows = torch.from_numpy(np.random.default_rng(4).integers(0, 5, (6, 300)).astype(np.float32))
     with_nan = rows.clone()
     with_nan[2, 5] = float("nan")
@@ -318,3 +323,19 @@ def test_kernels_compile_without_a_cache_folder(monkeypatch):
     with pytest.raises(RuntimeError, match="no locator"):
         caching.FunctionCache(twice)
     assert S._jit(twice)(21) == 42
+
+
+def test_a_torch_sorting_otherwise_gets_its_own_sort(monkeypatch):
+    """torch built on another C++ library (libc++) orders ties its own way: the self-check sends
+    every mask and rank to torch's sort, as MergeKit's would be on that machine."""
+    def boom(*_):
+        raise AssertionError("replayed although this torch sorts otherwise")
+
+    monkeypatch.setattr(S, "replay_matches_torch", lambda: False)
+    monkeypatch.setattr(S, "_introsort", boom)
+    monkeypatch.setattr(S, "_row_ranks", boom)
+    score = _scores("ints", 20_000, np.random.default_rng(13))
+    assert torch.equal(S.sorted_prefix_mask(score, 7000), _torch_range(score, 0, 7000, True))
+    assert torch.equal(S.sorted_range_mask(score, 3000, 15000, False), _torch_range(score, 3000, 15000, False))
+    rows = score.reshape(20, 1000)
+    assert torch.equal(S.row_ranks(rows), _torch_ranks(rows))

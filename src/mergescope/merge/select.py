@@ -30,6 +30,8 @@ imports numba, so import it lazily (never at ``import mergescope``).
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 import torch
@@ -259,6 +261,26 @@ def _packed_keys(block):
     return out
 
 
+@functools.cache
+def replay_matches_torch() -> bool:
+    """Whether this torch's CPU sort is the std::sort replayed here (checked once per process).
+
+    A torch built against another C++ library (libc++ on macOS) orders ties its own way; there
+    every mask and rank comes from torch's sort, as MergeKit's would on that machine.
+    """
+    values = np.random.default_rng(0).integers(0, 9, 5003).astype(np.float32)
+    bits = values.view(np.uint32)
+    for descending in (True, False):
+        ix = np.empty(values.size, np.int32)
+        work = _work_arrays(bits, descending, ix)
+        _introsort(work, ix, np.empty(0, np.int64), True)
+        want = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
+        if not np.array_equal(ix, want):
+            return False
+    rows = torch.from_numpy(values[:5000].reshape(5, 1000))
+    return bool(torch.equal(_replayed_ranks(rows, torch.empty((5, 1000), dtype=torch.int64)), _torch_ranks(rows)))
+
+
 # ----------------------------------------------------------------------------- radix select
 
 
@@ -361,7 +383,7 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True) 
     if lo == 0 and hi == n:
         return torch.ones(n, dtype=torch.bool)
     found = _bits(flat)
-    if found is None:
+    if found is None or not replay_matches_torch():
         return _positions(n, torch.sort(flat, descending=descending).indices[lo:hi])
     bits, hist = found
     cuts = {b: _boundary(bits, hist, b, descending) for b in (lo, hi) if 0 < b < n}
@@ -393,9 +415,13 @@ def row_ranks(rows: Tensor) -> Tensor:
     ranks = torch.empty((r, m), dtype=torch.int64)
     if rows.numel() == 0:
         return ranks
-    if torch.isnan(rows).any():
-        order = torch.argsort(rows, dim=1)
-        return ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+    if torch.isnan(rows).any() or not replay_matches_torch():
+        return _torch_ranks(rows)
+    return _replayed_ranks(rows, ranks)
+
+
+def _replayed_ranks(rows: Tensor, ranks: Tensor) -> Tensor:
+    r = rows.shape[0]
     exact = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows
     values = exact.detach().contiguous().numpy()
     ok = np.empty(r, np.bool_)
@@ -406,6 +432,10 @@ def row_ranks(rows: Tensor) -> Tensor:
         order = np.argsort(values, axis=1)
     _row_ranks(values, order, ranks.numpy(), ok)
     for i in np.flatnonzero(~ok):
-        order = torch.argsort(rows[i : i + 1], dim=1)
-        ranks[i : i + 1].scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+        ranks[i : i + 1] = _torch_ranks(rows[i : i + 1])
     return ranks
+
+
+def _torch_ranks(rows: Tensor) -> Tensor:
+    order = torch.argsort(rows, dim=1)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())
