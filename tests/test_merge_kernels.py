@@ -245,8 +245,11 @@ def test_fma_probe_matches_torch_and_matters():
 def test_out_is_filled_and_returned():
     base, tensors = models(3000, torch.float32)
     base, tensors = base.reshape(60, 50), [t.reshape(60, 50) for t in tensors]
-    cases = [(methods.dare_ties, {"density": [0.5, 0.5, 0.5], "seed": 1}), (methods.task_arithmetic, {}),
-             (methods.della_linear, {"density": [0.5, 0.4, 0.6]}), (methods.breadcrumbs, {"density": [0.8] * 3})]
+    half = {"density": [0.5, 0.4, 0.6]}
+    cases = [(methods.task_arithmetic, {}), (methods.ties, half), (methods.dare_ties, {**half, "seed": 1}),
+             (methods.dare_linear, half), (methods.breadcrumbs, {"density": [0.8] * 3}),
+             (methods.breadcrumbs_ties, {"density": [0.8] * 3}), (methods.della, half), (methods.della_linear, half),
+             (methods.generalized_task_arithmetic, {**half, "sparsify": "magnitude", "consensus": True})]
     for fn, kw in cases:
         want = fn(tensors, base, weight=[0.5, 0.3, 0.2], **kw)
         out = torch.full_like(base, float("nan"))
