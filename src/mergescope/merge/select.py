@@ -288,10 +288,10 @@ def replay_matches_torch() -> bool:
 def _high_histogram(bits):
     """Counts of the top 16 bits; the largest pattern (anything above +inf means: not radix-able)."""
     hist = np.zeros(1 << 16, np.int64)
-    top = np.uint32(0)
-    for x in bits:
-        hist[x >> 16] += 1
-        top = max(top, x)
+    top, shift = np.uint32(0), np.uint32(16)  # uint32 operands: no widening in the loop
+    for i in range(bits.shape[0]):
+        hist[bits[i] >> shift] += 1
+        top = max(top, bits[i])
     return hist, top
 
 
@@ -303,9 +303,11 @@ def _kth_pattern(bits, hist, k):
         above += hist[high]
         high -= 1
     low_hist = np.zeros(1 << 16, np.int64)
-    for x in bits:
-        if (x >> 16) == high:
-            low_hist[x & 0xFFFF] += 1
+    start, width = np.uint32(high << 16), np.uint32(1 << 16)
+    for i in range(bits.shape[0]):
+        low = bits[i] - start  # wraps around below the bin: one compare tests both ends
+        if low < width:
+            low_hist[low] += 1
     low = (1 << 16) - 1
     while above + low_hist[low] < k:
         above += low_hist[low]
