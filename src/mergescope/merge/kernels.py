@@ -3,12 +3,14 @@
 Why: the torch chain sends every element through 10-20 separate kernels (delta, mask, rescale, weight,
 sum, sign election, divide, scale, add), each a full pass over memory; one loop per block of elements
 does the same IEEE operations in the same order and rounding, once. No fastmath (no reassociation, no
-contraction), so each ``a * b`` and ``a + b`` rounds as torch's kernel does; the one place torch
-contracts (``addcmul_`` in linear: ``acc + t * w`` as a fused multiply-add where the CPU has one) is
-probed at run time and reproduced with LLVM's fma. The kernels release the GIL (the engine calls
-methods from two worker threads). numba is imported here, and methods.py imports this module only when
-a merge runs, so ``import mergescope`` never loads it. Callers check :func:`fits` first: anything
-that does not (half precision, mixed dtypes, non-CPU, strided) stays on the torch path.
+contraction), so each ``a * b`` and ``a + b`` rounds as torch's kernel does; where torch contracts
+(``addcmul_``: linear's ``acc + t * w``, and the election's ``kept + d * agree`` where only the NaN
+that survives ``inf * 0 + NaN`` depends on it) a run-time probe says whether it fuses, and LLVM's fma
+does the same. L1 sums stay torch's (a float64 or serial sum gives other bits). The kernels release
+the GIL (the engine calls methods from two worker threads). numba is imported here, and methods.py
+imports this module only when a merge runs, so ``import mergescope`` never loads it. Callers check
+:func:`fits` first: anything that does not (half precision, mixed dtypes, non-CPU, strided) stays on
+the torch path.
 """
 
 from __future__ import annotations
