@@ -272,6 +272,9 @@ def test_out_on_the_torch_paths():
     out = torch.empty(500)
     methods.task_arithmetic(mixed, base, weight=[1, 1, 1], out=out)
     assert same_bits(out, ref_gta(mixed, base, weight=[1, 1, 1]))
+    kw = {"weight": [1, 1, 1], "density": [0.5] * 3, "rescale": True}
+    want = ref_gta(mixed, base, sparsify="magnitude", consensus=True, normalize=True, **kw)
+    assert same_bits(methods.ties(mixed, base, **kw), want)
     strided = [torch.stack([t, t], 1)[:, 0] for t in tensors]
     out = torch.empty(500)
     methods.linear(strided, weight=[1, 2, 3], out=out)
