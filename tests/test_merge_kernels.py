@@ -224,7 +224,8 @@ def test_linear_bits(dtype, normalize):
     """Weighted sums with torch's rounding (its addcmul_ fuses multiply-add on this CPU: the kernel too)."""
     for n in SIZES:
         _, tensors = models(n, dtype, count=4, seed=n + 2)
-        for weights in ([0.25, 0.25, 0.25, 0.25], [0.5, -0.3, 0.0, 0.9], [1 / 3, 1 / 7, 0.1, 0.0]):
+        for weights in ([0.25, 0.25, 0.25, 0.25], [0.5, -0.3, 0.0, 0.9], [1 / 3, 1 / 7, 0.1, 0.0],
+                        [1.0, -1.0, 0.0, 0.0]):  # a zero total: inf / NaN where torch divides by 0
             want = ref_linear(tensors, weights, normalize)
             got = methods.linear(tensors, weight=weights, normalize=normalize)
             assert same_bits(got, want), (n, weights)
@@ -399,3 +400,17 @@ def test_kernels_release_the_gil():
     finally:
         sys.setswitchinterval(interval)
     assert during[0] > 100 and args[0][0] == 1  # (3 * 1 / 3)
+
+
+def test_kernels_compile_without_a_cache_folder(monkeypatch):
+    """A read-only install without a writable home: numba finds no cache folder; compile per process."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def over_zero(x):
+        return x / 0.0
+
+    with pytest.raises(RuntimeError, match="no locator"):
+        caching.FunctionCache(over_zero)
+    assert kernels._jit(over_zero)(1.0) == float("inf")

@@ -27,7 +27,16 @@ from numba.extending import intrinsic
 Tensor = torch.Tensor
 BLOCK = 2048  # elements per block: the per-block scratch (3 x 16 KB float64) stays in L1/L2
 FLOATS = (torch.float32, torch.float64)
-_jit = functools.partial(numba.njit, cache=True, nogil=True, error_model="numpy")
+
+
+def _jit(kernel):
+    """Compiled once per machine (numba's on-disk cache; per process where no cache folder is writable),
+    GIL-free (the engine's worker threads), a float division by 0 giving inf / NaN as torch's does."""
+    options = {"nogil": True, "error_model": "numpy"}
+    try:
+        return numba.njit(cache=True, **options)(kernel)
+    except RuntimeError:  # no writable cache folder (read-only install, no home)
+        return numba.njit(**options)(kernel)
 
 
 @intrinsic
