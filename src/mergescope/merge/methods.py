@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import MergescopeError
+from . import scratch
 
 Tensor = torch.Tensor
 CHUNK = 1 << 17  # elements per chunk: 512 KB float32 temporaries stay in cache and in the heap (no mmap churn)
@@ -113,30 +114,42 @@ def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tenso
 # ----------------------------------------------------------------------------- sparsification
 
 
-def magnitude_mask(magnitude: Tensor, density: float, **_) -> Tensor | None:
+def magnitude_mask(magnitude: Tensor, density: float, out: Tensor | None = None, **_) -> Tensor | None:
     """TIES trimming (Yadav et al. 2023, arXiv:2306.01708): keep the top ``density`` fraction of |delta|.
 
-    Keeps ``max(1, int(density * n))`` entries; ``None`` means keep everything.
+    Keeps ``max(1, int(density * n))`` entries; ``None`` means keep everything. Every sparsifier writes its
+    flat mask into ``out`` (a contiguous bool tensor of n entries) when given, else into a new tensor.
     """
     if density >= 1:
         return None
     n = magnitude.numel()
     if density <= 0 or n == 0:
-        return torch.zeros(n, dtype=torch.bool)
+        return _mask_buffer(out, n).fill_(False)
     from . import select
 
     # float32 scores, as MergeKit ranks them: the first k of its argsort(descending=True), ties included
-    return select.sorted_prefix_mask(magnitude.reshape(-1).float(), max(1, int(density * n)))
+    return select.sorted_prefix_mask(magnitude.reshape(-1).float(), max(1, int(density * n)), out=out)
 
 
-def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, **_) -> Tensor | None:
-    """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``."""
+def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, out: Tensor | None = None,
+                   **_) -> Tensor | None:
+    """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``.
+
+    Entry j is kept when the j-th float32 uniform of the generator's stream is ``< density`` (torch's
+    compare); the uniforms are drawn CHUNK at a time into one reused cache-sized buffer (the stream is
+    the same as one draw of n: numpy's PCG64 keeps its spare 32 bits between calls).
+    """
     if density >= 1:
         return None
-    return _uniform(magnitude.numel(), generator) < density
+    n = magnitude.numel()
+    mask = _mask_buffer(out, n)
+    for part in _chunks(n):
+        torch.lt(_uniform(part.stop - part.start, generator), density, out=mask[part])
+    return mask
 
 
-def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, **_) -> Tensor | None:
+def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, out: Tensor | None = None,
+                 **_) -> Tensor | None:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795).
 
     Drops the ``gamma`` fraction of largest |delta| (outliers), then the smallest, keeping
@@ -150,11 +163,11 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, **_) ->
     from . import select
 
     # float32 scores, as MergeKit ranks them: its ascending torch.sort, positions [n_bot, n_bot + keep)
-    return select.sorted_range_mask(magnitude.reshape(-1).float(), n_bot, n_bot + keep, descending=False)
+    return select.sorted_range_mask(magnitude.reshape(-1).float(), n_bot, n_bot + keep, descending=False, out=out)
 
 
 def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator, epsilon: float = 0.15,
-               **_) -> Tensor | None:
+               out: Tensor | None = None, **_) -> Tensor | None:
     """DELLA MagPrune (Deep et al. 2024, arXiv:2406.11617): keep probability grows with magnitude rank.
 
     Within each row (dim 1; 1-D tensors are one row), p = density - eps + 2 eps (rank - 1) / (m - 1).
@@ -162,7 +175,7 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     if density >= 1:
         return None
     if density <= 0 or magnitude.numel() == 0:  # nothing kept, or nothing to rank (a [0, n] tensor)
-        return torch.zeros(magnitude.numel(), dtype=torch.bool)
+        return _mask_buffer(out, magnitude.numel()).fill_(False)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise MergescopeError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
     from . import select
@@ -170,21 +183,39 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     rows = magnitude if magnitude.dim() >= 2 else magnitude.reshape(1, -1)
     rows = rows.reshape(rows.shape[0], rows.shape[1], -1).movedim(2, 1)  # ranks run along dim 1
     m = rows.shape[-1]
-    keep = torch.empty(rows.shape, dtype=torch.bool)
+    mask = _mask_buffer(out, magnitude.numel())
+    columns = rows.shape[1]  # > 1 for conv kernels: rows are strided, their mask is written back transposed
+    keep = mask.view(rows.shape) if columns == 1 else torch.empty(rows.shape, dtype=torch.bool)
     step = max(1, CHUNK // m)  # row blocks bound the int64 argsort scratch
     flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m)
     for start in range(0, flat_rows.shape[0], step):
         block = flat_rows[start:start + step]
-        ranks = select.row_ranks(block)  # the ranks torch.argsort(block, dim=1) gives, as MergeKit
+        ranks = scratch.tensor("methods.ranks", block.numel(), torch.int64).view(block.shape)
+        ranks = select.row_ranks(block, ranks)  # the ranks torch.argsort(block, dim=1) gives, as MergeKit
         rank_norm = ranks.to(magnitude.dtype) / (m - 1) if m > 1 else torch.zeros(block.shape, dtype=magnitude.dtype)
         probs = (density - epsilon) + rank_norm * (2 * epsilon)
-        flat_keep[start:start + step] = _uniform(block.numel(), generator).view(block.shape) < probs
-    return keep.movedim(1, 2).reshape(-1)
+        torch.lt(_uniform(block.numel(), generator).view(block.shape), probs, out=flat_keep[start:start + step])
+    if columns > 1:
+        mask.view(rows.shape[0], m, columns).copy_(keep.movedim(1, 2))
+    return mask
 
 
 def _uniform(n: int, generator: np.random.Generator) -> Tensor:
-    """n float32 uniforms in [0, 1) from a private PCG64 stream (3-4x faster than torch's mt19937)."""
-    return torch.from_numpy(generator.random(n, dtype=np.float32))
+    """n float32 uniforms in [0, 1) from a private PCG64 stream (3-4x faster than torch's mt19937), drawn
+    into this thread's reused buffer: valid until the next call on the thread."""
+    draws = scratch.array("methods.uniforms", n, np.float32)
+    generator.random(out=draws, dtype=np.float32)
+    return torch.from_numpy(draws)
+
+
+def _mask_buffer(out: Tensor | None, n: int) -> Tensor:
+    """Where a sparsifier writes its flat mask: ``out`` (checked) or a new tensor."""
+    if out is None:
+        return torch.empty(n, dtype=torch.bool)
+    if out.dtype != torch.bool or out.numel() != n or out.dim() != 1 or not out.is_contiguous():
+        raise MergescopeError(f"mask out: needs a contiguous flat bool tensor of {n} entries, got {out.dtype} "
+                              f"{list(out.shape)}")
+    return out
 
 
 def random_stream(seed: int) -> np.random.Generator:
@@ -204,21 +235,25 @@ SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
 
 
 def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
-    """Per model: (keep mask or None, L1 rescale factor). Sparsifiers only need |theta_i - base|."""
+    """Per model: (keep mask or None, L1 rescale factor). Sparsifiers only need |theta_i - base|.
+
+    |delta| and the masks live in this thread's reused buffers (merge/scratch.py): the plan is consumed
+    within the calling method, before its next call on the thread, and never returned."""
     work = _work_dtype(base)
     generator = random_stream(seed)
     plan = []
+    n = base.numel()
     kernels = _kernels(work, [base, *tensors]) if sparsify is not None else None
-    scratch = torch.empty(base.shape, dtype=work) if kernels is not None else None  # one buffer for all models
     for i, t in enumerate(tensors):
         mask, factor = None, 1.0
         if sparsify is not None:
-            if kernels is not None:
-                magnitude = kernels.abs_diff(scratch, t, base)
+            if kernels is not None:  # one buffer for all models
+                magnitude = kernels.abs_diff(scratch.tensor("methods.magnitude", n, work).view(base.shape), t, base)
             else:
                 magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
             params = {k: v[i] for k, v in extra.items()}
-            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
+            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,
+                                         out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
                 factor = _rescale_factor(magnitude, mask)  # consumes magnitude
             del magnitude

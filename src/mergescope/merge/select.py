@@ -36,6 +36,8 @@ import numba
 import numpy as np
 import torch
 
+from . import scratch
+
 Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
 _BLOCK = 128  # entries per block of the branch-free partition scan
@@ -188,9 +190,8 @@ def _introsort(v, ix, bounds, full):
 
 
 @_jit
-def _work_arrays(bits, flip, ix):
-    """The replay's (key, index) arrays in one pass: keys ``~bits`` for a descending order."""
-    work = np.empty_like(bits)
+def _work_arrays(bits, flip, ix, work):
+    """Fills the replay's (key, index) arrays in one pass: keys ``~bits`` for a descending order."""
     mask = np.uint32(0xFFFFFFFF) if flip else np.uint32(0)
     for i in range(bits.shape[0]):
         work[i] = bits[i] ^ mask
@@ -249,10 +250,9 @@ def _row_ranks(block, order, ranks, ok):
 
 
 @_jit
-def _packed_keys(block):
-    """uint64 per entry: an order-preserving key of the float32 value (high half; -0.0 as 0.0, so
-    equal values share a key) and the column (low half): one numpy sort of these is an argsort."""
-    out = np.empty(block.shape, np.uint64)
+def _packed_keys(block, out):
+    """uint64 per entry into ``out``: an order-preserving key of the float32 value (high half; -0.0 as 0.0,
+    so equal values share a key) and the column (low half): one numpy sort of these is an argsort."""
     for r in range(block.shape[0]):
         for j in range(block.shape[1]):
             u = np.uint32(np.float32(block[r, j] + np.float32(0.0)).view(np.uint32))
@@ -272,7 +272,7 @@ def replay_matches_torch() -> bool:
     bits = values.view(np.uint32)
     for descending in (True, False):
         ix = np.empty(values.size, np.int32)
-        work = _work_arrays(bits, descending, ix)
+        work = _work_arrays(bits, descending, ix, np.empty_like(bits))
         _introsort(work, ix, np.empty(0, np.int64), True)
         want = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
         if not np.array_equal(ix, want):
@@ -344,8 +344,8 @@ def kth_largest(score: Tensor, k: int) -> Tensor:
 # ----------------------------------------------------------------------------- sorted-order masks
 
 
-def _positions(n: int, positions: Tensor) -> Tensor:
-    mask = torch.zeros(n, dtype=torch.bool)
+def _positions(mask: Tensor, positions: Tensor) -> Tensor:
+    mask.fill_(False)
     mask[positions] = True
     return mask
 
@@ -358,63 +358,70 @@ def _boundary(bits, hist, b: int, descending: bool):
     return pattern, b < before + equal
 
 
-def _prefix(score: Tensor, pattern, straddles: bool, work, ix, b: int, descending: bool) -> Tensor:
-    """Mask of sort positions [0, b): the entries strictly before the b-th key, plus its ties either
-    all (no straddle) or those the replayed order puts before b."""
+def _prefix(score: Tensor, pattern, straddles: bool, work, ix, b: int, descending: bool, mask: Tensor) -> Tensor:
+    """Writes into ``mask`` the mask of sort positions [0, b): the entries strictly before the b-th key, plus
+    its ties either all (no straddle) or those the replayed order puts before b."""
     value = _as_float(pattern)
     if not straddles:
-        return score >= value if descending else score <= value
-    mask = score > value if descending else score < value
+        return (torch.ge if descending else torch.le)(score, value, out=mask)
+    (torch.gt if descending else torch.lt)(score, value, out=mask)
     key = np.uint32(pattern) ^ np.uint32(0xFFFFFFFF if descending else 0)
     _mark_equal_before(work, ix, b, key, mask.numpy())
     return mask
 
 
-def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True) -> Tensor:
-    """Mask of the entries that ``torch.sort(score, descending)`` puts at positions [lo, hi).
+def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, out: Tensor | None = None) -> Tensor:
+    """Mask of the entries that ``torch.sort(score, descending)`` puts at positions [lo, hi), written into
+    ``out`` (a flat contiguous bool tensor of n entries) when given.
 
     Expected O(n): radix select for the keys at the cuts; the introsort replay only when ties
     straddle a cut, and then only along the segments holding such a cut. Bit-identical to
     ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it).
+    The replay's work arrays and the lower cut's mask are this thread's reused buffers (merge/scratch.py).
     """
     flat = score.detach().reshape(-1)
     n = flat.numel()
+    mask = torch.empty(n, dtype=torch.bool) if out is None else out
     lo, hi = max(0, lo), min(n, hi)
-    if hi <= lo:
-        return torch.zeros(n, dtype=torch.bool)
-    if lo == 0 and hi == n:
-        return torch.ones(n, dtype=torch.bool)
+    if hi <= lo or (lo == 0 and hi == n):
+        return mask.fill_(hi > lo)
     found = _bits(flat)
     if found is None or not replay_matches_torch():
-        return _positions(n, torch.sort(flat, descending=descending).indices[lo:hi])
+        return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])
     bits, hist = found
     cuts = {b: _boundary(bits, hist, b, descending) for b in (lo, hi) if 0 < b < n}
     straddling = np.array([b for b, (_, s) in cuts.items() if s], np.int64)
     work = ix = None
     if straddling.size:
-        ix = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
-        work = _work_arrays(bits, descending, ix)  # ~bits: descending replays as ascending
+        ix = scratch.array("select.index", n, np.int32 if n < 2**31 else np.int64)
+        work = _work_arrays(bits, descending, ix, scratch.array("select.keys", n, np.uint32))  # ~bits if descending
         if not _introsort(work, ix, straddling, False):  # depth limit: libstdc++ heapsorts there
-            return _positions(n, torch.sort(flat, descending=descending).indices[lo:hi])
+            return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])
     flat = flat.float().contiguous()
-    masks = {b: _prefix(flat, *cuts[b], work, ix, b, descending) for b in cuts}
-    upper = masks[hi] if hi in masks else torch.ones(n, dtype=torch.bool)
-    return upper & ~masks[lo] if lo in masks else upper
+    if hi in cuts:
+        _prefix(flat, *cuts[hi], work, ix, hi, descending, mask)
+    else:
+        mask.fill_(True)
+    if lo in cuts:  # [lo, hi) = [0, hi) and not [0, lo)
+        below = _prefix(flat, *cuts[lo], work, ix, lo, descending, scratch.tensor("select.below", n, torch.bool))
+        mask.logical_and_(below.logical_not_())
+    return mask
 
 
-def sorted_prefix_mask(score: Tensor, k: int, descending: bool = True) -> Tensor:
+def sorted_prefix_mask(score: Tensor, k: int, descending: bool = True, out: Tensor | None = None) -> Tensor:
     """Mask of the first ``k`` entries of ``torch.sort(score, descending)`` (MergeKit's top-k)."""
-    return sorted_range_mask(score, 0, k, descending)
+    return sorted_range_mask(score, 0, k, descending, out)
 
 
-def row_ranks(rows: Tensor) -> Tensor:
-    """int64 ranks of each row's entries in ``torch.argsort(rows, dim=1)`` (ascending, unstable).
+def row_ranks(rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """int64 ranks of each row's entries in ``torch.argsort(rows, dim=1)`` (ascending, unstable), into ``out``
+    (a contiguous int64 tensor of rows' shape) when given.
 
     A fast sort gives the ranks of distinct values; the std::sort replay, bounded by the tie groups,
     orders equal ones. Rows with NaN, or past the depth limit, use torch itself.
     """
     r, m = rows.shape
-    ranks = torch.empty((r, m), dtype=torch.int64)
+    ranks = torch.empty((r, m), dtype=torch.int64) if out is None else out
     if rows.numel() == 0:
         return ranks
     if torch.isnan(rows).any() or not replay_matches_torch():
@@ -428,7 +435,7 @@ def _replayed_ranks(rows: Tensor, ranks: Tensor) -> Tensor:
     values = exact.detach().contiguous().numpy()
     ok = np.empty(r, np.bool_)
     if values.dtype == np.float32:  # numpy's SIMD sort of packed (key, column) beats its argsort 2x
-        order = _packed_keys(values)
+        order = _packed_keys(values, scratch.array("select.packed", values.size, np.uint64).reshape(values.shape))
         order.sort(axis=1)
     else:
         order = np.argsort(values, axis=1)

@@ -1,0 +1,179 @@
+"""merge/scratch.py: reused per-thread buffers, and the methods that draw on them keep their bits."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from mergescope.merge import methods as M
+from mergescope.merge import scratch, select
+
+torch.set_num_threads(1)
+
+
+def test_a_purpose_reuses_its_memory_and_grows_to_the_largest_request():
+    scratch.release()
+    a = scratch.array("t.a", 1000, np.float32)
+    assert scratch.array("t.a", 500, np.float32).ctypes.data == a.ctypes.data  # smaller: same memory
+    assert scratch.array("t.b", 1000, np.float32).ctypes.data != a.ctypes.data  # another purpose: its own
+    assert scratch.array("t.a", 1000, np.int32).ctypes.data != a.ctypes.data  # another dtype: its own
+    big = scratch.array("t.a", 5000, np.float32)
+    assert big.size == 5000 and scratch.array("t.a", 10, np.float32).ctypes.data == big.ctypes.data
+    t = scratch.tensor("t.a", 7, torch.float32)
+    assert t.dtype == torch.float32 and t.shape == (7,) and t.data_ptr() == big.ctypes.data
+    assert scratch.held_bytes() == 5000 * 4 + 1000 * 4 + 1000 * 4
+    scratch.release()
+    assert scratch.held_bytes() == 0
+
+
+def test_threads_have_their_own_buffers_and_theirs_go_with_them():
+    scratch.release()
+    mine = scratch.array("t.x", 100, np.float32).ctypes.data
+    seen = {}
+
+    def worker():
+        seen["ptr"] = scratch.array("t.x", 100, np.float32).ctypes.data
+        seen["held"] = scratch.held_bytes()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["ptr"] != mine and seen["held"] == 400
+    assert scratch.held_bytes() == 400  # the worker's buffer was never this thread's
+    scratch.release()
+
+
+def _old_bernoulli(n, density, generator):  # the pre-scratch implementation: one fresh draw of n
+    return torch.from_numpy(generator.random(n, dtype=np.float32)) < density
+
+
+@pytest.mark.parametrize("density", [0.1, 1 / 3, 0.5, 0.9, 0.3])
+def test_dare_masks_are_one_fresh_draw_compared_by_torch(density):
+    """Chunked draws into a reused buffer continue numpy's PCG64 float32 stream exactly (odd sizes split its
+    spare 32 bits across calls), call after call on the same generator."""
+    sizes = [1, 3, M.CHUNK - 1, M.CHUNK + 3, 3 * M.CHUNK + 17, 5]
+    ours, ref = M.random_stream(11), M.random_stream(11)
+    out = torch.empty(max(sizes), dtype=torch.bool)
+    for i, n in enumerate(sizes):
+        mag = torch.empty(n)
+        got = M.bernoulli_mask(mag, density, ours, out=out[:n]) if i % 2 else M.bernoulli_mask(mag, density, ours)
+        want = _old_bernoulli(n, density, ref)
+        assert torch.equal(got, want), (density, n)
+        assert 0 < want.float().mean() < 1 or n < 10
+
+
+def test_dare_compare_rounds_density_as_torch_does():
+    """Uniforms at and around float32(density) (0.3 is not a float32): the kept set is torch's ``u < 0.3``."""
+    d32 = np.float32(0.3)
+    u = np.array([np.nextafter(d32, 0, dtype=np.float32), d32, np.nextafter(d32, 1, dtype=np.float32), 0.0],
+                 np.float32)
+
+    class Fixed:  # a generator whose stream is u
+        def random(self, n=None, dtype=np.float64, out=None):
+            out[:] = u[:out.size]
+            return out
+
+    got = M.bernoulli_mask(torch.empty(4), 0.3, Fixed())
+    assert got.tolist() == (torch.from_numpy(u) < 0.3).tolist()
+
+
+def _old_della(magnitude, density, generator, epsilon):
+    """DELLA as MergeKit ranks it (torch.argsort along dim 1) with the draws taken in the rows' order."""
+    rows = magnitude if magnitude.dim() >= 2 else magnitude.reshape(1, -1)
+    rows = rows.reshape(rows.shape[0], rows.shape[1], -1).movedim(2, 1)
+    m = rows.shape[-1]
+    order = torch.argsort(rows, dim=-1)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand_as(order).contiguous())
+    probs = (density - epsilon) + ranks.to(magnitude.dtype) / (m - 1) * (2 * epsilon)
+    u = torch.from_numpy(generator.random(rows.numel(), dtype=np.float32)).view(rows.shape)
+    return (u < probs).movedim(1, 2).reshape(-1)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (1000,), (6, 40, 3, 3), (2, 50000)])
+def test_della_masks_match_the_argsort_reference(shape):
+    g = torch.Generator().manual_seed(3)
+    magnitude = torch.randn(shape, generator=g).abs()
+    ours, ref = M.random_stream(5), M.random_stream(5)
+    out = torch.empty(magnitude.numel(), dtype=torch.bool)
+    for _ in range(2):  # the second call reuses every buffer
+        got = M.della_mask(magnitude, 0.4, ours, epsilon=0.2, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(got, _old_della(magnitude, 0.4, ref, 0.2))
+
+
+def test_masks_without_out_are_fresh_and_results_never_alias_scratch():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 300, generator=g)
+    tensors = [base + 0.1 * torch.randn(400, 300, generator=g) for _ in range(3)]
+    a = M.bernoulli_mask(base, 0.5, M.random_stream(1))
+    b = M.bernoulli_mask(base, 0.5, M.random_stream(2))
+    assert a.data_ptr() != b.data_ptr() and not torch.equal(a, b)
+    for name in ("dare_ties", "ties", "breadcrumbs", "della"):
+        method = M.get(name)
+        params = {"weight": [0.5, 0.3, 0.2], "density": [0.5] * 3, "seed": 4}
+        first = method(tensors, base, **params)
+        kept = first.clone()
+        second = method([t.flip(0) for t in tensors], base.flip(0), **params)  # same buffers, other values
+        assert torch.equal(first, kept), name  # the first result was not a reused buffer
+        held = {a.ctypes.data for a in scratch._buffers().values()}
+        assert first.data_ptr() not in held and second.data_ptr() not in held
+
+
+def test_arena_holds_what_one_job_uses():
+    """The documented bound: |delta| (4n), one mask per model (n each), the draws (n float32: DARE's chunks
+    are at most CHUNK)."""
+    scratch.release()
+    n, models = 3 * M.CHUNK + 5, 3
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g)
+    tensors = [base + torch.randn(n, generator=g) for _ in range(models)]
+    for _ in range(2):
+        M.get("dare_ties")(tensors, base, weight=[1.0] * models, density=[0.5] * models, seed=0)
+    assert scratch.held_bytes() == 4 * n + models * n + 4 * M.CHUNK
+    scratch.release()
+
+
+def test_threads_merging_at_once_give_the_serial_bits():
+    g = torch.Generator().manual_seed(1)
+    jobs = []
+    for k in range(6):
+        base = torch.randn(257, 130 + k, generator=g)
+        jobs.append((base, [base + torch.randn(base.shape, generator=g) for _ in range(3)]))
+
+    def run(job, name):
+        return M.get(name)(job[1], job[0], weight=[0.5, 0.3, 0.2], density=[0.4] * 3, seed=9)
+
+    for name in ("dare_ties", "ties", "della"):
+        serial = [run(job, name) for job in jobs]
+        results = {}
+
+        def worker(idx, name=name, results=results):
+            for i in idx:
+                results[i] = run(jobs[i], name)
+
+        threads = [threading.Thread(target=worker, args=(range(j, 6, 2),)) for j in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(results[i], serial[i]) for i in range(6)), name
+
+
+def test_select_writes_into_out():
+    g = torch.Generator().manual_seed(2)
+    score = torch.randint(0, 50, (20000,), generator=g).float()  # ties at every cut
+    out = torch.empty(20000, dtype=torch.bool)
+    for lo, hi, desc in ((0, 7000, True), (300, 15000, False), (0, 20000, True), (5, 5, False)):
+        want = select.sorted_range_mask(score, lo, hi, desc)
+        got = select.sorted_range_mask(score, lo, hi, desc, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+        order = torch.sort(score, descending=desc).indices[lo:hi]
+        ref = torch.zeros(20000, dtype=torch.bool)
+        ref[order] = True
+        assert torch.equal(got, ref)
+
+
+def test_a_wrong_mask_buffer_is_refused_in_one_line():
+    with pytest.raises(M.MergescopeError, match="mask out"):
+        M.bernoulli_mask(torch.empty(10), 0.5, M.random_stream(0), out=torch.empty(9, dtype=torch.bool))
