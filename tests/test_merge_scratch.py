@@ -63,9 +63,11 @@ def test_dare_masks_are_one_fresh_draw_compared_by_torch(density):
         assert 0 < want.float().mean() < 1 or n < 10
 
 
-def test_dare_compare_rounds_density_as_torch_does():
-    """Uniforms at and around float32(density) (0.3 is not a float32): the kept set is torch's ``u < 0.3``."""
-    d32 = np.float32(0.3)
+@pytest.mark.parametrize("density", [0.3, 0.7, 1e-8, 0.999999999])
+def test_dare_compare_rounds_density_as_torch_does(density):
+    """Uniforms at and around float32(density): the kept set is torch's ``u < density`` (float32(0.7) < 0.7,
+    so a float64 compare would keep u = float32(0.7); torch's float32 compare does not)."""
+    d32 = np.float32(density)
     u = np.array([np.nextafter(d32, 0, dtype=np.float32), d32, np.nextafter(d32, 1, dtype=np.float32), 0.0],
                  np.float32)
 
@@ -74,8 +76,11 @@ def test_dare_compare_rounds_density_as_torch_does():
             out[:] = u[:out.size]
             return out
 
-    got = M.bernoulli_mask(torch.empty(4), 0.3, Fixed())
-    assert got.tolist() == (torch.from_numpy(u) < 0.3).tolist()
+    got = M.bernoulli_mask(torch.empty(4), density, Fixed())
+    want = torch.from_numpy(u) < density
+    assert got.tolist() == want.tolist()
+    if density == 0.7:
+        assert want.tolist() != (u.astype(np.float64) < density).tolist()  # the case tells the two apart
 
 
 def _old_della(magnitude, density, generator, epsilon):

@@ -135,16 +135,18 @@ def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Gener
                    **_) -> Tensor | None:
     """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``.
 
-    Entry j is kept when the j-th float32 uniform of the generator's stream is ``< density`` (torch's
-    compare); the uniforms are drawn CHUNK at a time into one reused cache-sized buffer (the stream is
-    the same as one draw of n: numpy's PCG64 keeps its spare 32 bits between calls).
+    Entry j is kept when the j-th float32 uniform of the generator's stream is ``< density``, compared in
+    float32 as torch's ``uniforms < density`` does (numpy's compare: 10x faster on a chunk). The uniforms
+    are drawn CHUNK at a time into one reused cache-sized buffer (the stream is the same as one draw of
+    n: numpy's PCG64 keeps its spare 32 bits between calls).
     """
     if density >= 1:
         return None
     n = magnitude.numel()
     mask = _mask_buffer(out, n)
+    flat, threshold = mask.numpy(), np.float32(density)  # torch casts the Python scalar to float32
     for part in _chunks(n):
-        torch.lt(_uniform(part.stop - part.start, generator), density, out=mask[part])
+        np.less(_uniform(part.stop - part.start, generator).numpy(), threshold, out=flat[part])
     return mask
 
 
