@@ -414,3 +414,27 @@ def test_kernels_compile_without_a_cache_folder(monkeypatch):
     with pytest.raises(RuntimeError, match="no locator"):
         caching.FunctionCache(over_zero)
     assert kernels._jit(over_zero)(1.0) == float("inf")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63 + 12345])
+def test_pcg64_float32_is_numpys_stream_and_state(seed):
+    """Every fill size (odd ones leave numpy's spare 32 bits), after draws that did or did not leave a spare:
+    the values, the masks (float32 compare) and the generator's whole state as numpy's own ``random``."""
+    for n in (0, 1, 2, 3, 7, 8, 9, 16, 17, 1001, 100_003):
+        for before in (0, 1, 2, 5):
+            ref, ours, masked = (np.random.Generator(np.random.PCG64(seed)) for _ in range(3))
+            for g in (ref, ours, masked):
+                g.random(before, dtype=np.float32)
+            want = ref.random(n, dtype=np.float32)
+            got, mask = np.empty(n, np.float32), np.empty(n, np.bool_)
+            assert kernels.pcg64_float32(ours, got) and kernels.pcg64_float32(masked, mask=mask, threshold=0.7)
+            assert np.array_equal(got, want), (n, before)
+            assert np.array_equal(mask, want < np.float32(0.7)), (n, before)
+            assert ours.bit_generator.state == ref.bit_generator.state == masked.bit_generator.state
+            assert np.array_equal(ours.random(5, dtype=np.float32), ref.random(5, dtype=np.float32))
+
+
+def test_pcg64_float32_leaves_other_generators_to_numpy():
+    g, ref = np.random.Generator(np.random.Philox(0)), np.random.Generator(np.random.Philox(0))
+    assert not kernels.pcg64_float32(g, np.empty(10, np.float32))
+    assert np.array_equal(g.random(9, dtype=np.float32), ref.random(9, dtype=np.float32))  # nothing drawn

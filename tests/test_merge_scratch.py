@@ -126,8 +126,8 @@ def test_masks_without_out_are_fresh_and_results_never_alias_scratch():
 
 
 def test_arena_holds_what_one_job_uses():
-    """The documented bound: |delta| (4n), one mask per model (n each), the draws (n float32: DARE's chunks
-    are at most CHUNK)."""
+    """The documented bound: |delta| (4n), one mask per model (n each); DARE draws straight into its masks
+    (kernels.pcg64_float32), or CHUNK float32 at a time without it."""
     scratch.release()
     n, models = 3 * M.CHUNK + 5, 3
     g = torch.Generator().manual_seed(0)
@@ -135,8 +135,18 @@ def test_arena_holds_what_one_job_uses():
     tensors = [base + torch.randn(n, generator=g) for _ in range(models)]
     for _ in range(2):
         M.get("dare_ties")(tensors, base, weight=[1.0] * models, density=[0.5] * models, seed=0)
-    assert scratch.held_bytes() == 4 * n + models * n + 4 * M.CHUNK
+    assert scratch.held_bytes() == 4 * n + models * n
     scratch.release()
+
+
+def test_dare_without_the_fused_draw_is_the_same(monkeypatch):
+    """The numpy fallback (no numba): CHUNK draws into a reused buffer, numpy's compare: the same masks."""
+    n = 2 * M.CHUNK + 11
+    fused = [M.bernoulli_mask(torch.empty(n), 0.7, g) for g in [M.random_stream(3)] for _ in range(3)]
+    monkeypatch.setattr(M, "_pcg", lambda generator, **fill: False)
+    plain = [M.bernoulli_mask(torch.empty(n), 0.7, g) for g in [M.random_stream(3)] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert scratch.array("methods.uniforms", 1, np.float32).base.size == M.CHUNK  # the fallback's buffer
 
 
 def test_threads_merging_at_once_give_the_serial_bits():

@@ -136,15 +136,17 @@ def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Gener
     """DARE drop (Yu et al. 2023, arXiv:2311.03099): keep each entry with probability ``density``.
 
     Entry j is kept when the j-th float32 uniform of the generator's stream is ``< density``, compared in
-    float32 as torch's ``uniforms < density`` does (numpy's compare: 10x faster on a chunk). The uniforms
-    are drawn CHUNK at a time into one reused cache-sized buffer (the stream is the same as one draw of
-    n: numpy's PCG64 keeps its spare 32 bits between calls).
+    float32 as torch's ``uniforms < density`` does. Drawn and compared in one loop (kernels.pcg64_float32,
+    numpy's PCG64 stream bit for bit); without numba, CHUNK uniforms at a time into one reused buffer
+    (numpy's PCG64 keeps its spare 32 bits between calls: the same stream) and numpy's compare.
     """
     if density >= 1:
         return None
     n = magnitude.numel()
     mask = _mask_buffer(out, n)
     flat, threshold = mask.numpy(), np.float32(density)  # torch casts the Python scalar to float32
+    if _pcg(generator, mask=flat, threshold=threshold):
+        return mask
     for part in _chunks(n):
         np.less(_uniform(part.stop - part.start, generator).numpy(), threshold, out=flat[part])
     return mask
@@ -206,8 +208,19 @@ def _uniform(n: int, generator: np.random.Generator) -> Tensor:
     """n float32 uniforms in [0, 1) from a private PCG64 stream (3-4x faster than torch's mt19937), drawn
     into this thread's reused buffer: valid until the next call on the thread."""
     draws = scratch.array("methods.uniforms", n, np.float32)
-    generator.random(out=draws, dtype=np.float32)
+    if not _pcg(generator, values=draws):
+        generator.random(out=draws, dtype=np.float32)
     return torch.from_numpy(draws)
+
+
+def _pcg(generator: np.random.Generator, **fill) -> bool:
+    """kernels.pcg64_float32 (numpy's PCG64 float32 stream, faster) when numba imports and the generator is
+    a PCG64 one; False: the caller draws with numpy."""
+    try:
+        from . import kernels
+    except ImportError:
+        return False
+    return kernels.pcg64_float32(generator, **fill)
 
 
 def _mask_buffer(out: Tensor | None, n: int) -> Tensor:

@@ -13,8 +13,9 @@ contents on hand-out are undefined. Purposes used together in one call must diff
 
 Memory bound: each thread holds, per purpose, one array of the largest size it asked for, i.e. at
 most the scratch the largest tensor's job already used at its peak (for the task-vector family on n
-entries and M models: 4n |delta| bytes, M n mask bytes, 8n replay bytes when ties straddle a cut, plus
-chunk-sized draws), kept between jobs instead of freed. The engine's workers are the threads of a
+entries and M models: 4n |delta| bytes, M n mask bytes, 8n replay bytes when ties straddle a cut,
+2n + 8 CHUNK for the lower cut's mask and della's block draws and ranks), kept between jobs instead of
+freed. The engine's workers are the threads of a
 per-merge pool, so their arenas go when the merge ends; :func:`release` frees the calling thread's
 at any time.
 """
