@@ -59,6 +59,12 @@ def _recipe(tmp_path: Path, method: str = "linear", extra: str = "") -> str:
             f"  - {{model: {tmp_path}/b, parameters: {{weight: 0.3{density}}}}}\n")
 
 
+@pytest.fixture(autouse=True)
+def mapped_path(monkeypatch):
+    """The mapped path whatever the thread count (by default 1 thread writes with pwrite)."""
+    monkeypatch.setenv(engine.WRITE_ENV, "mapped")
+
+
 @pytest.fixture
 def in_place(monkeypatch):
     """``linear`` with an ``out=`` keyword (result copied into it); records whether each call got ``out``."""
@@ -129,6 +135,17 @@ def test_in_place_method_writes_through_the_map_same_bytes_as_pwrite(models, tmp
             np.testing.assert_allclose(t.numpy(), expect, rtol=1e-6, atol=1e-6)
         else:
             assert torch.equal(t, models["base"][name])
+
+
+def test_default_maps_with_two_threads_and_pwrites_with_one(models, tmp_path, monkeypatch, in_place, pwrites):
+    monkeypatch.delenv(engine.WRITE_ENV)
+    ms.merge(_recipe(tmp_path), tmp_path / "two", threads=2, max_shard_size="1KB")
+    headers = [8 + int.from_bytes(p.read_bytes()[:8], "little") for p in (tmp_path / "two").glob("model-*")]
+    assert all(in_place) and sorted(pwrites) == sorted(headers)
+    in_place.clear()
+    ms.merge(_recipe(tmp_path), tmp_path / "one", threads=1, max_shard_size="1KB")
+    assert in_place and not any(in_place) and sum(pwrites) > 2 * 40 * 16 * 4
+    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "two")
 
 
 def test_single_file_and_cast_output_same_bytes_as_pwrite(models, tmp_path, monkeypatch, in_place):

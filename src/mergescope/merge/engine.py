@@ -48,9 +48,16 @@ from .writer import PlannedWriter
 
 LOG = logging.getLogger("mergescope.merge")
 MIN_BUDGET = 256 * 10**6
-# Set to "pwrite" to write every tensor through PlannedWriter.write (the path before mapped output
-# shards; the tests compare both paths' bytes, the benchmark their speed).
+# How results reach the output shards: unset ("auto"): through mapped slots with 2+ threads (faster
+# there), by pwrite with 1 (mapped measured slower: docs/merge.md); "mapped" or "pwrite" forces one
+# path (the tests compare both paths' bytes, the benchmark their speed).
 WRITE_ENV = "MERGESCOPE_WRITE"
+
+
+def maps_output(threads: int) -> bool:
+    """Whether results are written through mapped, preallocated shards (``WRITE_ENV``)."""
+    mode = os.environ.get(WRITE_ENV, "auto")
+    return mode == "mapped" or (mode != "pwrite" and threads > 1)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
 
@@ -522,7 +529,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
                 sync.submit(fd, log)
 
             writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume, on_shard=on_shard,
-                                   mapped=os.environ.get(WRITE_ENV, "mapped") != "pwrite")
+                                   mapped=maps_output(threads))
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
                 read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite,
