@@ -192,3 +192,21 @@ def test_select_writes_into_out():
 def test_a_wrong_mask_buffer_is_refused_in_one_line():
     with pytest.raises(M.MergescopeError, match="mask out"):
         M.bernoulli_mask(torch.empty(10), 0.5, M.random_stream(0), out=torch.empty(9, dtype=torch.bool))
+
+
+def test_a_finished_threads_buffers_are_freed():
+    """The engine's workers are a per-merge pool: their buffers must go when the threads end."""
+    import gc
+    import weakref
+
+    refs = []
+
+    def worker():
+        scratch.array("t.gone", 1000, np.float32)
+        refs.append(weakref.ref(scratch._buffers()[("t.gone", np.dtype(np.float32))]))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert refs and refs[0]() is None
