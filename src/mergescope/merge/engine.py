@@ -1,12 +1,12 @@
 """Streaming merge executor: tensor by tensor, bounded memory, a thread pool, atomic output.
 
 ``merge(recipe, out)`` plans the output from the input headers, lays out the output shards
-(``writer.PlannedWriter``: header written, full size reserved on disk), then runs one job per
-output tensor on ``threads`` worker threads: map just the input tensors' byte ranges
+(``writer.PlannedWriter``: header written; with 2+ threads, full size reserved on disk), then runs
+one job per output tensor on ``threads`` worker threads: map just the input tensors' byte ranges
 (``reader.JobMaps``: no copy, unmapped when the job ends, so resident memory is only what jobs in
-flight hold), map the output tensor's byte range (``PlannedWriter.slot``) and merge straight into it
-when the method's function takes ``out=`` (no result buffer, no second copy); other methods' results
-are ``pwrite``n and freed. A finished shard is fsynced and hashed into the resume log on one
+flight hold), with 2+ threads map the output tensor's byte range (``PlannedWriter.slot``) and merge
+straight into it when the method's function takes ``out=`` (no result buffer, no second copy);
+other results are ``pwrite``n and freed. A finished shard is fsynced and hashed into the resume log on one
 background thread, off the workers' path.
 
 Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
