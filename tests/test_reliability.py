@@ -234,7 +234,10 @@ def test_ctrl_c_keeps_the_partial_folder_for_resume_and_a_plain_run_cleans_it(tm
 
 
 def _fail_nth_pwrite(monkeypatch, code: int, n: int = 30) -> None:
-    """Fail the n-th ``os.pwrite`` (the writer lays out 24 shard headers first, then tensors)."""
+    """Fail the n-th ``os.pwrite`` (the writer lays out 24 shard headers first, then tensors). The merge is
+    kept on the pwrite path (with 2+ threads tensors go through mapped shards, whose failures are met when
+    the shard is reserved: tests/test_merge_mapped_output.py)."""
+    monkeypatch.setenv("MERGESCOPE_WRITE", "pwrite")
     real = os.pwrite
     calls = {"n": 0}
 
