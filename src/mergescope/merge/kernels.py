@@ -10,7 +10,8 @@ does the same. L1 sums stay torch's (a float64 or serial sum gives other bits). 
 the GIL (the engine calls methods from two worker threads). numba is imported here, and methods.py
 imports this module only when a merge runs, so ``import mergescope`` never loads it. Callers check
 :func:`fits` first: anything that does not (half precision, mixed dtypes, non-CPU, strided) stays on
-the torch path.
+the torch path. :func:`pcg64_float32` draws numpy's PCG64 float32 stream bit for bit (DARE's and DELLA's
+uniforms), faster than numpy's per-value bit-generator calls and with DARE's compare fused in.
 """
 
 from __future__ import annotations
