@@ -146,7 +146,7 @@ def test_dare_without_the_fused_draw_is_the_same(monkeypatch):
     monkeypatch.setattr(M, "_pcg", lambda generator, **fill: False)
     plain = [M.bernoulli_mask(torch.empty(n), 0.7, g) for g in [M.random_stream(3)] for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
-    assert scratch.array("methods.uniforms", 1, np.float32).base.size == M.CHUNK  # the fallback's buffer
+    assert scratch._buffers()[("methods.uniforms", np.dtype(np.float32))].size == M.CHUNK  # the fallback's buffer
 
 
 def test_threads_merging_at_once_give_the_serial_bits():
@@ -203,7 +203,7 @@ def test_a_finished_threads_buffers_are_freed():
 
     def worker():
         scratch.array("t.gone", 1000, np.float32)
-        refs.append(weakref.ref(scratch._buffers()[("t.gone", np.dtype(np.float32))]))
+        refs.append(weakref.ref(scratch._buffers()[("t.gone", np.dtype(np.float32))].base))  # the owner
 
     thread = threading.Thread(target=worker)
     thread.start()
