@@ -322,7 +322,7 @@ def test_kernels_compile_without_a_cache_folder(monkeypatch):
 
     with pytest.raises(RuntimeError, match="no locator"):
         caching.FunctionCache(twice)
-    assert S._jit(twice)(21) == 42
+    assert S.jit(twice)(21) == 42
 
 
 def test_a_torch_sorting_otherwise_gets_its_own_sort(monkeypatch):

@@ -30,14 +30,20 @@ BLOCK = 2048  # elements per block: the per-block scratch (3 x 16 KB float64) st
 FLOATS = (torch.float32, torch.float64)
 
 
-def _jit(kernel):
-    """Compiled once per machine (numba's on-disk cache; per process where no cache folder is writable),
-    GIL-free (the engine's worker threads), a float division by 0 giving inf / NaN as torch's does."""
-    options = {"nogil": True, "error_model": "numpy"}
+def jit(kernel, **options):
+    """numba.njit for the merge engine's kernels (here and merge/select.py): compiled once per machine
+    (numba's on-disk cache; per process where no cache folder is writable), GIL-free (the engine's
+    worker threads)."""
+    options = {"nogil": True, **options}
     try:
         return numba.njit(cache=True, **options)(kernel)
     except RuntimeError:  # no writable cache folder (read-only install, no home)
         return numba.njit(**options)(kernel)
+
+
+def _jit(kernel):
+    """:func:`jit`, a float division by 0 giving inf / NaN as torch's does."""
+    return jit(kernel, error_model="numpy")
 
 
 @intrinsic

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 import torch
 
 from . import scratch
+from .kernels import jit
 
 Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
@@ -44,24 +44,16 @@ _BLOCK = 128  # entries per block of the branch-free partition scan
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
 
 
-def _jit(kernel):
-    """Compiled once per machine (numba's on-disk cache) and GIL-free (the engine's worker threads)."""
-    try:
-        return numba.njit(cache=True, nogil=True)(kernel)
-    except RuntimeError:  # no writable cache folder (read-only install, no home): compile per process
-        return numba.njit(nogil=True)(kernel)
-
-
 # ----------------------------------------------------------------------------- libstdc++ std::sort replay
 
 
-@_jit
+@jit
 def _swap(v, ix, i, j):
     v[i], v[j] = v[j], v[i]
     ix[i], ix[j] = ix[j], ix[i]
 
 
-@_jit
+@jit
 def _median_to_first(v, ix, result, a, b, c):
     """std::__move_median_to_first."""
     if v[a] < v[b]:
@@ -73,7 +65,7 @@ def _median_to_first(v, ix, result, a, b, c):
     _swap(v, ix, result, median)
 
 
-@_jit
+@jit
 def _partition(v, ix, first, last, pivot):
     """std::__unguarded_partition (Hoare, pivot value at ``pivot``)."""
     while True:
@@ -88,7 +80,7 @@ def _partition(v, ix, first, last, pivot):
         first += 1
 
 
-@_jit
+@jit
 def _block_partition(v, ix, first, last, pivot, off_l, off_r):
     """The same swaps as ``_partition``, found without branches (BlockQuicksort's idea).
 
@@ -130,7 +122,7 @@ def _block_partition(v, ix, first, last, pivot, off_l, off_r):
     return _partition(v, ix, left, right, pivot)
 
 
-@_jit
+@jit
 def _insertion_sort(v, ix, first, last):
     """std::__insertion_sort: stable, moves an entry left past strictly larger ones only."""
     for i in range(first + 1, last):
@@ -143,7 +135,7 @@ def _insertion_sort(v, ix, first, last):
         ix[j] = vi
 
 
-@_jit
+@jit
 def _holds(bounds, first, last, full):
     """Whether a sorted boundary lies strictly inside [first, last) (binary search: rows pass many)."""
     if full:
@@ -152,7 +144,7 @@ def _holds(bounds, first, last, full):
     return i < bounds.shape[0] and bounds[i] < last
 
 
-@_jit
+@jit
 def _introsort(v, ix, bounds, full):
     """std::sort's permutation of (v, ix), ascending, restricted to the segments holding a boundary
     (all of them when ``full``). False when a needed segment hits the depth limit (heapsort)."""
@@ -189,7 +181,7 @@ def _introsort(v, ix, bounds, full):
     return True
 
 
-@_jit
+@jit
 def _work_arrays(bits, flip, ix, work):
     """Fills the replay's (key, index) arrays in one pass: keys ``~bits`` for a descending order."""
     mask = np.uint32(0xFFFFFFFF) if flip else np.uint32(0)
@@ -199,7 +191,7 @@ def _work_arrays(bits, flip, ix, work):
     return work
 
 
-@_jit
+@jit
 def _mark_equal_before(work, ix, b, key, mask):
     """Marks the entries equal to ``key`` among the first ``b`` positions of the replayed order."""
     for i in range(b):
@@ -207,7 +199,7 @@ def _mark_equal_before(work, ix, b, key, mask):
             mask[ix[i]] = True
 
 
-@_jit
+@jit
 def _row_ranks(block, order, ranks, ok):
     """Per row: the rank of each entry in an ascending std::sort (``torch.argsort(dim=1)``).
 
@@ -249,7 +241,7 @@ def _row_ranks(block, order, ranks, ok):
                     ranks[r, ix[p]] = p
 
 
-@_jit
+@jit
 def _packed_keys(block, out):
     """uint64 per entry into ``out``: an order-preserving key of the float32 value (high half; -0.0 as 0.0,
     so equal values share a key) and the column (low half): one numpy sort of these is an argsort."""
@@ -284,7 +276,7 @@ def replay_matches_torch() -> bool:
 # ----------------------------------------------------------------------------- radix select
 
 
-@_jit
+@jit
 def _high_histogram(bits):
     """Counts of the top 16 bits; the largest pattern (anything above +inf means: not radix-able)."""
     hist = np.zeros(1 << 16, np.int64)
@@ -295,7 +287,7 @@ def _high_histogram(bits):
     return hist, top
 
 
-@_jit
+@jit
 def _kth_pattern(bits, hist, k):
     """The k-th largest bit pattern, how many are larger and how many equal (one pass in one bin)."""
     above, high = 0, (1 << 16) - 1
