@@ -148,6 +148,18 @@ def _reserve(fd: int, path: Path, size: int) -> bool:
     return True
 
 
+def map_tensor(fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...], shared: bool = False
+               ) -> tuple[torch.Tensor, mmap.mmap]:
+    """A tensor viewing bytes ``[offset, offset + nbytes)`` of ``fd`` through a page-aligned map of just
+    that range, and the map (it lives while a view does). ``shared``: writes reach the file (output
+    slots); else a private copy-on-write map (inputs: read in place from the page cache)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    size = offset + nbytes(dtype, shape) - start
+    mapped = (mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=start) if shared
+              else mmap.mmap(fd, size, offset=start, access=mmap.ACCESS_COPY))
+    return torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=offset - start).view(shape), mapped
+
+
 class Slot:
     """One planned tensor's bytes in its shard file, as a writable contiguous tensor (a shared map of
     exactly that range, page-aligned). ``done`` marks it written; ``close`` lets the map go (always call it).
@@ -241,9 +253,7 @@ class PlannedWriter:
         size = nbytes(dtype, shape)
         if size == 0:
             return Slot(self, name, torch.empty(shape, dtype=dtype), None)
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, offset + size - start, flags=mmap.MAP_SHARED, offset=start)
-        tensor = torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=offset - start).view(shape)
+        tensor, mapped = map_tensor(fd, offset, dtype, shape, shared=True)
         return Slot(self, name, tensor, mapped)
 
     def write(self, name: str, tensor: torch.Tensor) -> int:

@@ -58,6 +58,8 @@ def maps_output(threads: int) -> bool:
     """Whether results are written through mapped, preallocated shards (``WRITE_ENV``)."""
     mode = os.environ.get(WRITE_ENV, "auto")
     return mode == "mapped" or (mode != "pwrite" and threads > 1)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
 

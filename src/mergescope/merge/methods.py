@@ -216,11 +216,8 @@ def _uniform(n: int, generator: np.random.Generator) -> Tensor:
 def _pcg(generator: np.random.Generator, **fill) -> bool:
     """kernels.pcg64_float32 (numpy's PCG64 float32 stream, faster) when numba imports and the generator is
     a PCG64 one; False: the caller draws with numpy."""
-    try:
-        from . import kernels
-    except ImportError:
-        return False
-    return kernels.pcg64_float32(generator, **fill)
+    kernels = _kernel_module()
+    return kernels is not None and kernels.pcg64_float32(generator, **fill)
 
 
 def _mask_buffer(out: Tensor | None, n: int) -> Tensor:
@@ -342,15 +339,19 @@ def _out_buffer(out: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _kernels(dtype: torch.dtype, tensors: Sequence[Tensor], masks: Sequence[Tensor] = ()):
-    """merge/kernels.py when numba imports and the inputs fit its loops, else None (the torch chain).
-    Imported here, not at ``import mergescope``: numba takes a while to load."""
-    if not tensors:
-        return None
+    """merge/kernels.py when numba imports and the inputs fit its loops, else None (the torch chain)."""
+    kernels = _kernel_module() if tensors else None
+    return kernels if kernels is not None and kernels.fits(dtype, tensors, masks) else None
+
+
+def _kernel_module():
+    """merge/kernels.py, or None where numba does not import. Imported on first use, not at
+    ``import mergescope``: numba takes a while to load."""
     try:
         from . import kernels
     except ImportError:
         return None
-    return kernels if kernels.fits(dtype, tensors, masks) else None
+    return kernels
 
 
 def _scaled_sum(b: Tensor, mixed: Tensor, divisor, normalize: bool, lam: float) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from ..errors import MergescopeError
 from ..io import Checkpoint
 from ..io.untrusted import open_regular, short_repr
+from ..io.writer import map_tensor
 
 
 class Locator:
@@ -56,7 +57,6 @@ class JobMaps:
         numel = math.prod(shape)
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
         end = offset + numel * dtype.itemsize
         fd = open_regular(path, "checkpoint")
         try:
@@ -64,13 +64,13 @@ class JobMaps:
             if size < end:  # mapping past the end of the file would SIGBUS on first touch
                 raise MergescopeError(f"{path}: tensor {short_repr(name)}: the file is now {size} bytes but the tensor "
                                       f"ends at byte {end} (truncated while the merge ran?)")
-            mapped = mmap.mmap(fd, end - start, offset=start, access=mmap.ACCESS_COPY)
+            tensor, mapped = map_tensor(fd, offset, dtype, shape)
         except OSError as e:
             raise MergescopeError(f"{path}: tensor {short_repr(name)}: cannot map ({e.strerror or e})") from None
         finally:
             os.close(fd)
         self._maps.append(mapped)
-        return torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset - start).view(shape)
+        return tensor
 
     def close(self) -> None:
         self._maps = []
