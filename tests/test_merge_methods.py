@@ -186,6 +186,35 @@ def test_model_stock_blocks_give_the_whole_tensor_bits(shape, dtype):
         assert torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit())
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_writes_the_same_bits_into_out(filter_wise):
+    """Into ``out`` (the engine's mapped output slot), twice on one thread (reused offset buffers): the same bits."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(700, 513, generator=g)
+    models = [base + 0.1 * torch.randn(700, 513, generator=g) for _ in range(3)]
+    expected = _model_stock_whole_tensor(models if filter_wise else [m.reshape(-1) for m in models],
+                                         base if filter_wise else base.reshape(-1)).reshape(base.shape)
+    for _ in range(2):
+        out = torch.full_like(base, float("nan"))
+        assert M.get("model_stock")(models, base, filter_wise=filter_wise, out=out) is out
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [7, 1_048_576, 2_500_003])
+def test_slerp_gives_mergekit_bits(n, dtype):
+    """MergeKit 0.1.5's own slerp (1 M-entry chunks for norms and dot) is the reference, one chunk and several."""
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    g = torch.Generator().manual_seed(n)
+    a = (1.0 + 0.02 * torch.randn(n, generator=g)).to(dtype)
+    b = (a.double() + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
+    expected = mergekit_slerp(torch.tensor([0.4]), a.reshape(1, -1), b.reshape(1, -1)).reshape(-1).to(dtype)
+    assert torch.equal(M.get("slerp")([b], a, t=0.4), expected)
+    out = torch.full_like(a, float("nan"))
+    assert M.get("slerp")([b], a, t=0.4, out=out) is out and torch.equal(out, expected)
+
+
 def test_nearswap_formula():
     a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.05, 0.5, -2.0])
     out = M.get("nearswap")([b], a, t=0.1)

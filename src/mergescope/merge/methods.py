@@ -14,6 +14,7 @@ keeps state or touches a global random generator. Conventions (as MergeKit 0.1.5
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -540,7 +541,9 @@ SLERP_CHUNK = 1 << 20  # entries per partial norm / dot (MergeKit 0.1.5's chunk:
 def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float) -> tuple[Tensor, Tensor]:
     """Slerp's two coefficients, as MergeKit 0.1.5 computes them: norms as the norm of per-chunk norms,
     the dot of the normalised vectors summed per chunk (float32, float64 for float64 inputs). A single
-    float32 reduction over tens of millions of entries is off by ~0.2%; the chunked one is not."""
+    float32 reduction over tens of millions of entries is off by ~0.2%; the chunked one is not.
+    The normalised chunks and their product go to this thread's reused buffers (the same elementwise
+    roundings and the same sums as MergeKit's temporaries, without a fresh 4 MB mapping per chunk)."""
     work = _work_dtype(a)
     rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
     spans = [slice(s, s + SLERP_CHUNK) for s in range(0, rows_a.shape[1], SLERP_CHUNK)]
@@ -550,8 +553,14 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
                                                    for s in spans]), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([((rows_a[:, s].to(work) / norm_a) * (rows_b[:, s].to(work) / norm_b)).sum(dim=1, keepdim=True)
-                       for s in spans]).sum(dim=0).clamp(-1, 1)
+    width = min(SLERP_CHUNK, rows_a.shape[1])
+    x_buf, y_buf = scratch.tensor("methods.slerp_x", width, work), scratch.tensor("methods.slerp_y", width, work)
+    parts = []
+    for s in spans:
+        x = torch.div(rows_a[:, s].to(work), norm_a, out=x_buf[:rows_a[:, s].shape[1]].view(1, -1))
+        y = torch.div(rows_b[:, s].to(work), norm_b, out=y_buf[:x.shape[1]].view(1, -1))
+        parts.append(torch.mul(x, y, out=x).sum(dim=1, keepdim=True))
+    dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
     t = torch.tensor([t]).reshape(-1, 1).to(work)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
@@ -561,25 +570,34 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
 
 
 def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,
-          **_) -> Tensor:
+          out: Tensor | None = None, **_) -> Tensor:
     """Spherical interpolation (Shoemake 1985) from ``base`` (t=0) to the other model (t=1).
 
     Each tensor is one flat vector: theta = acos(<a/|a|, b/|b|>), result =
     sin((1-t) theta)/sin theta * a + sin(t theta)/sin theta * b; plain lerp when |cos theta| > 0.9995.
+    ``out`` (see _out_buffer) receives the result and is returned.
     """
     if len(tensors) != 1:
         raise MergescopeError(f"slerp merges exactly two models (a base and one other), got {len(tensors) + 1}")
     _check_same_shape(tensors, base)
     work = _work_dtype(base)
     a, b = base.reshape(-1), tensors[0].reshape(-1)
+    result = _out_buffer(out, base)
     if a.numel() == 0:
-        return base.clone()
+        return result
     coef_a, coef_b = _slerp_coefficients(a, b, float(t), dot_threshold, eps)
     coef_a, coef_b = coef_a.reshape(1), coef_b.reshape(1)
-    out = torch.empty(a.numel(), dtype=base.dtype)
-    for part in _chunks(a.numel()):  # chunked: no tensor-sized temporaries
-        out[part] = coef_a * a[part].to(work) + coef_b * b[part].to(work)
-    return out.reshape(base.shape)
+    flat, in_place = result.view(-1), base.dtype == work
+    x_buf, y_buf = scratch.tensor("methods.slerp_x", CHUNK, work), scratch.tensor("methods.slerp_y", CHUNK, work)
+    for part in _chunks(a.numel()):  # chunked into reused buffers: no tensor-sized temporaries, no fresh pages
+        size = part.stop - part.start
+        x = torch.mul(coef_a, a[part].to(work), out=x_buf[:size])
+        y = torch.mul(coef_b, b[part].to(work), out=y_buf[:size])
+        if in_place:
+            torch.add(x, y, out=flat[part])
+        else:
+            flat[part] = x.add_(y)
+    return result
 
 
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
@@ -694,9 +712,11 @@ def karcher(tensors: Sequence[Tensor], base: Tensor | None = None, *, max_iter: 
     return (scale * mean).to(tensors[0].dtype).reshape(tensors[0].shape)
 
 
-def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = False, **_) -> Tensor:
+def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = False, out: Tensor | None = None,
+                **_) -> Tensor:
     """Model Stock (Jang et al. 2024, arXiv:2403.19522): t = N cos / (1 + (N-1) cos) from the mean
     pairwise cosine of the deltas; result t * mean(theta_i) + (1 - t) * base (per row if ``filter_wise``).
+    ``out`` (see _out_buffer) receives the result and is returned.
     """
     if len(tensors) < 2:
         raise MergescopeError(f"model_stock needs a base and at least two other models, got {len(tensors)}")
@@ -706,24 +726,45 @@ def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = 
         ws = [t if t.dim() > 1 else t.unsqueeze(0) for t in tensors]
     else:
         w0, ws = base.reshape(-1), [t.reshape(-1) for t in tensors]
-    offsets = [w - w0 for w in ws]
-    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
-    cosines = [((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-               for i in range(len(offsets)) for j in range(i + 1, len(offsets))]
-    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    cos = _stock_cosine(ws, w0)
     n = len(ws)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     ratio = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
-    return _stock_mix(ws, w0, ratio).reshape(base.shape)
+    result = _out_buffer(out, base) if ratio.dtype == base.dtype else None
+    mixed = _stock_mix(ws, w0, ratio, None if result is None else result.view(w0.shape))
+    return mixed.reshape(base.shape) if result is None else result
 
 
-def _stock_mix(ws: Sequence[Tensor], w0: Tensor, ratio: Tensor) -> Tensor:
+def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
+    """The mean pairwise cosine of the offsets ``w - w0`` along the last dimension, as MergeKit 0.1.5 computes
+    it: whole-tensor torch norms and sums (their bits depend on torch's reduction order, so they stay torch's).
+    Offsets and products live in this thread's reused buffers, not fresh tensor-sized temporaries."""
+    offsets = [torch.sub(w, w0, out=_reused(f"methods.stock_offset{i}", w0.shape, torch.result_type(w, w0)))
+               for i, w in enumerate(ws)]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            product = torch.mul(offsets[i], offsets[j], out=_reused("methods.stock_product", w0.shape, offsets[i].dtype))
+            cosines.append((product.sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    return torch.stack(cosines).mean(0).unsqueeze(-1)
+
+
+def _reused(purpose: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """This thread's reused buffer for ``purpose`` (merge/scratch.py's rules) where scratch holds ``dtype``,
+    else a new tensor (half precision)."""
+    if dtype not in (torch.float32, torch.float64):
+        return torch.empty(shape, dtype=dtype)
+    return scratch.tensor(purpose, math.prod(shape), dtype).view(shape)
+
+
+def _stock_mix(ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, out: Tensor | None = None) -> Tensor:
     """``ratio * (sum(ws) / n) + (1 - ratio) * w0`` in blocks: the same elementwise roundings as the whole-tensor
     expression (MergeKit's), without its seven tensor-sized temporaries. ``ratio`` is one number, or one per
-    row of the last dimension (filter-wise)."""
+    row of the last dimension (filter-wise). ``out`` (w0's shape, ratio's dtype) receives the result."""
     n, keep = len(ws), 1 - ratio
-    out = torch.empty(w0.shape, dtype=torch.result_type(ratio, w0))
+    out = torch.empty(w0.shape, dtype=torch.result_type(ratio, w0)) if out is None else out
     if ratio.numel() == 1:  # flat blocks of CHUNK entries
         blocks, flat_ws, flat_w0, flat_out = _chunks(w0.numel()), [w.reshape(-1) for w in ws], w0.reshape(-1), out.view(-1)
         ratios = lambda part: (ratio, keep)
