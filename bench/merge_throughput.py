@@ -1,7 +1,9 @@
 """Merge throughput against the copy floor, side by side in one run (issue 20).
 
-The copy floor: read every input byte with plain buffered reads and write an output of the merged
-size, then fsync it (the least any merge must do, same page-cache state). Against it, each method
+The copy floor, per set of inputs a method reads (linear: the 3 fine-tunes; slerp: base + one; the
+rest: all 4): read every one of those input bytes with plain buffered reads and write an output of the
+merged size, once fsynced (*durable*, against which whole durable walls are compared) and once not
+(*buffered*, faster: against which the engine's steady state is compared, the stricter reading). Against it, each method
 runs as a separate process for mergescope (``merge --json``: the engine's own timestamps give the
 time to the first merged tensor and the steady-state input bytes/s after it) and for MergeKit
 (``mergekit-yaml``). Every run starts after ``sync`` and is timed with its own output synced
@@ -57,8 +59,9 @@ def sync_tree(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def copy_floor(files: list[Path], out_bytes: int, target: Path) -> float:
-    """Seconds to read ``files`` with buffered reads and write (and fsync) ``out_bytes`` of them to ``target``."""
+def copy_floor(files: list[Path], out_bytes: int, target: Path, fsync: bool = True) -> float:
+    """Seconds to read ``files`` with buffered reads and write ``out_bytes`` of them to ``target`` (fsynced
+    when ``fsync``; else its dirty pages are synced, untimed, before returning)."""
     os.sync()
     start = time.perf_counter()
     left = out_bytes
@@ -70,8 +73,10 @@ def copy_floor(files: list[Path], out_bytes: int, target: Path) -> float:
                         out.write(chunk[:left])
                         left -= min(left, len(chunk))
         out.flush()
-        os.fsync(out.fileno())
+        if fsync:
+            os.fsync(out.fileno())
     elapsed = time.perf_counter() - start
+    os.sync()
     target.unlink()
     return elapsed
 
@@ -134,15 +139,32 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
+def input_set(method: str, folders: list[Path]) -> str:
+    """The models a method's recipe reads, as a key ("base+ft1", "ft1+ft2+ft3", ...)."""
+    text = mvm.recipe(method, folders)
+    return "+".join(f.name for f in folders if f"{f}\n" in text or f"{f} " in text or text.endswith(str(f)))
+
+
+def input_files(key: str, folders: list[Path]) -> list[Path]:
+    names = key.split("+")
+    return [f for d in folders if d.name in names for f in sorted(d.glob("*.safetensors"))]
+
+
 def measure(args, folders: list[Path], methods: list[str], mk_methods: set[str]) -> dict:
-    """Every repeat: the copy floor, then per method MergeKit and mergescope alternating (+ linear --no-fsync)."""
-    inputs = [f for d in folders for f in sorted(d.glob("*.safetensors"))]
-    in_bytes = sum(f.stat().st_size for f in inputs)
+    """Every repeat: the copy floors (durable and buffered, per input set), then per method MergeKit and
+    mergescope alternating (+ linear --no-fsync)."""
     out_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
-    runs: dict[str, list] = {"floor": []}
+    sets = {method: input_set(method, folders) for method in methods}
+    in_bytes = {key: sum(f.stat().st_size for f in input_files(key, folders)) for key in set(sets.values())}
+    runs: dict[str, list] = {}
     for rep in range(args.repeats):
-        runs["floor"].append(copy_floor(inputs, out_bytes, mvm.OUT / "floor.bin"))
-        print(f"repeat {rep + 1}: copy floor {runs['floor'][-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+        for key in sorted(in_bytes):
+            for kind, fsync in (("durable", True), ("buffered", False)):
+                runs.setdefault(f"floor_{kind}:{key}", []).append(
+                    copy_floor(input_files(key, folders), out_bytes, mvm.OUT / "floor.bin", fsync))
+        print(f"repeat {rep + 1}: copy floors " + ", ".join(f"{k.removeprefix('floor_')} {v[-1]:.2f} s"
+                                                            for k, v in runs.items() if k.startswith("floor"))
+              + f" (load {os.getloadavg()[0]:.1f})", flush=True)
         for method in methods:
             cfg = mvm.OUT / f"{method}.yml"
             cfg.write_text(mvm.recipe(method, folders))
@@ -165,7 +187,7 @@ def measure(args, folders: list[Path], methods: list[str], mk_methods: set[str])
                                                and isinstance(v[-1], dict)), flush=True)
     if "linear" in methods:
         fsync_pairs(args, runs)
-    return {"in_bytes": in_bytes, "out_bytes": out_bytes, "runs": runs}
+    return {"in_bytes": in_bytes, "sets": sets, "out_bytes": out_bytes, "runs": runs}
 
 
 def fsync_pairs(args, runs: dict) -> None:
@@ -180,15 +202,29 @@ def fsync_pairs(args, runs: dict) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
 
+def floors(measured: dict) -> dict:
+    """Per input set: median durable and buffered copy-floor seconds and their input bytes/s."""
+    out = {}
+    for key, nbytes in measured["in_bytes"].items():
+        durable = statistics.median(measured["runs"][f"floor_durable:{key}"])
+        buffered = statistics.median(measured["runs"][f"floor_buffered:{key}"])
+        out[key] = {"in_bytes": nbytes, "durable_s": round(durable, 3), "buffered_s": round(buffered, 3),
+                    "durable_gbps": round(nbytes / durable / 1e9, 3), "buffered_gbps": round(nbytes / buffered / 1e9, 3)}
+    return out
+
+
 def table(measured: dict, methods: list[str]) -> dict:
-    """Per method: durable walls, throughput (input bytes/s) as a fraction of the copy floor's, ratios."""
-    floor_s = statistics.median(measured["runs"]["floor"])
-    floor_bps = measured["in_bytes"] / floor_s
+    """Per method: durable walls, throughput (input bytes/s) as a fraction of its input set's copy floor
+    (durable wall against the durable floor, steady state against the buffered floor), ratios."""
+    floor = floors(measured)
     rows = {}
     for method in methods:
-        ours = median_row(measured["runs"][f"mergescope:{method}"])
-        row = {"mergescope": ours, "fraction": round(floor_s / ours["durable_s"], 3),
-               "steady_fraction": round(ours["steady_bytes_per_s"] / floor_bps, 3) if ours.get("steady_bytes_per_s") else None}
+        ours, f = median_row(measured["runs"][f"mergescope:{method}"]), floor[measured["sets"][method]]
+        steady = ours.get("steady_bytes_per_s")
+        row = {"mergescope": ours, "inputs": measured["sets"][method], "floor": f,
+               "fraction": round(f["durable_s"] / ours["durable_s"], 3),
+               "steady_fraction": round(steady / (f["in_bytes"] / f["buffered_s"]), 3) if steady else None}
+        floor_s = f["durable_s"]
         mk_runs = measured["runs"].get(f"mergekit:{method}")
         if mk_runs:
             mk = median_row(mk_runs)
@@ -201,7 +237,7 @@ def table(measured: dict, methods: list[str]) -> dict:
     linear = rows.get("linear")
     for row in rows.values():  # issue 20: the sparsifying methods within 1.5x linear's wall
         row["vs_linear"] = round(row["mergescope"]["durable_s"] / linear["mergescope"]["durable_s"], 3) if linear else None
-    return {"floor_s": round(floor_s, 3), "floor_gbps": round(floor_bps / 1e9, 3), "methods": rows,
+    return {"floors": floor, "methods": rows,
             "fsync_cost": fsync_cost(measured["runs"])}
 
 
@@ -218,8 +254,10 @@ def fsync_cost(runs: dict) -> dict | None:
 
 
 def print_table(results: dict) -> None:
-    print(f"copy floor: {results['floor_s']:.2f} s = {results['floor_gbps']:.2f} GB/s of input "
-          f"(read {results['in_bytes'] / 1e9:.2f} GB, write + fsync {results['out_bytes'] / 1e9:.2f} GB)")
+    for key, f in results["floors"].items():
+        print(f"copy floor {key}: read {f['in_bytes'] / 1e9:.2f} GB, write {results['out_bytes'] / 1e9:.2f} GB: "
+              f"durable {f['durable_s']:.2f} s = {f['durable_gbps']:.2f} GB/s of input, buffered {f['buffered_s']:.2f} s "
+              f"= {f['buffered_gbps']:.2f} GB/s")
     print(f"{'method':16s} {'ours s':>7s} {'/lin':>5s} {'frac':>5s} {'steady':>6s} {'1st s':>5s} {'RSS GB':>6s} "
           f"{'MK s':>7s} {'MK frac':>7s} {'ratio':>5s} {'MK RSS':>6s}")
     for method, r in results["methods"].items():
@@ -248,14 +286,16 @@ def plot(results: dict, path: Path) -> None:
     rows = [results["methods"][m] for m in methods]
     xs = range(len(methods))
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar([x - 0.27 for x in xs], [r["fraction"] for r in rows], 0.27, label="mergescope (durable wall)")
-    ax.bar(list(xs), [r["steady_fraction"] or 0 for r in rows], 0.27, label="mergescope steady state")
-    ax.bar([x + 0.27 for x in xs], [r.get("mergekit_fraction", 0) for r in rows], 0.27, label="MergeKit 0.1.5")
+    ax.bar([x - 0.27 for x in xs], [r["fraction"] for r in rows], 0.27, label="mergescope durable wall / durable floor")
+    ax.bar(list(xs), [r["steady_fraction"] or 0 for r in rows], 0.27, label="mergescope steady state / buffered floor")
+    ax.bar([x + 0.27 for x in xs], [r.get("mergekit_fraction", 0) for r in rows], 0.27,
+           label="MergeKit 0.1.5 durable wall / durable floor")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(xs), methods, rotation=30)
     ax.set_ylabel("throughput / copy floor")
     ax.legend(fontsize=8)
-    ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB fp32 Llama, copy floor {results['floor_gbps']:.2f} GB/s, "
+    speeds = [f["durable_gbps"] for f in results["floors"].values()]
+    ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB fp32 Llama, durable copy floors {min(speeds):.2f}-{max(speeds):.2f} GB/s, "
                  f"median of {results['repeats']} (MergeKit {results['mergekit_repeats']}), load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
