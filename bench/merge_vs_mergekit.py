@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv" / "bin"
 OUT = ROOT / "bench" / "out"
-SIZES = {  # hidden, intermediate, layers, vocab -> about 0.25 GB / 1 GB of fp32 per model
+SIZES = {  # hidden, intermediate, layers, vocab -> about 0.25 GB / 1 GB / 3 GB of fp32 per model
     "250mb": (768, 2048, 8, 16000),
     "1gb": (1024, 2816, 18, 32000),
+    "3gb": (2048, 5632, 14, 32000),  # TinyLlama's widths, 14 of its 22 layers
 }
 METHODS = {
     "linear": "models:\n{models_w}merge_method: linear\n",
