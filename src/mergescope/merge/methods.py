@@ -191,18 +191,25 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     mask = _mask_buffer(out, magnitude.numel())
     columns = rows.shape[1]  # > 1 for conv kernels: rows are strided, their mask is written back transposed
     keep = mask.view(rows.shape) if columns == 1 else torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, CHUNK // m)  # row blocks bound the int64 argsort scratch
-    flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m)
+    step = max(1, CHUNK // m)  # row blocks bound the draws' and the sorted rows' scratch
+    flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m).numpy()
+    probs = _della_probabilities(m, density, epsilon, magnitude.dtype)
     for start in range(0, flat_rows.shape[0], step):
         block = flat_rows[start:start + step]
-        ranks = scratch.tensor("methods.ranks", block.numel(), torch.int64).view(block.shape)
-        ranks = select.row_ranks(block, ranks)  # the ranks torch.argsort(block, dim=1) gives, as MergeKit
-        rank_norm = ranks.to(magnitude.dtype) / (m - 1) if m > 1 else torch.zeros(block.shape, dtype=magnitude.dtype)
-        probs = (density - epsilon) + rank_norm * (2 * epsilon)
-        torch.lt(_uniform(block.numel(), generator).view(block.shape), probs, out=flat_keep[start:start + step])
+        draws = _uniform(block.numel(), generator).numpy().reshape(block.shape)
+        # draws < probs[rank], the rank torch.argsort(block, dim=1) gives, as MergeKit
+        select.draw_rank_mask(block, draws, probs, flat_keep[start:start + step])
     if columns > 1:
         mask.view(rows.shape[0], m, columns).copy_(keep.movedim(1, 2))
     return mask
+
+
+def _della_probabilities(m: int, density: float, epsilon: float, dtype: torch.dtype) -> np.ndarray:
+    """Keep probability per rank 0..m-1 (float64; exact for every dtype), from MergeKit's own expression and
+    roundings on a row of all ranks: elementwise, so each entry's probability is a lookup by its rank."""
+    ranks = torch.arange(m).reshape(1, m)
+    rank_norm = ranks.to(dtype) / (m - 1) if m > 1 else torch.zeros((1, m), dtype=dtype)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(-1).double().numpy()
 
 
 def _uniform(n: int, generator: np.random.Generator) -> Tensor:

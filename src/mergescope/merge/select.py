@@ -437,6 +437,134 @@ def _replayed_ranks(rows: Tensor, ranks: Tensor) -> Tensor:
     return ranks
 
 
+# ----------------------------------------------------------------------------- rank-dependent draws (DELLA)
+
+
+@jit
+def _first_above(probs, u, scale):
+    """The smallest rank whose keep probability exceeds ``u`` (probs non-decreasing, probs[0] <= u < probs[-1]):
+    the linear guess (probs is nearly linear in the rank), then a walk, rarely more than a step."""
+    q = min(max(np.int64((u - probs[0]) * scale) + 1, 1), probs.shape[0] - 1)  # np.int64: int() is ~5x slower
+    while probs[q] <= u:
+        q += 1
+    while probs[q - 1] > u:
+        q -= 1
+    return q
+
+
+@jit
+def _tied_groups(ordered, at_position, bounds, spans):
+    """The replay's boundaries for the groups of equal sorted values that hold a flagged position (every
+    position in such a group and its edges, ascending), and their [lo, hi) spans; clears the flags."""
+    m = ordered.shape[0]
+    count = n_spans = 0
+    p = 0
+    while p < m:
+        q = p + 1
+        while q < m and ordered[q] == ordered[p]:
+            q += 1
+        flagged = False
+        for x in range(p, q):
+            flagged |= at_position[x]
+            at_position[x] = False
+        if flagged:
+            spans[n_spans, 0], spans[n_spans, 1] = p, q
+            n_spans += 1
+            for b in range(max(p, 1), min(q, m - 1) + 1):
+                if count == 0 or bounds[count - 1] < b:  # neighbouring groups share an edge
+                    bounds[count] = b
+                    count += 1
+        p = q
+    return count, n_spans
+
+
+@jit
+def _draw_rank_mask(block, ordered, draws, probs, keep, ok):
+    """Per row: ``keep[j] = draws[j] < probs[rank of block[j]]``, ranks as ``torch.argsort(dim=1)`` gives them.
+
+    keep iff rank >= R, R the first rank with probs[R] > u, i.e. iff the value beats the R-th sorted one
+    (``ordered``: the rows sorted). A value equal to it is that entry itself (rank R: kept) unless equal
+    values also sit before R; then the std::sort replay, bounded by the tie groups hit, fixes its rank
+    (``ok[r]`` False: depth limit, the caller uses torch). Branch-free but for the walk from the cut's
+    guess: the draws are random, branches on them mispredict.
+    """
+    m = block.shape[1]
+    low, high = probs[0], probs[m - 1]
+    top = np.nextafter(high, -np.inf)  # draws outside [low, high) are decided alone; clamped, they find a cut
+    scale = (m - 1) / (high - low) if high > low else 0.0
+    hits = np.empty(m + 1, np.int64)
+    at_position = np.zeros(m, np.bool_)
+    bounds = np.empty(m + 1, np.int64)
+    spans = np.empty((m, 2), np.int64)
+    rank_of = np.empty(m, np.int64)
+    v = np.empty(m, block.dtype)
+    ix = np.empty(m, np.int32)
+    for r in range(block.shape[0]):
+        n_hits = 0
+        row_draws, row_values, row_ordered, row_keep = draws[r], block[r], ordered[r], keep[r]
+        for j in range(m):
+            u = np.float64(row_draws[j])
+            below, inside = u < low, (u >= low) & (u < high)
+            value, cut = row_values[j], row_ordered[_first_above(probs, min(max(u, low), top), scale)]
+            row_keep[j] = below | (inside & (value > cut))
+            hits[n_hits] = j  # one store per entry, read back only below n_hits
+            n_hits += inside & (value == cut)
+        ok[r] = True
+        tied = 0
+        for h in range(n_hits):
+            j = hits[h]
+            q = _first_above(probs, np.float64(row_draws[j]), scale)
+            if row_ordered[q - 1] == row_ordered[q]:
+                hits[tied] = j
+                tied += 1
+                at_position[q] = True
+            else:
+                row_keep[j] = True
+        if tied == 0:
+            continue
+        count, n_spans = _tied_groups(row_ordered, at_position, bounds, spans)
+        for j in range(m):
+            v[j] = row_values[j]
+            ix[j] = j
+        ok[r] = _introsort(v, ix, bounds[:count], count > m // 4)
+        for s in range(n_spans):
+            for p in range(spans[s, 0], spans[s, 1]):
+                rank_of[ix[p]] = p
+        for h in range(tied):
+            j = hits[h]
+            row_keep[j] = np.float64(row_draws[j]) < probs[rank_of[j]]
+
+
+def draw_rank_mask(rows: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[i, j] = draws[i, j] < probs[rank]``, rank that of ``rows[i, j]`` in ``torch.argsort(rows, dim=1)``.
+
+    Why: DELLA keeps an entry with a probability set by its rank in its row. Ranking every entry (a sort of
+    (value, column) keys and a rank scatter) cost ~4x the rest; here a plain sort of the values decides
+    every entry except those tied with the value at their draw's cut rank. ``probs`` (float64, one per
+    rank) must be non-decreasing; ``draws`` float32 (r, m); the comparison is exact in float64 (as
+    torch's promotion of float32 draws against float32/bf16/fp16/float64 probabilities).
+    """
+    exact = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows
+    values = exact.detach().contiguous().numpy()
+    if values.size == 0:
+        return out
+    if torch.isnan(exact).any() or not replay_matches_torch() or np.any(np.diff(probs) < 0):
+        return _mask_from_ranks(row_ranks(rows), draws, probs, out)
+    ordered = scratch.array("select.ordered", values.size, values.dtype).reshape(values.shape)
+    np.copyto(ordered, values)
+    ordered.sort(axis=1)
+    ok = np.empty(values.shape[0], np.bool_)
+    _draw_rank_mask(values, ordered, draws, probs, out, ok)
+    for i in np.flatnonzero(~ok):
+        _mask_from_ranks(_torch_ranks(rows[i : i + 1]), draws[i : i + 1], probs, out[i : i + 1])
+    return out
+
+
+def _mask_from_ranks(ranks: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.ndarray) -> np.ndarray:
+    np.less(draws.astype(np.float64), probs[ranks.numpy()], out=out)
+    return out
+
+
 def _torch_ranks(rows: Tensor) -> Tensor:
     order = torch.argsort(rows, dim=1)
     return torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())

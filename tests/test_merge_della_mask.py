@@ -1,0 +1,102 @@
+"""DELLA's rank-dependent draws (select.draw_rank_mask) against MergeKit's own torch expression.
+
+The reference ranks each row with ``torch.argsort(dim=1)``, evaluates MergeKit's probability expression on
+the whole tensor in the magnitude's dtype and compares torch's float32 draws (numpy's PCG64 stream, drawn at
+once) with ``<``: nothing of it comes from the code under test.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mergescope.merge import methods as M
+from mergescope.merge import select as S
+
+
+def _reference(magnitude, density, epsilon, seed):
+    """MergeKit 0.1.5's della magprune: per row (dim 1, the rest flattened behind it) argsort ranks."""
+    shaped = magnitude.reshape(1, -1) if magnitude.dim() < 2 else magnitude
+    rows = shaped.flatten(2).transpose(1, 2) if shaped.dim() > 2 else shaped.unsqueeze(1)
+    m = rows.shape[-1]
+    ranks = torch.argsort(torch.argsort(rows, dim=-1), dim=-1)  # a permutation's inverse: any sort of it
+    rank_norm = ranks.to(magnitude.dtype) / (m - 1) if m > 1 else torch.zeros(rows.shape, dtype=magnitude.dtype)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    draws = torch.from_numpy(M.random_stream(seed).random(rows.numel(), dtype=np.float32)).view(rows.shape)
+    return (draws < probs).transpose(1, 2).reshape(-1)
+
+
+def _values(kind: str, shape, rng) -> torch.Tensor:
+    n = int(np.prod(shape))
+    if kind == "normal":
+        v = np.abs(rng.standard_normal(n)).astype(np.float32)
+    elif kind == "ints":  # heavy ties: every cut falls inside a group of equal values
+        v = rng.integers(0, 6, n).astype(np.float32)
+    elif kind == "bf16":  # the value grid of bf16 deltas
+        v = torch.from_numpy(np.abs(rng.standard_normal(n)).astype(np.float32)).bfloat16().float().numpy()
+    elif kind == "signed_zeros":  # -0.0 and 0.0 rank as equals; negatives too
+        v = rng.choice(np.array([-0.0, 0.0, 1.0, -2.0, 3e-3], np.float32), n)
+    elif kind == "denormals":
+        v = (rng.integers(0, 40, n) * np.float32(1e-45)).astype(np.float32)
+    else:  # one value everywhere
+        v = np.full(n, 0.25, np.float32)
+    return torch.from_numpy(v).reshape(shape)
+
+
+SHAPES = [(1,), (7,), (5000,), (9, 1), (11, 2), (13, 3), (33, 17), (40, 1024), (6, 2816), (6, 4, 3, 3)]
+KINDS = ["normal", "ints", "bf16", "signed_zeros", "denormals", "constant"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_della_mask_is_the_argsort_expression(shape, kind):
+    rng = np.random.default_rng(abs(hash((shape, kind))) % 2**32)
+    magnitude = _values(kind, shape, rng)
+    for density, epsilon, seed in [(0.5, 0.1, 0), (0.4, 0.2, 1), (0.66, 0.05, 2), (0.2, 0.15, 3)]:
+        got = M.della_mask(magnitude, density, M.random_stream(seed), epsilon=epsilon)
+        assert torch.equal(got, _reference(magnitude, density, epsilon, seed)), (density, epsilon)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "ints", "bf16"])
+def test_della_mask_in_other_dtypes(dtype, kind):
+    """The probabilities round in the magnitude's dtype (bf16 ranks above 256 round too), as MergeKit's."""
+    magnitude = _values(kind, (24, 700), np.random.default_rng(7)).to(dtype)
+    for density, epsilon in [(0.5, 0.1), (0.3, 0.25)]:
+        got = M.della_mask(magnitude, density, M.random_stream(4), epsilon=epsilon)
+        assert torch.equal(got, _reference(magnitude, density, epsilon, 4))
+
+
+def test_rows_with_nan_use_torch_ranks():
+    magnitude = _values("ints", (20, 300), np.random.default_rng(8))
+    magnitude[3, 7] = float("nan")
+    got = M.della_mask(magnitude, 0.5, M.random_stream(9), epsilon=0.1)
+    assert torch.equal(got, _reference(magnitude, 0.5, 0.1, 9))
+
+
+def test_rows_past_the_depth_limit_are_redone_with_torch(monkeypatch):
+    """A row the replay gives up on (libstdc++ heapsorts there) is redone from torch's own ranks."""
+    kernel = S._draw_rank_mask
+
+    def give_up_on_odd_rows(block, ordered, draws, probs, keep, ok):
+        kernel(block, ordered, draws, probs, keep, ok)
+        ok[1::2] = False
+        keep[1::2] = ~keep[1::2]  # whatever the kernel wrote there must not survive
+
+    monkeypatch.setattr(S, "_draw_rank_mask", give_up_on_odd_rows)
+    magnitude = _values("ints", (30, 500), np.random.default_rng(10))
+    got = M.della_mask(magnitude, 0.5, M.random_stream(11), epsilon=0.1)
+    assert torch.equal(got, _reference(magnitude, 0.5, 0.1, 11))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ints"])
+def test_draw_rank_mask_is_a_lookup_by_rank(kind):
+    """Any non-decreasing probabilities (plateaus included); decreasing ones go through explicit ranks."""
+    rng = np.random.default_rng(12)
+    rows = _values(kind, (50, 400), rng)
+    draws = rng.random(rows.shape, dtype=np.float32)
+    order = torch.argsort(rows, dim=1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(400).expand_as(order).contiguous()).numpy()
+    for probs in (np.sort(rng.random(400)), np.round(np.linspace(0.1, 0.9, 400), 2), np.linspace(0.9, 0.1, 400)):
+        want = draws.astype(np.float64) < probs[ranks]
+        out = np.empty(rows.shape, np.bool_)
+        assert np.array_equal(S.draw_rank_mask(rows, draws, probs, out), want)
