@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from ..io import check_side_outputs
-from ..sweep.sharing import same_file_key
 from .common import err_console, progress, say, write_json
 
 
@@ -83,7 +82,9 @@ def sweep(
                                     "path on the workers (0: all by path)."),
 ):
     """Run a sweep: every task's row is written as it finishes, so an interrupted sweep resumes."""
+    # pydantic and the executors load for this command only (~0.12 s of every other command's start-up)
     from .. import sweep as sw
+    from ..sweep.sharing import same_file_key
 
     config = sw.read(sweep_file)
     specs = sw.expand(config, root=sweep_file.resolve().parent)
