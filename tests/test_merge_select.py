@@ -339,3 +339,18 @@ def test_a_torch_sorting_otherwise_gets_its_own_sort(monkeypatch):
     assert torch.equal(S.sorted_range_mask(score, 3000, 15000, False), _torch_range(score, 3000, 15000, False))
     rows = score.reshape(20, 1000)
     assert torch.equal(S.row_ranks(rows), _torch_ranks(rows))
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_every_range_of_small_tied_scores(descending):
+    """All [lo, hi) of short scores with few distinct values: each cut straddling a tie group or not, the
+    two cuts in one group or in two, the replayed cut's ties placed by position and the other's by key."""
+    rng = np.random.default_rng(21 + descending)
+    for n, values in [(40, 3), (70, 4), (300, 5)]:
+        score = torch.from_numpy(rng.integers(0, values, n).astype(np.float32))
+        order = torch.sort(score, descending=descending).indices
+        for lo in range(0, n + 1, 1 if n < 100 else 7):
+            for hi in range(lo, n + 1, 1 if n < 100 else 5):
+                want = torch.zeros(n, dtype=torch.bool)
+                want[order[lo:hi]] = True
+                assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), want), (n, lo, hi)

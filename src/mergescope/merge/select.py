@@ -21,7 +21,7 @@ heapsorted by libstdc++; that is not replayed: the caller then runs the full tor
 A descending sort with ``a > b`` performs the same swaps as an ascending one on keys mapped by an
 order-reversing bijection (``~bits``), so the kernels only know ``<``. The k-th value is found by a
 radix select on the float32 bit patterns (non-negative floats order like their uint32 bits): one
-histogram of the top 16 bits, one of the low 16 bits inside the chosen bin. Scores that are not
+histogram of the top 16 bits, then one pass filling the low-16-bit histograms inside every cut's bin. Scores that are not
 float32 or hold NaN or a sign bit (negatives, -0.0) take the old torch path.
 
 numba kernels release the GIL (the merge engine calls methods from worker threads); this module
@@ -192,14 +192,6 @@ def _work_arrays(bits, flip, ix, work):
 
 
 @jit
-def _mark_equal_before(work, ix, b, key, mask):
-    """Marks the entries equal to ``key`` among the first ``b`` positions of the replayed order."""
-    for i in range(b):
-        if work[i] == key:
-            mask[ix[i]] = True
-
-
-@jit
 def _row_ranks(block, order, ranks, ok):
     """Per row: the rank of each entry in an ascending std::sort (``torch.argsort(dim=1)``).
 
@@ -288,23 +280,56 @@ def _high_histogram(bits):
 
 
 @jit
-def _kth_pattern(bits, hist, k):
-    """The k-th largest bit pattern, how many are larger and how many equal (one pass in one bin)."""
-    above, high = 0, (1 << 16) - 1
-    while above + hist[high] < k:
-        above += hist[high]
-        high -= 1
-    low_hist = np.zeros(1 << 16, np.int64)
-    start, width = np.uint32(high << 16), np.uint32(1 << 16)
+def _low_histogram(bits, start, low_hist):
+    """Counts of the low 16 bits of the patterns in the bin starting at ``start``."""
+    width = np.uint32(1 << 16)
     for i in range(bits.shape[0]):
         low = bits[i] - start  # wraps around below the bin: one compare tests both ends
         if low < width:
             low_hist[low] += 1
-    low = (1 << 16) - 1
-    while above + low_hist[low] < k:
-        above += low_hist[low]
-        low -= 1
-    return np.uint32((high << 16) | low), above, low_hist[low]
+
+
+@jit
+def _low_histograms(bits, first, second, low_hist):
+    """:func:`_low_histogram` of two bins in one pass (breadcrumbs' two cuts)."""
+    width = np.uint32(1 << 16)
+    for i in range(bits.shape[0]):
+        low = bits[i] - first
+        if low < width:
+            low_hist[0, low] += 1
+        low = bits[i] - second
+        if low < width:
+            low_hist[1, low] += 1
+
+
+@jit
+def _kth_patterns(bits, hist, ks):
+    """For each k (one or two): the k-th largest bit pattern, how many are larger and how many equal. One
+    pass over the bits fills the low-16-bit histograms of every k's high bin."""
+    c = ks.shape[0]
+    starts = np.empty(c, np.uint32)
+    above = np.zeros(c, np.int64)
+    for t in range(c):
+        high = (1 << 16) - 1
+        while above[t] + hist[high] < ks[t]:
+            above[t] += hist[high]
+            high -= 1
+        starts[t] = np.uint32(high << 16)
+    low_hist = np.zeros((c, 1 << 16), np.int64)
+    if c == 1 or starts[0] == starts[1]:
+        _low_histogram(bits, starts[0], low_hist[0])
+        low_hist[c - 1] = low_hist[0]
+    else:
+        _low_histograms(bits, starts[0], starts[1], low_hist)
+    patterns = np.empty(c, np.uint32)
+    equal = np.empty(c, np.int64)
+    for t in range(c):
+        low = (1 << 16) - 1
+        while above[t] + low_hist[t, low] < ks[t]:
+            above[t] += low_hist[t, low]
+            low -= 1
+        patterns[t], equal[t] = starts[t] | np.uint32(low), low_hist[t, low]
+    return patterns, above, equal
 
 
 def _bits(score: Tensor):
@@ -330,7 +355,7 @@ def kth_largest(score: Tensor, k: int) -> Tensor:
     if found is None:
         return torch.kthvalue(score.reshape(-1), score.numel() - k + 1).values
     bits, hist = found
-    return torch.tensor(_as_float(_kth_pattern(bits, hist, k)[0]), dtype=torch.float32)
+    return torch.tensor(_as_float(_kth_patterns(bits, hist, np.array([k], np.int64))[0][0]), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- sorted-order masks
@@ -342,24 +367,40 @@ def _positions(mask: Tensor, positions: Tensor) -> Tensor:
     return mask
 
 
-def _boundary(bits, hist, b: int, descending: bool):
-    """Key of the b-th entry in sort order and whether its ties straddle position b."""
+@jit
+def _range_mask(bits, flip, start, width, mask):
+    """mask[i] = start <= key < start + width, key = bits ^ flip (ascending in sort order): one wrapping
+    uint32 compare (vectorises; ~4x faster than torch.ge here)."""
+    for i in range(bits.shape[0]):
+        mask[i] = np.uint32(np.uint32(bits[i] ^ flip) - start) < width
+
+
+@jit
+def _mark_replayed(work, ix, end, lo, hi, lo_key, hi_key, bounds, mask):
+    """Entries with a straddling cut's key (``lo_key``/``hi_key``, -1 for a cut that does not straddle): before
+    that cut iff their replayed position is (the set before a replayed cut is exact), before the other by
+    key (``bounds``, as ``_range_mask``). Past ``end`` (the last straddling cut) none is before either."""
+    for p in range(end):
+        key = np.int64(work[p])
+        if key == lo_key or key == hi_key:
+            before_lo = p < lo if key == lo_key else key < bounds[0]
+            before_hi = p < hi if key == hi_key else key < bounds[1]
+            mask[ix[p]] = before_hi and not before_lo
+
+
+def _cut_keys(bits, hist, cuts: list[int], descending: bool):
+    """Per cut b: the key (``bits ^ flip``, ascending in sort order) at sort position b - 1, and whether its
+    ties straddle b (some before b, some after)."""
     n = bits.shape[0]
-    pattern, larger, equal = _kth_pattern(bits, hist, b if descending else n - b + 1)
-    before = larger if descending else n - larger - equal
-    return pattern, b < before + equal
-
-
-def _prefix(score: Tensor, pattern, straddles: bool, work, ix, b: int, descending: bool, mask: Tensor) -> Tensor:
-    """Writes into ``mask`` the mask of sort positions [0, b): the entries strictly before the b-th key, plus
-    its ties either all (no straddle) or those the replayed order puts before b."""
-    value = _as_float(pattern)
-    if not straddles:
-        return (torch.ge if descending else torch.le)(score, value, out=mask)
-    (torch.gt if descending else torch.lt)(score, value, out=mask)
-    key = np.uint32(pattern) ^ np.uint32(0xFFFFFFFF if descending else 0)
-    _mark_equal_before(work, ix, b, key, mask.numpy())
-    return mask
+    ks = np.array([b if descending else n - b + 1 for b in cuts], np.int64)
+    patterns, larger, equal = _kth_patterns(bits, hist, ks)
+    flip = np.uint32(0xFFFFFFFF if descending else 0)
+    keys, straddles = [], []
+    for b, pattern, above, same in zip(cuts, patterns, larger, equal):
+        before = above if descending else n - above - same
+        keys.append(int(pattern ^ flip))
+        straddles.append(b < before + same)
+    return keys, straddles
 
 
 def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, out: Tensor | None = None) -> Tensor:
@@ -369,7 +410,8 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     Expected O(n): radix select for the keys at the cuts; the introsort replay only when ties
     straddle a cut, and then only along the segments holding such a cut. Bit-identical to
     ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it).
-    The replay's work arrays and the lower cut's mask are this thread's reused buffers (merge/scratch.py).
+    One pass writes the mask from the keys at the cuts; the replay, when run, then sets the straddling ties.
+    The replay's work arrays are this thread's reused buffers (merge/scratch.py).
     """
     flat = score.detach().reshape(-1)
     n = flat.numel()
@@ -381,22 +423,24 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     if found is None or not replay_matches_torch():
         return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])
     bits, hist = found
-    cuts = {b: _boundary(bits, hist, b, descending) for b in (lo, hi) if 0 < b < n}
-    straddling = np.array([b for b, (_, s) in cuts.items() if s], np.int64)
-    work = ix = None
-    if straddling.size:
+    cuts = [b for b in (lo, hi) if 0 < b < n]
+    keys, straddles = _cut_keys(bits, hist, cuts, descending)
+    flip = np.uint32(0xFFFFFFFF if descending else 0)
+    # keys below a bound sit before its cut; a cut's own key too unless its ties straddle it (then: replayed)
+    bound = {b: key + (not straddling) for b, key, straddling in zip(cuts, keys, straddles)}
+    bounds = np.array([bound.get(lo, 0), bound.get(hi, 1 << 32)], np.int64)
+    if bounds[0] >= bounds[1] or bounds[1] - bounds[0] >= 1 << 32:  # no key in range, or every key
+        mask.fill_(bool(bounds[0] < bounds[1]))
+    else:
+        _range_mask(bits, flip, np.uint32(bounds[0]), np.uint32(bounds[1] - bounds[0]), mask.numpy())
+    replayed = {b: key for b, key, straddling in zip(cuts, keys, straddles) if straddling}
+    if replayed:
         ix = scratch.array("select.index", n, np.int32 if n < 2**31 else np.int64)
         work = _work_arrays(bits, descending, ix, scratch.array("select.keys", n, np.uint32))  # ~bits if descending
-        if not _introsort(work, ix, straddling, False):  # depth limit: libstdc++ heapsorts there
-            return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])
-    flat = flat.float().contiguous()
-    if hi in cuts:
-        _prefix(flat, *cuts[hi], work, ix, hi, descending, mask)
-    else:
-        mask.fill_(True)
-    if lo in cuts:  # [lo, hi) = [0, hi) and not [0, lo)
-        below = _prefix(flat, *cuts[lo], work, ix, lo, descending, scratch.tensor("select.below", n, torch.bool))
-        mask.logical_and_(below.logical_not_())
+        if not _introsort(work, ix, np.array(sorted(replayed), np.int64), False):
+            return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])  # libstdc++ heapsorts
+        _mark_replayed(work, ix, max(replayed), lo, hi, replayed.get(lo, -1), replayed.get(hi, -1), bounds,
+                       mask.numpy())
     return mask
 
 
