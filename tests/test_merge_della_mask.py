@@ -33,6 +33,8 @@ def _values(kind: str, shape, rng) -> torch.Tensor:
         v = rng.integers(0, 6, n).astype(np.float32)
     elif kind == "bf16":  # the value grid of bf16 deltas
         v = torch.from_numpy(np.abs(rng.standard_normal(n)).astype(np.float32)).bfloat16().float().numpy()
+    elif kind == "wide":  # 40 octaves and zeros: the lowest bucket holds many ranks
+        v = (np.abs(rng.standard_normal(n)) * 10.0 ** rng.uniform(-12, 0, n) * (rng.random(n) > 0.05)).astype(np.float32)
     elif kind == "signed_zeros":  # -0.0 and 0.0 rank as equals; negatives too
         v = rng.choice(np.array([-0.0, 0.0, 1.0, -2.0, 3e-3], np.float32), n)
     elif kind == "denormals":
@@ -43,7 +45,7 @@ def _values(kind: str, shape, rng) -> torch.Tensor:
 
 
 SHAPES = [(1,), (7,), (5000,), (9, 1), (11, 2), (13, 3), (33, 17), (40, 1024), (6, 2816), (6, 4, 3, 3)]
-KINDS = ["normal", "ints", "bf16", "signed_zeros", "denormals", "constant"]
+KINDS = ["normal", "ints", "bf16", "wide", "signed_zeros", "denormals", "constant"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -77,8 +79,8 @@ def test_rows_past_the_depth_limit_are_redone_with_torch(monkeypatch):
     """A row the replay gives up on (libstdc++ heapsorts there) is redone from torch's own ranks."""
     kernel = S._draw_rank_mask
 
-    def give_up_on_odd_rows(block, ordered, draws, probs, keep, ok):
-        kernel(block, ordered, draws, probs, keep, ok)
+    def give_up_on_odd_rows(block, draws, probs, keep, ok):
+        kernel(block, draws, probs, keep, ok)
         ok[1::2] = False
         keep[1::2] = ~keep[1::2]  # whatever the kernel wrote there must not survive
 

@@ -191,7 +191,7 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     mask = _mask_buffer(out, magnitude.numel())
     columns = rows.shape[1]  # > 1 for conv kernels: rows are strided, their mask is written back transposed
     keep = mask.view(rows.shape) if columns == 1 else torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, CHUNK // m)  # row blocks bound the draws' and the sorted rows' scratch
+    step = max(1, CHUNK // m)  # row blocks bound the draws' scratch
     flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m).numpy()
     probs = _della_probabilities(m, density, epsilon, magnitude.dtype)
     for start in range(0, flat_rows.shape[0], step):

@@ -496,109 +496,142 @@ def _first_above(probs, u, scale):
     return q
 
 
-@jit
-def _tied_groups(ordered, at_position, bounds, spans):
-    """The replay's boundaries for the groups of equal sorted values that hold a flagged position (every
-    position in such a group and its edges, ascending), and their [lo, hi) spans; clears the flags."""
-    m = ordered.shape[0]
-    count = n_spans = 0
-    p = 0
-    while p < m:
-        q = p + 1
-        while q < m and ordered[q] == ordered[p]:
-            q += 1
-        flagged = False
-        for x in range(p, q):
-            flagged |= at_position[x]
-            at_position[x] = False
-        if flagged:
-            spans[n_spans, 0], spans[n_spans, 1] = p, q
-            n_spans += 1
-            for b in range(max(p, 1), min(q, m - 1) + 1):
-                if count == 0 or bounds[count - 1] < b:  # neighbouring groups share an edge
-                    bounds[count] = b
-                    count += 1
-        p = q
-    return count, n_spans
+_BUCKETS_PER_ENTRY = 2  # rank buckets per row entry: ~1/(2 B) of the draws need an exact rank
+_OCTAVES = 16  # keys more than this many octaves below a row's largest share its lowest bucket
 
 
 @jit
-def _draw_rank_mask(block, ordered, draws, probs, keep, ok):
+def _row_keys(row, keys):
+    """Order-preserving uint32 keys of a float32 row (-0.0 as 0.0, so equal values share a key) into ``keys``;
+    the smallest key that still gets its own buckets, the largest, and whether the row holds a NaN."""
+    low, high, nan = np.uint32(0xFFFFFFFF), np.uint32(0), False
+    for j in range(row.shape[0]):
+        u = np.uint32(np.float32(row[j] + np.float32(0.0)).view(np.uint32))
+        key = ~u if u >> 31 else u | np.uint32(0x80000000)
+        keys[j] = key
+        low, high, nan = min(low, key), max(high, key), nan | (row[j] != row[j])
+    span = np.uint32(_OCTAVES << 23)  # 2^23 keys per octave of positive floats
+    return (max(low, high - span) if high >= span else low), high, nan
+
+
+@jit
+def _bucket_starts(keys, low, high, shift, starts):
+    """starts[b]: how many keys fall in buckets below b (bucket of a key: (max(key, low) - low) >> shift), so the
+    entries of bucket b hold the ranks [starts[b], starts[b + 1])."""
+    used = ((high - low) >> shift) + 2
+    starts[:used] = 0
+    for j in range(keys.shape[0]):
+        starts[((max(keys[j], low) - low) >> shift) + 1] += 1
+    for b in range(1, used):
+        starts[b] += starts[b - 1]
+
+
+@jit
+def _exact_keep(keys, j, u, probs, scale):
+    """For a draw whose bucket leaves it open: kept, dropped, or -1 when the entry's equals straddle the cut
+    rank (its rank then comes from the std::sort replay). Also returns the equals' first rank and count."""
+    key, less, equal = keys[j], 0, 0
+    for x in range(keys.shape[0]):
+        less += keys[x] < key
+        equal += keys[x] == key
+    if equal == 1:
+        return int(u < probs[less]), less, equal
+    q = _first_above(probs, u, scale)
+    if q <= less or q >= less + equal:
+        return int(q <= less), less, equal
+    return -1, less, equal
+
+
+@jit
+def _replayed_keep(row, row_draws, probs, tied, spans, n_tied, row_keep):
+    """Decides the draws of entries tied across their cut rank from their ranks in the std::sort replay,
+    bounded by their groups of equals (every position and edge). False: depth limit, nothing decided."""
+    m = row.shape[0]
+    spans = spans[:n_tied][np.argsort(spans[:n_tied, 0])]
+    bounds = np.empty(m + 1, np.int64)
+    count = 0
+    for s in range(n_tied):
+        for b in range(max(spans[s, 0], 1), min(spans[s, 1], m - 1) + 1):
+            if count == 0 or bounds[count - 1] < b:  # groups hit twice, or neighbours, share edges
+                bounds[count] = b
+                count += 1
+    v = row.copy()
+    ix = np.arange(m).astype(np.int32)
+    if not _introsort(v, ix, bounds[:count], count > m // 4):
+        return False
+    rank_of = np.empty(m, np.int64)
+    for s in range(n_tied):
+        for p in range(spans[s, 0], spans[s, 1]):
+            rank_of[ix[p]] = p
+    for h in range(n_tied):
+        j = tied[h]
+        row_keep[j] = np.float64(row_draws[j]) < probs[rank_of[j]]
+    return True
+
+
+@jit
+def _draw_rank_mask(block, draws, probs, keep, ok):
     """Per row: ``keep[j] = draws[j] < probs[rank of block[j]]``, ranks as ``torch.argsort(dim=1)`` gives them.
 
-    keep iff rank >= R, R the first rank with probs[R] > u, i.e. iff the value beats the R-th sorted one
-    (``ordered``: the rows sorted). A value equal to it is that entry itself (rank R: kept) unless equal
-    values also sit before R; then the std::sort replay, bounded by the tie groups hit, fixes its rank
-    (``ok[r]`` False: depth limit, the caller uses torch). Branch-free but for the walk from the cut's
-    guess: the draws are random, branches on them mispredict.
+    No sort: a histogram of the keys' top bits (about 2 buckets per entry, over the row's key span) bounds
+    each entry's rank to its bucket's [first, last] ranks, and probs is non-decreasing, so u < probs[first]
+    keeps and u >= probs[last] drops; the few draws left open count the smaller keys exactly (equals
+    straddling the cut: the std::sort replay). ``ok[r]`` False (NaN, depth limit): the caller uses torch.
     """
     m = block.shape[1]
-    low, high = probs[0], probs[m - 1]
-    top = np.nextafter(high, -np.inf)  # draws outside [low, high) are decided alone; clamped, they find a cut
-    scale = (m - 1) / (high - low) if high > low else 0.0
-    hits = np.empty(m + 1, np.int64)
-    at_position = np.zeros(m, np.bool_)
-    bounds = np.empty(m + 1, np.int64)
+    buckets = _BUCKETS_PER_ENTRY * m
+    scale = (m - 1) / (probs[m - 1] - probs[0]) if probs[m - 1] > probs[0] else 0.0
+    keys = np.empty(m, np.uint32)
+    starts = np.empty(buckets + 2, np.int64)
+    open_draws = np.empty(m + 1, np.int64)
+    tied = np.empty(m, np.int64)
     spans = np.empty((m, 2), np.int64)
-    rank_of = np.empty(m, np.int64)
-    v = np.empty(m, block.dtype)
-    ix = np.empty(m, np.int32)
     for r in range(block.shape[0]):
-        n_hits = 0
-        row_draws, row_values, row_ordered, row_keep = draws[r], block[r], ordered[r], keep[r]
-        for j in range(m):
-            u = np.float64(row_draws[j])
-            below, inside = u < low, (u >= low) & (u < high)
-            value, cut = row_values[j], row_ordered[_first_above(probs, min(max(u, low), top), scale)]
-            row_keep[j] = below | (inside & (value > cut))
-            hits[n_hits] = j  # one store per entry, read back only below n_hits
-            n_hits += inside & (value == cut)
-        ok[r] = True
-        tied = 0
-        for h in range(n_hits):
-            j = hits[h]
-            q = _first_above(probs, np.float64(row_draws[j]), scale)
-            if row_ordered[q - 1] == row_ordered[q]:
-                hits[tied] = j
-                tied += 1
-                at_position[q] = True
-            else:
-                row_keep[j] = True
-        if tied == 0:
+        row_draws, row_keep = draws[r], keep[r]
+        low, high, nan = _row_keys(block[r], keys)
+        ok[r] = not nan  # a row with NaN: torch's own ranks
+        if nan:
             continue
-        count, n_spans = _tied_groups(row_ordered, at_position, bounds, spans)
-        for j in range(m):
-            v[j] = row_values[j]
-            ix[j] = j
-        ok[r] = _introsort(v, ix, bounds[:count], count > m // 4)
-        for s in range(n_spans):
-            for p in range(spans[s, 0], spans[s, 1]):
-                rank_of[ix[p]] = p
-        for h in range(tied):
-            j = hits[h]
-            row_keep[j] = np.float64(row_draws[j]) < probs[rank_of[j]]
+        shift = np.uint32(0)
+        while ((high - low) >> shift) >= buckets:
+            shift += np.uint32(1)
+        _bucket_starts(keys, low, high, shift, starts)
+        n_open = 0
+        for j in range(m):  # branch-free: the draws are random, branches on them mispredict
+            b = (max(keys[j], low) - low) >> shift
+            u = np.float64(row_draws[j])
+            sure = u < probs[starts[b]]
+            row_keep[j] = sure
+            open_draws[n_open] = j  # one store per entry, read back only below n_open
+            n_open += (not sure) & (u < probs[starts[b + 1] - 1])
+        n_tied = 0
+        for h in range(n_open):
+            j = open_draws[h]
+            kept, less, equal = _exact_keep(keys, j, np.float64(row_draws[j]), probs, scale)
+            row_keep[j] = kept == 1
+            if kept < 0:
+                tied[n_tied], spans[n_tied, 0], spans[n_tied, 1] = j, less, less + equal
+                n_tied += 1
+        ok[r] = n_tied == 0 or _replayed_keep(block[r], row_draws, probs, tied, spans, n_tied, row_keep)
 
 
 def draw_rank_mask(rows: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out[i, j] = draws[i, j] < probs[rank]``, rank that of ``rows[i, j]`` in ``torch.argsort(rows, dim=1)``.
 
     Why: DELLA keeps an entry with a probability set by its rank in its row. Ranking every entry (a sort of
-    (value, column) keys and a rank scatter) cost ~4x the rest; here a plain sort of the values decides
-    every entry except those tied with the value at their draw's cut rank. ``probs`` (float64, one per
-    rank) must be non-decreasing; ``draws`` float32 (r, m); the comparison is exact in float64 (as
-    torch's promotion of float32 draws against float32/bf16/fp16/float64 probabilities).
+    (value, column) keys and a rank scatter) cost ~4x the rest; here a histogram of each row bounds every
+    rank and decides all but a few draws (float32, bf16 and fp16 rows; float64 ones are ranked). ``probs``
+    (float64, one per rank) must be non-decreasing; ``draws`` float32 (r, m); the comparison is exact in
+    float64 (as torch's promotion of float32 draws against float32/bf16/fp16/float64 probabilities).
     """
     exact = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows
     values = exact.detach().contiguous().numpy()
     if values.size == 0:
         return out
-    if torch.isnan(exact).any() or not replay_matches_torch() or np.any(np.diff(probs) < 0):
+    if values.dtype != np.float32 or not replay_matches_torch() or np.any(np.diff(probs) < 0):
         return _mask_from_ranks(row_ranks(rows), draws, probs, out)
-    ordered = scratch.array("select.ordered", values.size, values.dtype).reshape(values.shape)
-    np.copyto(ordered, values)
-    ordered.sort(axis=1)
     ok = np.empty(values.shape[0], np.bool_)
-    _draw_rank_mask(values, ordered, draws, probs, out, ok)
+    _draw_rank_mask(values, draws, probs, out, ok)
     for i in np.flatnonzero(~ok):
         _mask_from_ranks(_torch_ranks(rows[i : i + 1]), draws[i : i + 1], probs, out[i : i + 1])
     return out
