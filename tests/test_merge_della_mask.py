@@ -102,3 +102,11 @@ def test_draw_rank_mask_is_a_lookup_by_rank(kind):
         want = draws.astype(np.float64) < probs[ranks]
         out = np.empty(rows.shape, np.bool_)
         assert np.array_equal(S.draw_rank_mask(rows, draws, probs, out), want)
+
+
+def test_della_mask_over_several_row_blocks():
+    """Blocks of rows draw in turn from one stream: the draws stay in the rows' order across blocks."""
+    magnitude = _values("bf16", (1500, 800), np.random.default_rng(13))
+    assert 1500 * 800 > 2 * M._DELLA_BLOCK
+    got = M.della_mask(magnitude, 0.45, M.random_stream(14), epsilon=0.15)
+    assert torch.equal(got, _reference(magnitude, 0.45, 0.15, 14))

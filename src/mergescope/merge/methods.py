@@ -171,6 +171,9 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, out: Te
     return select.sorted_range_mask(magnitude.reshape(-1).float(), n_bot, n_bot + keep, descending=False, out=out)
 
 
+_DELLA_BLOCK = 4 * CHUNK  # draws per della block (2 MB scratch): each block's draw and call cost ~50 us
+
+
 def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator, epsilon: float = 0.15,
                out: Tensor | None = None, **_) -> Tensor | None:
     """DELLA MagPrune (Deep et al. 2024, arXiv:2406.11617): keep probability grows with magnitude rank.
@@ -191,7 +194,7 @@ def della_mask(magnitude: Tensor, density: float, generator: np.random.Generator
     mask = _mask_buffer(out, magnitude.numel())
     columns = rows.shape[1]  # > 1 for conv kernels: rows are strided, their mask is written back transposed
     keep = mask.view(rows.shape) if columns == 1 else torch.empty(rows.shape, dtype=torch.bool)
-    step = max(1, CHUNK // m)  # row blocks bound the draws' scratch
+    step = max(1, _DELLA_BLOCK // m)  # row blocks bound the draws' scratch
     flat_rows, flat_keep = rows.reshape(-1, m), keep.view(-1, m).numpy()
     probs = _della_probabilities(m, density, epsilon, magnitude.dtype)
     for start in range(0, flat_rows.shape[0], step):

@@ -496,7 +496,7 @@ def _first_above(probs, u, scale):
     return q
 
 
-_BUCKETS_PER_ENTRY = 2  # rank buckets per row entry: ~1/(2 B) of the draws need an exact rank
+_BUCKETS_PER_ENTRY = 2  # rank buckets per row entry: more leave fewer draws open, at more work per row
 _OCTAVES = 16  # keys more than this many octaves below a row's largest share its lowest bucket
 
 
