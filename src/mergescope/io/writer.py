@@ -42,10 +42,11 @@ from pathlib import Path
 import torch
 
 from ..errors import MergescopeError
+from ..merge import pages
 from .atomic import keep_only, record_done, sha256_file, verified_done
 from .checkpoint import PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE
 from .safetensors_format import DTYPE_NAMES, build_header, tensor_bytes
-from .untrusted import link_allowed, open_regular
+from .untrusted import link_allowed, open_regular, short_repr
 
 Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
 
@@ -167,11 +168,14 @@ class Slot:
     The map is never closed explicitly: ``mmap.close`` succeeds under a live torch view (torch holds a
     reference to the map, not a buffer export), and a view kept anywhere (a traceback's frame) would
     then read freed memory. Dropping the references unmaps it at once when no view is left, else
-    when the last view goes.
+    when the last view goes. While open, the map is tracked by merge/pages.py: the kernels give back
+    the pages they have written (they stay in the page cache, dirty, and reach the file as before).
     """
 
     def __init__(self, writer: PlannedWriter, name: str, tensor: torch.Tensor, mapped: mmap.mmap | None):
         self.writer, self.name, self.tensor, self._map = writer, name, tensor, mapped
+        if mapped is not None:
+            pages.track(mapped)
 
     def done(self) -> int:
         """Record the tensor as written (as ``PlannedWriter.write`` does); returns its byte count."""
@@ -179,6 +183,8 @@ class Slot:
         return self.writer._written_slot(self.name)
 
     def close(self) -> None:
+        if self._map is not None:
+            pages.forget(self._map)
         self.tensor, self._map = None, None
 
 
@@ -253,7 +259,11 @@ class PlannedWriter:
         size = nbytes(dtype, shape)
         if size == 0:
             return Slot(self, name, torch.empty(shape, dtype=dtype), None)
-        tensor, mapped = map_tensor(fd, offset, dtype, shape, shared=True)
+        try:
+            tensor, mapped = map_tensor(fd, offset, dtype, shape, shared=True)
+        except OSError as e:  # ENOMEM (address space, map count limit), ...: one line, as for an input's map
+            raise MergescopeError(f"{self.paths[shard]}: tensor {short_repr(name)}: cannot map its output slot "
+                                  f"({e.strerror or e})") from None
         return Slot(self, name, tensor, mapped)
 
     def write(self, name: str, tensor: torch.Tensor) -> int:

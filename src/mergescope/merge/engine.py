@@ -10,9 +10,15 @@ other results are ``pwrite``n and freed. A finished shard is fsynced and hashed 
 background thread, off the workers' path.
 
 Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
-within ``max(largest job, 256 MB)``, and a method's scratch is at most about one tensor plus
-128 K-element chunks. Peak resident memory is therefore about
-``interpreter + torch (~0.3 GB) + 2 x max(largest job, 256 MB)``, independent of model size.
+within ``max(largest job, 256 MB)``, so their maps stay within that. Resident pages are less: the
+fused loops of the task-vector family and linear (merge/kernels.py), ``check_finite`` and casts give
+back each pass's file-mapped pages as they go (merge/pages.py), so such a job keeps a 16 MB window
+per input and output resident, not its tensors; other methods touch up to the job's bytes. A method's
+scratch (merge/scratch.py: |delta|, masks, selection work arrays, a few bytes per entry of the job's
+tensor) is kept between jobs only up to the size of a typical job (``typical_entries``), so only the
+job running the largest tensor holds the largest scratch. Peak resident memory is therefore about
+``interpreter + torch + numba (~0.45 GB) + the largest tensor's scratch + the in-flight jobs' windows``
+for those methods (``+ max(largest job, 256 MB)`` for the others), independent of model size.
 Randomized methods draw from a generator seeded by ``(seed, tensor name)``, and torch runs
 single-threaded inside each worker (intra-op parallel reductions change summation order): the
 same seed gives the same bits whatever the worker count, core count or completion order.
@@ -26,6 +32,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -40,6 +47,7 @@ from ..errors import MergescopeError
 from ..io import atomic_output, copy_aux_files, parse_size, provenance
 from ..recipe import Recipe, read
 from ..tasks.checkpoints import passed_metadata
+from . import pages, scratch
 from . import plan as planning
 from .architectures import set_layer_count
 from .reader import JobMaps, Locator
@@ -139,7 +147,7 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
     tensors = remap_job(plan, job, _read_inputs(job, read, dtype))
     if job.copy or not tensors[0].is_floating_point():  # a single holder's tensor, a buffer: copied
         source = tensors[job.base or 0]
-        return source.to(job.dtype, copy=True) if into is None else into.copy_(source)
+        return source.to(job.dtype, copy=True) if into is None else _copy_into(into, source)
     method = plan.method
     base, others, params = _method_arguments(method, job, tensors)
     if method.random:
@@ -151,7 +159,7 @@ def run_job(job: planning.Job, plan: planning.Plan, read: Callable[[int, str], t
     except MergescopeError as e:
         raise MergescopeError(f"tensor {job.name!r}: {e}") from None
     if into is not None:
-        return into if _same_memory(out, into) else into.copy_(out)
+        return into if _same_memory(out, into) else _copy_into(into, out)
     out = out if out.dtype == job.dtype else out.to(job.dtype)
     if any(_shares_storage(out, t) for t in tensors):
         out = out.clone()
@@ -184,14 +192,21 @@ def _read_inputs(job: planning.Job, read: Callable[[int, str], torch.Tensor], dt
     for model_index, name in job.inputs:
         t = read(model_index, name)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
+            t = _cast(t, dtype)
         tensors.append(t)
     if not tensors[0].is_floating_point():
         return tensors
     work = tensors[0].dtype
     for t in tensors[1:]:
         work = torch.promote_types(work, t.dtype)
-    return [t if t.dtype == work else t.to(work) for t in tensors]
+    return [t if t.dtype == work else _cast(t, work) for t in tensors]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``; the source's mapped pages are given back (merge/pages.py): only the copy is read."""
+    cast = t.to(dtype)
+    pages.release(t, 0, t.numel())
+    return cast
 
 
 def _method_arguments(method, job: planning.Job, tensors: list) -> tuple:
@@ -210,21 +225,53 @@ def _method_arguments(method, job: planning.Job, tensors: list) -> tuple:
     return base, others, params
 
 
-def check_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> None:
+def check_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20, window: int = pages.WINDOW) -> None:
     """Refuse a merged tensor holding NaN/Inf (a bad input or parameter would poison the model silently).
 
     A finite sum proves every entry finite (one NaN/Inf makes the sum NaN/Inf) at the cost of one
     read; only a non-finite sum (or an overflowing one) pays for the exact count, in 1 M-entry chunks.
+    A contiguous tensor is summed ``window`` entries at a time, each window's pages given back after
+    (an output slot's, merge/pages.py), so the check does not fault the whole result back in.
     """
     if not tensor.is_floating_point():
         return
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None))):
+    flat = tensor.view(-1) if tensor.is_contiguous() else None
+    if (_finite_sum(tensor) if flat is None
+            else all(_finite_sum(flat[start:stop]) for start, stop in pages.windows(flat.numel(), window, flat))):
         return
     flat = tensor.reshape(-1)
     bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk))
     if bad:
         raise MergescopeError(f"tensor {name!r}: merged result has {bad} NaN/Inf value(s) of {flat.numel()}; "
                               "check the inputs and parameters, or pass --allow-nonfinite to keep them")
+
+
+def _copy_into(into: torch.Tensor, source: torch.Tensor, window: int = pages.WINDOW) -> torch.Tensor:
+    """``into.copy_(source)`` (cast included), ``window`` entries at a time when both are contiguous and of
+    one shape, each window's mapped pages of both given back once copied (merge/pages.py)."""
+    if not (into.is_contiguous() and source.is_contiguous() and into.shape == source.shape):
+        return into.copy_(source)
+    flat_into, flat_source = into.view(-1), source.view(-1)
+    for start, stop in pages.windows(flat_source.numel(), window, flat_into, flat_source):
+        flat_into[start:stop].copy_(flat_source[start:stop])
+    return into
+
+
+def _finite_sum(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None)))
+
+
+def typical_entries(jobs) -> int:
+    """Entries of the job holding the median input byte (jobs in size order): a worker keeps its scratch
+    buffers (merge/scratch.py) up to this size between jobs, so only the few larger tensors (embeddings,
+    LM head) get fresh buffers and two workers never both keep one of their size."""
+    sizes = sorted((math.prod(j.shape), j.nbytes_in) for j in jobs)
+    half, seen = sum(nbytes for _, nbytes in sizes) / 2, 0
+    for entries, nbytes in sizes:
+        seen += nbytes
+        if seen >= half:
+            return entries
+    return 0
 
 
 class _Budget:
@@ -331,6 +378,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     lock = threading.Lock()
     locators = [Locator(ckpts[m]) for m in plan.models]
     in_place = takes_out(plan.method.fn)
+    kept_entries = typical_entries(plan.jobs)
 
     def work(job):
         maps = JobMaps()
@@ -352,6 +400,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
             maps.close()
             if slot is not None:
                 slot.close()
+            scratch.trim(kept_entries)
         with lock:
             totals[0] += job.nbytes_in
             totals[1] += written

@@ -7,7 +7,9 @@ contraction), so each ``a * b`` and ``a + b`` rounds as torch's kernel does; whe
 (``addcmul_``: linear's ``acc + t * w``, and the election's ``kept + d * agree`` where only the NaN
 that survives ``inf * 0 + NaN`` depends on it) a run-time probe says whether it fuses, and LLVM's fma
 does the same. L1 sums stay torch's (a float64 or serial sum gives other bits). The kernels release
-the GIL (the engine calls methods from two worker threads). numba is imported here, and methods.py
+the GIL (the engine calls methods from two worker threads). The wrappers call a loop one WINDOW of entries
+at a time and give back the file-mapped pages of each window once done (merge/pages.py): a job's mapped
+inputs and output slot stay resident a window at a time, not whole. numba is imported here, and methods.py
 imports this module only when a merge runs, so ``import mergescope`` never loads it. Callers check
 :func:`fits` first: anything that does not (half precision, mixed dtypes, non-CPU, strided) stays on
 the torch path. :func:`pcg64_float32` draws numpy's PCG64 float32 stream bit for bit (DARE's and DELLA's
@@ -25,8 +27,16 @@ import torch
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
+from . import pages
+
 Tensor = torch.Tensor
 BLOCK = 2048  # elements per block: the per-block scratch (3 x 16 KB float64) stays in L1/L2
+# Entries per call of a loop: the wrappers pass over a tensor window by window and give back each
+# window's file-mapped pages (inputs, output slot) once done (merge/pages.py), so a job keeps a few
+# windows resident, not whole tensors. A multiple of BLOCK, so the blocks are the unwindowed call's;
+# the loops are elementwise anyway: the same bits.
+WINDOW = pages.WINDOW
+assert WINDOW % BLOCK == 0
 FLOATS = (torch.float32, torch.float64)
 
 
@@ -208,9 +218,13 @@ def task_vectors(out: Tensor, base: Tensor, tensors: Sequence[Tensor], plan: Seq
     has_factor = np.array([not (isinstance(f, float) and f == 1.0) for _, f in plan], dtype=np.bool_)
     factors = np.array([float(f) for _, f in plan], dtype=np_dtype)
     consts = np.array([total, lam, 0.0, 1.0, -1.0], dtype=np_dtype)
-    _task_vectors(out.reshape(-1).numpy(), base.detach().reshape(-1).numpy(), _arrays(tensors), masks, has_mask,
-                  factors, has_factor, np.array(weights, dtype=np_dtype), consts, bool(consensus),
-                  bool(normalize), lam != 1, bool(torch_fuses_addcmul(base.dtype)))
+    flat_out, flat_base, arrays = out.reshape(-1).numpy(), base.detach().reshape(-1).numpy(), _arrays(tensors)
+    weights, fused = np.array(weights, dtype=np_dtype), bool(torch_fuses_addcmul(base.dtype))
+    for start, stop in pages.windows(flat_base.size, WINDOW, out, base, *tensors):
+        part = slice(start, stop)
+        _task_vectors(flat_out[part], flat_base[part], tuple(a[part] for a in arrays),
+                      tuple(m[part] if has else m for m, has in zip(masks, has_mask)), has_mask, factors, has_factor,
+                      weights, consts, bool(consensus), bool(normalize), lam != 1, fused)
     return out
 
 
@@ -219,14 +233,23 @@ def weighted_sum(out: Tensor, tensors: Sequence[Tensor], weights: Tensor, total:
     rounds them; at least one). Callers check :func:`torch_fuses_addcmul` is not None."""
     tensors = tensors[:len(weights)]  # as the torch loop's zip
     fused = torch_fuses_addcmul(weights.dtype)
-    _weighted_sum(out.reshape(-1).numpy(), _arrays(tensors), weights.numpy(), total.numpy()[()], bool(normalize),
-                  bool(fused))
+    flat_out, arrays = out.reshape(-1).numpy(), _arrays(tensors)
+    for start, stop in pages.windows(flat_out.size, WINDOW, out, *tensors):
+        part = slice(start, stop)
+        _weighted_sum(flat_out[part], tuple(a[part] for a in arrays), weights.numpy(), total.numpy()[()],
+                      bool(normalize), bool(fused))
     return out
 
 
 def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
-    """out = |t - base| (torch's ``(t - base).abs_()``: one rounding, sign cleared) without a temporary."""
-    _abs_diff(out.reshape(-1).numpy(), t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy())
+    """out = |t - base| (torch's ``(t - base).abs_()``: one rounding, sign cleared) without a temporary.
+
+    The combine pass reads the inputs again: their pages are given back only when they span more than one
+    window (refaulting them cost ~9% of ties' CPU time; a one-window input is resident in the combine pass
+    anyway)."""
+    flat_out, flat_t, flat_base = out.reshape(-1).numpy(), t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy()
+    for start, stop in pages.windows(flat_out.size, WINDOW, *((t, base) if flat_out.size > WINDOW else ())):
+        _abs_diff(flat_out[start:stop], flat_t[start:stop], flat_base[start:stop])
     return out
 
 

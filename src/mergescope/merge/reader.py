@@ -3,7 +3,8 @@
 A ``pread`` copy costs a fresh buffer (page faults, zeroing) plus a memcpy from the page cache
 for every input tensor; mapping the tensor's range instead reads the page cache in place. The
 map lives only while the job that needs it runs, so the mapped pages leave the resident set as
-soon as the tensor is merged (a checkpoint-wide map would keep every touched page resident).
+soon as the tensor is merged (a checkpoint-wide map would keep every touched page resident), and
+the kernels give back each window's pages sooner, as they pass over it (merge/pages.py).
 Non-safetensors checkpoints (torch pickles) fall back to ``Checkpoint.read``.
 
 Inputs may change while a merge runs: each map is made from a regular file (``open_regular``)
@@ -24,6 +25,7 @@ from ..errors import MergescopeError
 from ..io import Checkpoint
 from ..io.untrusted import open_regular, short_repr
 from ..io.writer import map_tensor
+from . import pages
 
 
 class Locator:
@@ -42,6 +44,8 @@ class Locator:
 
 class JobMaps:
     """The maps one job holds; ``close`` lets them go: each is unmapped as soon as no tensor views it.
+    Each is tracked by merge/pages.py while the job runs, so the kernels can give back its pages as they
+    pass over it.
 
     Not ``mmap.close``: it succeeds under a live torch view (torch keeps a reference to the map, not
     a buffer export), so a view kept past the job (a traceback's frame) would read unmapped memory.
@@ -70,7 +74,10 @@ class JobMaps:
         finally:
             os.close(fd)
         self._maps.append(mapped)
+        pages.track(mapped)
         return tensor
 
     def close(self) -> None:
+        for mapped in self._maps:
+            pages.forget(mapped)
         self._maps = []

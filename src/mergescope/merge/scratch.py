@@ -17,9 +17,10 @@ Memory bound: each thread holds, per purpose, one array of the largest size it a
 most the scratch the largest tensor's job already used at its peak (for the task-vector family on n
 entries and M models: 4n |delta| bytes, M n mask bytes, 8n replay bytes when ties straddle a cut,
 2n + 8 CHUNK for the lower cut's mask and della's block draws and ranks), kept between jobs instead of
-freed. The engine's workers are the threads of a
-per-merge pool, so their arenas go when the merge ends; :func:`release` frees the calling thread's
-at any time.
+freed, but after each job the engine lets a worker keep only the buffers of at most a typical job's
+size (:func:`trim`): the few largest tensors (embeddings, LM head) get fresh buffers, so two workers
+never both hold an embedding-sized arena. The engine's workers are the threads of a per-merge pool,
+so their arenas go when the merge ends; :func:`release` frees the calling thread's at any time.
 """
 
 from __future__ import annotations
@@ -72,3 +73,10 @@ def held_bytes() -> int:
 def release() -> None:
     """Frees this thread's buffers (the next request allocates afresh)."""
     _buffers().clear()
+
+
+def trim(max_entries: int) -> None:
+    """Frees this thread's buffers of more than ``max_entries`` entries (the smaller ones stay for reuse)."""
+    buffers = _buffers()
+    for key in [key for key, held in buffers.items() if held.size > max_entries]:
+        del buffers[key]

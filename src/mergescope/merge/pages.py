@@ -1,0 +1,90 @@
+"""Give a file map's resident pages back while a job still holds the map (the merge engine's memory bound).
+
+Why: a job maps its input tensors and its output slot whole (merge/reader.py, io/writer.py), and every
+page it touches stays resident until the map goes at the job's end: 4 inputs and the output of a
+32000 x 1024 float32 embedding keep 655 MB resident. The kernels (merge/kernels.py) pass over a tensor
+in windows; after each window they call :func:`release`, so a job keeps a few windows resident, not
+its tensors. ``madvise(MADV_DONTNEED)`` drops the pages from this process only: the page cache keeps
+them (the output's dirty pages included: they are written back as before), and the next read faults
+them in again from there.
+
+Safety: on anonymous memory the same call would zero the data, so :func:`release` acts only inside a
+map registered here by its maker (:func:`track`; the registry holds the map, so its addresses cannot be
+reused by other memory until :func:`forget`), and only through that map's own ``madvise``. Inputs are
+private copy-on-write maps that nothing writes (a write would be lost at the next release); output slots
+are shared maps, whose writes reach the page cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+
+import torch
+
+WINDOW = 1 << 22  # entries per pass of the callers that release as they go (16 MB of float32)
+_lock = threading.Lock()
+_maps: dict[int, tuple[int, mmap.mmap]] = {}  # first address -> (end address, the map)
+
+
+def track(mapped: mmap.mmap) -> None:
+    """Let :func:`release` give back pages of ``mapped`` (a file map) until :func:`forget`."""
+    if len(mapped) == 0:
+        return
+    view = ctypes.c_char.from_buffer(mapped)  # a buffer export: let go at once, so the map can close
+    start = ctypes.addressof(view)
+    del view
+    with _lock:
+        _maps[start] = (start + len(mapped), mapped)
+
+
+def forget(mapped: mmap.mmap) -> None:
+    """Stop releasing pages of ``mapped`` (before its last reference goes)."""
+    with _lock:
+        for start, (_, held) in list(_maps.items()):
+            if held is mapped:
+                del _maps[start]
+
+
+def tracked() -> int:
+    """How many maps are registered (tests: none may be left when a merge ends)."""
+    with _lock:
+        return len(_maps)
+
+
+def release(tensor: torch.Tensor, start: int, stop: int) -> None:
+    """Drop this process's pages of entries ``[start, stop)`` of contiguous ``tensor`` (the whole pages
+    inside that range) when they lie in a tracked file map; otherwise do nothing."""
+    if stop <= start or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        return
+    size = tensor.element_size()
+    first = tensor.data_ptr() + start * size
+    end = tensor.data_ptr() + stop * size
+    lo = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = end - end % mmap.PAGESIZE
+    if hi <= lo:
+        return
+    found = _find(lo, hi)
+    if found is not None:
+        base, mapped = found
+        mapped.madvise(mmap.MADV_DONTNEED, lo - base, hi - lo)
+
+
+def windows(n: int, size: int, *touched: torch.Tensor):
+    """(start, stop) of each ``size``-entry window of ``n`` entries; once the caller is done with a window,
+    the pages of ``touched`` (flat views of n entries) in it are released."""
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        yield start, stop
+        for t in touched:
+            release(t, start, stop)
+
+
+def _find(lo: int, hi: int) -> tuple[int, mmap.mmap] | None:
+    """(first address, map) of the tracked map holding all of ``[lo, hi)``, or None."""
+    with _lock:
+        for base, (end, mapped) in _maps.items():
+            if base <= lo and hi <= end:
+                return base, mapped
+    return None

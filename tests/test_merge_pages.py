@@ -1,0 +1,252 @@
+"""Bounded resident memory for the streaming merge (issue 20): merge/pages.py's page release, the kernels'
+windowed passes, check_finite's windows, the scratch trim between jobs, and the output slot's map errors.
+
+Residency is read from the outside (``/proc/self/smaps``: the Rss of the mapping holding a tensor); the
+bits are checked against the unwindowed kernel call (one window: the code path before windows) and the
+torch expressions the kernels replace.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mergescope as ms
+from mergescope.errors import MergescopeError
+from mergescope.io import save
+from mergescope.io import writer as io_writer
+from mergescope.io.writer import PlannedWriter, map_tensor
+from mergescope.merge import engine, kernels, pages, scratch
+from mergescope.merge import plan as planning
+
+torch.set_num_threads(1)
+PAGE = mmap.PAGESIZE
+
+
+def _file(path: Path, values: torch.Tensor) -> Path:
+    path.write_bytes(values.numpy().tobytes())
+    return path
+
+
+def _mapped(path: Path, n: int, shared: bool = False) -> tuple[torch.Tensor, mmap.mmap]:
+    fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+    try:
+        return map_tensor(fd, 0, torch.float32, (n,), shared=shared)
+    finally:
+        os.close(fd)
+
+
+def _rss_kb(tensor: torch.Tensor) -> int:
+    """Resident kB of the mapping that holds ``tensor``'s first byte (/proc/self/smaps)."""
+    address, inside = tensor.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.fixture
+def values():
+    return torch.randn(64 * PAGE // 4, generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- pages.release
+
+
+def test_released_input_pages_leave_the_resident_set_and_read_back_the_same(tmp_path, values):
+    tensor, mapped = _mapped(_file(tmp_path / "in.bin", values), values.numel())
+    pages.track(mapped)
+    try:
+        assert torch.equal(tensor, values) and _rss_kb(tensor) >= 64 * PAGE // 1024
+        pages.release(tensor, 0, tensor.numel())
+        assert _rss_kb(tensor) == 0
+        assert torch.equal(tensor, values)  # faulted back in from the page cache
+    finally:
+        pages.forget(mapped)
+    assert pages.tracked() == 0
+
+
+def test_released_output_pages_keep_what_was_written(tmp_path, values):
+    path = _file(tmp_path / "out.bin", torch.zeros_like(values))
+    tensor, mapped = _mapped(path, values.numel(), shared=True)
+    pages.track(mapped)
+    try:
+        tensor.copy_(values)
+        pages.release(tensor, 0, tensor.numel())
+        assert _rss_kb(tensor) == 0 and torch.equal(tensor, values)
+    finally:
+        pages.forget(mapped)
+    del tensor, mapped
+    assert np.array_equal(np.fromfile(path, np.float32), values.numpy())
+
+
+def test_only_whole_pages_inside_the_range_are_released(tmp_path, values):
+    """A private map's written page reverts to the file's bytes when released: the pages around the range
+    keep their writes, so nothing outside it was touched."""
+    tensor, mapped = _mapped(_file(tmp_path / "in.bin", values), values.numel())
+    per_page = PAGE // 4
+    assert torch.equal(tensor, values)  # every page resident
+    tensor[per_page - 1] = tensor[3 * per_page] = 123.0  # the last entry before, the first after
+    pages.track(mapped)
+    try:
+        pages.release(tensor, per_page - 1, 3 * per_page + 1)  # one entry into the pages on both sides
+        assert tensor[per_page - 1] == 123.0 and tensor[3 * per_page] == 123.0
+        assert _rss_kb(tensor) == (64 - 2) * PAGE // 1024  # pages 1 and 2 gone, the rest resident
+    finally:
+        pages.forget(mapped)
+
+
+def test_anonymous_and_forgotten_memory_is_never_released(tmp_path, values):
+    anonymous = values.clone()
+    pages.release(anonymous, 0, anonymous.numel())
+    assert torch.equal(anonymous, values)
+    tensor, mapped = _mapped(_file(tmp_path / "in.bin", values), values.numel())
+    tensor[0] = 5.0  # a private write: released, it would read the file's value again
+    pages.track(mapped)
+    pages.forget(mapped)
+    pages.release(tensor, 0, tensor.numel())
+    assert tensor[0] == 5.0 and pages.tracked() == 0
+
+
+# ----------------------------------------------------------------------------- the kernels' windows
+
+
+def _windowed(monkeypatch, window, fn):
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "WINDOW", window)
+        return fn()
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+def test_windowed_kernels_give_the_unwindowed_bits(monkeypatch, consensus):
+    g = torch.Generator().manual_seed(1)
+    n = 7 * kernels.BLOCK + 5  # windows of 2 blocks, the last one short
+    base = torch.randn(n, generator=g)
+    tensors = [base + torch.randn(n, generator=g) for _ in range(3)]
+    plan = [(torch.rand(n, generator=g) < 0.5, 1.0), (None, 1.25), (torch.rand(n, generator=g) < 0.3, 2.0)]
+    weights = [0.5, 0.3, 0.2]
+
+    def run():
+        merged = kernels.task_vectors(torch.empty(n), base, tensors, plan, weights, 1.0, consensus, True, 0.7)
+        summed = kernels.weighted_sum(torch.empty(n), tensors, torch.tensor(weights), torch.tensor(1.0), True)
+        return merged, summed, kernels.abs_diff(torch.empty(n), tensors[0], base)
+
+    whole = _windowed(monkeypatch, 1 << 40, run)
+    windowed = _windowed(monkeypatch, 2 * kernels.BLOCK, run)
+    for a, b in zip(whole, windowed):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert torch.equal(whole[2], (tensors[0] - base).abs_())  # torch's expression, too
+
+
+def test_kernel_passes_keep_one_window_of_mapped_inputs_and_output_resident(tmp_path, monkeypatch):
+    n = 256 * PAGE // 4  # 1 MB float32
+    window = 16 * PAGE // 4
+    g = torch.Generator().manual_seed(2)
+    inputs = [_mapped(_file(tmp_path / f"in{i}.bin", torch.randn(n, generator=g)), n) for i in range(3)]
+    out, out_map = _mapped(_file(tmp_path / "out.bin", torch.zeros(n)), n, shared=True)
+    for _, mapped in [*inputs, (out, out_map)]:
+        pages.track(mapped)
+    base, a, b = (t for t, _ in inputs)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "WINDOW", window)
+            magnitude = kernels.abs_diff(torch.empty(n), a, base)
+            kernels.task_vectors(out, base, [a, b], [(None, 1.0), (None, 1.0)], [0.6, 0.4], 1.0, False, False, 1.0)
+        for t in (base, a, b, out):
+            assert _rss_kb(t) <= window * 4 // 1024  # whole tensors were touched: only window edges may stay
+        assert torch.equal(out, base + ((a - base) * 0.6 + (b - base) * 0.4))  # read back through the page cache
+        assert torch.equal(magnitude, (a - base).abs_())
+    finally:
+        for _, mapped in [*inputs, (out, out_map)]:
+            pages.forget(mapped)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def test_check_finite_finds_a_nan_in_the_last_window():
+    values = torch.zeros(10_000)
+    engine.check_finite("w", values, window=1000)
+    values[-1] = float("nan")
+    with pytest.raises(MergescopeError, match="1 NaN/Inf value"):
+        engine.check_finite("w", values, window=1000)
+    engine.check_finite("w", torch.full((3, 4), 3e38).t())  # non-contiguous, sum overflows: no bad entry
+
+
+def test_copy_into_a_slot_by_windows_is_torchs_copy():
+    source = torch.randn(3, 1001, generator=torch.Generator().manual_seed(4))
+    into = torch.empty(3, 1001, dtype=torch.float64)
+    assert engine._copy_into(into, source, window=1000) is into and torch.equal(into, source.to(torch.float64))
+    strided = torch.empty(1001, 3).t()
+    assert torch.equal(engine._copy_into(strided, source, window=1000), source)
+
+
+def test_scratch_trim_frees_only_the_larger_buffers():
+    scratch.release()
+    scratch.array("t.big", 5000, np.float32)
+    small = scratch.array("t.small", 100, np.float64).ctypes.data
+    scratch.trim(1000)
+    assert scratch.held_bytes() == 800 and scratch.array("t.small", 100, np.float64).ctypes.data == small
+    scratch.release()
+
+
+def test_typical_entries_is_the_job_holding_the_median_byte():
+    def job(shape, nbytes):
+        return planning.Job(name="x", inputs=(), base=None, shared={}, per_input=(), shape=shape,
+                            dtype=torch.float32, nbytes_in=nbytes)
+
+    jobs = [job((10,), 40), job((1000, 10), 40_000), job((20, 10), 800), job((20, 10), 800),
+            job((300, 100), 40_000)]
+    assert engine.typical_entries(jobs) == 10_000  # half the bytes are in jobs of up to 10,000 entries
+    assert engine.typical_entries([]) == 0
+
+
+def _models(tmp_path: Path) -> str:
+    g = torch.Generator().manual_seed(3)
+    base = {"embed.weight": torch.randn(300, 64, generator=g), "norm.weight": torch.randn(64, generator=g)}
+    save(base, tmp_path / "base")
+    for i in range(2):
+        save({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"m{i}")
+    return (f"merge_method: ties\nbase_model: {tmp_path}/base\nmodels:\n"
+            + "".join(f"  - {{model: {tmp_path}/m{i}, parameters: {{weight: 0.5, density: 0.5}}}}\n" for i in range(2)))
+
+
+def test_merge_in_small_windows_gives_the_same_bytes_and_leaves_nothing_tracked(tmp_path, monkeypatch):
+    recipe = _models(tmp_path)
+    trims = []
+    real_trim = scratch.trim
+    monkeypatch.setattr(scratch, "trim", lambda n: trims.append(n) or real_trim(n))
+    monkeypatch.setenv(engine.WRITE_ENV, "mapped")
+    ms.merge(recipe, tmp_path / "windows.safetensors", threads=2)
+    assert pages.tracked() == 0 and trims == [300 * 64] * 2  # the embedding's job holds the median byte
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "WINDOW", 1 << 40)
+        m.setattr(pages, "release", lambda *a: None)
+        m.setenv(engine.WRITE_ENV, "pwrite")
+        ms.merge(recipe, tmp_path / "whole.safetensors", threads=2)
+    assert (tmp_path / "windows.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+def test_output_slot_that_cannot_be_mapped_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    writer = PlannedWriter(tmp_path / "out", [("w", torch.float32, (4, 4))], 10**9, None)
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(io_writer, "map_tensor", no_memory)
+    with pytest.raises(MergescopeError, match=r"out/model\.safetensors: tensor 'w': cannot map its output slot "
+                                              r"\(Cannot allocate memory\)"):
+        writer.slot("w")
+    writer.abort()
