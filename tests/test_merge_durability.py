@@ -132,3 +132,32 @@ def test_cli_no_fsync_json_and_summary(recipe, tmp_path, capsys, syncs):
     assert data["fsync"] is False and data["first_tensor_s"] <= data["last_tensor_s"] and syncs == []
     printed = capsys.readouterr().out
     assert "first tensor" in printed and "steady state" in printed and "off" in printed
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_tensor_starts_its_write_back_once_and_only_when_syncing(tmp_path, recipe, monkeypatch, threads):
+    """Each merged tensor's byte range (as the output's own safetensors headers place it) is handed to
+    sync_file_range once, on the shard it lies in; none with fsync off."""
+    from mergescope.merge import engine
+
+    starts: list[tuple[str, int, int]] = []
+    real = engine._start_writeback
+
+    def recording(fd, offset, nbytes):
+        starts.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, nbytes))
+        return real(fd, offset, nbytes)
+
+    monkeypatch.setattr(engine, "_start_writeback", recording)
+    ms.merge(recipe, tmp_path / "quiet", max_shard_size="2KB", threads=threads, fsync=False)
+    assert starts == []
+    out = tmp_path / "out"
+    ms.merge(recipe, out, max_shard_size="2KB", threads=threads)
+    expected = set()
+    for shard in sorted(out.glob("*.safetensors")):
+        raw = shard.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + size])
+        expected |= {(shard.name, 8 + size + begin, end - begin)
+                     for name, entry in header.items() if name != "__metadata__"
+                     for begin, end in [entry["data_offsets"]]}
+    assert len(expected) > 3 and sorted(starts) == sorted(expected)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save_file
 
 import mergescope as ms
@@ -196,11 +197,28 @@ def test_done_log_trusts_only_files_whose_hash_matches(tmp_path):
         + json.dumps({"file": "../a.bin", "sha256": good}) + "\n"
         + "[1, 2]\n" + '{"file": "c.bin", "sha2')  # torn last line of a killed writer
     (tmp_path / "b.bin").write_bytes(b"will be to")
-    assert verified_done(tmp_path) == {"a.bin": good}
+    assert verified_done(tmp_path) == {"a.bin": f"sha256:{good}"}  # an earlier version's log is still honoured
+
+
+def test_done_log_digests_are_xxh3_and_checked_against_the_bytes(tmp_path):
+    """New logs hold XXH3-128 (the xxhash library's, over the file's bytes); a changed file, an unknown
+    algorithm and a non-string digest are not trusted."""
+    from mergescope.io.atomic import record_done
+
+    for name in ("a.bin", "b.bin", "c.bin", "d.bin"):
+        (tmp_path / name).write_bytes(name.encode() * 300_000)  # several read buffers
+    for name in ("a.bin", "b.bin"):
+        record_done(tmp_path, tmp_path / name)
+    (tmp_path / "b.bin").write_bytes(b"changed")
+    with open(tmp_path / DONE_LOG, "a") as log:
+        log.write(json.dumps({"file": "c.bin", "digest": "md5:00"}) + "\n")
+        log.write(json.dumps({"file": "d.bin", "digest": 7}) + "\n")
+    expected = "xxh3_128:" + xxhash.xxh3_128((tmp_path / "a.bin").read_bytes()).hexdigest()
+    assert verified_done(tmp_path) == {"a.bin": expected}
 
 
 def test_done_log_holds_every_finished_shard_but_the_last_one(tmp_path):
-    """Earlier shards are logged with their sha256 (hashlib over the file's bytes); the last shard to
+    """Earlier shards are logged with their XXH3-128 (the xxhash library over the file's bytes); the last shard to
     finish is not hashed, since the run completes right after it."""
     from mergescope.merge.writer import PlannedWriter
 
@@ -212,7 +230,7 @@ def test_done_log_holds_every_finished_shard_but_the_last_one(tmp_path):
         writer.write(f"t{i}", torch.full((256,), float(i)))
     writer.close()
     first, second = writer.paths[1].name, writer.paths[0].name
-    assert verified_done(tmp_path) == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    assert verified_done(tmp_path) == {name: "xxh3_128:" + xxhash.xxh3_128((tmp_path / name).read_bytes()).hexdigest()
                                        for name in (first, second)}
 
 

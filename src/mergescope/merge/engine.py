@@ -316,8 +316,14 @@ class _ShardSync:
 
     One sync per shard (not per tensor): the kernel writes the shard's dirty pages back while the
     workers keep computing; the done-log entry follows the sync, so it only vouches for durable
-    bytes, and workers never wait for the hash (~1 GB/s). Only the last shard's work is waited
-    for at the end (``wait``). With ``fsync`` off the thread only hashes.
+    bytes, and workers never wait for the hash. Only the last shard's work is waited for at the end
+    (``wait``). With ``fsync`` off the thread only hashes.
+
+    Each finished tensor's pages are handed to the disk at once (``kick``: ``sync_file_range``'s
+    start-writeback, which does not wait), so the shard's fsync finds most of them written: without
+    it the kernel starts writing back only at the fsync, and the last shard's whole write-back came
+    after the last tensor (a 500 MB shard written through a map: fsync 0.67-0.77 s after, total
+    1.00-1.66 s; with a start per 25 MB: fsync 0.40-0.50 s, total 0.73-0.89 s).
     """
 
     def __init__(self, fsync: bool):
@@ -328,6 +334,11 @@ class _ShardSync:
     def submit(self, fd: int, log: Callable[[], None] | None) -> None:
         if self.fsync or log is not None:
             self._futures.append(self._pool.submit(self._finish, fd, log))
+
+    def kick(self, fd: int, offset: int, nbytes: int) -> None:
+        """Start writing back ``nbytes`` at ``offset`` of ``fd`` (one finished tensor) on the sync thread."""
+        if self.fsync and _SYNC_FILE_RANGE is not None and nbytes:
+            self._futures.append(self._pool.submit(_start_writeback, fd, offset, nbytes))
 
     def _finish(self, fd: int, log: Callable[[], None] | None) -> None:
         if self.fsync:
@@ -346,6 +357,28 @@ class _ShardSync:
     def cancel(self) -> None:
         """Stop before the writer closes the files on an error (pending work dropped, running work awaited)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _libc_sync_file_range():
+    """Linux's sync_file_range through libc (Python's os module lacks it), or None elsewhere."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # start write-out of the range's dirty pages, wait for nothing
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Advice only: a failure (an old kernel, a file system without it) leaves the work to the shard's fsync,
+    which reports real write errors."""
+    _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -372,7 +405,8 @@ def _fsync_tree(folder: Path, done: set[Path]) -> None:
 
 
 def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False,
-             timeline: _Timeline | None = None) -> tuple[int, int]:
+             timeline: _Timeline | None = None, kick: Callable[[int, int, int], None] = lambda *_: None
+             ) -> tuple[int, int]:
     budget = _Budget(max(MIN_BUDGET, max((_job_bytes(j) for j in plan.jobs), default=0)))
     totals = [0, 0]
     lock = threading.Lock()
@@ -393,8 +427,10 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
             if slot is None:
                 written = writer.write(job.name, out)
                 del out
+                kick(*writer.extent(job.name))
             else:
                 del out  # a view of the map: gone before the slot unmaps
+                kick(*writer.extent(job.name))  # before done(): ahead of the shard's fsync when it is the last
                 written = slot.done()
         finally:
             maps.close()
@@ -584,7 +620,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
                 read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite,
-                                               timeline)
+                                               timeline, sync.kick)
                 fsync_wait = sync.wait()
             except BaseException:
                 sync.cancel()
