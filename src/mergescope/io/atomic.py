@@ -224,13 +224,8 @@ def file_digest(path: str | os.PathLike, algorithm: str = "xxh3_128") -> str:
     Not a whole-file map: every mapped page counts in the process's resident set, so hashing a
     1 GB shard that way doubled a merge's peak RSS; reads into a fixed buffer keep it flat.
     """
-    h = DIGESTS[algorithm]()
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(buffer):
-            h.update(view[:size])
-    return f"{algorithm}:{h.hexdigest()}"
+    with open(path, "rb") as f:
+        return f"{algorithm}:{hashlib.file_digest(f, DIGESTS[algorithm]).hexdigest()}"
 
 
 def record_done(folder: str | os.PathLike, path: str | os.PathLike, digest: str | None = None) -> None:
