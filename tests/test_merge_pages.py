@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_merge_methods import (
+    _model_stock_whole_tensor,  # MergeKit's expression, whole tensors
+)
 
 import mergescope as ms
 from mergescope.errors import MergescopeError
 from mergescope.io import save
 from mergescope.io import writer as io_writer
 from mergescope.io.writer import PlannedWriter, map_tensor
-from mergescope.merge import engine, kernels, pages, scratch
+from mergescope.merge import engine, kernels, methods, pages, scratch
 from mergescope.merge import plan as planning
 
 torch.set_num_threads(1)
@@ -169,6 +172,38 @@ def test_kernel_passes_keep_one_window_of_mapped_inputs_and_output_resident(tmp_
         assert torch.equal(magnitude, (a - base).abs_())
     finally:
         for _, mapped in [*inputs, (out, out_map)]:
+            pages.forget(mapped)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_in_windows_keeps_mergekits_bits_and_few_mapped_pages(tmp_path, monkeypatch, filter_wise):
+    """Windows of 16 pages (the last one short, rows split across windows when flat): the whole-tensor bits,
+    and only about a window (and the kernel's 16-page fault-around) of the 4 mapped inputs and the mapped
+    output stays resident."""
+    rows, width = 64, 8 * PAGE // 4 + 7
+    n = rows * width
+    g = torch.Generator().manual_seed(6)
+    base_values = torch.randn(n, generator=g)
+    inputs = [_mapped(_file(tmp_path / "base.bin", base_values), n)]
+    inputs += [_mapped(_file(tmp_path / f"in{i}.bin", base_values + 0.1 * torch.randn(n, generator=g)), n)
+               for i in range(3)]
+    out, out_map = _mapped(_file(tmp_path / "out.bin", torch.zeros(n)), n, shared=True)
+    maps = [m for _, m in inputs] + [out_map]
+    for mapped in maps:
+        pages.track(mapped)
+    base, *models = (t.view(rows, width) for t, _ in inputs)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(methods, "STOCK_WINDOW", 16 * PAGE // 4)
+            m.setattr(methods, "CHUNK", 2 * PAGE // 4)
+            merged = methods.model_stock(models, base, filter_wise=filter_wise, out=out.view(rows, width))
+        for t in (*(t for t, _ in inputs), out):
+            assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 129 pages each
+        expected = _model_stock_whole_tensor(models, base) if filter_wise else \
+            _model_stock_whole_tensor([t.reshape(-1) for t in models], base.reshape(-1)).view(rows, width)
+        assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+    finally:
+        for mapped in maps:
             pages.forget(mapped)
 
 

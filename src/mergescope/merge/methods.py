@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from ..errors import MergescopeError
-from . import scratch
+from . import pages, scratch
 
 Tensor = torch.Tensor
+STOCK_WINDOW = pages.WINDOW  # entries per pass of model_stock's cosine fills (tests make it small)
 CHUNK = 1 << 17  # elements per chunk: 512 KB float32 temporaries stay in cache and in the heap (no mmap churn)
 
 
@@ -749,16 +750,32 @@ def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = 
 def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
     """The mean pairwise cosine of the offsets ``w - w0`` along the last dimension, as MergeKit 0.1.5 computes
     it: whole-tensor torch norms and sums (their bits depend on torch's reduction order, so they stay torch's).
-    Offsets and products live in this thread's reused buffers, not fresh tensor-sized temporaries."""
-    offsets = [torch.sub(w, w0, out=_reused(f"methods.stock_offset{i}", w0.shape, torch.result_type(w, w0)))
-               for i, w in enumerate(ws)]
-    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    Why one buffer: each reduction's operand (an offset, or the product of two) is filled into this thread's
+    one tensor-sized buffer window by window, with the same elementwise roundings as MergeKit's whole-tensor
+    offsets, and the inputs' mapped pages are given back behind each window (merge/pages.py): one tensor of
+    scratch, not n offsets and a product, and a few windows of input resident, not every input whole."""
+    work = _reused("methods.stock_work", w0.shape, torch.result_type(ws[0], w0))
+    flat_work, flat_w0, flat_ws = work.view(-1), w0.reshape(-1), [w.reshape(-1) for w in ws]
+    norms = [torch.linalg.vector_norm(_stock_fill(flat_work, flat_w0, w).view(w0.shape), dim=-1) for w in flat_ws]
     cosines = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
-            product = torch.mul(offsets[i], offsets[j], out=_reused("methods.stock_product", w0.shape, offsets[i].dtype))
+    for i in range(len(ws)):
+        for j in range(i + 1, len(ws)):
+            product = _stock_fill(flat_work, flat_w0, flat_ws[i], flat_ws[j]).view(w0.shape)
             cosines.append((product.sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     return torch.stack(cosines).mean(0).unsqueeze(-1)
+
+
+def _stock_fill(work: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``work = a - w0`` (or ``(a - w0) * (b - w0)``), flat, window by window; the inputs' pages of each finished
+    window are released. Returns ``work``."""
+    n = work.numel()
+    spare = None if b is None else _reused("methods.stock_spare", torch.Size([min(n, STOCK_WINDOW)]), work.dtype)
+    for start, stop in pages.windows(n, STOCK_WINDOW, *((w0, a) if b is None else (w0, a, b))):
+        part = work[start:stop]
+        torch.sub(a[start:stop], w0[start:stop], out=part)
+        if b is not None:
+            part.mul_(torch.sub(b[start:stop], w0[start:stop], out=spare[:stop - start]))
+    return work
 
 
 def _reused(purpose: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
@@ -771,22 +788,24 @@ def _reused(purpose: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
 
 def _stock_mix(ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, out: Tensor | None = None) -> Tensor:
     """``ratio * (sum(ws) / n) + (1 - ratio) * w0`` in blocks: the same elementwise roundings as the whole-tensor
-    expression (MergeKit's), without its seven tensor-sized temporaries. ``ratio`` is one number, or one per
-    row of the last dimension (filter-wise). ``out`` (w0's shape, ratio's dtype) receives the result."""
+    expression (MergeKit's), without its seven tensor-sized temporaries; mapped pages of the inputs and of
+    ``out`` are given back window by window. ``ratio`` is one number, or one per row of the last dimension
+    (filter-wise). ``out`` (w0's shape, ratio's dtype) receives the result."""
     n, keep = len(ws), 1 - ratio
     out = torch.empty(w0.shape, dtype=torch.result_type(ratio, w0)) if out is None else out
-    if ratio.numel() == 1:  # flat blocks of CHUNK entries
-        blocks, flat_ws, flat_w0, flat_out = _chunks(w0.numel()), [w.reshape(-1) for w in ws], w0.reshape(-1), out.view(-1)
-        ratios = lambda part: (ratio, keep)
-    else:  # row blocks, each row with its own ratio
-        width = w0.shape[-1]
-        flat_ws, flat_w0 = [w.reshape(-1, width) for w in ws], w0.reshape(-1, width)
-        flat_out, step = out.view(flat_w0.shape), max(1, CHUNK // max(1, width))
-        blocks = (slice(i, i + step) for i in range(0, flat_w0.shape[0], step))
-        ratios = lambda part: (ratio.reshape(-1, 1)[part], keep.reshape(-1, 1)[part])
-    for part in blocks:
-        r, k = ratios(part)
-        flat_out[part] = r * (sum(w[part] for w in flat_ws) / n) + k * flat_w0[part]
+    per_row = ratio.numel() > 1
+    width = w0.shape[-1] if per_row else 1
+    flat_ws, flat_w0, flat_out = [w.reshape(-1, width) for w in ws], w0.reshape(-1, width), out.view(-1, width)
+    rows, step = flat_w0.shape[0], max(1, CHUNK // width)
+    window = max(step, STOCK_WINDOW // width // step * step)
+    for first in range(0, rows, window):
+        last = min(rows, first + window)
+        for lo in range(first, last, step):
+            part = slice(lo, min(last, lo + step))
+            r, k = (ratio.reshape(-1, 1)[part], keep.reshape(-1, 1)[part]) if per_row else (ratio, keep)
+            flat_out[part] = r * (sum(w[part] for w in flat_ws) / n) + k * flat_w0[part]
+        for t in (flat_out, flat_w0, *flat_ws):
+            pages.release(t, first * width, last * width)
     return out
 
 

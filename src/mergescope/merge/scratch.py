@@ -16,7 +16,8 @@ contents on hand-out are undefined. Purposes used together in one call must diff
 Memory bound: each thread holds, per purpose, one array of the largest size it asked for, i.e. at
 most the scratch the largest tensor's job already used at its peak (for the task-vector family on n
 entries and M models: 4n |delta| bytes, M n mask bytes, 8n replay bytes when ties straddle a cut,
-16 CHUNK for della's block draws; model_stock: M + 1 offset and product arrays of n; slerp: two
+16 CHUNK for della's block draws; model_stock: one array of n and
+one window; slerp: two
 arrays of at most 1 M entries), kept between jobs instead of
 freed, but after each job the engine lets a worker keep only the buffers of at most a typical job's
 size (:func:`trim`): the few largest tensors (embeddings, LM head) get fresh buffers, so two workers
