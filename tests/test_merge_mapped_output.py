@@ -144,8 +144,26 @@ def test_default_maps_with_two_threads_and_pwrites_with_one(models, tmp_path, mo
     assert all(in_place) and sorted(pwrites) == sorted(headers)
     in_place.clear()
     ms.merge(_recipe(tmp_path), tmp_path / "one", threads=1, max_shard_size="1KB")
-    assert in_place and not any(in_place) and sum(pwrites) > 2 * 40 * 16 * 4
+    # one thread: out= is the worker's reused result buffer, whose bytes then go out by pwrite
+    assert in_place and all(in_place) and sum(pwrites) > 2 * 40 * 16 * 4
     assert _bytes(tmp_path / "one") == _bytes(tmp_path / "two")
+
+
+def test_pwrite_path_reuses_one_result_buffer_per_worker(models, tmp_path, monkeypatch):
+    """Same-shaped results on the pwrite path land in the same memory (no fresh pages per tensor), and
+    each is written out before the buffer is reused (the bytes equal the mapped path's)."""
+    addresses: list[int] = []
+    real = methods.linear
+
+    def linear_out(tensors, base=None, *, weight, normalize=True, out=None, **kw):
+        addresses.append(out.data_ptr())
+        return out.copy_(real(tensors, base, weight=weight, normalize=normalize, **kw))
+
+    monkeypatch.setitem(methods.REGISTRY, "linear", dataclasses.replace(methods.REGISTRY["linear"], fn=linear_out))
+    mapped, written = _both(monkeypatch, _recipe(tmp_path), tmp_path / "out", threads=1, max_shard_size="1KB")
+    assert mapped == written
+    pwrite_calls = addresses[len(addresses) // 2:]
+    assert len(pwrite_calls) == 1 + 2 * LAYERS and len(set(pwrite_calls)) < len(pwrite_calls) // 2
 
 
 def test_single_file_and_cast_output_same_bytes_as_pwrite(models, tmp_path, monkeypatch, in_place):
@@ -221,8 +239,8 @@ def test_no_fallocate_support_falls_back_to_pwrite(models, tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
     mapped, ref = _both(monkeypatch, _recipe(tmp_path), tmp_path / "out", max_shard_size="1KB")
-    assert mapped == ref and in_place and not any(in_place)  # no slot, so no out=
-    assert sum(pwrites) > 2 * 40 * 16 * 4
+    assert mapped == ref and in_place and all(in_place)  # no slot: out= is the worker's reused buffer,
+    assert sum(pwrites) > 2 * 40 * 16 * 4  # and the tensors went through pwrite (both runs)
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO])

@@ -34,7 +34,7 @@ import torch
 
 _local = threading.local()
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.bool: np.bool_, torch.int32: np.int32,
-          torch.int64: np.int64, torch.uint8: np.uint8}
+          torch.int64: np.int64, torch.uint8: np.uint8, torch.int16: np.int16}
 
 
 def _buffers() -> dict:
