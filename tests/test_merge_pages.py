@@ -247,6 +247,37 @@ def test_typical_entries_is_the_job_holding_the_median_byte():
     assert engine.typical_entries([]) == 0
 
 
+def test_in_flight_limit_is_the_largest_job_plus_a_typical_one(monkeypatch):
+    def job(shape, nbytes):
+        return planning.Job(name="x", inputs=(), base=None, shared={}, per_input=(), shape=shape,
+                            dtype=torch.float32, nbytes_in=nbytes)
+
+    jobs = [job((1000, 10), 40_000), job((20, 10), 800), job((300, 100), 120_000), job((10,), 40),
+            job((1000, 10), 40_000), job((1000, 10), 40_000)]  # the median input byte is in a (1000, 10) job
+    monkeypatch.setattr(engine, "MIN_BUDGET", 1)
+    assert engine.in_flight_limit(jobs) == (120_000 + 120_000) + (40_000 + 40_000)  # ins + out of each
+    monkeypatch.setattr(engine, "MIN_BUDGET", 10**9)
+    assert engine.in_flight_limit(jobs) == engine.in_flight_limit([]) == 10**9
+
+
+def test_a_typical_job_runs_beside_the_largest(tmp_path, monkeypatch):
+    """The embedding (the largest job) and the norm are in flight together: each waits for the other at a
+    barrier, which times out if the limit admits the embedding alone (as it did)."""
+    import threading
+
+    monkeypatch.setattr(engine, "MIN_BUDGET", 1)
+    together = threading.Barrier(2, timeout=10)
+    real = engine.run_job
+
+    def meeting(job, *args, **kwargs):
+        together.wait()
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_job", meeting)
+    ms.merge(_models(tmp_path), tmp_path / "out.safetensors", threads=2)
+    assert not together.broken
+
+
 def _models(tmp_path: Path) -> str:
     g = torch.Generator().manual_seed(3)
     base = {"embed.weight": torch.randn(300, 64, generator=g), "norm.weight": torch.randn(64, generator=g)}

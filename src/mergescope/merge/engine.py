@@ -10,7 +10,7 @@ other results are ``pwrite``n and freed. A finished shard is fsynced and hashed 
 background thread, off the workers' path.
 
 Memory bound: jobs start only while the bytes of the jobs in flight (inputs + output) stay
-within ``max(largest job, 256 MB)``, so their maps stay within that. Resident pages are less: the
+within ``max(largest job + a typical job, 256 MB)`` (``in_flight_limit``), so their maps stay within that. Resident pages are less: the
 fused loops of the task-vector family and linear (merge/kernels.py), ``check_finite`` and casts give
 back each pass's file-mapped pages as they go (merge/pages.py), so such a job keeps a 16 MB window
 per input and output resident, not its tensors; other methods touch up to the job's bytes. A method's
@@ -18,7 +18,7 @@ scratch (merge/scratch.py: |delta|, masks, selection work arrays, a few bytes pe
 tensor) is kept between jobs only up to the size of a typical job (``typical_entries``), so only the
 job running the largest tensor holds the largest scratch. Peak resident memory is therefore about
 ``interpreter + torch + numba (~0.45 GB) + the largest tensor's scratch + the in-flight jobs' windows``
-for those methods (``+ max(largest job, 256 MB)`` for the others), independent of model size.
+for those methods (``+ max(largest job + a typical job, 256 MB)`` for the others), independent of model size.
 Randomized methods draw from a generator seeded by ``(seed, tensor name)``, and torch runs
 single-threaded inside each worker (intra-op parallel reductions change summation order): the
 same seed gives the same bits whatever the worker count, core count or completion order.
@@ -265,13 +265,30 @@ def typical_entries(jobs) -> int:
     """Entries of the job holding the median input byte (jobs in size order): a worker keeps its scratch
     buffers (merge/scratch.py) up to this size between jobs, so only the few larger tensors (embeddings,
     LM head) get fresh buffers and two workers never both keep one of their size."""
-    sizes = sorted((math.prod(j.shape), j.nbytes_in) for j in jobs)
-    half, seen = sum(nbytes for _, nbytes in sizes) / 2, 0
-    for entries, nbytes in sizes:
-        seen += nbytes
+    typical = _median_byte_job(jobs)
+    return 0 if typical is None else math.prod(typical.shape)
+
+
+def in_flight_limit(jobs) -> int:
+    """Bytes (inputs + output) the jobs in flight may hold: the largest job plus the job holding the median
+    input byte, at least MIN_BUDGET. Why the second term: with the largest job alone as the limit, nothing
+    ran beside an embedding or LM head job, and other workers idled through it (ties on 4 x 1.07 GB: about
+    0.7 s of a 2-thread merge's wall per such job)."""
+    typical = _median_byte_job(jobs)
+    if typical is None:
+        return MIN_BUDGET
+    return max(MIN_BUDGET, max(_job_bytes(j) for j in jobs) + _job_bytes(typical))
+
+
+def _median_byte_job(jobs) -> planning.Job | None:
+    """The job holding the median input byte, jobs taken in size order (None for no jobs)."""
+    by_size = sorted(jobs, key=lambda j: (math.prod(j.shape), j.nbytes_in))
+    half, seen = sum(j.nbytes_in for j in by_size) / 2, 0
+    for job in by_size:
+        seen += job.nbytes_in
         if seen >= half:
-            return entries
-    return 0
+            return job
+    return None
 
 
 class _Budget:
@@ -421,7 +438,7 @@ def reused_result(job: planning.Job) -> torch.Tensor | None:
 def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False,
              timeline: _Timeline | None = None, kick: Callable[[int, int, int], None] = lambda *_: None
              ) -> tuple[int, int]:
-    budget = _Budget(max(MIN_BUDGET, max((_job_bytes(j) for j in plan.jobs), default=0)))
+    budget = _Budget(in_flight_limit(plan.jobs))
     totals = [0, 0]
     lock = threading.Lock()
     locators = [Locator(ckpts[m]) for m in plan.models]
