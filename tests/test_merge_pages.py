@@ -260,6 +260,25 @@ def test_in_flight_limit_is_the_largest_job_plus_a_typical_one(monkeypatch):
     assert engine.in_flight_limit(jobs) == engine.in_flight_limit([]) == 10**9
 
 
+def test_large_jobs_dispatch_first_and_small_ones_fill_around_them():
+    def job(name, entries):
+        return planning.Job(name=name, inputs=(), base=None, shared={}, per_input=(), shape=(entries,),
+                            dtype=torch.float32, nbytes_in=12 * entries)  # 3 inputs + out: 16 bytes per entry
+
+    jobs = [job("embed", 1000), *(job(f"layer{i}", 10) for i in range(5)), job("head", 1000)]
+    limit = 16 * 1000 + 16 * 10  # the largest + a typical job
+    order = engine.dispatch_order(jobs, limit)
+    assert [j.name for j in order] == ["embed", "head", *(f"layer{i}" for i in range(5))]
+    budget = engine._Budget(limit)
+    assert engine._next_fitting(order, budget).name == "embed"
+    budget.used = 16 * 1000  # the embedding in flight: the head must wait, a layer may go
+    assert engine._next_fitting(order, budget).name == "layer0" and order[0].name == "head"
+    budget.used = 16 * 1000 + 16 * 10
+    assert engine._next_fitting(order, budget) is None and len(order) == 5
+    budget.used = 16 * 10
+    assert engine._next_fitting(order, budget).name == "head"
+
+
 def test_a_typical_job_runs_beside_the_largest(tmp_path, monkeypatch):
     """The embedding (the largest job) and the norm are in flight together: each waits for the other at a
     barrier, which times out if the limit admits the embedding alone (as it did)."""

@@ -26,10 +26,12 @@ same seed gives the same bits whatever the worker count, core count or completio
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -291,6 +293,24 @@ def _median_byte_job(jobs) -> planning.Job | None:
     return None
 
 
+def dispatch_order(jobs, limit: int) -> collections.deque:
+    """Jobs too large to run beside another of their size (an embedding, an LM head) first, the rest in plan
+    order. Why: a long job started last runs alone while the other workers idle; started first, the small
+    jobs fill in around it (with :func:`_next_fitting`, which skips a job that does not fit yet)."""
+    large = [j for j in jobs if 2 * _job_bytes(j) > limit]
+    return collections.deque(large + [j for j in jobs if 2 * _job_bytes(j) <= limit])
+
+
+def _next_fitting(waiting: collections.deque, budget: _Budget, lookahead: int = 64):
+    """Removes and returns the first of the next ``lookahead`` waiting jobs that fits beside the jobs in
+    flight (None: none does; the bounded look keeps dispatch O(jobs) on checkpoints of 100k tensors)."""
+    for i, job in enumerate(itertools.islice(waiting, lookahead)):
+        if budget.fits(_job_bytes(job)):
+            del waiting[i]
+            return job
+    return None
+
+
 class _Budget:
     """Admit jobs while the bytes in flight stay under a limit (one job always runs)."""
 
@@ -481,11 +501,14 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     pending: set[Future] = set()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
         try:
-            for job in plan.jobs:
-                while pending and (len(pending) >= threads or not budget.fits(_job_bytes(job))):
+            waiting = dispatch_order(plan.jobs, budget.limit)
+            while waiting:
+                job = _next_fitting(waiting, budget) if len(pending) < threads else None
+                if job is None:  # every worker busy, or no waiting job fits beside the jobs in flight
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         budget.used -= _job_bytes(f.result())
+                    continue
                 budget.used += _job_bytes(job)
                 pending.add(pool.submit(work, job))
             for f in pending:
