@@ -194,8 +194,9 @@ def test_model_stock_in_windows_keeps_mergekits_bits_and_few_mapped_pages(tmp_pa
     base, *models = (t.view(rows, width) for t, _ in inputs)
     try:
         with monkeypatch.context() as m:
-            m.setattr(methods, "STOCK_WINDOW", 16 * PAGE // 4)
+            m.setattr(methods, "STOCK_WINDOW", 16 * PAGE // 4)  # the torch path (no numba)
             m.setattr(methods, "CHUNK", 2 * PAGE // 4)
+            m.setattr(kernels, "WINDOW", 16 * PAGE // 4)  # the fused kernels' path
             merged = methods.model_stock(models, base, filter_wise=filter_wise, out=out.view(rows, width))
         for t in (*(t for t, _ in inputs), out):
             assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 129 pages each
@@ -205,6 +206,22 @@ def test_model_stock_in_windows_keeps_mergekits_bits_and_few_mapped_pages(tmp_pa
     finally:
         for mapped in maps:
             pages.forget(mapped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_kernels_in_windows_of_many_rows_give_mergekits_bits(monkeypatch, dtype, filter_wise):
+    """Windows of 76 rows of 13 (988 entries; 1000 when flat), the last one short: each window's rows take
+    their own ratios; the whole-tensor expression's bits, signed zeros included."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(700, 13, generator=g, dtype=dtype)
+    base.view(-1)[:5] = -0.0
+    models = [base + 0.1 * torch.randn(700, 13, generator=g, dtype=dtype) for _ in range(3)]
+    models[1].view(-1)[:3] = -0.0
+    expected = _model_stock_whole_tensor(models, base) if filter_wise else \
+        _model_stock_whole_tensor([t.reshape(-1) for t in models], base.reshape(-1)).view(700, 13)
+    merged = _windowed(monkeypatch, 1000, lambda: methods.model_stock(models, base, filter_wise=filter_wise))
+    assert torch.equal(merged, expected) and torch.equal(merged.signbit(), expected.signbit())
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -167,6 +167,31 @@ def _abs_diff(out, t, base):
 
 
 @_jit
+def _offsets(out, a, b, w0, pair):
+    """model_stock's cosine operands: ``a - w0``, or with ``pair`` ``(a - w0) * (b - w0)``; each step rounded
+    to the dtype, as torch's sub, sub, mul."""
+    if pair:
+        for k in range(out.size):
+            out[k] = (a[k] - w0[k]) * (b[k] - w0[k])
+    else:
+        for k in range(out.size):
+            out[k] = a[k] - w0[k]
+
+
+@_jit
+def _stock_mix(out, tensors, w0, ratio, keep, width, count, zero):
+    """model_stock's ``ratio * (sum(ws) / count) + keep * w0`` with torch's roundings: Python's sum starts
+    from 0 (so -0.0 + 0 is +0.0, as torch's ``0 + t``). Rows of ``width`` entries, one ratio per row."""
+    for r in range(out.size // width):
+        rt, kp = ratio[r], keep[r]
+        for j in range(r * width, (r + 1) * width):
+            acc = zero + tensors[0][j]
+            for i in range(1, len(tensors)):
+                acc = acc + tensors[i][j]
+            out[j] = rt * (acc / count) + kp * w0[j]
+
+
+@_jit
 def _mask(values, mask, one, zero):
     for k in range(values.size):
         values[k] = values[k] * (one if mask[k] else zero)
@@ -250,6 +275,31 @@ def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
     flat_out, flat_t, flat_base = out.reshape(-1).numpy(), t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy()
     for start, stop in pages.windows(flat_out.size, WINDOW, *((t, base) if flat_out.size > WINDOW else ())):
         _abs_diff(flat_out[start:stop], flat_t[start:stop], flat_base[start:stop])
+    return out
+
+
+def stock_operand(out: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``out = a - w0`` or ``(a - w0) * (b - w0)`` (flat, contiguous, one dtype) in one pass per window, the
+    inputs' mapped pages released behind it (methods.model_stock's cosine operands: torch's bits)."""
+    arrays = _arrays([out, a, a if b is None else b, w0])  # _offsets' order
+    for start, stop in pages.windows(arrays[0].size, WINDOW, w0, a, *(() if b is None else (b,))):
+        _offsets(*(x[start:stop] for x in arrays), b is not None)
+    return out
+
+
+def stock_mix(out: Tensor, ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, keep: Tensor) -> Tensor:
+    """methods.model_stock's mix into ``out``: one ratio (and keep) for all, or one per row of w0's last
+    dimension; window by window, mapped pages of the inputs and ``out`` released behind each."""
+    flat_out, flat_w0, arrays = out.reshape(-1).numpy(), w0.detach().reshape(-1).numpy(), _arrays(ws)
+    ratios, keeps = ratio.reshape(-1).numpy(), keep.reshape(-1).numpy()
+    per_row = ratios.size > 1
+    width = w0.shape[-1] if per_row else max(1, flat_out.size)
+    step = max(1, WINDOW // width) * width if per_row else WINDOW
+    zero, count = flat_out.dtype.type(0), flat_out.dtype.type(len(ws))
+    for start, stop in pages.windows(flat_out.size, step, out, w0, *ws):
+        rows = slice(start // width, -(-stop // width)) if per_row else slice(0, 1)
+        _stock_mix(flat_out[start:stop], tuple(a[start:stop] for a in arrays), flat_w0[start:stop], ratios[rows],
+                   keeps[rows], width if per_row else stop - start, count, zero)
     return out
 
 

@@ -756,11 +756,13 @@ def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
     scratch, not n offsets and a product, and a few windows of input resident, not every input whole."""
     work = _reused("methods.stock_work", w0.shape, torch.result_type(ws[0], w0))
     flat_work, flat_w0, flat_ws = work.view(-1), w0.reshape(-1), [w.reshape(-1) for w in ws]
-    norms = [torch.linalg.vector_norm(_stock_fill(flat_work, flat_w0, w).view(w0.shape), dim=-1) for w in flat_ws]
+    kernels = _kernels(work.dtype, [w0, *ws])
+    fill = _stock_fill if kernels is None else kernels.stock_operand
+    norms = [torch.linalg.vector_norm(fill(flat_work, flat_w0, w).view(w0.shape), dim=-1) for w in flat_ws]
     cosines = []
     for i in range(len(ws)):
         for j in range(i + 1, len(ws)):
-            product = _stock_fill(flat_work, flat_w0, flat_ws[i], flat_ws[j]).view(w0.shape)
+            product = fill(flat_work, flat_w0, flat_ws[i], flat_ws[j]).view(w0.shape)
             cosines.append((product.sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     return torch.stack(cosines).mean(0).unsqueeze(-1)
 
@@ -793,6 +795,9 @@ def _stock_mix(ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, out: Tensor | No
     (filter-wise). ``out`` (w0's shape, ratio's dtype) receives the result."""
     n, keep = len(ws), 1 - ratio
     out = torch.empty(w0.shape, dtype=torch.result_type(ratio, w0)) if out is None else out
+    kernels = _kernels(out.dtype, [w0, *ws, out, ratio.reshape(-1).contiguous()])
+    if kernels is not None:  # one fused pass, the same roundings
+        return kernels.stock_mix(out, ws, w0, ratio, keep)
     per_row = ratio.numel() > 1
     width = w0.shape[-1] if per_row else 1
     flat_ws, flat_w0, flat_out = [w.reshape(-1, width) for w in ws], w0.reshape(-1, width), out.view(-1, width)
