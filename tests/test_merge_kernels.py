@@ -438,3 +438,56 @@ def test_pcg64_float32_leaves_other_generators_to_numpy():
     g, ref = np.random.Generator(np.random.Philox(0)), np.random.Generator(np.random.Philox(0))
     assert not kernels.pcg64_float32(g, np.empty(10, np.float32))
     assert np.array_equal(g.random(9, dtype=np.float32), ref.random(9, dtype=np.float32))  # nothing drawn
+
+
+# ----------------------------------------------------------------------------- bf16 task vectors
+
+
+def _bf16_models(n, size, seed):
+    """bf16 base + n fine-tunes with the values bf16 merges hit: signed zeros, equal deltas, unchanged entries."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(size, generator=g) * 0.02).bfloat16()
+    base[:6] = -0.0
+    base[6:9] = 0.0
+    models = []
+    for i in range(n):
+        t = (base.float() + 0.002 * torch.randn(size, generator=g)).bfloat16()
+        t[: 3 + i] = -0.0  # delta +-0
+        t[20:40] = base[20:40]  # unchanged: delta exactly 0
+        models.append(t)
+    return base, models
+
+
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.3, "normalize": False}),
+    ("dare_ties", {"density": 0.6}),
+    ("dare_linear", {"density": 0.6}),
+    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_bf16_fused_loop_gives_the_torch_chunks_bits(monkeypatch, method, params, n):
+    """The numba loop (bf16 rounding emulated after each float32 step) against the torch chunk loop that
+    reproduces MergeKit's bf16 arithmetic: the same bits, signed zeros included."""
+    base, models = _bf16_models(n, 300_017, seed=n)
+    weight = [0.5, -0.3, 0.2, 0.7, 0.1][:n]
+    kw = {k: ([v] * n if k in ("density", "gamma", "epsilon") else v) for k, v in params.items()}
+    fused = methods.get(method)(models, base, weight=weight, seed=3, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(methods, "_kernel_module", lambda: None)
+        reference = methods.get(method)(models, base, weight=weight, seed=3, **kw)
+    assert fused.dtype == torch.bfloat16
+    assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
+
+
+def test_bf16_round_is_torchs_rounding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100_000, generator=g) * 10.0 ** torch.randint(-40, 39, (100_000,), generator=g),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45, -1e-45])])
+    rounded = np.array([kernels._bf16_round(np.float32(v)) for v in x.numpy()], np.float32)
+    assert np.array_equal(rounded.view(np.uint32), x.bfloat16().float().numpy().view(np.uint32))
+    # NaN stays NaN (torch's own NaN bits differ between its vector and scalar conversions: 0xFFFF, 0x7FC0)
+    assert np.isnan(kernels._bf16_round(np.float32("nan")))

@@ -191,6 +191,97 @@ def _stock_mix(out, tensors, w0, ratio, keep, width, count, zero):
             out[j] = rt * (acc / count) + kp * w0[j]
 
 
+@jit
+def _bf16_round(x):
+    """float32 -> the nearest bf16 (ties to even), as a float32: how torch rounds each bf16 op's float32
+    result (NaN -> its canonical NaN). Branch-free, so the block loops vectorise."""
+    u = np.float32(x).view(np.uint32)
+    up = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+    rounded = np.uint32(up & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.float32(np.nan) if np.isnan(x) else rounded
+
+
+@jit
+def _bf16_value(bits):
+    return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
+
+
+@jit
+def _bf16_deltas(d, t, b, mask, has_mask, factor, has_factor, weight, total):
+    """d = bf16(w * bf16(f * (mask * bf16(t - b)))) over one block; total += d (float32)."""
+    one, zero = np.float32(1), np.float32(0)
+    for k in range(d.size):
+        d[k] = _bf16_round(_bf16_value(t[k]) - b[k])
+    if has_mask:
+        for k in range(d.size):
+            d[k] = d[k] * (one if mask[k] else zero)
+    if has_factor:
+        for k in range(d.size):
+            d[k] = _bf16_round(d[k] * factor)
+    for k in range(d.size):
+        d[k] = _bf16_round(d[k] * weight)
+        total[k] = total[k] + d[k]
+
+
+@jit
+def _bf16_agree(kept, weight, major, d, w):
+    """The agreeing delta and its weight added in (torch's ``deltas.sign() == major``; 0 never agrees)."""
+    one, zero = np.float32(1), np.float32(0)
+    for k in range(d.size):
+        sign = one if d[k] > zero else (-one if d[k] < zero else zero)
+        agree = one if sign == major[k] else zero
+        kept[k] = kept[k] + d[k] * agree
+        weight[k] = weight[k] + w * agree
+
+
+@jit
+def _half_task_vectors(out, base, tensors, masks, has_mask, factors, has_factor, weights, consensus, normalize,
+                       divisor, scale, lam):
+    """methods._half_task_arithmetic's chunk loop for bf16 (uint16 bit arrays): every step MergeKit's bf16
+    rounding of a float32 result, sums over the models accumulated in float32 from 0 and rounded once (as
+    torch's bf16 ``sum(dim=0)``). One pass per step over an L1-resident block, as ``_task_vectors``."""
+    n, count = len(tensors), out.size
+    zero, one = np.float32(0), np.float32(1)
+    b = np.empty(BLOCK, np.float32)
+    d = np.empty((n, BLOCK), np.float32)
+    total = np.empty(BLOCK, np.float32)
+    kept = np.empty(BLOCK, np.float32)
+    weight = np.empty(BLOCK, np.float32)
+    for start in range(0, count, BLOCK):
+        stop = min(count, start + BLOCK)
+        size = stop - start
+        for k in range(size):
+            b[k] = _bf16_value(base[start + k])
+            total[k] = zero
+        for i in range(n):
+            mask = masks[i][start:stop] if has_mask[i] else masks[i]
+            _bf16_deltas(d[i, :size], tensors[i][start:stop], b[:size], mask, has_mask[i], factors[i], has_factor[i],
+                         weights[i], total[:size])
+        if consensus:
+            for k in range(size):
+                total[k] = one if _bf16_round(total[k]) >= zero else -one  # the majority sign
+                kept[k] = zero
+                weight[k] = zero
+            for i in range(n):
+                _bf16_agree(kept[:size], weight[:size], total[:size], d[i, :size], weights[i])
+            for k in range(size):
+                total[k] = _bf16_round(kept[k])
+                div = _bf16_round(weight[k])
+                weight[k] = one if div == zero else div
+        else:
+            for k in range(size):
+                total[k] = _bf16_round(total[k])
+                weight[k] = divisor
+        for k in range(size):
+            mixed = total[k]
+            if normalize:
+                mixed = _bf16_round(mixed / weight[k])
+            if scale:
+                mixed = _bf16_round(mixed * lam)
+            out[start + k] = np.uint16(np.uint32(np.float32(_bf16_round(b[k] + mixed)).view(np.uint32))
+                                       >> np.uint32(16))
+
+
 @_jit
 def _mask(values, mask, one, zero):
     for k in range(values.size):
@@ -300,6 +391,37 @@ def stock_mix(out: Tensor, ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, keep
         rows = slice(start // width, -(-stop // width)) if per_row else slice(0, 1)
         _stock_mix(flat_out[start:stop], tuple(a[start:stop] for a in arrays), flat_w0[start:stop], ratios[rows],
                    keeps[rows], width if per_row else stop - start, count, zero)
+    return out
+
+
+def fits_bf16(tensors: Sequence[Tensor]) -> bool:
+    """:func:`half_task_vectors` takes contiguous CPU bf16 tensors."""
+    return all(t.dtype == torch.bfloat16 and _plain(t) for t in tensors)
+
+
+def _bits16(t: Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+
+
+def half_task_vectors(out: Tensor, base: Tensor, tensors: Sequence[Tensor], plan: Sequence[tuple], weights: Tensor,
+                      consensus: bool, normalize: bool, lam: float, divisor: Tensor) -> Tensor:
+    """Writes methods._half_task_arithmetic's bf16 result into ``out`` (contiguous bf16, base's entries) in one
+    pass per window instead of torch ops over chunks. plan: per model (flat bool mask or None, bf16 0-d
+    rescale factor or None); weights: the bf16 weights; divisor: the bf16 divisor without consensus."""
+    tensors, plan = zip(*zip(tensors, plan))
+    empty = np.zeros(1, dtype=np.bool_)
+    masks = tuple(empty if m is None else m.detach().reshape(-1).numpy() for m, _ in plan)
+    has_mask = np.array([m is not None for m, _ in plan], dtype=np.bool_)
+    has_factor = np.array([f is not None for _, f in plan], dtype=np.bool_)
+    factors = np.array([0.0 if f is None else float(f) for _, f in plan], dtype=np.float32)
+    flat_out, flat_base, arrays = _bits16(out), _bits16(base), tuple(_bits16(t) for t in tensors)
+    w = weights.reshape(-1).float().numpy()[:len(tensors)]
+    for start, stop in pages.windows(flat_base.size, WINDOW, out, base, *tensors):
+        part = slice(start, stop)
+        _half_task_vectors(flat_out[part], flat_base[part], tuple(a[part] for a in arrays),
+                           tuple(m[part] if has else m for m, has in zip(masks, has_mask)), has_mask, factors,
+                           has_factor, w, bool(consensus), bool(normalize), np.float32(float(divisor)), lam != 1,
+                           np.float32(lam))
     return out
 
 

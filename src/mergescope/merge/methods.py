@@ -401,10 +401,17 @@ def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, n
     """MergeKit 0.1.5's own arithmetic for bf16/fp16 inputs: each step rounded to the input dtype in its
     order (weights rounded to it too), so half-precision outputs are its bytes. Rounding once from float32
     (the float32 path) is more accurate, but a merge of bf16 models would then differ from MergeKit's at
-    about half of the entries by an ulp (measured on its own test recipes). Chunked after the masks."""
+    about half of the entries by an ulp (measured on its own test recipes). Chunked after the masks; bf16
+    runs as one numba loop with the same roundings (merge/kernels.py) where numba imports."""
     plan = _half_masks(tensors, base, density, sparsify, rescale, seed, extra)
     w = torch.tensor([float(x) for x in weight], dtype=base.dtype)[:, None]
     out = torch.empty(base.numel(), dtype=base.dtype)
+    kernels = _kernel_module() if base.dtype == torch.bfloat16 else None
+    if kernels is not None and kernels.fits_bf16([base, *tensors]):  # one fused pass, the same roundings
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+        return kernels.half_task_vectors(out, base, tensors, plan, w, consensus, normalize, lam,
+                                         divisor).reshape(base.shape)
     b_flat = base.reshape(-1)
     for part in _chunks(base.numel()):
         b = b_flat[part]
