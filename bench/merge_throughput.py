@@ -14,7 +14,8 @@ models (base + 3 fine-tunes).
 
     .venv/bin/python bench/merge_throughput.py --size 250mb --repeats 3
 
-Writes bench/results/merge_throughput_SIZE.json and docs/img/merge_throughput_SIZE.png.
+Writes bench/results/merge_throughput_SIZE.json and docs/img/merge_throughput_SIZE.png (SIZE_bf16 with
+``--dtype bfloat16``).
 """
 
 from __future__ import annotations
@@ -295,7 +296,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("throughput / copy floor")
     ax.legend(fontsize=8)
     speeds = [f["durable_gbps"] for f in results["floors"].values()]
-    ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB fp32 Llama, durable copy floors {min(speeds):.2f}-{max(speeds):.2f} GB/s, "
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[results.get("dtype", "float32")]
+    ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB {dtype} Llama, durable copy floors {min(speeds):.2f}-{max(speeds):.2f} GB/s, "
                  f"median of {results['repeats']} (MergeKit {results['mergekit_repeats']}), load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +307,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(mvm.SIZES), default="1gb", help="Per-model fixture size.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="The fixture's dtype (bfloat16: the same values rounded; results get a _bf16 suffix).")
     parser.add_argument("--methods", default=ALL_METHODS)
     parser.add_argument("--mergekit-methods", default=None, help="Methods also run with MergeKit [default: all].")
     parser.add_argument("--repeats", type=int, default=3)
@@ -320,7 +324,8 @@ def main(argv=None) -> int:
     mvm.OUT.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     mk_methods = set(methods if args.mergekit_methods is None else args.mergekit_methods.split(","))
-    folders = mvm.build_fixture(args.work / args.size, args.size)
+    label = args.size if args.dtype == "float32" else f"{args.size}_bf16"
+    folders = mvm.build_fixture(args.work / label, args.size, args.dtype)
     warm_up(args, methods)
     cache_before = page_cache_gb()
     read_s, total = mvm.read_speed(folders)  # warms the page cache, then times a plain read
@@ -328,7 +333,7 @@ def main(argv=None) -> int:
     print(f"fixture 4 x {total / 4e9:.2f} GB; page cache {cache_before:.1f} -> {page_cache_gb():.1f} GB after warming; "
           f"read alone {total / read_s / 1e9:.2f} GB/s; load {load_start:.1f}", flush=True)
     measured = measure(args, folders, methods, mk_methods)
-    results = {"size": args.size, "repeats": args.repeats, "mergekit_repeats": args.mergekit_repeats, "threads": args.threads, "max_shard_size": args.max_shard_size,
+    results = {"size": args.size, "dtype": args.dtype, "repeats": args.repeats, "mergekit_repeats": args.mergekit_repeats, "threads": args.threads, "max_shard_size": args.max_shard_size,
                "cpus": os.cpu_count(), "mem_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9,
                "in_bytes": measured["in_bytes"], "out_bytes": measured["out_bytes"],
                "read_only_gbps": round(total / read_s / 1e9, 3), "page_cache_gb_after_warm": page_cache_gb(),
@@ -338,10 +343,10 @@ def main(argv=None) -> int:
     print_table(results)
     print(f"load average {results['load_start']:.1f} at start, {results['load_end']:.1f} at end; "
           f"page cache {results['page_cache_gb_after_warm']:.1f} GB of {results['mem_total_gb']:.0f} GB", flush=True)
-    results_path = Path(str(RESULTS).format(size=args.size))
+    results_path = Path(str(RESULTS).format(size=label))
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, Path(str(FIGURE).format(size=args.size)))
+    plot(results, Path(str(FIGURE).format(size=label)))
     return 0
 
 

@@ -56,7 +56,7 @@ def llama_tensors(hidden: int, inter: int, layers: int, vocab: int):
     yield "lm_head.weight", (vocab, hidden)
 
 
-def build_fixture(root: Path, size: str) -> list[Path]:
+def build_fixture(root: Path, size: str, dtype: str = "float32") -> list[Path]:
     from transformers import LlamaConfig
 
     hidden, inter, layers, vocab = SIZES[size]
@@ -65,14 +65,16 @@ def build_fixture(root: Path, size: str) -> list[Path]:
         folder = root / name
         folders.append(folder)
         if not (folder / "config.json").exists():
-            _write_weights(folder, size, m, hidden, inter, layers, vocab)
+            _write_weights(folder, size, m, hidden, inter, layers, vocab, dtype)
         LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                     num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
                     tie_word_embeddings=False, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
     return folders
 
 
-def _write_weights(folder: Path, size: str, m: int, hidden: int, inter: int, layers: int, vocab: int) -> None:
+def _write_weights(folder: Path, size: str, m: int, hidden: int, inter: int, layers: int, vocab: int,
+                   dtype: str = "float32") -> None:
+    """The same float32 values for every dtype, rounded to ``dtype`` (bfloat16: what most checkpoints ship as)."""
     import torch
 
     from mergescope.io import ShardedWriter
@@ -83,7 +85,7 @@ def _write_weights(folder: Path, size: str, m: int, hidden: int, inter: int, lay
         t = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.02
         if m:  # fine-tune m = base + seeded noise
             t += 0.002 * torch.randn(shape, generator=torch.Generator().manual_seed(1000 * m + i))
-        writer.add(tname, t)
+        writer.add(tname, t.to(getattr(torch, dtype)))
     writer.close()
 
 
