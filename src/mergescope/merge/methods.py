@@ -130,7 +130,7 @@ def magnitude_mask(magnitude: Tensor, density: float, out: Tensor | None = None,
     from . import select
 
     # float32 scores, as MergeKit ranks them: the first k of its argsort(descending=True), ties included
-    return select.sorted_prefix_mask(magnitude.reshape(-1).float(), max(1, int(density * n)), out=out)
+    return select.sorted_prefix_mask(_float_scores(magnitude), max(1, int(density * n)), out=out)
 
 
 def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, out: Tensor | None = None,
@@ -169,7 +169,7 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, out: Te
     from . import select
 
     # float32 scores, as MergeKit ranks them: its ascending torch.sort, positions [n_bot, n_bot + keep)
-    return select.sorted_range_mask(magnitude.reshape(-1).float(), n_bot, n_bot + keep, descending=False, out=out)
+    return select.sorted_range_mask(_float_scores(magnitude), n_bot, n_bot + keep, descending=False, out=out)
 
 
 _DELLA_BLOCK = 4 * CHUNK  # draws per della block (2 MB scratch): each block's draw and call cost ~50 us
@@ -230,6 +230,15 @@ def _pcg(generator: np.random.Generator, **fill) -> bool:
     a PCG64 one; False: the caller draws with numpy."""
     kernels = _kernel_module()
     return kernels is not None and kernels.pcg64_float32(generator, **fill)
+
+
+def _float_scores(magnitude: Tensor) -> Tensor:
+    """The flat float32 scores MergeKit ranks (``magnitude.float()``): the tensor itself when float32, else a
+    rounded copy in this thread's reused buffer (a bf16 embedding's scores are 131 MB)."""
+    flat = magnitude.reshape(-1)
+    if flat.dtype == torch.float32:
+        return flat
+    return scratch.tensor("methods.scores", flat.numel(), torch.float32).copy_(flat)
 
 
 def _mask_buffer(out: Tensor | None, n: int) -> Tensor:
@@ -304,8 +313,8 @@ def generalized_task_arithmetic(tensors: Sequence[Tensor], base: Tensor, *, weig
     density = density if density is not None else [1.0] * len(tensors)
     if base.dtype in HALF:
         merged = _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam,
-                                       seed, extra)
-        return merged if out is None else _out_buffer(out, base).copy_(merged)
+                                       seed, extra, out)
+        return merged if out is None or merged is out else _out_buffer(out, base).copy_(merged)
     work = _work_dtype(base)
     plan = _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra)
     total = float(torch.tensor([float(x) for x in weight], dtype=work).sum())
@@ -383,12 +392,15 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
     rounds it (its ranking and its norms see those values, not the exact float32 difference)."""
     generator = random_stream(seed)
     plan = []
+    n = base.numel()
     for i, t in enumerate(tensors):
         mask = factor = None
-        if sparsify is not None:
-            magnitude = (t - base).abs()
+        if sparsify is not None:  # |delta| and masks in this thread's reused buffers, as _task_vector_plan's
+            delta = scratch.tensor("methods.half_magnitude", n, torch.int16).view(base.dtype).view(base.shape)
+            magnitude = torch.sub(t, base, out=delta).abs_()
             params = {k: v[i] for k, v in extra.items()}
-            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator, **params)
+            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,
+                                         out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
                 before, after = magnitude.sum(), (magnitude.reshape(-1) * mask).sum()
                 factor = None if before < 1e-7 or after < 1e-7 else before / after
@@ -397,7 +409,7 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
 
 
 def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam, seed,
-                          extra) -> Tensor:
+                          extra, out: Tensor | None = None) -> Tensor:
     """MergeKit 0.1.5's own arithmetic for bf16/fp16 inputs: each step rounded to the input dtype in its
     order (weights rounded to it too), so half-precision outputs are its bytes. Rounding once from float32
     (the float32 path) is more accurate, but a merge of bf16 models would then differ from MergeKit's at
@@ -405,13 +417,13 @@ def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, n
     runs as one numba loop with the same roundings (merge/kernels.py) where numba imports."""
     plan = _half_masks(tensors, base, density, sparsify, rescale, seed, extra)
     w = torch.tensor([float(x) for x in weight], dtype=base.dtype)[:, None]
-    out = torch.empty(base.numel(), dtype=base.dtype)
     kernels = _kernel_module() if base.dtype == torch.bfloat16 else None
     if kernels is not None and kernels.fits_bf16([base, *tensors]):  # one fused pass, the same roundings
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-        return kernels.half_task_vectors(out, base, tensors, plan, w, consensus, normalize, lam,
-                                         divisor).reshape(base.shape)
+        result = _out_buffer(out, base)  # the output slot itself when given
+        return kernels.half_task_vectors(result, base, tensors, plan, w, consensus, normalize, lam, divisor)
+    out = torch.empty(base.numel(), dtype=base.dtype)
     b_flat = base.reshape(-1)
     for part in _chunks(base.numel()):
         b = b_flat[part]
