@@ -352,3 +352,10 @@ def test_output_slot_that_cannot_be_mapped_is_one_line(tmp_path, monkeypatch):
                                               r"\(Cannot allocate memory\)"):
         writer.slot("w")
     writer.abort()
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5)])
+def test_model_stock_of_empty_tensors_is_empty(shape):
+    base, models = torch.zeros(shape), [torch.zeros(shape) for _ in range(3)]
+    for filter_wise in (False, True):
+        assert methods.model_stock(models, base, filter_wise=filter_wise).shape == shape

@@ -382,6 +382,8 @@ def stock_mix(out: Tensor, ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, keep
     """methods.model_stock's mix into ``out``: one ratio (and keep) for all, or one per row of w0's last
     dimension; window by window, mapped pages of the inputs and ``out`` released behind each."""
     flat_out, flat_w0, arrays = out.reshape(-1).numpy(), w0.detach().reshape(-1).numpy(), _arrays(ws)
+    if flat_out.size == 0:
+        return out
     ratios, keeps = ratio.reshape(-1).numpy(), keep.reshape(-1).numpy()
     per_row = ratios.size > 1
     width = w0.shape[-1] if per_row else max(1, flat_out.size)
