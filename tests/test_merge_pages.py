@@ -359,3 +359,34 @@ def test_model_stock_of_empty_tensors_is_empty(shape):
     base, models = torch.zeros(shape), [torch.zeros(shape) for _ in range(3)]
     for filter_wise in (False, True):
         assert methods.model_stock(models, base, filter_wise=filter_wise).shape == shape
+
+
+def test_bf16_linear_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkeypatch):
+    """bf16 linear (torch's chunks, MergeKit's bf16 roundings) in windows of 16 pages: the bits of one
+    window, and only about a window of the mapped inputs and output resident afterwards."""
+    n = 256 * PAGE // 2  # 512 KB of bf16
+    g = torch.Generator().manual_seed(11)
+    values = [torch.randn(n, generator=g).bfloat16() for _ in range(3)]
+    maps = []
+    for i, v in enumerate(values + [torch.zeros(n, dtype=torch.bfloat16)]):
+        path = tmp_path / f"t{i}.bin"
+        path.write_bytes(v.view(torch.int16).numpy().tobytes())
+        fd = os.open(path, os.O_RDWR if i == 3 else os.O_RDONLY)
+        try:
+            maps.append(map_tensor(fd, 0, torch.bfloat16, (n,), shared=i == 3))
+        finally:
+            os.close(fd)
+    for _, mapped in maps:
+        pages.track(mapped)
+    *inputs, out = (t for t, _ in maps)
+    try:
+        whole = methods.linear(values, weight=[0.5, 0.3, 0.2])
+        with monkeypatch.context() as m:
+            m.setattr(pages, "WINDOW", 16 * PAGE // 2)
+            assert methods.linear(inputs, weight=[0.5, 0.3, 0.2], out=out) is out
+        for t in (*inputs, out):
+            assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 256 pages each
+        assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
+    finally:
+        for _, mapped in maps:
+            pages.forget(mapped)

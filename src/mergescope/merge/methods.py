@@ -554,14 +554,16 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
     kernels = _kernels(work, tensors if len(w) else [])
     if kernels is not None and kernels.torch_fuses_addcmul(work) is not None:
         return kernels.weighted_sum(result, tensors, w, total, normalize)
-    out = result.view(-1)
-    for part in _chunks(first.numel()):
-        acc = torch.zeros(part.stop - part.start, dtype=work)
-        for t, w_i in zip(tensors, w):
-            acc.addcmul_(_flat(t)[part], w_i)
-        if normalize:
-            acc.div_(total)
-        out[part] = acc
+    out, flats = result.view(-1), [_flat(t) for t in tensors]
+    for start, stop in pages.windows(first.numel(), pages.WINDOW, out, *flats):  # mapped pages given back
+        for lo in range(start, stop, CHUNK):
+            part = slice(lo, min(stop, lo + CHUNK))
+            acc = torch.zeros(part.stop - part.start, dtype=work)
+            for t, w_i in zip(flats, w):
+                acc.addcmul_(t[part], w_i)
+            if normalize:
+                acc.div_(total)
+            out[part] = acc
     return result
 
 
