@@ -210,3 +210,14 @@ def test_a_finished_threads_buffers_are_freed():
     thread.join()
     gc.collect()
     assert refs and refs[0]() is None
+
+
+def test_half_precision_buffers_are_reused_views():
+    """bf16/fp16 buffers (numpy has no bf16) are int16 arrays seen as the dtype: reused like the others."""
+    scratch.release()
+    first = scratch.tensor("t.half", 1000, torch.bfloat16)
+    again = scratch.tensor("t.half", 500, torch.float16)
+    assert first.dtype == torch.bfloat16 and again.dtype == torch.float16 and again.numel() == 500
+    assert again.data_ptr() == first.data_ptr() and scratch.held_bytes() == 2000
+    assert scratch.holds(torch.bfloat16) and scratch.holds(torch.float32) and not scratch.holds(torch.complex64)
+    scratch.release()

@@ -441,18 +441,13 @@ def _fsync_tree(folder: Path, done: set[Path]) -> None:
         fsync_path(f)
 
 
-_RESULT_HOLDERS = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.int16,
-                   torch.float16: torch.int16}
-
-
 def reused_result(job: planning.Job) -> torch.Tensor | None:
     """This worker's reused buffer for a job's result on the pwrite path (merge/scratch.py's rules: written
     out before the worker's next job), or None for dtypes scratch does not hold. Why: a fresh result tensor
     per job costs a page fault and a zeroed page per 4 KB (1 GB of output: 262,144 of each)."""
-    holder = _RESULT_HOLDERS.get(job.dtype)
-    if holder is None:
+    if not scratch.holds(job.dtype):
         return None
-    return scratch.tensor("engine.result", math.prod(job.shape), holder).view(job.dtype).view(job.shape)
+    return scratch.tensor("engine.result", math.prod(job.shape), job.dtype).view(job.shape)
 
 
 def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False,

@@ -396,7 +396,7 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
     for i, t in enumerate(tensors):
         mask = factor = None
         if sparsify is not None:  # |delta| and masks in this thread's reused buffers, as _task_vector_plan's
-            delta = scratch.tensor("methods.half_magnitude", n, torch.int16).view(base.dtype).view(base.shape)
+            delta = scratch.tensor("methods.half_magnitude", n, base.dtype).view(base.shape)
             magnitude = torch.sub(t, base, out=delta).abs_()
             params = {k: v[i] for k, v in extra.items()}
             mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,

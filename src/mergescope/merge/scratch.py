@@ -34,7 +34,7 @@ import torch
 
 _local = threading.local()
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.bool: np.bool_, torch.int32: np.int32,
-          torch.int64: np.int64, torch.uint8: np.uint8, torch.int16: np.int16}
+          torch.int64: np.int64, torch.uint8: np.uint8}
 
 
 def _buffers() -> dict:
@@ -57,8 +57,18 @@ def array(purpose: str, n: int, dtype) -> np.ndarray:
     return held[:n]
 
 
+_HALF = (torch.bfloat16, torch.float16)  # numpy has no bf16: held as int16 arrays, handed out as views
+
+
+def holds(dtype: torch.dtype) -> bool:
+    """Whether :func:`tensor` hands out buffers of ``dtype``."""
+    return dtype in _NUMPY or dtype in _HALF
+
+
 def tensor(purpose: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     """:func:`array` as a flat CPU torch tensor sharing its memory (same reuse rules)."""
+    if dtype in _HALF:
+        return torch.from_numpy(array(purpose, n, np.int16)).view(dtype)
     return torch.from_numpy(array(purpose, n, _NUMPY[dtype]))
 
 
