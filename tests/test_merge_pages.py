@@ -390,3 +390,48 @@ def test_bf16_linear_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkey
     finally:
         for _, mapped in maps:
             pages.forget(mapped)
+
+
+def test_bf16_masks_give_back_mapped_input_pages(tmp_path, monkeypatch):
+    """bf16 TIES/DARE masks read |delta| window by window: afterwards about a window of each mapped input is
+    resident (the whole-tensor subtraction kept all of them), with the masks and rescale factors of the
+    unwindowed expressions (MergeKit's: |t - base| in bf16, its float32 ranking, sums of bf16 values)."""
+    n = 256 * PAGE // 2  # 512 KB of bf16
+    g = torch.Generator().manual_seed(12)
+    base_values = torch.randn(n, generator=g).bfloat16()
+    values = [base_values] + [(base_values.float() + 0.01 * torch.randn(n, generator=g)).bfloat16() for _ in range(3)]
+    maps = []
+    for i, v in enumerate(values):
+        path = tmp_path / f"t{i}.bin"
+        path.write_bytes(v.view(torch.int16).numpy().tobytes())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            maps.append(map_tensor(fd, 0, torch.bfloat16, (n,)))
+        finally:
+            os.close(fd)
+    for _, mapped in maps:
+        pages.track(mapped)
+    base, *models = (t for t, _ in maps)
+    try:
+        for sparsify, rescale in (("magnitude", False), ("random", True)):
+            with monkeypatch.context() as m:
+                m.setattr(pages, "WINDOW", 16 * PAGE // 2)
+                plan = methods._half_masks(models, base, [0.4] * 3, sparsify, rescale, 0, {})
+            for t in (base, *models):
+                assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 256 pages each
+            generator = methods.random_stream(0)
+            for (mask, factor), t in zip(plan, values[1:]):
+                magnitude = (t - base_values).abs()
+                if sparsify == "magnitude":  # MergeKit's: the first k of torch's sort of the float32 scores
+                    want = torch.zeros(n, dtype=torch.bool)
+                    want[torch.sort(magnitude.float(), descending=True).indices[: int(0.4 * n)]] = True
+                else:  # DARE's draws do not depend on the magnitudes
+                    want = methods.bernoulli_mask(magnitude, 0.4, generator)
+                assert torch.equal(mask, want)
+                if rescale:
+                    assert factor == magnitude.sum() / (magnitude * want).sum()
+                else:
+                    assert factor is None
+    finally:
+        for _, mapped in maps:
+            pages.forget(mapped)

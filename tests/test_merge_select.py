@@ -78,6 +78,46 @@ def test_prefix_and_range_masks_are_torch_sort_positions(kind, descending):
             assert torch.equal(got, _torch_range(score, lo, hi, descending)), (n, lo, hi)
 
 
+HALF_KINDS = ["ints", "bf16", "fp16", "equal", "one_tie", "sorted", "reversed", "zeros_inf"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("descending", [True, False])
+def test_half_scores_rank_as_their_float32_values(dtype, descending, monkeypatch):
+    """bf16/fp16 scores are ranked by their 16-bit patterns: the positions of torch's sort of ``score.float()``
+    (what MergeKit sorts), decided by the replay itself (no float32 copy, no fallback to torch's sort)."""
+    assert S.replay_matches_torch()  # computed before torch's sort goes
+    rng = np.random.default_rng(31 + descending)
+    wants = []
+    for kind in HALF_KINDS:
+        for n in (1, 2, 17, 18, 100, 4097, 60_000):
+            score = _scores(kind, n, rng).to(dtype)
+            order = torch.sort(score.float(), descending=descending).indices
+            cuts = _edges(score.float(), rng, descending)
+            for lo, hi in [(0, k) for k in cuts] + list(zip(cuts, cuts[2:] + [n])):
+                want = torch.zeros(n, dtype=torch.bool)
+                want[order[lo:hi]] = True
+                wants.append((score, lo, hi, want))
+    kernel, replays = S._introsort, []
+    monkeypatch.setattr(S, "_introsort", lambda *a: replays.append((a[0].dtype, kernel(*a))) or replays[-1][1])
+    monkeypatch.setattr(torch, "sort", None)  # any fallback would fail
+    for score, lo, hi, want in wants:
+        assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), want), (score.numel(), lo, hi)
+    assert replays and all(ok and dtype == np.uint16 for dtype, ok in replays)
+
+
+@pytest.mark.parametrize("special", ["negative", "nan"])
+def test_half_scores_outside_the_radix_order_take_torch_on_float32(special):
+    rng = np.random.default_rng(32)
+    score = _scores("ints", 3000, rng).bfloat16()
+    if special == "negative":
+        score = score - 4
+    else:
+        score[rng.integers(0, 3000, 50)] = float("nan")
+    for lo, hi, descending in ((0, 1000, True), (300, 2900, False)):
+        assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), _torch_range(score.float(), lo, hi, descending))
+
+
 @pytest.mark.parametrize("kind", ["ints", "bf16", "one_tie"])
 def test_millions_of_entries(kind, monkeypatch):
     assert S.replay_matches_torch()
@@ -217,7 +257,7 @@ def _adversary(n):
     return np.array(val, np.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_kth_largest_equals_kthvalue(dtype):
     rng = np.random.default_rng(5)
     for kind in ("ints", "bf16", "zeros_inf", "signed"):
@@ -302,13 +342,14 @@ def test_two_threads_give_the_same_masks():
 def test_methods_masks_are_torch_sort_masks():
     """magnitude_mask / outlier_mask / della ranks are the positions of MergeKit's own torch calls."""
     rng = np.random.default_rng(12)
-    delta = _scores("bf16", 90_000, rng).reshape(300, 300)
-    n, density, gamma = delta.numel(), 0.4, 0.05
-    flat = delta.reshape(-1)
-    assert torch.equal(M.magnitude_mask(delta, density), _torch_range(flat, 0, int(density * n), True))
-    keep, n_top = int(density * n), int(gamma * n)
-    n_bot = n - keep - n_top
-    assert torch.equal(M.outlier_mask(delta, density, gamma), _torch_range(flat, n_bot, n_bot + keep, False))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        delta = _scores("bf16", 90_000, rng).reshape(300, 300).to(dtype)
+        n, density, gamma = delta.numel(), 0.4, 0.05
+        flat = delta.reshape(-1).float()  # MergeKit ranks w.float()
+        assert torch.equal(M.magnitude_mask(delta, density), _torch_range(flat, 0, int(density * n), True))
+        keep, n_top = int(density * n), int(gamma * n)
+        n_bot = n - keep - n_top
+        assert torch.equal(M.outlier_mask(delta, density, gamma), _torch_range(flat, n_bot, n_bot + keep, False))
 
 
 def test_kernels_compile_without_a_cache_folder(monkeypatch):

@@ -130,7 +130,7 @@ def magnitude_mask(magnitude: Tensor, density: float, out: Tensor | None = None,
     from . import select
 
     # float32 scores, as MergeKit ranks them: the first k of its argsort(descending=True), ties included
-    return select.sorted_prefix_mask(_float_scores(magnitude), max(1, int(density * n)), out=out)
+    return select.sorted_prefix_mask(_scores(magnitude), max(1, int(density * n)), out=out)
 
 
 def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, out: Tensor | None = None,
@@ -169,7 +169,7 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, out: Te
     from . import select
 
     # float32 scores, as MergeKit ranks them: its ascending torch.sort, positions [n_bot, n_bot + keep)
-    return select.sorted_range_mask(_float_scores(magnitude), n_bot, n_bot + keep, descending=False, out=out)
+    return select.sorted_range_mask(_scores(magnitude), n_bot, n_bot + keep, descending=False, out=out)
 
 
 _DELLA_BLOCK = 4 * CHUNK  # draws per della block (2 MB scratch): each block's draw and call cost ~50 us
@@ -232,11 +232,12 @@ def _pcg(generator: np.random.Generator, **fill) -> bool:
     return kernels is not None and kernels.pcg64_float32(generator, **fill)
 
 
-def _float_scores(magnitude: Tensor) -> Tensor:
-    """The flat float32 scores MergeKit ranks (``magnitude.float()``): the tensor itself when float32, else a
-    rounded copy in this thread's reused buffer (a bf16 embedding's scores are 131 MB)."""
+def _scores(magnitude: Tensor) -> Tensor:
+    """The flat scores to rank as MergeKit ranks ``magnitude.float()``: the tensor itself when float32, bf16 or
+    fp16 (merge/select.py ranks half scores by their 16-bit patterns, in their float32 order: no 4-byte
+    copy, a bf16 embedding's would be 131 MB), else a float32 copy in this thread's reused buffer."""
     flat = magnitude.reshape(-1)
-    if flat.dtype == torch.float32:
+    if flat.dtype in (torch.float32, *HALF):
         return flat
     return scratch.tensor("methods.scores", flat.numel(), torch.float32).copy_(flat)
 
@@ -389,23 +390,37 @@ HALF = (torch.bfloat16, torch.float16)
 
 def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[tuple]:
     """Per model: (keep mask or None, L1 rescale factor or None), from the half-precision delta as MergeKit
-    rounds it (its ranking and its norms see those values, not the exact float32 difference)."""
+    rounds it (its ranking and its norms see those values, not the exact float32 difference).
+
+    |delta| is computed window by window, the inputs' mapped pages given back behind each window
+    (merge/pages.py): the masks need all of |delta|, not the inputs, which the merge's own pass reads again.
+    The rescale's masked |delta| overwrites |delta| itself (the same values in the same layout: the same sum).
+    """
     generator = random_stream(seed)
     plan = []
     n = base.numel()
     for i, t in enumerate(tensors):
         mask = factor = None
         if sparsify is not None:  # |delta| and masks in this thread's reused buffers, as _task_vector_plan's
-            delta = scratch.tensor("methods.half_magnitude", n, base.dtype).view(base.shape)
-            magnitude = torch.sub(t, base, out=delta).abs_()
+            magnitude = _half_magnitude(t, base, scratch.tensor("methods.half_magnitude", n, base.dtype))
             params = {k: v[i] for k, v in extra.items()}
-            mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,
+            mask = SPARSIFIERS[sparsify](magnitude.view(base.shape), density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
-                before, after = magnitude.sum(), (magnitude.reshape(-1) * mask).sum()
+                before = magnitude.sum()
+                after = magnitude.mul_(mask).sum()
                 factor = None if before < 1e-7 or after < 1e-7 else before / after
         plan.append((mask, factor))
     return plan
+
+
+def _half_magnitude(t: Tensor, base: Tensor, out: Tensor) -> Tensor:
+    """``(t - base).abs()`` in the inputs' half dtype into flat ``out``, window by window, giving back the
+    inputs' mapped pages behind each window (elementwise torch ops: the same bits as one whole-tensor op)."""
+    t_flat, b_flat = t.reshape(-1), base.reshape(-1)
+    for start, stop in pages.windows(out.numel(), pages.WINDOW, t_flat, b_flat):
+        torch.sub(t_flat[start:stop], b_flat[start:stop], out=out[start:stop]).abs_()
+    return out
 
 
 def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, normalize, rescale, lam, seed,

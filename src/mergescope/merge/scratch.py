@@ -15,7 +15,8 @@ contents on hand-out are undefined. Purposes used together in one call must diff
 
 Memory bound: each thread holds, per purpose, one array of the largest size it asked for, i.e. at
 most the scratch the largest tensor's job already used at its peak (for the task-vector family on n
-entries and M models: 4n |delta| bytes, M n mask bytes, 8n replay bytes when ties straddle a cut,
+entries and M models: 4n |delta| bytes (2n in bf16/fp16), M n mask bytes, 8n replay bytes when ties
+straddle a cut (6n for bf16/fp16 scores: 16-bit keys),
 16 CHUNK for della's block draws; model_stock: one array of n and
 one window; slerp: two
 arrays of at most 1 M entries), kept between jobs instead of

@@ -21,8 +21,11 @@ heapsorted by libstdc++; that is not replayed: the caller then runs the full tor
 A descending sort with ``a > b`` performs the same swaps as an ascending one on keys mapped by an
 order-reversing bijection (``~bits``), so the kernels only know ``<``. The k-th value is found by a
 radix select on the float32 bit patterns (non-negative floats order like their uint32 bits): one
-histogram of the top 16 bits, then one pass filling the low-16-bit histograms inside every cut's bin. Scores that are not
-float32 or hold NaN or a sign bit (negatives, -0.0) take the old torch path.
+histogram of the top 16 bits, then one pass filling the low-16-bit histograms inside every cut's bin.
+bfloat16 and float16 scores are ranked by their own 16-bit patterns (one histogram is exact): MergeKit
+sorts their float32 values, and the conversion keeps every comparison (non-negative, no NaN), so the
+replayed swaps are the same, with a quarter of the key bytes and no float32 copy. Scores of other dtypes
+or holding NaN or a sign bit (negatives, -0.0) take the old torch path (half ones sorted as float32).
 
 numba kernels release the GIL (the merge engine calls methods from worker threads); this module
 imports numba, so import it lazily (never at ``import mergescope``).
@@ -42,6 +45,7 @@ Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
 _BLOCK = 128  # entries per block of the branch-free partition scan
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
+_MAX_HALF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # their +inf, as uint16
 
 
 # ----------------------------------------------------------------------------- libstdc++ std::sort replay
@@ -183,10 +187,9 @@ def _introsort(v, ix, bounds, full):
 
 @jit
 def _work_arrays(bits, flip, ix, work):
-    """Fills the replay's (key, index) arrays in one pass: keys ``~bits`` for a descending order."""
-    mask = np.uint32(0xFFFFFFFF) if flip else np.uint32(0)
+    """Fills the replay's (key, index) arrays in one pass: keys ``bits ^ flip`` (all ones: a descending order)."""
     for i in range(bits.shape[0]):
-        work[i] = bits[i] ^ mask
+        work[i] = bits[i] ^ flip
         ix[i] = i
     return work
 
@@ -256,7 +259,7 @@ def replay_matches_torch() -> bool:
     bits = values.view(np.uint32)
     for descending in (True, False):
         ix = np.empty(values.size, np.int32)
-        work = _work_arrays(bits, descending, ix, np.empty_like(bits))
+        work = _work_arrays(bits, _flip(bits, descending), ix, np.empty_like(bits))
         _introsort(work, ix, np.empty(0, np.int64), True)
         want = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
         if not np.array_equal(ix, want):
@@ -277,6 +280,33 @@ def _high_histogram(bits):
         hist[bits[i] >> shift] += 1
         top = max(top, bits[i])
     return hist, top
+
+
+@jit
+def _histogram16(bits):
+    """Counts of every 16-bit pattern and the largest one (a bf16/fp16 score's whole radix select)."""
+    hist = np.zeros(1 << 16, np.int64)
+    top = np.uint16(0)
+    for i in range(bits.shape[0]):
+        hist[bits[i]] += 1
+        top = max(top, bits[i])
+    return hist, top
+
+
+@jit
+def _kth_patterns16(hist, ks):
+    """:func:`_kth_patterns` for 16-bit patterns, from their full histogram alone."""
+    c = ks.shape[0]
+    patterns = np.empty(c, np.uint16)
+    above = np.zeros(c, np.int64)
+    equal = np.empty(c, np.int64)
+    for t in range(c):
+        pattern = (1 << 16) - 1
+        while above[t] + hist[pattern] < ks[t]:
+            above[t] += hist[pattern]
+            pattern -= 1
+        patterns[t], equal[t] = np.uint16(pattern), hist[pattern]
+    return patterns, above, equal
 
 
 @jit
@@ -333,16 +363,35 @@ def _kth_patterns(bits, hist, ks):
 
 
 def _bits(score: Tensor):
-    """uint32 view of a float32 score, its top-16-bit histogram, or None when radix order fails."""
-    if score.dtype != torch.float32 or score.numel() == 0:
+    """The bit patterns of a float32 (uint32) or bf16/fp16 (uint16) score and their histogram (float32: of
+    the top 16 bits), or None when the patterns do not order like the values (NaN, sign bits, other dtypes)."""
+    if score.numel() == 0:
         return None
-    bits = score.detach().reshape(-1).contiguous().numpy().view(np.uint32)
-    hist, top = _high_histogram(bits)
-    return (bits, hist) if top <= _MAX_BITS else None
+    flat = score.detach().reshape(-1).contiguous()
+    if flat.dtype == torch.float32:
+        bits = flat.numpy().view(np.uint32)
+        hist, top = _high_histogram(bits)
+        return (bits, hist) if top <= _MAX_BITS else None
+    if flat.dtype in _MAX_HALF_BITS:
+        bits = flat.view(torch.int16).numpy().view(np.uint16)
+        hist, top = _histogram16(bits)
+        return (bits, hist) if top <= _MAX_HALF_BITS[flat.dtype] else None
+    return None
 
 
-def _as_float(pattern) -> float:
-    return float(np.array([pattern], np.uint32).view(np.float32)[0])
+def _kth(bits, hist, ks):
+    """(patterns, how many larger, how many equal) of the ks-th largest patterns."""
+    return _kth_patterns16(hist, ks) if bits.dtype == np.uint16 else _kth_patterns(bits, hist, ks)
+
+
+def _flip(bits, descending: bool):
+    """The xor that maps patterns to ascending sort keys: all ones for a descending sort."""
+    return bits.dtype.type(np.iinfo(bits.dtype).max if descending else 0)
+
+
+def _exact(score: Tensor) -> Tensor:
+    """The values MergeKit sorts: float32 copies of half scores (torch's own sort then orders them)."""
+    return score.float() if score.dtype in _MAX_HALF_BITS else score
 
 
 def kth_largest(score: Tensor, k: int) -> Tensor:
@@ -355,7 +404,8 @@ def kth_largest(score: Tensor, k: int) -> Tensor:
     if found is None:
         return torch.kthvalue(score.reshape(-1), score.numel() - k + 1).values
     bits, hist = found
-    return torch.tensor(_as_float(_kth_patterns(bits, hist, np.array([k], np.int64))[0][0]), dtype=torch.float32)
+    pattern = _kth(bits, hist, np.array([k], np.int64))[0][:1]
+    return torch.from_numpy(pattern.view(np.int16 if bits.dtype == np.uint16 else np.float32)).view(score.dtype)[0]
 
 
 # ----------------------------------------------------------------------------- sorted-order masks
@@ -393,8 +443,8 @@ def _cut_keys(bits, hist, cuts: list[int], descending: bool):
     ties straddle b (some before b, some after)."""
     n = bits.shape[0]
     ks = np.array([b if descending else n - b + 1 for b in cuts], np.int64)
-    patterns, larger, equal = _kth_patterns(bits, hist, ks)
-    flip = np.uint32(0xFFFFFFFF if descending else 0)
+    patterns, larger, equal = _kth(bits, hist, ks)
+    flip = _flip(bits, descending)
     keys, straddles = [], []
     for b, pattern, above, same in zip(cuts, patterns, larger, equal):
         before = above if descending else n - above - same
@@ -409,7 +459,8 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
 
     Expected O(n): radix select for the keys at the cuts; the introsort replay only when ties
     straddle a cut, and then only along the segments holding such a cut. Bit-identical to
-    ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it).
+    ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it); a bf16 or
+    fp16 score is ranked as its float32 values (``score.float()``), as MergeKit ranks it.
     One pass writes the mask from the keys at the cuts; the replay, when run, then sets the straddling ties.
     The replay's work arrays are this thread's reused buffers (merge/scratch.py).
     """
@@ -421,24 +472,25 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
         return mask.fill_(hi > lo)
     found = _bits(flat)
     if found is None or not replay_matches_torch():
-        return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])
+        return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
     bits, hist = found
     cuts = [b for b in (lo, hi) if 0 < b < n]
     keys, straddles = _cut_keys(bits, hist, cuts, descending)
-    flip = np.uint32(0xFFFFFFFF if descending else 0)
+    flip = _flip(bits, descending)
+    every = 1 << (8 * bits.itemsize)  # one past the largest key
     # keys below a bound sit before its cut; a cut's own key too unless its ties straddle it (then: replayed)
     bound = {b: key + (not straddling) for b, key, straddling in zip(cuts, keys, straddles)}
-    bounds = np.array([bound.get(lo, 0), bound.get(hi, 1 << 32)], np.int64)
-    if bounds[0] >= bounds[1] or bounds[1] - bounds[0] >= 1 << 32:  # no key in range, or every key
+    bounds = np.array([bound.get(lo, 0), bound.get(hi, every)], np.int64)
+    if bounds[0] >= bounds[1] or bounds[1] - bounds[0] >= every:  # no key in range, or every key
         mask.fill_(bool(bounds[0] < bounds[1]))
     else:
         _range_mask(bits, flip, np.uint32(bounds[0]), np.uint32(bounds[1] - bounds[0]), mask.numpy())
     replayed = {b: key for b, key, straddling in zip(cuts, keys, straddles) if straddling}
     if replayed:
         ix = scratch.array("select.index", n, np.int32 if n < 2**31 else np.int64)
-        work = _work_arrays(bits, descending, ix, scratch.array("select.keys", n, np.uint32))  # ~bits if descending
-        if not _introsort(work, ix, np.array(sorted(replayed), np.int64), False):
-            return _positions(mask, torch.sort(flat, descending=descending).indices[lo:hi])  # libstdc++ heapsorts
+        work = _work_arrays(bits, flip, ix, scratch.array("select.keys", n, bits.dtype))  # ~bits if descending
+        if not _introsort(work, ix, np.array(sorted(replayed), np.int64), False):  # libstdc++ heapsorts:
+            return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
         _mark_replayed(work, ix, max(replayed), lo, hi, replayed.get(lo, -1), replayed.get(hi, -1), bounds,
                        mask.numpy())
     return mask
