@@ -56,6 +56,21 @@ def _scores(kind, n, rng):
 KINDS = ["ints", "bf16", "fp16", "equal", "one_tie", "sorted", "reversed", "sawtooth", "zeros_inf"]
 
 
+def _watch_replays(monkeypatch, verdict=None):
+    """Records (key dtype, whole array?, result) of every replay of sorted_range_mask: of the whole array (all
+    its partition budget left) or of the side of its first partition holding the cuts (one less); ``verdict``
+    (when given) replaces the kernel."""
+    seen, kernel = [], S._introsort_from
+
+    def wrapped(v, ix, bounds, full, depth):
+        result = kernel(v, ix, bounds, full, depth) if verdict is None else verdict()
+        seen.append((v.dtype, depth == S._depth_limit(v.shape[0]), result))
+        return result
+
+    monkeypatch.setattr(S, "_introsort_from", wrapped)
+    return seen
+
+
 def _edges(score, rng, descending):
     """Cuts worth checking: both ends, 1 and n-1, a tie group filled exactly, and random ones."""
     n = score.numel()
@@ -98,12 +113,12 @@ def test_half_scores_rank_as_their_float32_values(dtype, descending, monkeypatch
                 want = torch.zeros(n, dtype=torch.bool)
                 want[order[lo:hi]] = True
                 wants.append((score, lo, hi, want))
-    kernel, replays = S._introsort, []
-    monkeypatch.setattr(S, "_introsort", lambda *a: replays.append((a[0].dtype, kernel(*a))) or replays[-1][1])
+    replays = _watch_replays(monkeypatch)
     monkeypatch.setattr(torch, "sort", None)  # any fallback would fail
     for score, lo, hi, want in wants:
         assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), want), (score.numel(), lo, hi)
-    assert replays and all(ok and dtype == np.uint16 for dtype, ok in replays)
+    assert replays and all(ok and dtype == np.uint16 for dtype, _, ok in replays)
+    assert {whole for _, whole, _ in replays} == {True, False}  # one side of the first partition, or all
 
 
 @pytest.mark.parametrize("special", ["negative", "nan"])
@@ -121,8 +136,7 @@ def test_half_scores_outside_the_radix_order_take_torch_on_float32(special):
 @pytest.mark.parametrize("kind", ["ints", "bf16", "one_tie"])
 def test_millions_of_entries(kind, monkeypatch):
     assert S.replay_matches_torch()
-    kernel, replays = S._introsort, []  # the replay itself decides here, not a fallback to torch
-    monkeypatch.setattr(S, "_introsort", lambda *a: replays.append(kernel(*a)) or replays[-1])
+    replays = _watch_replays(monkeypatch)  # the replay itself decides here, not a fallback to torch
     rng = np.random.default_rng(7)
     score = _scores(kind, 2_500_000, rng)
     order_desc = torch.sort(score, descending=True).indices
@@ -135,7 +149,7 @@ def test_millions_of_entries(kind, monkeypatch):
     want = torch.zeros(score.numel(), dtype=torch.bool)
     want[order_asc[lo:hi]] = True
     assert torch.equal(S.sorted_range_mask(score, lo, hi, descending=False), want)
-    assert replays and all(replays)
+    assert replays and all(ok for _, _, ok in replays)
 
 
 def test_tied_cuts_differ_from_any_index_rule():
@@ -155,7 +169,8 @@ def test_untied_cuts_do_not_replay_the_sort(monkeypatch):
     def boom(*_):
         raise AssertionError("replayed although nothing ties at the cut")
 
-    monkeypatch.setattr(S, "_introsort", boom)
+    monkeypatch.setattr(S, "_introsort_from", boom)
+    monkeypatch.setattr(S, "_first_partition", boom)
     score = torch.randperm(50_000).float()
     assert torch.equal(S.sorted_prefix_mask(score, 1234), _torch_range(score, 0, 1234, True))
     assert torch.equal(S.sorted_range_mask(score, 77, 40_000, False), _torch_range(score, 77, 40_000, False))
@@ -166,13 +181,7 @@ def test_untied_cuts_do_not_replay_the_sort(monkeypatch):
 def test_depth_limit_falls_back_to_torch(monkeypatch):
     """libstdc++ heapsorts a segment past 2 floor(log2 n) partitions; then torch's sort decides."""
     assert S.replay_matches_torch()  # computed before the kernels are patched
-    calls = []
-
-    def depth_hit(*args):
-        calls.append(args)
-        return False
-
-    monkeypatch.setattr(S, "_introsort", depth_hit)
+    calls = _watch_replays(monkeypatch, verdict=lambda: False)
     score = _scores("ints", 5000, np.random.default_rng(3))
     for lo, hi, descending in ((0, 2500, True), (1000, 3999, False)):
         assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), _torch_range(score, lo, hi, descending))
@@ -189,11 +198,10 @@ def test_depth_limit_is_detected_and_falls_back(monkeypatch):
     assert ties > 1
     assert not S._introsort(score.numpy().view(np.uint32).copy(), np.arange(n, dtype=np.int32),
                             np.empty(0, np.int64), True)
-    kernel, seen = S._introsort, []
-    monkeypatch.setattr(S, "_introsort", lambda *a: seen.append(kernel(*a)) or seen[-1])
+    seen = _watch_replays(monkeypatch)
     for lo, hi in ((0, n - ties // 2), (3, n - 1)):
         assert torch.equal(S.sorted_range_mask(score, lo, hi, False), _torch_range(score, lo, hi, False))
-    assert seen and not any(seen)
+    assert seen and not any(ok for _, _, ok in seen)
 
 
 def _adversary(n):
@@ -373,7 +381,8 @@ def test_a_torch_sorting_otherwise_gets_its_own_sort(monkeypatch):
         raise AssertionError("replayed although this torch sorts otherwise")
 
     monkeypatch.setattr(S, "replay_matches_torch", lambda: False)
-    monkeypatch.setattr(S, "_introsort", boom)
+    monkeypatch.setattr(S, "_introsort_from", boom)
+    monkeypatch.setattr(S, "_first_partition", boom)
     monkeypatch.setattr(S, "_row_ranks", boom)
     score = _scores("ints", 20_000, np.random.default_rng(13))
     assert torch.equal(S.sorted_prefix_mask(score, 7000), _torch_range(score, 0, 7000, True))
@@ -395,3 +404,27 @@ def test_every_range_of_small_tied_scores(descending):
                 want = torch.zeros(n, dtype=torch.bool)
                 want[order[lo:hi]] = True
                 assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), want), (n, lo, hi)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_partition_read_in_place_is_the_in_place_partition(kind):
+    """Each side of the first partition written out from the unmoved keys: the entries (keys and indices) and
+    the cut of libstdc++'s in-place partition after its median-of-three move, for both sides and both orders."""
+    rng = np.random.default_rng(41 + KINDS.index(kind))
+    for n in (17, 18, 40, 129, 130, 257, 300, 1000, 4097, 20_000):
+        bits = _scores(kind, n, rng).numpy().view(np.uint32)
+        for flip in (np.uint32(0), np.uint32(0xFFFFFFFF)):
+            work, ix = bits ^ flip, np.arange(n, dtype=np.int32)
+            m = S._median_of_three(bits, flip, 1, n // 2, n - 1)
+            S._median_to_first(work, ix, 0, 1, n // 2, n - 1)
+            cut = S._block_partition(work, ix, 1, n, 0, np.empty(S._BLOCK, np.int32), np.empty(S._BLOCK, np.int32))
+            for first in (0, max(1, cut - int(rng.integers(0, 3)))):
+                length = cut + int(rng.integers(0, 3)) if first == 0 else n - first
+                keys, index = np.zeros(length, np.uint32), np.full(length, -1, np.int32)
+                tail = 3 * S._BLOCK + 2
+                got = S._first_partition(bits, flip, m, bits[m] ^ flip, keys, index, first, np.empty(S._BLOCK, np.int32),
+                                         np.empty(S._BLOCK, np.int32), np.empty(tail, np.uint32), np.empty(tail, np.int32))
+                side = slice(0, cut) if first == 0 else slice(cut, n)
+                assert got == cut, (n, first)
+                assert np.array_equal(keys[side.start - first:side.stop - first], work[side]), (n, first)
+                assert np.array_equal(index[side.start - first:side.stop - first], ix[side]), (n, first)

@@ -149,18 +149,25 @@ def _holds(bounds, first, last, full):
 
 
 @jit
-def _introsort(v, ix, bounds, full):
-    """std::sort's permutation of (v, ix), ascending, restricted to the segments holding a boundary
-    (all of them when ``full``). False when a needed segment hits the depth limit (heapsort)."""
-    n = v.shape[0]
+def _depth_limit(n):
+    """libstdc++'s partition budget for n entries: 2 floor(log2 n)."""
     depth0 = 0
     while (n >> depth0) > 1:
         depth0 += 1
-    size = 2 * depth0 + bounds.shape[0] + 4  # pending segments: one per boundary, or one per level
+    return 2 * depth0
+
+
+@jit
+def _introsort_from(v, ix, bounds, full, depth_limit):
+    """std::sort's permutation of (v, ix), ascending, restricted to the segments holding a boundary (all of
+    them when ``full``), with ``depth_limit`` partitions left (a whole array: :func:`_depth_limit`; a side of
+    its first partition: one less). False when a needed segment hits the depth limit (heapsort)."""
+    n = v.shape[0]
+    size = depth_limit + bounds.shape[0] + 4  # pending segments: one per boundary, or one per level
     s_first = np.empty(size, np.int64)
     s_last = np.empty(size, np.int64)
     s_depth = np.empty(size, np.int64)
-    s_first[0], s_last[0], s_depth[0], top = 0, n, 2 * depth0, 1
+    s_first[0], s_last[0], s_depth[0], top = 0, n, depth_limit, 1
     off_l = np.empty(_BLOCK, np.int32)
     off_r = np.empty(_BLOCK, np.int32)
     while top > 0:
@@ -183,6 +190,162 @@ def _introsort(v, ix, bounds, full):
         if resolved:
             _insertion_sort(v, ix, first, last)
     return True
+
+
+_sort_segments = _introsort_from  # the kernel's name inside other kernels (tests wrap _introsort_from's)
+
+
+@jit
+def _introsort(v, ix, bounds, full):
+    """:func:`_introsort_from` of a whole array."""
+    return _sort_segments(v, ix, bounds, full, _depth_limit(v.shape[0]))
+
+
+@jit
+def _put(keys, ix, first, g, key, index):
+    """Position ``g`` of the partitioned array, where the kept side's arrays (from ``first``) hold it."""
+    if first <= g < first + keys.shape[0]:
+        keys[g - first] = key
+        ix[g - first] = index
+
+
+@jit
+def _key(bits, flip, m, k0, g):
+    """The key at position g once the median is moved to first (position m then holds position 0's key)."""
+    return k0 if g == m else bits[g] ^ flip
+
+
+@jit
+def _block_stops(bits, flip, pivot, m, k0, base, step, off):
+    """Offsets j of the stops among positions base + step * j, j < len(off) (step 1: the left scan's, keys not
+    below the pivot; step -1: the right scan's, keys not above it), into ``off``; returns how many."""
+    count = 0
+    if 0 <= (m - base) * step < off.shape[0]:  # the one block holding m
+        for j in range(off.shape[0]):
+            k = _key(bits, flip, m, k0, base + step * j)
+            off[count] = j
+            count += (not k < pivot) if step > 0 else (not pivot < k)
+    elif step > 0:
+        for j in range(off.shape[0]):
+            off[count] = j
+            count += not (bits[base + j] ^ flip) < pivot
+    else:
+        for j in range(off.shape[0]):
+            off[count] = j
+            count += not pivot < (bits[base - j] ^ flip)
+    return count
+
+
+@jit
+def _copy_out(bits, flip, m, k0, lo, hi, keys, ix, first):
+    """Positions [lo, hi), not yet moved, into the kept side's arrays where they overlap."""
+    a, b = max(lo, first), min(hi, first + keys.shape[0])
+    for g in range(a, b):
+        keys[g - first] = bits[g] ^ flip
+        ix[g - first] = g
+    if a <= m < b:
+        keys[m - first], ix[m - first] = k0, 0
+
+
+@jit
+def _first_partition(bits, flip, m, pivot, keys, ix, first, off_l, off_r, tail_keys, tail_ix):
+    """std::sort's first partition of the keys ``bits ^ flip`` (median already chosen: position ``m``, key
+    ``pivot``), read in place and written only where the kept side lies: its entries at positions
+    [first, first + len(keys)) into (keys, ix). Returns the cut.
+
+    The same stops and pairs as ``_block_partition`` after ``_median_to_first`` (position 0 holds the pivot,
+    position m the entry from 0), scanned from both ends in blocks: a block is copied out as it is scanned,
+    each pair's swap writes the two entries' new places, and the last few hundred entries near the crossing
+    run the scalar ``_partition`` on a copy with the pivot key as sentinel at both ends (the scans stop there
+    as on the entries they would meet: not below the pivot on the right, not above it on the left).
+    """
+    n = bits.shape[0]
+    size = off_l.shape[0]
+    k0 = bits[0] ^ flip
+    _put(keys, ix, first, 0, pivot, m)
+    lo, hi = 1, n  # entries not scanned yet: [lo, hi)
+    n_l = i_l = n_r = i_r = 0
+    base_l = base_r = 0
+    while True:
+        if i_l == n_l:
+            if hi - lo < size:
+                break
+            base_l, i_l = lo, 0
+            n_l = _block_stops(bits, flip, pivot, m, k0, base_l, 1, off_l)
+            _copy_out(bits, flip, m, k0, base_l, base_l + size, keys, ix, first)
+            lo += size
+        if i_r == n_r:
+            if hi - lo < size:
+                break
+            base_r, i_r = hi - 1, 0
+            n_r = _block_stops(bits, flip, pivot, m, k0, base_r, -1, off_r)
+            _copy_out(bits, flip, m, k0, base_r - size + 1, base_r + 1, keys, ix, first)
+            hi -= size
+        c = min(n_l - i_l, n_r - i_r)
+        for j in range(c):
+            a, b = base_l + off_l[i_l + j], base_r - off_r[i_r + j]
+            ka, kb = _key(bits, flip, m, k0, a), _key(bits, flip, m, k0, b)
+            _put(keys, ix, first, a, kb, 0 if b == m else b)
+            _put(keys, ix, first, b, ka, 0 if a == m else a)
+        i_l += c
+        i_r += c
+    left = base_l + off_l[i_l] if i_l < n_l else lo
+    right = base_r - off_r[i_r] + 1 if i_r < n_r else hi
+    width = right - left
+    tail_keys[0] = tail_keys[width + 1] = pivot
+    for q in range(width):
+        tail_keys[q + 1] = _key(bits, flip, m, k0, left + q)
+        tail_ix[q + 1] = 0 if left + q == m else left + q
+    cut = _partition(tail_keys, tail_ix, 1, width + 1, 0)
+    for q in range(1, width + 1):
+        _put(keys, ix, first, left + q - 1, tail_keys[q], tail_ix[q])
+    return left + cut - 1
+
+
+@jit
+def _median_of_three(bits, flip, a, b, c):
+    """The position std::__move_median_to_first picks among a, b, c (keys ``bits ^ flip``)."""
+    ka, kb, kc = bits[a] ^ flip, bits[b] ^ flip, bits[c] ^ flip
+    if ka < kb:
+        return b if kb < kc else (c if ka < kc else a)
+    if ka < kc:
+        return a
+    return c if kb < kc else b
+
+
+def _cut_range(bits, hist, pivot_bits, descending: bool) -> tuple[int, int]:
+    """Bounds on the cut of a partition around the key of ``pivot_bits``: it lies between (keys below the pivot)
+    + 1 and (keys not above it), and the histogram bounds both (exactly for 16-bit patterns, whose histogram
+    bin is the pattern; float32's by the pivot's top-16-bit bin)."""
+    b = int(pivot_bits) >> (0 if bits.dtype == np.uint16 else 16)
+    before = int(hist[b + 1:].sum()) if descending else int(hist[:b].sum())  # keys below the pivot's bin
+    return before + 1, before + int(hist[b])
+
+
+def _replay_one_side(bits, hist, flip, bounds, n: int):
+    """The replay from the sorted array's first partition on, when every boundary lies on one side of it
+    whatever its cut (:func:`_cut_range`): only that side is written out (half the work arrays, and no
+    in-place first pass over all of them). None when a boundary may fall on either side (the pivot's key or
+    bin holds it): the caller replays the whole array. Returns (keys, ix, first sorted position) or None."""
+    if n <= _SMALL:
+        return None
+    m = _median_of_three(bits, flip, 1, n // 2, n - 1)
+    pivot = bits[m] ^ flip
+    lowest, highest = _cut_range(bits, hist, bits[m], bool(flip))
+    if bounds[-1] < lowest:  # every boundary inside [0, cut)
+        first, length = 0, highest
+    elif bounds[0] > highest:  # inside [cut, n)
+        first, length = lowest, n - lowest
+    else:
+        return None
+    ix = scratch.array("select.index", length, np.int32 if n < 2**31 else np.int64)
+    keys = scratch.array("select.keys", length, bits.dtype)
+    tail = 3 * _BLOCK + 2
+    cut = _first_partition(bits, flip, m, pivot, keys, ix, first, np.empty(_BLOCK, np.int32),
+                           np.empty(_BLOCK, np.int32), np.empty(tail, bits.dtype), np.empty(tail, ix.dtype))
+    if not lowest <= cut <= highest:
+        raise AssertionError(f"select: first partition cut {cut} outside [{lowest}, {highest}]")
+    return (keys[cut - first:], ix[cut - first:], cut) if first else (keys[:cut], ix[:cut], 0)
 
 
 @jit
@@ -426,15 +589,17 @@ def _range_mask(bits, flip, start, width, mask):
 
 
 @jit
-def _mark_replayed(work, ix, end, lo, hi, lo_key, hi_key, bounds, mask):
+def _mark_replayed(work, ix, offset, end, lo, hi, lo_key, hi_key, bounds, mask):
     """Entries with a straddling cut's key (``lo_key``/``hi_key``, -1 for a cut that does not straddle): before
     that cut iff their replayed position is (the set before a replayed cut is exact), before the other by
-    key (``bounds``, as ``_range_mask``). Past ``end`` (the last straddling cut) none is before either."""
-    for p in range(end):
+    key (``bounds``, as ``_range_mask``). Past ``end`` (the last straddling cut) none is before either.
+    ``work[0]`` is sorted position ``offset`` (a replayed side of the first partition holds every such key)."""
+    for p in range(end - offset):
         key = np.int64(work[p])
         if key == lo_key or key == hi_key:
-            before_lo = p < lo if key == lo_key else key < bounds[0]
-            before_hi = p < hi if key == hi_key else key < bounds[1]
+            g = p + offset
+            before_lo = g < lo if key == lo_key else key < bounds[0]
+            before_hi = g < hi if key == hi_key else key < bounds[1]
             mask[ix[p]] = before_hi and not before_lo
 
 
@@ -487,11 +652,17 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
         _range_mask(bits, flip, np.uint32(bounds[0]), np.uint32(bounds[1] - bounds[0]), mask.numpy())
     replayed = {b: key for b, key, straddling in zip(cuts, keys, straddles) if straddling}
     if replayed:
-        ix = scratch.array("select.index", n, np.int32 if n < 2**31 else np.int64)
-        work = _work_arrays(bits, flip, ix, scratch.array("select.keys", n, bits.dtype))  # ~bits if descending
-        if not _introsort(work, ix, np.array(sorted(replayed), np.int64), False):  # libstdc++ heapsorts:
+        ends = np.array(sorted(replayed), np.int64)
+        side = _replay_one_side(bits, hist, flip, ends, n)
+        if side is None:  # the whole array, partitioned in place
+            ix = scratch.array("select.index", n, np.int32 if n < 2**31 else np.int64)
+            work, offset, depth = _work_arrays(bits, flip, ix, scratch.array("select.keys", n, bits.dtype)), 0, 0
+        else:  # the side of the first partition holding every cut: one partition done
+            (work, ix, offset), depth = side, 1
+        replays = _introsort_from(work, ix, ends - offset, False, _depth_limit(n) - depth)
+        if not replays:  # libstdc++ heapsorts
             return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
-        _mark_replayed(work, ix, max(replayed), lo, hi, replayed.get(lo, -1), replayed.get(hi, -1), bounds,
+        _mark_replayed(work, ix, offset, max(replayed), lo, hi, replayed.get(lo, -1), replayed.get(hi, -1), bounds,
                        mask.numpy())
     return mask
 
