@@ -18,6 +18,12 @@ positions [0, b) is fixed once b falls on a segment edge, and the order among ti
 path of segments containing b. A segment past the depth limit (2 floor(log2 n) partitions) is
 heapsorted by libstdc++; that is not replayed: the caller then runs the full torch sort (rare).
 
+The first partition (over all n entries) is not run in place on a copy: std::sort's cut lies between
+(keys below the pivot) + 1 and (keys not above it), which the radix histogram bounds, so the side holding
+the requested boundaries is known before the pass; the pass reads the keys where they lie and writes out
+only that side (half the replay's work arrays; the whole array as before when a boundary may fall on
+either side). Deeper partitions run in place on that side.
+
 A descending sort with ``a > b`` performs the same swaps as an ascending one on keys mapped by an
 order-reversing bijection (``~bits``), so the kernels only know ``<``. The k-th value is found by a
 radix select on the float32 bit patterns (non-negative floats order like their uint32 bits): one
