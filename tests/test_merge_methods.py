@@ -187,6 +187,27 @@ def test_model_stock_blocks_give_the_whole_tensor_bits(shape, dtype):
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])
+def test_bf16_model_stock_runs_the_bf16_loops(filter_wise, monkeypatch):
+    """bf16 model_stock's operands and mix are the numba loops with torch's bf16 roundings (the bits: the test
+    above), not torch's own bf16 ops."""
+    from mergescope.merge import kernels
+
+    calls = []
+    for name in ("_bf16_offsets", "_bf16_stock_mix"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    monkeypatch.setattr(M, "_stock_fill", None)  # torch's operand path would fail
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(300, 77, generator=g).bfloat16()
+    models = [(base.float() + 0.1 * torch.randn(300, 77, generator=g)).bfloat16() for _ in range(3)]
+    expected = _model_stock_whole_tensor(models if filter_wise else [m.reshape(-1) for m in models],
+                                         base if filter_wise else base.reshape(-1)).reshape(base.shape)
+    assert torch.equal(M.get("model_stock")(models, base, filter_wise=filter_wise).view(torch.int16),
+                       expected.view(torch.int16))
+    assert set(calls) == {"_bf16_offsets", "_bf16_stock_mix"}
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_writes_the_same_bits_into_out(filter_wise):
     """Into ``out`` (the engine's mapped output slot), twice on one thread (reused offset buffers): the same bits."""
     g = torch.Generator().manual_seed(3)

@@ -208,7 +208,7 @@ def test_model_stock_in_windows_keeps_mergekits_bits_and_few_mapped_pages(tmp_pa
             pages.forget(mapped)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_kernels_in_windows_of_many_rows_give_mergekits_bits(monkeypatch, dtype, filter_wise):
     """Windows of 76 rows of 13 (988 entries; 1000 when flat), the last one short: each window's rows take

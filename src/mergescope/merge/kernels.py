@@ -207,6 +207,42 @@ def _bf16_value(bits):
 
 
 @jit
+def _bf16_bits(x):
+    """The bf16 bit pattern of a float32 that holds a bf16 value (as _bf16_round returns)."""
+    return np.uint16(np.float32(x).view(np.uint32) >> np.uint32(16))
+
+
+@jit
+def _bf16_offsets(out, a, b, w0, pair):
+    """:func:`_offsets` on bf16 bit arrays: ``bf16(a - w0)``, or ``bf16(bf16(a - w0) * bf16(b - w0))``, each step
+    a float32 operation rounded to bf16, as torch's bf16 sub, sub, mul."""
+    if pair:
+        for k in range(out.size):
+            w = _bf16_value(w0[k])
+            d = _bf16_round(_bf16_round(_bf16_value(a[k]) - w) * _bf16_round(_bf16_value(b[k]) - w))
+            out[k] = _bf16_bits(d)
+    else:
+        for k in range(out.size):
+            out[k] = _bf16_bits(_bf16_round(_bf16_value(a[k]) - _bf16_value(w0[k])))
+
+
+@jit
+def _bf16_stock_mix(out, tensors, w0, ratio, keep, width, count):
+    """:func:`_stock_mix` on bf16 bit arrays, each torch op rounded to bf16: ``0 + w1`` (+0.0 for -0.0, exact),
+    each further ``+ wi``, ``/ count``, ``ratio *``, ``keep * w0`` and the final sum. ``ratio``/``keep``: float32
+    values of the bf16 ratios, one per row of ``width`` entries."""
+    zero = np.float32(0)
+    for r in range(out.size // width):
+        rt, kp = ratio[r], keep[r]
+        for j in range(r * width, (r + 1) * width):
+            acc = zero + _bf16_value(tensors[0][j])
+            for i in range(1, len(tensors)):
+                acc = _bf16_round(acc + _bf16_value(tensors[i][j]))
+            mean = _bf16_round(acc / count)
+            out[j] = _bf16_bits(_bf16_round(_bf16_round(rt * mean) + _bf16_round(kp * _bf16_value(w0[j]))))
+
+
+@jit
 def _bf16_deltas(d, t, b, mask, has_mask, factor, has_factor, weight, total):
     """d = bf16(w * bf16(f * (mask * bf16(t - b)))) over one block; total += d (float32)."""
     one, zero = np.float32(1), np.float32(0)
@@ -370,29 +406,43 @@ def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
 
 
 def stock_operand(out: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
-    """``out = a - w0`` or ``(a - w0) * (b - w0)`` (flat, contiguous, one dtype) in one pass per window, the
-    inputs' mapped pages released behind it (methods.model_stock's cosine operands: torch's bits)."""
-    arrays = _arrays([out, a, a if b is None else b, w0])  # _offsets' order
+    """``out = a - w0`` or ``(a - w0) * (b - w0)`` (flat, contiguous, one dtype: float32, float64 or bf16) in one
+    pass per window, the inputs' mapped pages released behind it (methods.model_stock's cosine operands:
+    torch's bits)."""
+    bf16 = out.dtype == torch.bfloat16
+    tensors = [out, a, a if b is None else b, w0]  # _offsets' order
+    arrays = tuple(_bits16(t) for t in tensors) if bf16 else _arrays(tensors)
+    kernel = _bf16_offsets if bf16 else _offsets
     for start, stop in pages.windows(arrays[0].size, WINDOW, w0, a, *(() if b is None else (b,))):
-        _offsets(*(x[start:stop] for x in arrays), b is not None)
+        kernel(*(x[start:stop] for x in arrays), b is not None)
     return out
 
 
 def stock_mix(out: Tensor, ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, keep: Tensor) -> Tensor:
     """methods.model_stock's mix into ``out``: one ratio (and keep) for all, or one per row of w0's last
     dimension; window by window, mapped pages of the inputs and ``out`` released behind each."""
-    flat_out, flat_w0, arrays = out.reshape(-1).numpy(), w0.detach().reshape(-1).numpy(), _arrays(ws)
+    bf16 = out.dtype == torch.bfloat16
+    if bf16:  # bit arrays; the bf16 ratios as float32 values (exact)
+        flat_out, flat_w0, arrays = _bits16(out), _bits16(w0), tuple(_bits16(w) for w in ws)
+        ratios, keeps = ratio.reshape(-1).float().numpy(), keep.reshape(-1).float().numpy()
+    else:
+        flat_out, flat_w0, arrays = out.reshape(-1).numpy(), w0.detach().reshape(-1).numpy(), _arrays(ws)
+        ratios, keeps = ratio.reshape(-1).numpy(), keep.reshape(-1).numpy()
     if flat_out.size == 0:
         return out
-    ratios, keeps = ratio.reshape(-1).numpy(), keep.reshape(-1).numpy()
     per_row = ratios.size > 1
     width = w0.shape[-1] if per_row else max(1, flat_out.size)
     step = max(1, WINDOW // width) * width if per_row else WINDOW
-    zero, count = flat_out.dtype.type(0), flat_out.dtype.type(len(ws))
+    dtype = np.float32 if bf16 else flat_out.dtype.type
+    zero, count = dtype(0), dtype(len(ws))
     for start, stop in pages.windows(flat_out.size, step, out, w0, *ws):
         rows = slice(start // width, -(-stop // width)) if per_row else slice(0, 1)
-        _stock_mix(flat_out[start:stop], tuple(a[start:stop] for a in arrays), flat_w0[start:stop], ratios[rows],
-                   keeps[rows], width if per_row else stop - start, count, zero)
+        parts = (flat_out[start:stop], tuple(a[start:stop] for a in arrays), flat_w0[start:stop], ratios[rows],
+                 keeps[rows], width if per_row else stop - start, count)
+        if bf16:
+            _bf16_stock_mix(*parts)
+        else:
+            _stock_mix(*parts, zero)
     return out
 
 

@@ -792,7 +792,7 @@ def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
     scratch, not n offsets and a product, and a few windows of input resident, not every input whole."""
     work = _reused("methods.stock_work", w0.shape, torch.result_type(ws[0], w0))
     flat_work, flat_w0, flat_ws = work.view(-1), w0.reshape(-1), [w.reshape(-1) for w in ws]
-    kernels = _kernels(work.dtype, [w0, *ws])
+    kernels = _stock_kernels(work.dtype, [w0, *ws])
     fill = _stock_fill if kernels is None else kernels.stock_operand
     norms = [torch.linalg.vector_norm(fill(flat_work, flat_w0, w).view(w0.shape), dim=-1) for w in flat_ws]
     cosines = []
@@ -816,6 +816,16 @@ def _stock_fill(work: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) ->
     return work
 
 
+def _stock_kernels(dtype: torch.dtype, tensors: Sequence[Tensor]):
+    """merge/kernels.py for model_stock's passes: float32/float64 as _kernels, and bf16 (each op rounded to
+    bf16 as torch does); None: torch's ops."""
+    kernels = _kernel_module() if tensors else None
+    if kernels is None:
+        return None
+    fits = kernels.fits(dtype, tensors) or (dtype == torch.bfloat16 and kernels.fits_bf16(tensors))
+    return kernels if fits else None
+
+
 def _reused(purpose: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     """This thread's reused buffer for ``purpose`` (merge/scratch.py's rules) where scratch holds ``dtype``,
     else a new tensor (half precision)."""
@@ -831,7 +841,7 @@ def _stock_mix(ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, out: Tensor | No
     (filter-wise). ``out`` (w0's shape, ratio's dtype) receives the result."""
     n, keep = len(ws), 1 - ratio
     out = torch.empty(w0.shape, dtype=torch.result_type(ratio, w0)) if out is None else out
-    kernels = _kernels(out.dtype, [w0, *ws, out, ratio.reshape(-1).contiguous()])
+    kernels = _stock_kernels(out.dtype, [w0, *ws, out, ratio.reshape(-1).contiguous()])
     if kernels is not None:  # one fused pass, the same roundings
         return kernels.stock_mix(out, ws, w0, ratio, keep)
     per_row = ratio.numel() > 1
