@@ -463,6 +463,17 @@ def _histogram16(bits):
 
 
 @jit
+def _descend(hist, above, k):
+    """The highest bin whose count, with the bins above it and ``above`` more, reaches k; and that count
+    without the bin's own (how many patterns are larger than the bin's)."""
+    b = hist.shape[0] - 1
+    while above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    return b, above
+
+
+@jit
 def _kth_patterns16(hist, ks):
     """:func:`_kth_patterns` for 16-bit patterns, from their full histogram alone."""
     c = ks.shape[0]
@@ -470,10 +481,7 @@ def _kth_patterns16(hist, ks):
     above = np.zeros(c, np.int64)
     equal = np.empty(c, np.int64)
     for t in range(c):
-        pattern = (1 << 16) - 1
-        while above[t] + hist[pattern] < ks[t]:
-            above[t] += hist[pattern]
-            pattern -= 1
+        pattern, above[t] = _descend(hist, 0, ks[t])
         patterns[t], equal[t] = np.uint16(pattern), hist[pattern]
     return patterns, above, equal
 
@@ -509,10 +517,7 @@ def _kth_patterns(bits, hist, ks):
     starts = np.empty(c, np.uint32)
     above = np.zeros(c, np.int64)
     for t in range(c):
-        high = (1 << 16) - 1
-        while above[t] + hist[high] < ks[t]:
-            above[t] += hist[high]
-            high -= 1
+        high, above[t] = _descend(hist, 0, ks[t])
         starts[t] = np.uint32(high << 16)
     low_hist = np.zeros((c, 1 << 16), np.int64)
     if c == 1 or starts[0] == starts[1]:
@@ -523,10 +528,7 @@ def _kth_patterns(bits, hist, ks):
     patterns = np.empty(c, np.uint32)
     equal = np.empty(c, np.int64)
     for t in range(c):
-        low = (1 << 16) - 1
-        while above[t] + low_hist[t, low] < ks[t]:
-            above[t] += low_hist[t, low]
-            low -= 1
+        low, above[t] = _descend(low_hist[t], above[t], ks[t])
         patterns[t], equal[t] = starts[t] | np.uint32(low), low_hist[t, low]
     return patterns, above, equal
 
