@@ -330,13 +330,15 @@ def _tied(n: int, seed: int, levels: int) -> torch.Tensor:
     return torch.where(torch.rand(n, generator=g) < 0.5, -values, values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [7, 100, 5_000, 300_000])
 @pytest.mark.parametrize("density", [0.3, 0.5, 0.9])
-def test_tied_magnitude_masks_match_mergekit_bit_for_bit(n, density):
+def test_tied_magnitude_masks_match_mergekit_bit_for_bit(n, density, dtype):
     """Exact ties at the TIES / breadcrumbs cut-off: the same entries kept as MergeKit's own sparsify
-    (torch's unstable sort decides, not a lower/higher index rule: both occur on these tensors)."""
+    (torch's unstable sort decides, not a lower/higher index rule: both occur on these tensors); half
+    deltas as MergeKit ranks them (their float32 values), here from their 16-bit patterns."""
     mk = pytest.importorskip("mergekit.sparsify")
-    delta = _tied(n, n, levels=5)
+    delta = _tied(n, n, levels=5).to(dtype)
     ours = M.magnitude_mask(delta.abs(), density)
     theirs = mk.magnitude(delta, density) != 0
     assert torch.equal(ours, theirs)
