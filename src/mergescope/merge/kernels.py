@@ -314,8 +314,7 @@ def _half_task_vectors(out, base, tensors, masks, has_mask, factors, has_factor,
                 mixed = _bf16_round(mixed / weight[k])
             if scale:
                 mixed = _bf16_round(mixed * lam)
-            out[start + k] = np.uint16(np.uint32(np.float32(_bf16_round(b[k] + mixed)).view(np.uint32))
-                                       >> np.uint32(16))
+            out[start + k] = _bf16_bits(_bf16_round(b[k] + mixed))
 
 
 @_jit

@@ -366,6 +366,12 @@ def _kernels(dtype: torch.dtype, tensors: Sequence[Tensor], masks: Sequence[Tens
     return kernels if kernels is not None and kernels.fits(dtype, tensors, masks) else None
 
 
+def _bf16_kernels(tensors: Sequence[Tensor]):
+    """merge/kernels.py when numba imports and its bf16 loops take ``tensors`` (contiguous CPU bf16), else None."""
+    kernels = _kernel_module() if tensors and tensors[0].dtype == torch.bfloat16 else None  # numba: only for bf16
+    return kernels if kernels is not None and kernels.fits_bf16(tensors) else None
+
+
 def _kernel_module():
     """merge/kernels.py, or None where numba does not import. Imported on first use, not at
     ``import mergescope``: numba takes a while to load."""
@@ -432,8 +438,8 @@ def _half_task_arithmetic(tensors, base, weight, density, sparsify, consensus, n
     runs as one numba loop with the same roundings (merge/kernels.py) where numba imports."""
     plan = _half_masks(tensors, base, density, sparsify, rescale, seed, extra)
     w = torch.tensor([float(x) for x in weight], dtype=base.dtype)[:, None]
-    kernels = _kernel_module() if base.dtype == torch.bfloat16 else None
-    if kernels is not None and kernels.fits_bf16([base, *tensors]):  # one fused pass, the same roundings
+    kernels = _bf16_kernels([base, *tensors])
+    if kernels is not None:  # one fused pass, the same roundings
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
         result = _out_buffer(out, base)  # the output slot itself when given
@@ -819,16 +825,14 @@ def _stock_fill(work: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) ->
 def _stock_kernels(dtype: torch.dtype, tensors: Sequence[Tensor]):
     """merge/kernels.py for model_stock's passes: float32/float64 as _kernels, and bf16 (each op rounded to
     bf16 as torch does); None: torch's ops."""
-    kernels = _kernel_module() if tensors else None
-    if kernels is None:
-        return None
-    fits = kernels.fits(dtype, tensors) or (dtype == torch.bfloat16 and kernels.fits_bf16(tensors))
-    return kernels if fits else None
+    if dtype == torch.bfloat16:
+        return _bf16_kernels(tensors)
+    return _kernels(dtype, tensors)
 
 
 def _reused(purpose: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """This thread's reused buffer for ``purpose`` (merge/scratch.py's rules) where scratch holds ``dtype``,
-    else a new tensor (half precision)."""
+    """This thread's reused buffer for ``purpose`` (merge/scratch.py's rules) for float32/float64, else a new
+    tensor: a half-precision one is freed after its job instead of staying in the worker's arena."""
     if dtype not in (torch.float32, torch.float64):
         return torch.empty(shape, dtype=dtype)
     return scratch.tensor(purpose, math.prod(shape), dtype).view(shape)

@@ -64,15 +64,19 @@ def _swap(v, ix, i, j):
 
 
 @jit
+def _median_of(ka, kb, kc, a, b, c):
+    """The position std::__move_median_to_first picks among a, b, c, whose keys are ka, kb, kc."""
+    if ka < kb:
+        return b if kb < kc else (c if ka < kc else a)
+    if ka < kc:
+        return a
+    return c if kb < kc else b
+
+
+@jit
 def _median_to_first(v, ix, result, a, b, c):
     """std::__move_median_to_first."""
-    if v[a] < v[b]:
-        median = b if v[b] < v[c] else (c if v[a] < v[c] else a)
-    elif v[a] < v[c]:
-        median = a
-    else:
-        median = c if v[b] < v[c] else b
-    _swap(v, ix, result, median)
+    _swap(v, ix, result, _median_of(v[a], v[b], v[c], a, b, c))
 
 
 @jit
@@ -310,13 +314,8 @@ def _first_partition(bits, flip, m, pivot, keys, ix, first, off_l, off_r, tail_k
 
 @jit
 def _median_of_three(bits, flip, a, b, c):
-    """The position std::__move_median_to_first picks among a, b, c (keys ``bits ^ flip``)."""
-    ka, kb, kc = bits[a] ^ flip, bits[b] ^ flip, bits[c] ^ flip
-    if ka < kb:
-        return b if kb < kc else (c if ka < kc else a)
-    if ka < kc:
-        return a
-    return c if kb < kc else b
+    """:func:`_median_of` with the keys ``bits ^ flip`` read in place."""
+    return _median_of(bits[a] ^ flip, bits[b] ^ flip, bits[c] ^ flip, a, b, c)
 
 
 def _cut_range(bits, hist, pivot_bits, descending: bool) -> tuple[int, int]:
