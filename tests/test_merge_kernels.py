@@ -491,3 +491,37 @@ def test_bf16_round_is_torchs_rounding():
     assert np.array_equal(rounded.view(np.uint32), x.bfloat16().float().numpy().view(np.uint32))
     # NaN stays NaN (torch's own NaN bits differ between its vector and scalar conversions: 0xFFFF, 0x7FC0)
     assert np.isnan(kernels._bf16_round(np.float32("nan")))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("size", [1, 2047, 300_017])
+def test_bf16_linear_loop_gives_the_torch_chunks_bits(monkeypatch, normalize, size):
+    """linear on bf16 models: the numba loop (bf16 inputs into a float32 accumulator, one bf16 rounding) against
+    the torch chunk loop, signed zeros, infinities and a zero total (inf / NaN where torch divides by 0)."""
+    calls = []
+    loop = kernels.bf16_weighted_sum
+    monkeypatch.setattr(kernels, "bf16_weighted_sum", lambda *a: calls.append(1) or loop(*a))
+    base, models = _bf16_models(4, size, seed=size)
+    models[1][-3:] = torch.tensor([float("inf"), -float("inf"), 3.0e38]).bfloat16()[-min(3, size):]
+    for weight in ([0.5, 0.3, 0.2, 0.1], [1 / 3, -1 / 7, 0.1, 0.9], [1.0, -1.0, 0.0, 0.0], [0.25, 0.25, 0.25]):
+        fused = methods.linear([base, *models][:4], weight=weight, normalize=normalize)
+        with monkeypatch.context() as m:
+            m.setattr(methods, "_kernel_module", lambda: None)
+            reference = methods.linear([base, *models][:4], weight=weight, normalize=normalize)
+        assert fused.dtype == torch.bfloat16
+        nan = torch.isnan(reference)
+        assert torch.equal(torch.isnan(fused), nan), weight
+        assert torch.equal(fused.view(torch.int16)[~nan], reference.view(torch.int16)[~nan]), (size, weight)
+    assert len(calls) == 4  # the loop ran (not the torch chain twice)
+
+
+def test_bf16_linear_fma_probe_matches_torch():
+    """The probe for bf16 inputs into a float32 accumulator says what torch's mixed-dtype addcmul_ does."""
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(5))).bfloat16()
+    w = torch.tensor(0.3)
+    acc = torch.randn(4096, generator=torch.Generator().manual_seed(6))
+    fused = (acc.double() + x.double() * w.double()).float()
+    separate = acc + x.float() * w
+    got = acc.clone().addcmul_(x, w)
+    assert kernels.torch_fuses_addcmul(torch.float32, torch.bfloat16) == torch.equal(got, fused)
+    assert torch.equal(got, fused) != torch.equal(got, separate)

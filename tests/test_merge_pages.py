@@ -236,6 +236,24 @@ def test_check_finite_finds_a_nan_in_the_last_window():
     engine.check_finite("w", torch.full((3, 4), 3e38).t())  # non-contiguous, sum overflows: no bad entry
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_check_finite_of_every_dtype_finds_each_kind_of_bad_entry(dtype):
+    """Half dtypes are checked by their extremes, wider ones by their sum: each finds a NaN, +Inf or -Inf
+    anywhere (windows, tails, a transposed view) and passes the dtype's largest finite values."""
+    big = torch.finfo(dtype).max
+    engine.check_finite("w", torch.full((5000,), big, dtype=dtype), window=1000)
+    engine.check_finite("w", torch.full((5000,), -big, dtype=dtype), window=1000)
+    engine.check_finite("w", torch.empty(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 999, 1000, 4999):
+            values = torch.randn(5000, generator=torch.Generator().manual_seed(where)).to(dtype)
+            values[where] = bad
+            with pytest.raises(MergescopeError, match="1 NaN/Inf value"):
+                engine.check_finite("w", values, window=1000)
+            with pytest.raises(MergescopeError, match="1 NaN/Inf value"):
+                engine.check_finite("w", values.reshape(50, 100).t())
+
+
 def test_copy_into_a_slot_by_windows_is_torchs_copy():
     source = torch.randn(3, 1001, generator=torch.Generator().manual_seed(4))
     into = torch.empty(3, 1001, dtype=torch.float64)

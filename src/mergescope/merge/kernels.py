@@ -140,24 +140,14 @@ def _task_vectors(out, base, tensors, masks, has_mask, factors, has_factor, weig
 
 @_jit
 def _weighted_sum(out, tensors, weights, total, normalize, fused):
-    """methods.linear's chunk loop: acc = 0; acc += t_i * w_i (fused when torch's addcmul_ is); / total."""
-    n = out.size
-    acc = np.empty(BLOCK, out.dtype)
-    zero = weights[0] - weights[0]
-    for start in range(0, n, BLOCK):
-        size = min(n, start + BLOCK) - start
-        for k in range(size):
-            acc[k] = zero
+    """methods.linear's chunk loop: acc = 0; acc += t_i * w_i (fused when torch's addcmul_ is); / total. A scalar
+    accumulator per entry, not a block of them: LLVM vectorises this form (measured 2.3x the block loop)."""
+    zero = np.zeros(1, out.dtype)[0]
+    for k in range(out.size):
+        acc = zero
         for i in range(len(tensors)):
-            t, w = tensors[i], weights[i]
-            if fused:
-                for k in range(size):
-                    acc[k] = _fma(t[start + k], w, acc[k])
-            else:
-                for k in range(size):
-                    acc[k] = acc[k] + t[start + k] * w
-        for k in range(size):
-            out[start + k] = acc[k] / total if normalize else acc[k]
+            acc = _fma(tensors[i][k], weights[i], acc) if fused else acc + tensors[i][k] * weights[i]
+        out[k] = acc / total if normalize else acc
 
 
 @_jit
@@ -242,6 +232,19 @@ def _bf16_stock_mix(out, tensors, w0, ratio, keep, width, count):
             out[j] = _bf16_bits(_bf16_round(_bf16_round(rt * mean) + _bf16_round(kp * _bf16_value(w0[j]))))
 
 
+@_jit
+def _bf16_weighted_sum(out, tensors, weights, total, normalize, fused):
+    """:func:`_weighted_sum` on bf16 bit arrays: methods.linear's float32 accumulator over bf16 inputs (exact
+    float32 values), divided in float32 and rounded to bf16 once, as torch's chunk loop stores it."""
+    zero = np.float32(0)
+    for k in range(out.size):
+        acc = zero
+        for i in range(len(tensors)):
+            value = _bf16_value(tensors[i][k])
+            acc = _fma(value, weights[i], acc) if fused else acc + value * weights[i]
+        out[k] = _bf16_bits(_bf16_round(acc / total if normalize else acc))
+
+
 @jit
 def _bf16_deltas(d, t, b, mask, has_mask, factor, has_factor, weight, total):
     """d = bf16(w * bf16(f * (mask * bf16(t - b)))) over one block; total += d (float32)."""
@@ -324,16 +327,20 @@ def _mask(values, mask, one, zero):
 
 
 @functools.cache
-def torch_fuses_addcmul(dtype: torch.dtype) -> bool | None:
-    """Whether torch's addcmul_ rounds ``acc + t * w`` once (FMA) on this CPU: True, False, or None when
-    its scalar and vector loops disagree (then the kernel cannot match it and linear stays on torch)."""
+def torch_fuses_addcmul(dtype: torch.dtype, operand: torch.dtype | None = None) -> bool | None:
+    """Whether torch's addcmul_ rounds ``acc + t * w`` once (FMA) on this CPU, for ``acc`` and ``w`` of
+    ``dtype`` and ``t`` of ``operand`` (default: ``dtype``; bf16 inputs to a float32 accumulator, as
+    methods.linear adds them): True, False, or None when its scalar and vector loops disagree (then the
+    kernel cannot match it and linear stays on torch)."""
     bits = round(-np.log2(torch.finfo(dtype).eps))  # 23 / 52 fraction bits
-    t = 1 + 2.0 ** -(bits // 2 + 1)  # t * t needs more bits than the dtype has
+    t_bits = round(-np.log2(torch.finfo(operand or dtype).eps))
+    t = 1 + 2.0 ** -min(t_bits, bits // 2 + 1)  # exact in ``operand``
+    w = 1 + 2.0 ** -bits  # t * w needs more bits than the dtype has
     verdicts = set()
     for n in (1, 67):  # a scalar tail alone, then vector body + tail
-        x = torch.full((n,), t, dtype=dtype)
-        acc = -(x * x)  # the product rounded: fused gives the rounding error, unfused gives 0
-        acc.addcmul_(x, torch.tensor(t, dtype=dtype))
+        x = torch.full((n,), t, dtype=operand or dtype)
+        acc = -(x.to(dtype) * w)  # the product rounded: fused gives the rounding error, unfused gives 0
+        acc.addcmul_(x, torch.tensor(w, dtype=dtype))
         verdicts |= {bool(v != 0) for v in acc.tolist()}
     return verdicts.pop() if len(verdicts) == 1 else None
 
@@ -389,6 +396,20 @@ def weighted_sum(out: Tensor, tensors: Sequence[Tensor], weights: Tensor, total:
         part = slice(start, stop)
         _weighted_sum(flat_out[part], tuple(a[part] for a in arrays), weights.numpy(), total.numpy()[()],
                       bool(normalize), bool(fused))
+    return out
+
+
+def bf16_weighted_sum(out: Tensor, tensors: Sequence[Tensor], weights: Tensor, total: Tensor,
+                      normalize: bool) -> Tensor:
+    """:func:`weighted_sum` of contiguous bf16 tensors into bf16 ``out`` (float32 weights and total, as linear
+    rounds them). Callers check ``torch_fuses_addcmul(torch.float32, torch.bfloat16)`` is not None."""
+    tensors = tensors[:len(weights)]
+    fused = torch_fuses_addcmul(torch.float32, torch.bfloat16)
+    flat_out, arrays = _bits16(out), tuple(_bits16(t) for t in tensors)
+    for start, stop in pages.windows(flat_out.size, WINDOW, out, *tensors):
+        part = slice(start, stop)
+        _bf16_weighted_sum(flat_out[part], tuple(a[part] for a in arrays), weights.numpy(), total.numpy()[()],
+                           bool(normalize), bool(fused))
     return out
 
 

@@ -575,6 +575,9 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
     kernels = _kernels(work, tensors if len(w) else [])
     if kernels is not None and kernels.torch_fuses_addcmul(work) is not None:
         return kernels.weighted_sum(result, tensors, w, total, normalize)
+    bf16 = _bf16_kernels(tensors[:len(w)])
+    if bf16 is not None and bf16.torch_fuses_addcmul(work, torch.bfloat16) is not None:
+        return bf16.bf16_weighted_sum(result, tensors, w, total, normalize)
     out, flats = result.view(-1), [_flat(t) for t in tensors]
     for start, stop in pages.windows(first.numel(), pages.WINDOW, out, *flats):  # mapped pages given back
         for lo in range(start, stop, CHUNK):
