@@ -379,9 +379,49 @@ def test_model_stock_of_empty_tensors_is_empty(shape):
         assert methods.model_stock(models, base, filter_wise=filter_wise).shape == shape
 
 
+def _bf16_maps(tmp_path, values, shared_last: bool):
+    """Each bf16 tensor written to a file and mapped (the last one shared, as an output slot), tracked."""
+    maps = []
+    for i, v in enumerate(values):
+        path = tmp_path / f"t{i}.bin"
+        path.write_bytes(v.view(torch.int16).numpy().tobytes())
+        shared = shared_last and i == len(values) - 1
+        fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+        try:
+            maps.append(map_tensor(fd, 0, torch.bfloat16, (v.numel(),), shared=shared))
+        finally:
+            os.close(fd)
+    for _, mapped in maps:
+        pages.track(mapped)
+    return maps
+
+
+def test_bf16_slerp_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkeypatch):
+    """bf16 slerp over mapped inputs: its norm and dot chunks and its mix loop's windows give the pages back
+    (about a window of each stays resident), with the bits of the same slerp on unmapped tensors."""
+    n = 256 * PAGE // 2 + 5
+    g = torch.Generator().manual_seed(13)
+    a = (1 + 0.02 * torch.randn(n, generator=g)).bfloat16()
+    b = (a.float() + 0.1 * torch.randn(n, generator=g)).bfloat16()
+    maps = _bf16_maps(tmp_path, [a, b, torch.zeros(n, dtype=torch.bfloat16)], shared_last=True)
+    mapped_a, mapped_b, out = (t for t, _ in maps)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(methods, "SLERP_CHUNK", 16 * PAGE // 2)
+            m.setattr(kernels, "WINDOW", 16 * PAGE // 2)
+            whole = methods.slerp([b], a, t=0.3)
+            assert methods.slerp([mapped_b], mapped_a, t=0.3, out=out) is out
+        for t in (mapped_a, mapped_b, out):
+            assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 257 pages each
+        assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
+    finally:
+        for _, mapped in maps:
+            pages.forget(mapped)
+
+
 def test_bf16_linear_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkeypatch):
-    """bf16 linear (torch's chunks, MergeKit's bf16 roundings) in windows of 16 pages: the bits of one
-    window, and only about a window of the mapped inputs and output resident afterwards."""
+    """bf16 linear (the numba loop over bf16 bits; torch's chunks where numba is missing) in windows of 16
+    pages: the bits of one window, and only about a window of the mapped inputs and output resident after."""
     n = 256 * PAGE // 2  # 512 KB of bf16
     g = torch.Generator().manual_seed(11)
     values = [torch.randn(n, generator=g).bfloat16() for _ in range(3)]
@@ -399,12 +439,17 @@ def test_bf16_linear_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkey
     *inputs, out = (t for t, _ in maps)
     try:
         whole = methods.linear(values, weight=[0.5, 0.3, 0.2])
-        with monkeypatch.context() as m:
-            m.setattr(pages, "WINDOW", 16 * PAGE // 2)
-            assert methods.linear(inputs, weight=[0.5, 0.3, 0.2], out=out) is out
-        for t in (*inputs, out):
-            assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 256 pages each
-        assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
+        for numba_loop in (True, False):
+            with monkeypatch.context() as m:
+                m.setattr(pages, "WINDOW", 16 * PAGE // 2)
+                m.setattr(kernels, "WINDOW", 16 * PAGE // 2)
+                if not numba_loop:
+                    m.setattr(methods, "_kernel_module", lambda: None)
+                out.zero_()
+                assert methods.linear(inputs, weight=[0.5, 0.3, 0.2], out=out) is out
+            for t in (*inputs, out):
+                assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 256 pages each
+            assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
     finally:
         for _, mapped in maps:
             pages.forget(mapped)

@@ -245,6 +245,16 @@ def _bf16_weighted_sum(out, tensors, weights, total, normalize, fused):
         out[k] = _bf16_bits(_bf16_round(acc / total if normalize else acc))
 
 
+@_jit
+def _bf16_lerp(out, a, b, coef_a, coef_b):
+    """slerp's mix on bf16 bit arrays: ``coef_a * a`` and ``coef_b * b`` rounded to float32, their float32 sum
+    rounded to bf16, as methods.slerp's torch chunk loop (mul, mul, add_, store)."""
+    for k in range(out.size):
+        x = coef_a * _bf16_value(a[k])
+        y = coef_b * _bf16_value(b[k])
+        out[k] = _bf16_bits(_bf16_round(x + y))
+
+
 @jit
 def _bf16_deltas(d, t, b, mask, has_mask, factor, has_factor, weight, total):
     """d = bf16(w * bf16(f * (mask * bf16(t - b)))) over one block; total += d (float32)."""
@@ -410,6 +420,15 @@ def bf16_weighted_sum(out: Tensor, tensors: Sequence[Tensor], weights: Tensor, t
         part = slice(start, stop)
         _bf16_weighted_sum(flat_out[part], tuple(a[part] for a in arrays), weights.numpy(), total.numpy()[()],
                            bool(normalize), bool(fused))
+    return out
+
+
+def bf16_lerp(out: Tensor, a: Tensor, b: Tensor, coef_a: float, coef_b: float) -> Tensor:
+    """slerp's ``coef_a * a + coef_b * b`` (float32 coefficients) of contiguous bf16 tensors into bf16 ``out``."""
+    flat_out, flat_a, flat_b = _bits16(out), _bits16(a), _bits16(b)
+    for start, stop in pages.windows(flat_out.size, WINDOW, out, a, b):
+        _bf16_lerp(flat_out[start:stop], flat_a[start:stop], flat_b[start:stop], np.float32(coef_a),
+                   np.float32(coef_b))
     return out
 
 

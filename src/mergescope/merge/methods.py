@@ -603,19 +603,30 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
     work = _work_dtype(a)
     rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
     spans = [slice(s, s + SLERP_CHUNK) for s in range(0, rows_a.shape[1], SLERP_CHUNK)]
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(rows_a[:, s].to(work), dim=1, keepdim=True)
-                                                   for s in spans]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(rows_b[:, s].to(work), dim=1, keepdim=True)
-                                                   for s in spans]), dim=0)
+    width = min(SLERP_CHUNK, rows_a.shape[1])
+    converted = scratch.tensor("methods.slerp_in", width, work)
+
+    def in_work(rows: Tensor, span: slice) -> Tensor:  # MergeKit's ``.to(work)``, into a reused buffer
+        part = rows[:, span]
+        return part if part.dtype == work else converted[:part.shape[1]].view(1, -1).copy_(part)
+
+    def norm(rows: Tensor, span: slice) -> Tensor:  # of one chunk, whose mapped input pages then go back
+        chunk_norm = torch.linalg.vector_norm(in_work(rows, span), dim=1, keepdim=True)
+        pages.release(rows.view(-1), span.start, min(span.stop, rows.shape[1]))
+        return chunk_norm
+
+    norm_a = torch.linalg.vector_norm(torch.stack([norm(rows_a, s) for s in spans]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([norm(rows_b, s) for s in spans]), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    width = min(SLERP_CHUNK, rows_a.shape[1])
     x_buf, y_buf = scratch.tensor("methods.slerp_x", width, work), scratch.tensor("methods.slerp_y", width, work)
     parts = []
     for s in spans:
-        x = torch.div(rows_a[:, s].to(work), norm_a, out=x_buf[:rows_a[:, s].shape[1]].view(1, -1))
-        y = torch.div(rows_b[:, s].to(work), norm_b, out=y_buf[:x.shape[1]].view(1, -1))
+        x = torch.div(in_work(rows_a, s), norm_a, out=x_buf[:rows_a[:, s].shape[1]].view(1, -1))
+        y = torch.div(in_work(rows_b, s), norm_b, out=y_buf[:x.shape[1]].view(1, -1))
         parts.append(torch.mul(x, y, out=x).sum(dim=1, keepdim=True))
+        for flat in (a, b):
+            pages.release(flat, s.start, min(s.stop, flat.numel()))
     dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
     t = torch.tensor([t]).reshape(-1, 1).to(work)
     linear = dot.abs() > dot_threshold
@@ -643,6 +654,9 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: f
         return result
     coef_a, coef_b = _slerp_coefficients(a, b, float(t), dot_threshold, eps)
     coef_a, coef_b = coef_a.reshape(1), coef_b.reshape(1)
+    bf16 = _bf16_kernels([a, b, result])
+    if bf16 is not None:  # one loop instead of torch's bf16 -> float32 copies and ops per chunk
+        return bf16.bf16_lerp(result, a, b, float(coef_a), float(coef_b))
     flat, in_place = result.view(-1), base.dtype == work
     x_buf, y_buf = scratch.tensor("methods.slerp_x", CHUNK, work), scratch.tensor("methods.slerp_y", CHUNK, work)
     for part in _chunks(a.numel()):  # chunked into reused buffers: no tensor-sized temporaries, no fresh pages
