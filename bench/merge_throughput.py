@@ -318,6 +318,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-shard-size", default="500MB", help="mergescope's output shards (fsync is per shard).")
     parser.add_argument("--work", type=Path, default=mvm.OUT / "fixture")
+    parser.add_argument("--tag", default="", help="Appended to the result and figure names (a pass over some methods "
+                                                  "beside a full one).")
     args = parser.parse_args(argv)
     args.mergekit_repeats = args.repeats if args.mergekit_repeats is None else args.mergekit_repeats
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -343,6 +345,7 @@ def main(argv=None) -> int:
     print_table(results)
     print(f"load average {results['load_start']:.1f} at start, {results['load_end']:.1f} at end; "
           f"page cache {results['page_cache_gb_after_warm']:.1f} GB of {results['mem_total_gb']:.0f} GB", flush=True)
+    label += f"_{args.tag}" if args.tag else ""
     results_path = Path(str(RESULTS).format(size=label))
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
