@@ -379,16 +379,16 @@ def test_model_stock_of_empty_tensors_is_empty(shape):
         assert methods.model_stock(models, base, filter_wise=filter_wise).shape == shape
 
 
-def _bf16_maps(tmp_path, values, shared_last: bool):
-    """Each bf16 tensor written to a file and mapped (the last one shared, as an output slot), tracked."""
+def _maps(tmp_path, values, shared_last: bool):
+    """Each tensor written to a file and mapped (the last one shared, as an output slot), tracked."""
     maps = []
     for i, v in enumerate(values):
         path = tmp_path / f"t{i}.bin"
-        path.write_bytes(v.view(torch.int16).numpy().tobytes())
+        path.write_bytes(v.view(torch.uint8).numpy().tobytes())
         shared = shared_last and i == len(values) - 1
         fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
         try:
-            maps.append(map_tensor(fd, 0, torch.bfloat16, (v.numel(),), shared=shared))
+            maps.append(map_tensor(fd, 0, v.dtype, (v.numel(),), shared=shared))
         finally:
             os.close(fd)
     for _, mapped in maps:
@@ -396,24 +396,29 @@ def _bf16_maps(tmp_path, values, shared_last: bool):
     return maps
 
 
-def test_bf16_slerp_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkeypatch):
-    """bf16 slerp over mapped inputs: its norm and dot chunks and its mix loop's windows give the pages back
-    (about a window of each stays resident), with the bits of the same slerp on unmapped tensors."""
-    n = 256 * PAGE // 2 + 5
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slerp_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkeypatch, dtype):
+    """slerp over mapped inputs: its norm and dot chunks and its mix's windows (bf16: the numba loop; float32:
+    torch's chunks) give the pages back (about a window of each stays resident), with the bits of the same
+    slerp on unmapped tensors."""
+    size = torch.finfo(dtype).bits // 8
+    n = 256 * PAGE // size + 5
     g = torch.Generator().manual_seed(13)
-    a = (1 + 0.02 * torch.randn(n, generator=g)).bfloat16()
-    b = (a.float() + 0.1 * torch.randn(n, generator=g)).bfloat16()
-    maps = _bf16_maps(tmp_path, [a, b, torch.zeros(n, dtype=torch.bfloat16)], shared_last=True)
+    a = (1 + 0.02 * torch.randn(n, generator=g)).to(dtype)
+    b = (a.float() + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    maps = _maps(tmp_path, [a, b, torch.zeros(n, dtype=dtype)], shared_last=True)
     mapped_a, mapped_b, out = (t for t, _ in maps)
     try:
         with monkeypatch.context() as m:
-            m.setattr(methods, "SLERP_CHUNK", 16 * PAGE // 2)
-            m.setattr(kernels, "WINDOW", 16 * PAGE // 2)
+            m.setattr(methods, "SLERP_CHUNK", 16 * PAGE // size)
+            m.setattr(methods, "CHUNK", 4 * PAGE // size)
+            m.setattr(pages, "WINDOW", 16 * PAGE // size)
+            m.setattr(kernels, "WINDOW", 16 * PAGE // size)
             whole = methods.slerp([b], a, t=0.3)
             assert methods.slerp([mapped_b], mapped_a, t=0.3, out=out) is out
         for t in (mapped_a, mapped_b, out):
             assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 257 pages each
-        assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
+        assert torch.equal(out.view(torch.uint8), whole.view(torch.uint8))
     finally:
         for _, mapped in maps:
             pages.forget(mapped)

@@ -659,14 +659,18 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: f
         return bf16.bf16_lerp(result, a, b, float(coef_a), float(coef_b))
     flat, in_place = result.view(-1), base.dtype == work
     x_buf, y_buf = scratch.tensor("methods.slerp_x", CHUNK, work), scratch.tensor("methods.slerp_y", CHUNK, work)
-    for part in _chunks(a.numel()):  # chunked into reused buffers: no tensor-sized temporaries, no fresh pages
-        size = part.stop - part.start
-        x = torch.mul(coef_a, a[part].to(work), out=x_buf[:size])
-        y = torch.mul(coef_b, b[part].to(work), out=y_buf[:size])
-        if in_place:
-            torch.add(x, y, out=flat[part])
-        else:
-            flat[part] = x.add_(y)
+    # chunked into reused buffers (no tensor-sized temporaries, no fresh pages); the mapped pages of the inputs
+    # and the output slot go back behind each window, so a job keeps a window resident, not three tensors
+    for start, stop in pages.windows(a.numel(), pages.WINDOW, a, b, flat):
+        for lo in range(start, stop, CHUNK):
+            part = slice(lo, min(stop, lo + CHUNK))
+            size = part.stop - part.start
+            x = torch.mul(coef_a, a[part].to(work), out=x_buf[:size])
+            y = torch.mul(coef_b, b[part].to(work), out=y_buf[:size])
+            if in_place:
+                torch.add(x, y, out=flat[part])
+            else:
+                flat[part] = x.add_(y)
     return result
 
 
