@@ -604,7 +604,7 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
     rows_a, rows_b = a.reshape(1, -1), b.reshape(1, -1)
     spans = [slice(s, s + SLERP_CHUNK) for s in range(0, rows_a.shape[1], SLERP_CHUNK)]
     width = min(SLERP_CHUNK, rows_a.shape[1])
-    converted = scratch.tensor("methods.slerp_in", width, work)
+    converted = None if a.dtype == b.dtype == work else scratch.tensor("methods.slerp_in", width, work)
 
     def in_work(rows: Tensor, span: slice) -> Tensor:  # MergeKit's ``.to(work)``, into a reused buffer
         part = rows[:, span]
