@@ -525,3 +525,18 @@ def test_bf16_linear_fma_probe_matches_torch():
     got = acc.clone().addcmul_(x, w)
     assert kernels.torch_fuses_addcmul(torch.float32, torch.bfloat16) == torch.equal(got, fused)
     assert torch.equal(got, fused) != torch.equal(got, separate)
+
+
+def test_bf16_mask_is_torchs_mul_by_the_mask():
+    """Dropped entries become zeros of their sign, dropped Inf/NaN become NaN; kept ones keep their bits."""
+    g = torch.Generator().manual_seed(21)
+    values = (torch.randn(70_001, generator=g) * 10.0 ** torch.randint(-30, 30, (70_001,), generator=g)).bfloat16()
+    values[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 3.0e38]).bfloat16()
+    for mask in (torch.rand(70_001, generator=g) < 0.5, torch.zeros(70_001, dtype=torch.bool),
+                 torch.ones(70_001, dtype=torch.bool)):
+        mask[:16] = torch.tensor([False, True] * 8)[torch.randperm(16, generator=g)]
+        want = values.clone().mul_(mask)
+        got = kernels.bf16_mask_(values.clone(), mask)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])

@@ -414,7 +414,8 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
                 before = magnitude.sum()
-                after = magnitude.mul_(mask).sum()
+                kernels = _bf16_kernels([magnitude])
+                after = (magnitude.mul_(mask) if kernels is None else kernels.bf16_mask_(magnitude, mask)).sum()
                 factor = None if before < 1e-7 or after < 1e-7 else before / after
         plan.append((mask, factor))
     return plan
