@@ -193,7 +193,7 @@ def _stock_mix(out, tensors, w0, ratio, keep, width, count, zero):
     from 0 (so -0.0 + 0 is +0.0, as torch's ``0 + t``). Rows of ``width`` entries, one ratio per row."""
     for r in range(out.size // width):
         rt, kp = ratio[r], keep[r]
-        for j in range(r * width, (r + 1) * width):
+        for j in range(np.uint64(r * width), np.uint64((r + 1) * width)):  # unsigned: no negative-index check
             acc = zero + tensors[0][j]
             for i in range(1, len(tensors)):
                 acc = acc + tensors[i][j]
@@ -243,7 +243,7 @@ def _bf16_stock_mix(out, tensors, w0, ratio, keep, width, count):
     zero = np.float32(0)
     for r in range(out.size // width):
         rt, kp = ratio[r], keep[r]
-        for j in range(r * width, (r + 1) * width):
+        for j in range(np.uint64(r * width), np.uint64((r + 1) * width)):  # unsigned: no negative-index check
             acc = zero + _bf16_value(tensors[0][j])
             for i in range(1, len(tensors)):
                 acc = _bf16_round(acc + _bf16_value(tensors[i][j]))
