@@ -58,7 +58,15 @@ _MAX_HALF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # their +inf, 
 
 
 @jit
+def _u(i):
+    """An index as uint64: numba checks a signed index for a negative value (and wraps it) on every access;
+    positions here never are negative, and without the checks the partition scans run ~1.5x as fast."""
+    return np.uint64(i)
+
+
+@jit
 def _swap(v, ix, i, j):
+    i, j = _u(i), _u(j)
     v[i], v[j] = v[j], v[i]
     ix[i], ix[j] = ix[j], ix[i]
 
@@ -82,11 +90,12 @@ def _median_to_first(v, ix, result, a, b, c):
 @jit
 def _partition(v, ix, first, last, pivot):
     """std::__unguarded_partition (Hoare, pivot value at ``pivot``)."""
+    p = v[_u(pivot)]
     while True:
-        while v[first] < v[pivot]:
+        while v[_u(first)] < p:
             first += 1
         last -= 1
-        while v[pivot] < v[last]:
+        while p < v[_u(last)]:
             last -= 1
         if not first < last:
             return first
@@ -115,20 +124,20 @@ def _block_partition(v, ix, first, last, pivot, off_l, off_r):
                 break
             base_l, n_l, i_l = lo, 0, 0
             for j in range(size):
-                off_l[n_l] = j
-                n_l += not v[base_l + j] < p
+                off_l[_u(n_l)] = j
+                n_l += not v[_u(base_l + j)] < p
             lo += size
         if i_r == n_r:
             if hi - lo < size:
                 break
             base_r, n_r, i_r = hi - 1, 0, 0
             for j in range(size):
-                off_r[n_r] = j
-                n_r += not p < v[base_r - j]
+                off_r[_u(n_r)] = j
+                n_r += not p < v[_u(base_r - j)]
             hi -= size
         c = min(n_l - i_l, n_r - i_r)
         for j in range(c):
-            _swap(v, ix, base_l + off_l[i_l + j], base_r - off_r[i_r + j])
+            _swap(v, ix, base_l + off_l[_u(i_l + j)], base_r - off_r[_u(i_r + j)])
         i_l += c
         i_r += c
     left = base_l + off_l[i_l] if i_l < n_l else lo
@@ -215,14 +224,14 @@ def _introsort(v, ix, bounds, full):
 def _put(keys, ix, first, g, key, index):
     """Position ``g`` of the partitioned array, where the kept side's arrays (from ``first``) hold it."""
     if first <= g < first + keys.shape[0]:
-        keys[g - first] = key
-        ix[g - first] = index
+        keys[_u(g - first)] = key
+        ix[_u(g - first)] = index
 
 
 @jit
 def _key(bits, flip, m, k0, g):
     """The key at position g once the median is moved to first (position m then holds position 0's key)."""
-    return k0 if g == m else bits[g] ^ flip
+    return k0 if g == m else bits[_u(g)] ^ flip
 
 
 @jit
@@ -233,16 +242,16 @@ def _block_stops(bits, flip, pivot, m, k0, base, step, off):
     if 0 <= (m - base) * step < off.shape[0]:  # the one block holding m
         for j in range(off.shape[0]):
             k = _key(bits, flip, m, k0, base + step * j)
-            off[count] = j
+            off[_u(count)] = j
             count += (not k < pivot) if step > 0 else (not pivot < k)
     elif step > 0:
         for j in range(off.shape[0]):
-            off[count] = j
-            count += not (bits[base + j] ^ flip) < pivot
+            off[_u(count)] = j
+            count += not (bits[_u(base + j)] ^ flip) < pivot
     else:
         for j in range(off.shape[0]):
-            off[count] = j
-            count += not pivot < (bits[base - j] ^ flip)
+            off[_u(count)] = j
+            count += not pivot < (bits[_u(base - j)] ^ flip)
     return count
 
 
@@ -251,8 +260,8 @@ def _copy_out(bits, flip, m, k0, lo, hi, keys, ix, first):
     """Positions [lo, hi), not yet moved, into the kept side's arrays where they overlap."""
     a, b = max(lo, first), min(hi, first + keys.shape[0])
     for g in range(a, b):
-        keys[g - first] = bits[g] ^ flip
-        ix[g - first] = g
+        keys[_u(g - first)] = bits[_u(g)] ^ flip
+        ix[_u(g - first)] = g
     if a <= m < b:
         keys[m - first], ix[m - first] = k0, 0
 
@@ -293,7 +302,7 @@ def _first_partition(bits, flip, m, pivot, keys, ix, first, off_l, off_r, tail_k
             hi -= size
         c = min(n_l - i_l, n_r - i_r)
         for j in range(c):
-            a, b = base_l + off_l[i_l + j], base_r - off_r[i_r + j]
+            a, b = base_l + off_l[_u(i_l + j)], base_r - off_r[_u(i_r + j)]
             ka, kb = _key(bits, flip, m, k0, a), _key(bits, flip, m, k0, b)
             _put(keys, ix, first, a, kb, 0 if b == m else b)
             _put(keys, ix, first, b, ka, 0 if a == m else a)
