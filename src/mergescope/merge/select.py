@@ -84,7 +84,7 @@ def _median_of(ka, kb, kc, a, b, c):
 @jit
 def _median_to_first(v, ix, result, a, b, c):
     """std::__move_median_to_first."""
-    _swap(v, ix, result, _median_of(v[a], v[b], v[c], a, b, c))
+    _swap(v, ix, result, _median_of(v[_u(a)], v[_u(b)], v[_u(c)], a, b, c))
 
 
 @jit
@@ -149,13 +149,13 @@ def _block_partition(v, ix, first, last, pivot, off_l, off_r):
 def _insertion_sort(v, ix, first, last):
     """std::__insertion_sort: stable, moves an entry left past strictly larger ones only."""
     for i in range(first + 1, last):
-        val, vi, j = v[i], ix[i], i
-        while j > first and val < v[j - 1]:
-            v[j] = v[j - 1]
-            ix[j] = ix[j - 1]
+        val, vi, j = v[_u(i)], ix[_u(i)], i
+        while j > first and val < v[_u(j - 1)]:
+            v[_u(j)] = v[_u(j - 1)]
+            ix[_u(j)] = ix[_u(j - 1)]
             j -= 1
-        v[j] = val
-        ix[j] = vi
+        v[_u(j)] = val
+        ix[_u(j)] = vi
 
 
 @jit
@@ -760,7 +760,7 @@ def _bucket_starts(keys, low, high, shift, starts):
     used = ((high - low) >> shift) + 2
     starts[:used] = 0
     for j in range(keys.shape[0]):
-        starts[((max(keys[j], low) - low) >> shift) + 1] += 1
+        starts[_u(((max(keys[j], low) - low) >> shift) + 1)] += 1
     for b in range(1, used):
         starts[b] += starts[b - 1]
 
@@ -839,10 +839,10 @@ def _draw_rank_mask(block, draws, probs, keep, ok):
         for j in range(m):  # branch-free: the draws are random, branches on them mispredict
             b = (max(keys[j], low) - low) >> shift
             u = np.float64(row_draws[j])
-            sure = u < probs[starts[b]]
+            sure = u < probs[_u(starts[b])]
             row_keep[j] = sure
-            open_draws[n_open] = j  # one store per entry, read back only below n_open
-            n_open += (not sure) & (u < probs[starts[b + 1] - 1])
+            open_draws[_u(n_open)] = j  # one store per entry, read back only below n_open
+            n_open += (not sure) & (u < probs[_u(starts[_u(b + 1)] - 1)])
         n_tied = 0
         for h in range(n_open):
             j = open_draws[h]
