@@ -231,6 +231,33 @@ def test_share_threshold_parsing():
         sweep.RayExecutor(share_below="lots")
 
 
+def test_stopping_the_local_pool_does_not_wait_for_the_running_task():
+    """Ctrl-C (or an early stop) terminates the pool's workers: shutting the pool down then returns at once,
+    where it used to wait for the running task (here one of ten minutes)."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mergescope.sweep import executors
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    running = pool.submit(time.sleep, 600)
+    deadline = time.monotonic() + 120
+    while not running.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    processes = list(pool._processes.values())
+    try:
+        executors._stop_workers(pool)
+        closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
+        closing.start()
+        closing.join(timeout=60)
+        assert not closing.is_alive(), "shutdown still waits for the running task"
+        assert processes and not any(p.is_alive() for p in processes)
+    finally:  # a failure must not leave the ten-minute task behind
+        for p in processes:
+            p.kill()
+
+
 def test_local_pool_also_survives_a_killed_worker(zoo, tmp_path, monkeypatch):
     marker = tmp_path / "fired"
     monkeypatch.setenv(sweep.FAULT_ENV, str(marker))

@@ -69,8 +69,9 @@ def run_specs(specs, out, executor: Executor | None = None, resume: bool = False
     writer = ResultsWriter(out, resume=resume, force=force)
     todo = [s for s in specs if s.id not in writer.rows]
     skipped, ran = len(specs) - len(todo), 0
+    produced = executor.run(todo)
     try:
-        for row in executor.run(todo):
+        for row in produced:
             added = writer.add(row)
             ran += added
             if on_row is not None:
@@ -78,6 +79,7 @@ def run_specs(specs, out, executor: Executor | None = None, resume: bool = False
             if added and ran == 1:
                 _hold_after_first_row()
     except BaseException:
+        getattr(produced, "close", lambda: None)()  # the executor stops its workers now, not when collected
         writer.close(sort=False)
         if not read_rows(writer.path):  # failed before its first row (no cluster, bad checkpoint): no empty
             writer.path.unlink(missing_ok=True)  # table left; asks the file, as Ctrl-C can land mid-``add``

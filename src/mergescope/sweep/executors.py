@@ -63,9 +63,25 @@ class LocalExecutor:
                 crashes += 1
                 if crashes > self.max_retries:
                     raise MergescopeError(f"sweep: a worker process died {crashes} times; giving up") from None
-            finally:  # on Ctrl-C or an early stop, do not wait for queued tasks
+            except BaseException:  # Ctrl-C or an early stop: the tasks under way are not waited for
+                _stop_workers(pool)
+                raise
+            finally:
                 pool.shutdown(wait=False, cancel_futures=True)
             pending = [s for s in pending if s.id not in finished]
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminates the pool's worker processes. Why: ``shutdown(cancel_futures=True)`` cancels only the tasks
+    not yet handed to a worker; the interpreter's exit then joins the pool, so a Ctrl-C waited for the running
+    task and the queued one (minutes on a busy machine) before the CLI could exit."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
 
 
 class RayExecutor:
