@@ -367,7 +367,7 @@ def _half_task_vectors(out, base, tensors, masks, has_mask, factors, has_factor,
     rounding of a float32 result, sums over the models accumulated in float32 from 0 and rounded once (as
     torch's bf16 ``sum(dim=0)``). One pass per step over an L1-resident block, as ``_task_vectors``; each pass a
     kernel over the block's own slices (an index from ``range`` needs no negative-index check, and the numpy
-    error model no zero check: the passes vectorise; inline loops indexing ``start + k`` ran 2-4x slower)."""
+    error model no zero check: the passes vectorise; inline loops indexing ``start + k`` ran ~2x slower)."""
     n, count = len(tensors), out.size
     b = np.empty(BLOCK, np.float32)
     d = np.empty((n, BLOCK), np.float32)
