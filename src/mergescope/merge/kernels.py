@@ -494,13 +494,6 @@ def bf16_lerp(out: Tensor, a: Tensor, b: Tensor, coef_a: float, coef_b: float) -
     return out
 
 
-def bf16_mask_(values: Tensor, mask: Tensor) -> Tensor:
-    """values *= mask for a contiguous bf16 tensor and a flat bool mask of as many entries (torch's bf16
-    ``mul_(mask)`` takes ~10x as long: its bool operand goes through type promotion)."""
-    _bf16_mask(_bits16(values), mask.reshape(-1).numpy())
-    return values
-
-
 def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
     """out = |t - base| (torch's ``(t - base).abs_()``: one rounding, sign cleared) without a temporary.
 
@@ -586,7 +579,11 @@ def half_task_vectors(out: Tensor, base: Tensor, tensors: Sequence[Tensor], plan
 
 
 def mask_(values: Tensor, mask: Tensor) -> Tensor:
-    """values *= mask (as 1 / 0 in values' dtype, so -0.0 and NaN come out as torch's ``mul_(mask)``)."""
+    """values *= mask (as 1 / 0 in values' dtype, so -0.0 and NaN come out as torch's ``mul_(mask)``); bf16 on its
+    bit patterns (torch's bf16 ``mul_(mask)`` takes ~10x as long: its bool operand goes through type promotion)."""
+    if values.dtype == torch.bfloat16:
+        _bf16_mask(_bits16(values), mask.reshape(-1).numpy())
+        return values
     flat = values.reshape(-1).numpy()
     _mask(flat, mask.reshape(-1).numpy(), flat.dtype.type(1), flat.dtype.type(0))
     return values

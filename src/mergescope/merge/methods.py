@@ -106,7 +106,7 @@ def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tenso
     temporary, and torch's sum sees the same values in the same layout, so the same bits.
     """
     before = magnitude.sum()
-    kernels = _kernels(magnitude.dtype, [magnitude], [mask])
+    kernels = _kernels(magnitude.dtype, [magnitude], [mask]) or _bf16_kernels([magnitude])
     after = (kernels.mask_(magnitude, mask) if kernels is not None else magnitude.reshape(-1).mul_(mask)).sum()
     if before < eps or after < eps:
         return 1.0
@@ -395,7 +395,7 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[tuple]:
-    """Per model: (keep mask or None, L1 rescale factor or None), from the half-precision delta as MergeKit
+    """Per model: (keep mask or None, _rescale_factor or None), from the half-precision delta as MergeKit
     rounds it (its ranking and its norms see those values, not the exact float32 difference).
 
     |delta| is computed window by window, the inputs' mapped pages given back behind each window
@@ -413,10 +413,7 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
             mask = SPARSIFIERS[sparsify](magnitude.view(base.shape), density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
-                before = magnitude.sum()
-                kernels = _bf16_kernels([magnitude])
-                after = (magnitude.mul_(mask) if kernels is None else kernels.bf16_mask_(magnitude, mask)).sum()
-                factor = None if before < 1e-7 or after < 1e-7 else before / after
+                factor = _rescale_factor(magnitude, mask)
         plan.append((mask, factor))
     return plan
 
