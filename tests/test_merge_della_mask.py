@@ -79,8 +79,8 @@ def test_rows_past_the_depth_limit_are_redone_with_torch(monkeypatch):
     """A row the replay gives up on (libstdc++ heapsorts there) is redone from torch's own ranks."""
     kernel = S._draw_rank_mask
 
-    def give_up_on_odd_rows(block, draws, probs, keep, ok):
-        kernel(block, draws, probs, keep, ok)
+    def give_up_on_odd_rows(block, draws, probs, keep, ok, classes):
+        kernel(block, draws, probs, keep, ok, classes)
         ok[1::2] = False
         keep[1::2] = ~keep[1::2]  # whatever the kernel wrote there must not survive
 

@@ -57,17 +57,16 @@ KINDS = ["ints", "bf16", "fp16", "equal", "one_tie", "sorted", "reversed", "sawt
 
 
 def _watch_replays(monkeypatch, verdict=None):
-    """Records (key dtype, whole array?, result) of every replay of sorted_range_mask: of the whole array (all
-    its partition budget left) or of the side of its first partition holding the cuts (one less); ``verdict``
-    (when given) replaces the kernel."""
-    seen, kernel = [], S._introsort_from
+    """Records (packed dtype, result) of every replay of sorted_range_mask; ``verdict`` (when given) replaces
+    the kernel."""
+    seen, kernel = [], S._introsort
 
-    def wrapped(v, ix, bounds, full, depth):
-        result = kernel(v, ix, bounds, full, depth) if verdict is None else verdict()
-        seen.append((v.dtype, depth == S._depth_limit(v.shape[0]), result))
+    def wrapped(v, bounds, full, classes):
+        result = kernel(v, bounds, full, classes) if verdict is None else verdict()
+        seen.append((v.dtype, result))
         return result
 
-    monkeypatch.setattr(S, "_introsort_from", wrapped)
+    monkeypatch.setattr(S, "_introsort", wrapped)
     return seen
 
 
@@ -117,8 +116,7 @@ def test_half_scores_rank_as_their_float32_values(dtype, descending, monkeypatch
     monkeypatch.setattr(torch, "sort", None)  # any fallback would fail
     for score, lo, hi, want in wants:
         assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), want), (score.numel(), lo, hi)
-    assert replays and all(ok and dtype == np.uint16 for dtype, _, ok in replays)
-    assert {whole for _, whole, _ in replays} == {True, False}  # one side of the first partition, or all
+    assert replays and all(ok and dtype == np.uint32 for dtype, ok in replays)
 
 
 @pytest.mark.parametrize("special", ["negative", "nan"])
@@ -149,7 +147,7 @@ def test_millions_of_entries(kind, monkeypatch):
     want = torch.zeros(score.numel(), dtype=torch.bool)
     want[order_asc[lo:hi]] = True
     assert torch.equal(S.sorted_range_mask(score, lo, hi, descending=False), want)
-    assert replays and all(ok for _, _, ok in replays)
+    assert replays and all(ok for _, ok in replays)
 
 
 def test_tied_cuts_differ_from_any_index_rule():
@@ -169,8 +167,7 @@ def test_untied_cuts_do_not_replay_the_sort(monkeypatch):
     def boom(*_):
         raise AssertionError("replayed although nothing ties at the cut")
 
-    monkeypatch.setattr(S, "_introsort_from", boom)
-    monkeypatch.setattr(S, "_first_partition", boom)
+    monkeypatch.setattr(S, "_introsort", boom)
     score = torch.randperm(50_000).float()
     assert torch.equal(S.sorted_prefix_mask(score, 1234), _torch_range(score, 0, 1234, True))
     assert torch.equal(S.sorted_range_mask(score, 77, 40_000, False), _torch_range(score, 77, 40_000, False))
@@ -196,12 +193,12 @@ def test_depth_limit_is_detected_and_falls_back(monkeypatch):
     score = torch.from_numpy(_adversary(n))
     ties = int((score == score.max()).sum())  # the adversary's never-frozen items tie at the top
     assert ties > 1
-    assert not S._introsort(score.numpy().view(np.uint32).copy(), np.arange(n, dtype=np.int32),
-                            np.empty(0, np.int64), True)
+    packed, classes = S._index_packed(score.numpy().view(np.uint32))
+    assert not S._introsort(packed, np.empty(0, np.int64), True, classes)
     seen = _watch_replays(monkeypatch)
     for lo, hi in ((0, n - ties // 2), (3, n - 1)):
         assert torch.equal(S.sorted_range_mask(score, lo, hi, False), _torch_range(score, lo, hi, False))
-    assert seen and not any(ok for _, _, ok in seen)
+    assert seen and not any(ok for _, ok in seen)
 
 
 def _adversary(n):
@@ -315,8 +312,8 @@ def test_row_ranks_fallbacks(monkeypatch):
     assert torch.equal(S.row_ranks(with_nan), _torch_ranks(with_nan))
     kernel = S._row_ranks
 
-    def depth_hit_on_odd_rows(block, order, ranks, ok):
-        kernel(block, order, ranks, ok)
+    def depth_hit_on_odd_rows(block, order, ranks, ok, v, classes):
+        kernel(block, order, ranks, ok, v, classes)
         ranks[1::2] = -1  # what the kernel leaves there must not survive
         ok[1::2] = False
 
@@ -381,8 +378,7 @@ def test_a_torch_sorting_otherwise_gets_its_own_sort(monkeypatch):
         raise AssertionError("replayed although this torch sorts otherwise")
 
     monkeypatch.setattr(S, "replay_matches_torch", lambda: False)
-    monkeypatch.setattr(S, "_introsort_from", boom)
-    monkeypatch.setattr(S, "_first_partition", boom)
+    monkeypatch.setattr(S, "_introsort", boom)
     monkeypatch.setattr(S, "_row_ranks", boom)
     score = _scores("ints", 20_000, np.random.default_rng(13))
     assert torch.equal(S.sorted_prefix_mask(score, 7000), _torch_range(score, 0, 7000, True))
@@ -406,25 +402,27 @@ def test_every_range_of_small_tied_scores(descending):
                 assert torch.equal(S.sorted_range_mask(score, lo, hi, descending), want), (n, lo, hi)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_first_partition_read_in_place_is_the_in_place_partition(kind):
-    """Each side of the first partition written out from the unmoved keys: the entries (keys and indices) and
-    the cut of libstdc++'s in-place partition after its median-of-three move, for both sides and both orders."""
-    rng = np.random.default_rng(41 + KINDS.index(kind))
-    for n in (17, 18, 40, 129, 130, 257, 300, 1000, 4097, 20_000):
-        bits = _scores(kind, n, rng).numpy().view(np.uint32)
-        for flip in (np.uint32(0), np.uint32(0xFFFFFFFF)):
-            work, ix = bits ^ flip, np.arange(n, dtype=np.int32)
-            m = S._median_of_three(bits, flip, 1, n // 2, n - 1)
-            S._median_to_first(work, ix, 0, 1, n // 2, n - 1)
-            cut = S._block_partition(work, ix, 1, n, 0, np.empty(S._BLOCK, np.int32), np.empty(S._BLOCK, np.int32))
-            for first in (0, max(1, cut - int(rng.integers(0, 3)))):
-                length = cut + int(rng.integers(0, 3)) if first == 0 else n - first
-                keys, index = np.zeros(length, np.uint32), np.full(length, -1, np.int32)
-                tail = 3 * S._BLOCK + 2
-                got = S._first_partition(bits, flip, m, bits[m] ^ flip, keys, index, first, np.empty(S._BLOCK, np.int32),
-                                         np.empty(S._BLOCK, np.int32), np.empty(tail, np.uint32), np.empty(tail, np.int32))
-                side = slice(0, cut) if first == 0 else slice(cut, n)
-                assert got == cut, (n, first)
-                assert np.array_equal(keys[side.start - first:side.stop - first], work[side]), (n, first)
-                assert np.array_equal(index[side.start - first:side.stop - first], ix[side]), (n, first)
+@pytest.mark.parametrize("two", [False, True])
+def test_packed_ties_order_like_the_keys_and_carry_the_tied_indices(two):
+    """The replay's packed ints: one class per key, in the keys' order; a tied key's entries hold their index.
+    n is passed larger than the keys (a 2^31-entry score in uint64) as well as equal to them (uint32)."""
+    rng = np.random.default_rng(3 + two)
+    bits = rng.integers(0, 40, 5000).astype(np.uint32)
+    for flip, base in ((np.uint32(0), 0), (np.uint32(0xFFFFFFFF), 0xFFFFFFFF - 39)):
+        keys = (bits ^ flip).astype(np.int64) - base  # 0..39, ascending in sort order
+        tied = sorted(rng.choice(40, 2 if two else 1, replace=False).tolist())
+        for n, dtype in ((bits.size, np.uint32), (2**31, np.uint64)):
+            k1, k2 = tied[0], (tied[1] if two else -1)
+            ranges = [(k1, k1 + n - 1)] + ([(k2 + n, k2 + 2 * n - 1)] if two else [])
+            packed = S._pack_ties(bits, flip, base, k1, k2, n, np.empty(bits.size, dtype))
+            classes = S._classes(dtype, 0, ranges)
+            lo = np.array([S._lo(x, classes) for x in packed])
+            hi = np.array([S._hi(x, classes) for x in packed])
+            order = np.argsort(keys, kind="stable")
+            assert np.array_equal(np.argsort(lo, kind="stable"), order) and np.all(lo <= hi)
+            assert np.all((lo[:, None] == lo[None, :]) == (keys[:, None] == keys[None, :]))
+            step = np.diff(keys[order]) > 0  # neighbouring classes do not overlap
+            assert np.all(hi[order][:-1][step] < lo[order][1:][step])
+            for (start, _), key in zip(ranges, tied):
+                at = np.flatnonzero(keys == key)
+                assert np.array_equal(packed[at] - start, at)

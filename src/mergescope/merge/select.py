@@ -18,11 +18,13 @@ positions [0, b) is fixed once b falls on a segment edge, and the order among ti
 path of segments containing b. A segment past the depth limit (2 floor(log2 n) partitions) is
 heapsorted by libstdc++; that is not replayed: the caller then runs the full torch sort (rare).
 
-The first partition (over all n entries) is not run in place on a copy: std::sort's cut lies between
-(keys below the pivot) + 1 and (keys not above it), which the radix histogram bounds, so the side holding
-the requested boundaries is known before the pass; the pass reads the keys where they lie and writes out
-only that side (half the replay's work arrays; the whole array as before when a boundary may fall on
-either side). Deeper partitions run in place on that side.
+The replay moves one array of packed unsigned ints, not keys and indices: std::sort only compares keys,
+so any ints that order like the keys, with entries of equal keys treated as equal, give the same swaps.
+For a mask only the entries of a cut's own key (the ties that straddle it) need their index back; they
+get a range of n ints of their own (key + index) and every larger key moves up by n, so a bf16 score's
+entry is one uint32 (4 bytes instead of 2 + 4), a float32 one too (instead of 4 + 4). A class of equal
+ints is then a range, and the partition's compares against a pivot become compares against its range's
+ends (as cheap as before). Rows pack their group (rank of the distinct value) or key above the column.
 
 A descending sort with ``a > b`` performs the same swaps as an ascending one on keys mapped by an
 order-reversing bijection (``~bits``), so the kernels only know ``<``. The k-th value is found by a
@@ -49,12 +51,16 @@ from .kernels import jit
 
 Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
-_BLOCK = 128  # entries per block of the branch-free partition scan
+_BLOCK = 256  # entries per block of the branch-free partition scan
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
 _MAX_HALF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # their +inf, as uint16
 
 
 # ----------------------------------------------------------------------------- libstdc++ std::sort replay
+#
+# Packed ints (see the module's docstring): entries that std::sort sees as equal share a *class*, a range of
+# ints described by an array ``classes`` (:func:`_classes`): the ints' low bits (an index under a key: class =
+# the high bits), and up to two explicit ranges (a cut's tied key: its entries packed as key + index).
 
 
 @jit
@@ -64,48 +70,80 @@ def _u(i):
     return np.uint64(i)
 
 
+def _classes(dtype, low: int = 0, ranges=()) -> np.ndarray:
+    """The classes of equal packed ints: [~low, low, first, last, first, last] as ``dtype`` (an int's class is its
+    range when it falls in one of the two (first, last) ranges, else its value with the ``low`` bits cleared)."""
+    top = np.iinfo(dtype).max
+    spans = [*ranges, (1, 0), (1, 0)][:2]  # (1, 0): an empty range
+    return np.array([top & ~low, low, *[x for span in spans for x in span]], dtype)
+
+
 @jit
-def _swap(v, ix, i, j):
+def _lo(x, classes):
+    """The smallest packed int of x's class."""
+    t = x & classes[0]
+    if classes[2] <= t and t <= classes[3]:
+        return classes[2]
+    if classes[4] <= t and t <= classes[5]:
+        return classes[4]
+    return t
+
+
+@jit
+def _hi(x, classes):
+    """The largest packed int of x's class."""
+    t = x | classes[1]
+    if classes[2] <= t and t <= classes[3]:
+        return classes[3]
+    if classes[4] <= t and t <= classes[5]:
+        return classes[5]
+    return t
+
+
+@jit
+def _less(a, b, classes):
+    """std::sort's comparator on the keys of packed ints a and b."""
+    return _hi(a, classes) < _lo(b, classes)
+
+
+@jit
+def _swap(v, i, j):
     i, j = _u(i), _u(j)
     v[i], v[j] = v[j], v[i]
-    ix[i], ix[j] = ix[j], ix[i]
 
 
 @jit
-def _median_of(ka, kb, kc, a, b, c):
-    """The position std::__move_median_to_first picks among a, b, c, whose keys are ka, kb, kc."""
-    if ka < kb:
-        return b if kb < kc else (c if ka < kc else a)
-    if ka < kc:
-        return a
-    return c if kb < kc else b
-
-
-@jit
-def _median_to_first(v, ix, result, a, b, c):
+def _median_to_first(v, result, a, b, c, classes):
     """std::__move_median_to_first."""
-    _swap(v, ix, result, _median_of(v[_u(a)], v[_u(b)], v[_u(c)], a, b, c))
+    ka, kb, kc = v[_u(a)], v[_u(b)], v[_u(c)]
+    if _less(ka, kb, classes):
+        m = b if _less(kb, kc, classes) else (c if _less(ka, kc, classes) else a)
+    elif _less(ka, kc, classes):
+        m = a
+    else:
+        m = c if _less(kb, kc, classes) else b
+    _swap(v, result, m)
 
 
 @jit
-def _partition(v, ix, first, last, pivot):
-    """std::__unguarded_partition (Hoare, pivot value at ``pivot``)."""
-    p = v[_u(pivot)]
+def _partition(v, first, last, plo, phi):
+    """std::__unguarded_partition (Hoare) around a pivot whose class is [plo, phi]: ``x < pivot`` is
+    ``x < plo`` and ``pivot < x`` is ``x > phi``."""
     while True:
-        while v[_u(first)] < p:
+        while v[_u(first)] < plo:
             first += 1
         last -= 1
-        while p < v[_u(last)]:
+        while v[_u(last)] > phi:
             last -= 1
         if not first < last:
             return first
-        _swap(v, ix, first, last)
+        _swap(v, first, last)
         first += 1
 
 
 @jit
-def _block_partition(v, ix, first, last, pivot, off_l, off_r):
-    """The same swaps as ``_partition``, found without branches (BlockQuicksort's idea).
+def _block_partition(v, first, last, pivot, off_l, off_r, classes):
+    """The same swaps as ``_partition`` (pivot value at ``pivot``), found without branches (BlockQuicksort's idea).
 
     Hoare swaps the i-th entry a left-to-right scan stops at (not < pivot) with the i-th entry a
     right-to-left scan stops at (not > pivot), until the scans cross; stops are decided by values no
@@ -114,7 +152,7 @@ def _block_partition(v, ix, first, last, pivot, off_l, off_r):
     on each side, or the next unscanned entry: skipped entries are not stops).
     """
     size = off_l.shape[0]
-    p = v[pivot]
+    plo, phi = _lo(v[pivot], classes), _hi(v[pivot], classes)
     lo, hi = first, last  # entries not scanned yet: [lo, hi)
     n_l = i_l = n_r = i_r = 0
     base_l = base_r = 0
@@ -125,7 +163,7 @@ def _block_partition(v, ix, first, last, pivot, off_l, off_r):
             base_l, n_l, i_l = lo, 0, 0
             for j in range(size):
                 off_l[_u(n_l)] = j
-                n_l += not v[_u(base_l + j)] < p
+                n_l += v[_u(base_l + j)] >= plo
             lo += size
         if i_r == n_r:
             if hi - lo < size:
@@ -133,29 +171,28 @@ def _block_partition(v, ix, first, last, pivot, off_l, off_r):
             base_r, n_r, i_r = hi - 1, 0, 0
             for j in range(size):
                 off_r[_u(n_r)] = j
-                n_r += not p < v[_u(base_r - j)]
+                n_r += v[_u(base_r - j)] <= phi
             hi -= size
         c = min(n_l - i_l, n_r - i_r)
         for j in range(c):
-            _swap(v, ix, base_l + off_l[_u(i_l + j)], base_r - off_r[_u(i_r + j)])
+            _swap(v, base_l + off_l[_u(i_l + j)], base_r - off_r[_u(i_r + j)])
         i_l += c
         i_r += c
     left = base_l + off_l[i_l] if i_l < n_l else lo
     right = base_r - off_r[i_r] + 1 if i_r < n_r else hi
-    return _partition(v, ix, left, right, pivot)
+    return _partition(v, left, right, plo, phi)
 
 
 @jit
-def _insertion_sort(v, ix, first, last):
+def _insertion_sort(v, first, last, classes):
     """std::__insertion_sort: stable, moves an entry left past strictly larger ones only."""
     for i in range(first + 1, last):
-        val, vi, j = v[_u(i)], ix[_u(i)], i
-        while j > first and val < v[_u(j - 1)]:
+        val, j = v[_u(i)], i
+        top = _hi(val, classes)
+        while j > first and top < _lo(v[_u(j - 1)], classes):
             v[_u(j)] = v[_u(j - 1)]
-            ix[_u(j)] = ix[_u(j - 1)]
             j -= 1
         v[_u(j)] = val
-        ix[_u(j)] = vi
 
 
 @jit
@@ -177,11 +214,12 @@ def _depth_limit(n):
 
 
 @jit
-def _introsort_from(v, ix, bounds, full, depth_limit):
-    """std::sort's permutation of (v, ix), ascending, restricted to the segments holding a boundary (all of
-    them when ``full``), with ``depth_limit`` partitions left (a whole array: :func:`_depth_limit`; a side of
-    its first partition: one less). False when a needed segment hits the depth limit (heapsort)."""
+def _introsort(v, bounds, full, classes):
+    """std::sort's permutation of the packed ints ``v`` (ascending by class), restricted to the segments holding
+    a boundary (all of them when ``full``). False when a needed segment hits the depth limit (libstdc++
+    heapsorts it; not replayed)."""
     n = v.shape[0]
+    depth_limit = _depth_limit(n)
     size = depth_limit + bounds.shape[0] + 4  # pending segments: one per boundary, or one per level
     s_first = np.empty(size, np.int64)
     s_last = np.empty(size, np.int64)
@@ -197,8 +235,8 @@ def _introsort_from(v, ix, bounds, full, depth_limit):
             if depth == 0:
                 return False
             depth -= 1
-            _median_to_first(v, ix, first, first + 1, first + (last - first) // 2, last - 1)
-            cut = _block_partition(v, ix, first + 1, last, first, off_l, off_r)
+            _median_to_first(v, first, first + 1, first + (last - first) // 2, last - 1, classes)
+            cut = _block_partition(v, first + 1, last, first, off_l, off_r, classes)
             if _holds(bounds, cut, last, full):
                 s_first[top], s_last[top], s_depth[top] = cut, last, depth
                 top += 1
@@ -207,210 +245,81 @@ def _introsort_from(v, ix, bounds, full, depth_limit):
                 break
             last = cut
         if resolved:
-            _insertion_sort(v, ix, first, last)
+            _insertion_sort(v, first, last, classes)
     return True
 
 
-_sort_segments = _introsort_from  # the kernel's name inside other kernels (tests wrap _introsort_from's)
+def _index_packed(keys: np.ndarray):
+    """(packed, classes) for the replay of unsigned ``keys`` that returns every entry's index: key << 32 | index
+    (the index: ``packed & 0xFFFFFFFF``)."""
+    packed = (keys.astype(np.uint64) << np.uint64(32)) | np.arange(keys.shape[0], dtype=np.uint64)
+    return packed, _classes(np.uint64, 0xFFFFFFFF)
 
 
 @jit
-def _introsort(v, ix, bounds, full):
-    """:func:`_introsort_from` of a whole array."""
-    return _sort_segments(v, ix, bounds, full, _depth_limit(v.shape[0]))
-
-
-@jit
-def _put(keys, ix, first, g, key, index):
-    """Position ``g`` of the partitioned array, where the kept side's arrays (from ``first``) hold it."""
-    if first <= g < first + keys.shape[0]:
-        keys[_u(g - first)] = key
-        ix[_u(g - first)] = index
-
-
-@jit
-def _key(bits, flip, m, k0, g):
-    """The key at position g once the median is moved to first (position m then holds position 0's key)."""
-    return k0 if g == m else bits[_u(g)] ^ flip
-
-
-@jit
-def _block_stops(bits, flip, pivot, m, k0, base, step, off):
-    """Offsets j of the stops among positions base + step * j, j < len(off) (step 1: the left scan's, keys not
-    below the pivot; step -1: the right scan's, keys not above it), into ``off``; returns how many."""
-    count = 0
-    if 0 <= (m - base) * step < off.shape[0]:  # the one block holding m
-        for j in range(off.shape[0]):
-            k = _key(bits, flip, m, k0, base + step * j)
-            off[_u(count)] = j
-            count += (not k < pivot) if step > 0 else (not pivot < k)
-    elif step > 0:
-        for j in range(off.shape[0]):
-            off[_u(count)] = j
-            count += not (bits[_u(base + j)] ^ flip) < pivot
+def _pack_ties(bits, flip, base, k1, k2, n, out):
+    """``out[i]``: the sort key (bits ^ flip) - base, moved up by n past each tied key k1 < k2, and the entries of
+    k1 or k2 given their own range of n ints (key + i, i their index): the ints order like the keys. k2 < 0: one
+    tied key (a loop of its own: the two-key one runs at half the speed of memory)."""
+    two = k2 >= 0
+    base, k1, k2, n = np.uint64(base), np.uint64(k1), np.uint64(max(k2, 0)), np.uint64(n)  # uint64 math: as fast
+    if two:
+        for i in range(bits.shape[0]):
+            key = np.uint64(bits[_u(i)] ^ flip) - base
+            moved = key + (n if key > k1 else np.uint64(0)) + (n if key > k2 else np.uint64(0))
+            out[_u(i)] = moved + np.uint64(i) if (key == k1) | (key == k2) else moved
     else:
-        for j in range(off.shape[0]):
-            off[_u(count)] = j
-            count += not pivot < (bits[_u(base - j)] ^ flip)
-    return count
+        for i in range(bits.shape[0]):
+            key = np.uint64(bits[_u(i)] ^ flip) - base
+            moved = key + (n if key > k1 else np.uint64(0))
+            out[_u(i)] = moved + np.uint64(i) if key == k1 else moved
+    return out
 
 
 @jit
-def _copy_out(bits, flip, m, k0, lo, hi, keys, ix, first):
-    """Positions [lo, hi), not yet moved, into the kept side's arrays where they overlap."""
-    a, b = max(lo, first), min(hi, first + keys.shape[0])
-    for g in range(a, b):
-        keys[_u(g - first)] = bits[_u(g)] ^ flip
-        ix[_u(g - first)] = g
-    if a <= m < b:
-        keys[m - first], ix[m - first] = k0, 0
-
-
-@jit
-def _first_partition(bits, flip, m, pivot, keys, ix, first, off_l, off_r, tail_keys, tail_ix):
-    """std::sort's first partition of the keys ``bits ^ flip`` (median already chosen: position ``m``, key
-    ``pivot``), read in place and written only where the kept side lies: its entries at positions
-    [first, first + len(keys)) into (keys, ix). Returns the cut.
-
-    The same stops and pairs as ``_block_partition`` after ``_median_to_first`` (position 0 holds the pivot,
-    position m the entry from 0), scanned from both ends in blocks: a block is copied out as it is scanned,
-    each pair's swap writes the two entries' new places, and the last few hundred entries near the crossing
-    run the scalar ``_partition`` on a copy with the pivot key as sentinel at both ends (the scans stop there
-    as on the entries they would meet: not below the pivot on the right, not above it on the left).
-    """
-    n = bits.shape[0]
-    size = off_l.shape[0]
-    k0 = bits[0] ^ flip
-    _put(keys, ix, first, 0, pivot, m)
-    lo, hi = 1, n  # entries not scanned yet: [lo, hi)
-    n_l = i_l = n_r = i_r = 0
-    base_l = base_r = 0
-    while True:
-        if i_l == n_l:
-            if hi - lo < size:
-                break
-            base_l, i_l = lo, 0
-            n_l = _block_stops(bits, flip, pivot, m, k0, base_l, 1, off_l)
-            _copy_out(bits, flip, m, k0, base_l, base_l + size, keys, ix, first)
-            lo += size
-        if i_r == n_r:
-            if hi - lo < size:
-                break
-            base_r, i_r = hi - 1, 0
-            n_r = _block_stops(bits, flip, pivot, m, k0, base_r, -1, off_r)
-            _copy_out(bits, flip, m, k0, base_r - size + 1, base_r + 1, keys, ix, first)
-            hi -= size
-        c = min(n_l - i_l, n_r - i_r)
-        for j in range(c):
-            a, b = base_l + off_l[_u(i_l + j)], base_r - off_r[_u(i_r + j)]
-            ka, kb = _key(bits, flip, m, k0, a), _key(bits, flip, m, k0, b)
-            _put(keys, ix, first, a, kb, 0 if b == m else b)
-            _put(keys, ix, first, b, ka, 0 if a == m else a)
-        i_l += c
-        i_r += c
-    left = base_l + off_l[i_l] if i_l < n_l else lo
-    right = base_r - off_r[i_r] + 1 if i_r < n_r else hi
-    width = right - left
-    tail_keys[0] = tail_keys[width + 1] = pivot
-    for q in range(width):
-        tail_keys[q + 1] = _key(bits, flip, m, k0, left + q)
-        tail_ix[q + 1] = 0 if left + q == m else left + q
-    cut = _partition(tail_keys, tail_ix, 1, width + 1, 0)
-    for q in range(1, width + 1):
-        _put(keys, ix, first, left + q - 1, tail_keys[q], tail_ix[q])
-    return left + cut - 1
-
-
-@jit
-def _median_of_three(bits, flip, a, b, c):
-    """:func:`_median_of` with the keys ``bits ^ flip`` read in place."""
-    return _median_of(bits[a] ^ flip, bits[b] ^ flip, bits[c] ^ flip, a, b, c)
-
-
-def _cut_range(bits, hist, pivot_bits, descending: bool) -> tuple[int, int]:
-    """Bounds on the cut of a partition around the key of ``pivot_bits``: it lies between (keys below the pivot)
-    + 1 and (keys not above it), and the histogram bounds both (exactly for 16-bit patterns, whose histogram
-    bin is the pattern; float32's by the pivot's top-16-bit bin)."""
-    b = int(pivot_bits) >> (0 if bits.dtype == np.uint16 else 16)
-    before = int(hist[b + 1:].sum()) if descending else int(hist[:b].sum())  # keys below the pivot's bin
-    return before + 1, before + int(hist[b])
-
-
-def _replay_one_side(bits, hist, flip, bounds, n: int):
-    """The replay from the sorted array's first partition on, when every boundary lies on one side of it
-    whatever its cut (:func:`_cut_range`): only that side is written out (half the work arrays, and no
-    in-place first pass over all of them). None when a boundary may fall on either side (the pivot's key or
-    bin holds it): the caller replays the whole array. Returns (keys, ix, first sorted position) or None."""
-    if n <= _SMALL:
-        return None
-    m = _median_of_three(bits, flip, 1, n // 2, n - 1)
-    pivot = bits[m] ^ flip
-    lowest, highest = _cut_range(bits, hist, bits[m], bool(flip))
-    if bounds[-1] < lowest:  # every boundary inside [0, cut)
-        first, length = 0, highest
-    elif bounds[0] > highest:  # inside [cut, n)
-        first, length = lowest, n - lowest
-    else:
-        return None
-    ix = scratch.array("select.index", length, np.int32 if n < 2**31 else np.int64)
-    keys = scratch.array("select.keys", length, bits.dtype)
-    tail = 3 * _BLOCK + 2
-    cut = _first_partition(bits, flip, m, pivot, keys, ix, first, np.empty(_BLOCK, np.int32),
-                           np.empty(_BLOCK, np.int32), np.empty(tail, bits.dtype), np.empty(tail, ix.dtype))
-    if not lowest <= cut <= highest:
-        raise AssertionError(f"select: first partition cut {cut} outside [{lowest}, {highest}]")
-    return (keys[cut - first:], ix[cut - first:], cut) if first else (keys[:cut], ix[:cut], 0)
-
-
-@jit
-def _work_arrays(bits, flip, ix, work):
-    """Fills the replay's (key, index) arrays in one pass: keys ``bits ^ flip`` (all ones: a descending order)."""
-    for i in range(bits.shape[0]):
-        work[i] = bits[i] ^ flip
-        ix[i] = i
-    return work
-
-
-@jit
-def _row_ranks(block, order, ranks, ok):
+def _row_ranks(block, sorted_cols, ranks, ok, v, classes):
     """Per row: the rank of each entry in an ascending std::sort (``torch.argsort(dim=1)``).
 
-    ``order`` is any ascending argsort of each row (its low 32 bits: packed keys work): it fixes every rank except
-    inside groups of equal values, which the replay decides, bounded by every position of a group
-    and its edges (a position whose two edges are resolved holds its final entry)."""
+    ``sorted_cols`` is any ascending argsort of each row (its low 32 bits: packed keys work): it fixes every rank except
+    inside groups of equal values, which the replay decides, bounded by every position of a group and its edges
+    (a position whose two edges are resolved holds its final entry). The replay's ints ``v`` are an entry's
+    group << bits | column (``classes``: :func:`_classes` with the column's bits low)."""
     m = block.shape[1]
-    v = np.empty(m, block.dtype)
-    ix = np.empty(m, np.int32)
+    low, step = classes[1], np.int64(classes[1]) + 1
+    group = np.empty(m, np.int64)
     bounds = np.empty(m + 1, np.int64)
     tied = np.empty(m, np.bool_)
     for r in range(block.shape[0]):
         count = 0
         p = 0
+        g = 0
         while p < m:
-            at = order[r, p] & 0xFFFFFFFF
+            at = sorted_cols[r, p] & 0xFFFFFFFF
             ranks[r, at] = p
+            group[at] = g
             q = p + 1
-            while q < m and block[r, order[r, q] & 0xFFFFFFFF] == block[r, at]:
-                ranks[r, order[r, q] & 0xFFFFFFFF] = q
+            while q < m and block[r, sorted_cols[r, q] & 0xFFFFFFFF] == block[r, at]:
+                ranks[r, sorted_cols[r, q] & 0xFFFFFFFF] = q
+                group[sorted_cols[r, q] & 0xFFFFFFFF] = g
                 q += 1
-            group = q - p > 1
-            tied[p:q] = group
-            for b in range(max(p, 1), min(q, m - 1) + 1) if group else range(0):
+            tied_group = q - p > 1
+            tied[p:q] = tied_group
+            for b in range(max(p, 1), min(q, m - 1) + 1) if tied_group else range(0):
                 if count == 0 or bounds[count - 1] < b:  # neighbouring groups share an edge
                     bounds[count] = b
                     count += 1
             p = q
+            g += 1
         ok[r] = True
         if count == 0:
             continue
         for j in range(m):
-            v[j] = block[r, j]
-            ix[j] = j
-        ok[r] = _introsort(v, ix, bounds[:count], count > m // 4)
+            v[j] = group[j] * step + j
+        ok[r] = _introsort(v, bounds[:count], count > m // 4, classes)
         if ok[r]:
             for p in range(m):
                 if tied[p]:
-                    ranks[r, ix[p]] = p
+                    ranks[r, v[p] & low] = p
 
 
 @jit
@@ -435,11 +344,10 @@ def replay_matches_torch() -> bool:
     values = np.random.default_rng(0).integers(0, 9, 5003).astype(np.float32)
     bits = values.view(np.uint32)
     for descending in (True, False):
-        ix = np.empty(values.size, np.int32)
-        work = _work_arrays(bits, _flip(bits, descending), ix, np.empty_like(bits))
-        _introsort(work, ix, np.empty(0, np.int64), True)
+        packed, classes = _index_packed(bits ^ _flip(bits, descending))
+        _introsort(packed, np.empty(0, np.int64), True, classes)
         want = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
-        if not np.array_equal(ix, want):
+        if not np.array_equal(packed & classes[1], want):
             return False
     rows = torch.from_numpy(values[:5000].reshape(5, 1000))
     return bool(torch.equal(_replayed_ranks(rows, torch.empty((5, 1000), dtype=torch.int64)), _torch_ranks(rows)))
@@ -605,33 +513,47 @@ def _range_mask(bits, flip, start, width, mask):
 
 
 @jit
-def _mark_replayed(work, ix, offset, end, lo, hi, lo_key, hi_key, bounds, mask):
-    """Entries with a straddling cut's key (``lo_key``/``hi_key``, -1 for a cut that does not straddle): before
-    that cut iff their replayed position is (the set before a replayed cut is exact), before the other by
-    key (``bounds``, as ``_range_mask``). Past ``end`` (the last straddling cut) none is before either.
-    ``work[0]`` is sorted position ``offset`` (a replayed side of the first partition holds every such key)."""
-    for p in range(end - offset):
-        key = np.int64(work[p])
-        if key == lo_key or key == hi_key:
-            g = p + offset
-            before_lo = g < lo if key == lo_key else key < bounds[0]
-            before_hi = g < hi if key == hi_key else key < bounds[1]
-            mask[ix[p]] = before_hi and not before_lo
+def _mark_replayed(v, end, count, classes, starts, ends, mask):
+    """The ``count`` entries of a straddling cut's key (the ``classes``' two ranges; index: packed int - range
+    start) at sorted positions p < ``end`` (the last straddling cut): in the mask iff starts[r] <= p < ends[r] for
+    their range r. Found scanning down from ``end``: the replay leaves them near it (a cut's ties leave its
+    segments only where a pivot holds their key). Past ``end`` none is before any straddling cut (the range mask
+    has set them by key)."""
+    p = end
+    while count > 0 and p > 0:
+        p -= 1
+        x = v[_u(p)]
+        if classes[2] <= x and x <= classes[3]:
+            mask[_u(x - classes[2])] = starts[0] <= p and p < ends[0]
+            count -= 1
+        elif classes[4] <= x and x <= classes[5]:
+            mask[_u(x - classes[4])] = starts[1] <= p and p < ends[1]
+            count -= 1
+
+
+def _packed_replay(bits, flip, tied: list[int]):
+    """The replay's packed ints of a whole score (:func:`_pack_ties`) and their classes, for the cuts' tied keys
+    (one or two, ascending): uint32 where every packed int fits (this thread's reused buffer)."""
+    n = bits.shape[0]
+    top = int(np.iinfo(bits.dtype).max)
+    largest = int(_MAX_BITS if bits.dtype == np.uint32 else max(_MAX_HALF_BITS.values()))
+    base = top - largest if flip else 0  # keys of a descending sort start there: down to 0
+    dtype = np.uint32 if largest + len(tied) * n < 2**32 else np.uint64
+    k1, k2 = tied[0] - base, (tied[1] - base if len(tied) > 1 else -1)
+    ranges = [(k1, k1 + n - 1)] + ([(k2 + n, k2 + 2 * n - 1)] if len(tied) > 1 else [])
+    packed = _pack_ties(bits, flip, base, k1, k2, n, scratch.array("select.packed_ties", n, dtype))
+    return packed, _classes(dtype, 0, ranges)
 
 
 def _cut_keys(bits, hist, cuts: list[int], descending: bool):
-    """Per cut b: the key (``bits ^ flip``, ascending in sort order) at sort position b - 1, and whether its
-    ties straddle b (some before b, some after)."""
+    """Per cut b: the key (``bits ^ flip``, ascending in sort order) at sort position b - 1, the sort position of
+    that key's first entry and how many entries hold it (its ties straddle b when b falls inside them)."""
     n = bits.shape[0]
     ks = np.array([b if descending else n - b + 1 for b in cuts], np.int64)
     patterns, larger, equal = _kth(bits, hist, ks)
     flip = _flip(bits, descending)
-    keys, straddles = [], []
-    for b, pattern, above, same in zip(cuts, patterns, larger, equal):
-        before = above if descending else n - above - same
-        keys.append(int(pattern ^ flip))
-        straddles.append(b < before + same)
-    return keys, straddles
+    return [(int(pattern ^ flip), int(above if descending else n - above - same), int(same))
+            for pattern, above, same in zip(patterns, larger, equal)]
 
 
 def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, out: Tensor | None = None) -> Tensor:
@@ -656,30 +578,31 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
         return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
     bits, hist = found
     cuts = [b for b in (lo, hi) if 0 < b < n]
-    keys, straddles = _cut_keys(bits, hist, cuts, descending)
+    at_cut = dict(zip(cuts, _cut_keys(bits, hist, cuts, descending)))
+    replayed = {b: key for b, (key, first, same) in at_cut.items() if first < b < first + same}  # ties straddle b
     flip = _flip(bits, descending)
     every = 1 << (8 * bits.itemsize)  # one past the largest key
     # keys below a bound sit before its cut; a cut's own key too unless its ties straddle it (then: replayed)
-    bound = {b: key + (not straddling) for b, key, straddling in zip(cuts, keys, straddles)}
+    bound = {b: key + (b not in replayed) for b, (key, _, _) in at_cut.items()}
     bounds = np.array([bound.get(lo, 0), bound.get(hi, every)], np.int64)
     if bounds[0] >= bounds[1] or bounds[1] - bounds[0] >= every:  # no key in range, or every key
         mask.fill_(bool(bounds[0] < bounds[1]))
     else:
         _range_mask(bits, flip, np.uint32(bounds[0]), np.uint32(bounds[1] - bounds[0]), mask.numpy())
-    replayed = {b: key for b, key, straddling in zip(cuts, keys, straddles) if straddling}
     if replayed:
-        ends = np.array(sorted(replayed), np.int64)
-        side = _replay_one_side(bits, hist, flip, ends, n)
-        if side is None:  # the whole array, partitioned in place
-            ix = scratch.array("select.index", n, np.int32 if n < 2**31 else np.int64)
-            work, offset, depth = _work_arrays(bits, flip, ix, scratch.array("select.keys", n, bits.dtype)), 0, 0
-        else:  # the side of the first partition holding every cut: one partition done
-            (work, ix, offset), depth = side, 1
-        replays = _introsort_from(work, ix, ends - offset, False, _depth_limit(n) - depth)
-        if not replays:  # libstdc++ heapsorts
+        end, tied = max(replayed), sorted(set(replayed.values()))
+        packed, classes = _packed_replay(bits, flip, tied)
+        if not _introsort(packed, np.array(sorted(replayed), np.int64), False, classes):  # libstdc++ heapsorts
             return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
-        _mark_replayed(work, ix, offset, max(replayed), lo, hi, replayed.get(lo, -1), replayed.get(hi, -1), bounds,
-                       mask.numpy())
+        # an entry of tied key t is before cut b by its position when b's ties straddle it, else by its key
+        before = {b: {t: (b if replayed.get(b) == t else (n + 1 if t < bound_key else 0)) for t in tied}
+                  for b, bound_key in ((lo, bounds[0]), (hi, bounds[1]))}
+        starts = np.array([before[lo][t] for t in tied] + [0] * (2 - len(tied)), np.int64)
+        ends = np.array([before[hi][t] for t in tied] + [0] * (2 - len(tied)), np.int64)
+        # tied entries before the last replayed cut: all of a smaller tied key, and that cut's own share
+        key_end, first_end, _ = at_cut[end]
+        count = end - first_end + sum(same for key, _, same in {at_cut[b] for b in replayed} if key != key_end)
+        _mark_replayed(packed, end, count, classes, starts, ends, mask.numpy())
     return mask
 
 
@@ -714,7 +637,9 @@ def _replayed_ranks(rows: Tensor, ranks: Tensor) -> Tensor:
         order.sort(axis=1)
     else:
         order = np.argsort(values, axis=1)
-    _row_ranks(values, order, ranks.numpy(), ok)
+    bits = max(1, (values.shape[1] - 1).bit_length())  # a column's
+    dtype = np.uint32 if values.shape[1] << bits < 2**32 else np.uint64
+    _row_ranks(values, order, ranks.numpy(), ok, np.empty(values.shape[1], dtype), _classes(dtype, (1 << bits) - 1))
     for i in np.flatnonzero(~ok):
         ranks[i : i + 1] = _torch_ranks(rows[i : i + 1])
     return ranks
@@ -782,10 +707,11 @@ def _exact_keep(keys, j, u, probs, scale):
 
 
 @jit
-def _replayed_keep(row, row_draws, probs, tied, spans, n_tied, row_keep):
+def _replayed_keep(keys, row_draws, probs, tied, spans, n_tied, row_keep, classes):
     """Decides the draws of entries tied across their cut rank from their ranks in the std::sort replay,
-    bounded by their groups of equals (every position and edge). False: depth limit, nothing decided."""
-    m = row.shape[0]
+    bounded by their groups of equals (every position and edge). False: depth limit, nothing decided.
+    The replay's ints: key << 32 | column (``classes``: :func:`_index_packed`'s)."""
+    m = keys.shape[0]
     spans = spans[:n_tied][np.argsort(spans[:n_tied, 0])]
     bounds = np.empty(m + 1, np.int64)
     count = 0
@@ -794,14 +720,15 @@ def _replayed_keep(row, row_draws, probs, tied, spans, n_tied, row_keep):
             if count == 0 or bounds[count - 1] < b:  # groups hit twice, or neighbours, share edges
                 bounds[count] = b
                 count += 1
-    v = row.copy()
-    ix = np.arange(m).astype(np.int32)
-    if not _introsort(v, ix, bounds[:count], count > m // 4):
+    v = np.empty(m, np.uint64)
+    for j in range(m):
+        v[j] = (np.uint64(keys[j]) << np.uint64(32)) | np.uint64(j)
+    if not _introsort(v, bounds[:count], count > m // 4, classes):
         return False
     rank_of = np.empty(m, np.int64)
     for s in range(n_tied):
         for p in range(spans[s, 0], spans[s, 1]):
-            rank_of[ix[p]] = p
+            rank_of[v[p] & classes[1]] = p
     for h in range(n_tied):
         j = tied[h]
         row_keep[j] = np.float64(row_draws[j]) < probs[rank_of[j]]
@@ -809,7 +736,7 @@ def _replayed_keep(row, row_draws, probs, tied, spans, n_tied, row_keep):
 
 
 @jit
-def _draw_rank_mask(block, draws, probs, keep, ok):
+def _draw_rank_mask(block, draws, probs, keep, ok, classes):
     """Per row: ``keep[j] = draws[j] < probs[rank of block[j]]``, ranks as ``torch.argsort(dim=1)`` gives them.
 
     No sort: a histogram of the keys' top bits (about 2 buckets per entry, over the row's key span) bounds
@@ -851,7 +778,7 @@ def _draw_rank_mask(block, draws, probs, keep, ok):
             if kept < 0:
                 tied[n_tied], spans[n_tied, 0], spans[n_tied, 1] = j, less, less + equal
                 n_tied += 1
-        ok[r] = n_tied == 0 or _replayed_keep(block[r], row_draws, probs, tied, spans, n_tied, row_keep)
+        ok[r] = n_tied == 0 or _replayed_keep(keys, row_draws, probs, tied, spans, n_tied, row_keep, classes)
 
 
 def draw_rank_mask(rows: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -870,7 +797,7 @@ def draw_rank_mask(rows: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.n
     if values.dtype != np.float32 or not replay_matches_torch() or np.any(np.diff(probs) < 0):
         return _mask_from_ranks(row_ranks(rows), draws, probs, out)
     ok = np.empty(values.shape[0], np.bool_)
-    _draw_rank_mask(values, draws, probs, out, ok)
+    _draw_rank_mask(values, draws, probs, out, ok, _classes(np.uint64, 0xFFFFFFFF))
     for i in np.flatnonzero(~ok):
         _mask_from_ranks(_torch_ranks(rows[i : i + 1]), draws[i : i + 1], probs, out[i : i + 1])
     return out
