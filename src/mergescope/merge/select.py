@@ -52,6 +52,7 @@ from .kernels import jit
 Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
 _BLOCK = 256  # entries per block of the branch-free partition scan
+_MIN_BLOCK = 8  # shorter blocks near the crossing go to the scalar loop
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
 _MAX_HALF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # their +inf, as uint16
 
@@ -149,7 +150,8 @@ def _block_partition(v, first, last, pivot, off_l, off_r, classes):
     right-to-left scan stops at (not > pivot), until the scans cross; stops are decided by values no
     swap has touched yet. So stops are collected for whole disjoint blocks from both ends and paired
     in order; near the crossing, the scalar loop resumes from the same state (the next pending stop
-    on each side, or the next unscanned entry: skipped entries are not stops).
+    on each side, or the next unscanned entry: skipped entries are not stops). Blocks shrink to half of
+    what is left near the crossing, so the scalar loop (branches on random keys) sees few entries.
     """
     size = off_l.shape[0]
     plo, phi = _lo(v[pivot], classes), _hi(v[pivot], classes)
@@ -158,21 +160,23 @@ def _block_partition(v, first, last, pivot, off_l, off_r, classes):
     base_l = base_r = 0
     while True:
         if i_l == n_l:
-            if hi - lo < size:
+            width = min(size, (hi - lo) >> 1)
+            if width < _MIN_BLOCK:
                 break
             base_l, n_l, i_l = lo, 0, 0
-            for j in range(size):
+            for j in range(width):
                 off_l[_u(n_l)] = j
                 n_l += v[_u(base_l + j)] >= plo
-            lo += size
+            lo += width
         if i_r == n_r:
-            if hi - lo < size:
+            width = min(size, (hi - lo) >> 1)
+            if width < _MIN_BLOCK:
                 break
             base_r, n_r, i_r = hi - 1, 0, 0
-            for j in range(size):
+            for j in range(width):
                 off_r[_u(n_r)] = j
                 n_r += v[_u(base_r - j)] <= phi
-            hi -= size
+            hi -= width
         c = min(n_l - i_l, n_r - i_r)
         for j in range(c):
             _swap(v, base_l + off_l[_u(i_l + j)], base_r - off_r[_u(i_r + j)])
