@@ -46,6 +46,14 @@ def _chunks(n: int):
         yield slice(start, min(n, start + CHUNK))
 
 
+def _window_chunks(n: int, *touched: Tensor):
+    """CHUNK-entry slices of [0, n), window by window, the mapped pages of ``touched`` (flat views) given back
+    behind each window (merge/pages.py): a job keeps a window of its inputs and output resident, not tensors."""
+    for start, stop in pages.windows(n, pages.WINDOW, *touched):
+        for lo in range(start, stop, CHUNK):
+            yield slice(lo, min(stop, lo + CHUNK))
+
+
 def _check_same_shape(tensors: Sequence[Tensor], base: Tensor | None = None) -> None:
     shapes = {tuple(t.shape) for t in tensors} | ({tuple(base.shape)} if base is not None else set())
     if len(shapes) > 1:
@@ -577,15 +585,13 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None = None, *, weight: Seq
     if bf16 is not None and bf16.torch_fuses_addcmul(work, torch.bfloat16) is not None:
         return bf16.bf16_weighted_sum(result, tensors, w, total, normalize)
     out, flats = result.view(-1), [_flat(t) for t in tensors]
-    for start, stop in pages.windows(first.numel(), pages.WINDOW, out, *flats):  # mapped pages given back
-        for lo in range(start, stop, CHUNK):
-            part = slice(lo, min(stop, lo + CHUNK))
-            acc = torch.zeros(part.stop - part.start, dtype=work)
-            for t, w_i in zip(flats, w):
-                acc.addcmul_(t[part], w_i)
-            if normalize:
-                acc.div_(total)
-            out[part] = acc
+    for part in _window_chunks(first.numel(), out, *flats):
+        acc = torch.zeros(part.stop - part.start, dtype=work)
+        for t, w_i in zip(flats, w):
+            acc.addcmul_(t[part], w_i)
+        if normalize:
+            acc.div_(total)
+        out[part] = acc
     return result
 
 
@@ -657,18 +663,14 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: f
         return bf16.bf16_lerp(result, a, b, float(coef_a), float(coef_b))
     flat, in_place = result.view(-1), base.dtype == work
     x_buf, y_buf = scratch.tensor("methods.slerp_x", CHUNK, work), scratch.tensor("methods.slerp_y", CHUNK, work)
-    # chunked into reused buffers (no tensor-sized temporaries, no fresh pages); the mapped pages of the inputs
-    # and the output slot go back behind each window, so a job keeps a window resident, not three tensors
-    for start, stop in pages.windows(a.numel(), pages.WINDOW, a, b, flat):
-        for lo in range(start, stop, CHUNK):
-            part = slice(lo, min(stop, lo + CHUNK))
-            size = part.stop - part.start
-            x = torch.mul(coef_a, a[part].to(work), out=x_buf[:size])
-            y = torch.mul(coef_b, b[part].to(work), out=y_buf[:size])
-            if in_place:
-                torch.add(x, y, out=flat[part])
-            else:
-                flat[part] = x.add_(y)
+    for part in _window_chunks(a.numel(), a, b, flat):  # chunked into reused buffers: no tensor-sized temporaries
+        size = part.stop - part.start
+        x = torch.mul(coef_a, a[part].to(work), out=x_buf[:size])
+        y = torch.mul(coef_b, b[part].to(work), out=y_buf[:size])
+        if in_place:
+            torch.add(x, y, out=flat[part])
+        else:
+            flat[part] = x.add_(y)
     return result
 
 
