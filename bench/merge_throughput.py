@@ -289,8 +289,12 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.bar([x - 0.27 for x in xs], [r["fraction"] for r in rows], 0.27, label="mergescope durable wall / durable floor")
     ax.bar(list(xs), [r["steady_fraction"] or 0 for r in rows], 0.27, label="mergescope steady state / buffered floor")
-    ax.bar([x + 0.27 for x in xs], [r.get("mergekit_fraction", 0) for r in rows], 0.27,
-           label="MergeKit 0.1.5 durable wall / durable floor")
+    ran = [m for m, r in zip(methods, rows) if r.get("mergekit")]
+    if ran:
+        ax.bar([x + 0.27 for x in xs], [r.get("mergekit_fraction", 0) for r in rows], 0.27,
+               label="MergeKit 0.1.5 durable wall / durable floor")
+    mergekit = ("MergeKit not run" if not ran else f"MergeKit {results['mergekit_repeats']}"
+                + ("" if len(ran) == len(methods) else f" for {', '.join(ran)}"))
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(xs), methods, rotation=30)
     ax.set_ylabel("throughput / copy floor")
@@ -298,7 +302,7 @@ def plot(results: dict, path: Path) -> None:
     speeds = [f["durable_gbps"] for f in results["floors"].values()]
     dtype = {"float32": "fp32", "bfloat16": "bf16"}[results.get("dtype", "float32")]
     ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB {dtype} Llama, durable copy floors {min(speeds):.2f}-{max(speeds):.2f} GB/s, "
-                 f"median of {results['repeats']} (MergeKit {results['mergekit_repeats']}), load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
+                 f"median of {results['repeats']} ({mergekit}), load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
