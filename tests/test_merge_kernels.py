@@ -540,3 +540,30 @@ def test_bf16_mask_is_torchs_mul_by_the_mask():
         nan = torch.isnan(want)
         assert torch.equal(torch.isnan(got), nan)
         assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nan", [False, True])
+def test_abs_diff_counted_is_torchs_abs_diff_and_selects_histogram(dtype, nan):
+    """|t - base| with the histogram merge/select.py would count from it (numpy's bincount here): the same
+    bits as torch's ``(t - base).abs_()`` on both sides of a block edge, inf, -0.0 and equal entries; a bf16
+    NaN gives torch's own bits and no histogram (torch's NaN payload depends on its loop)."""
+    rng = np.random.default_rng(23 + nan)
+    for n in (1, 4095, 4097, 100_003):
+        t = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype)
+        b = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype)
+        if n > 10:
+            t[5], b[7], t[7], t[9] = float("inf"), -0.0, 0.0, b[9]
+            if nan:
+                t[3] = float("nan")
+        got, counted = kernels.abs_diff_counted(torch.empty(n, dtype=dtype), t, b)
+        want = (t - b).abs_()
+        view = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(got.view(view), want.view(view)), n
+        if nan and n > 10 and dtype == torch.bfloat16:
+            assert counted is None
+            continue
+        bits = want.view(view).numpy().astype(np.int64) & (0xFFFF if dtype == torch.bfloat16 else 0xFFFFFFFF)
+        hist, top = counted
+        assert np.array_equal(hist, np.bincount(bits >> (0 if dtype == torch.bfloat16 else 16), minlength=1 << 16))
+        assert int(top) == int(bits.max()), n

@@ -175,6 +175,49 @@ def _abs_diff(out, t, base):
         out[k] = abs(t[k] - base[k])
 
 
+_HISTOGRAM_BLOCK = 4096  # entries per block: computed (vectorised), then counted while still in L1
+
+
+@jit
+def _count_patterns(bits, shift, hist, top):
+    """hist[pattern >> shift] += 1 per entry; returns the largest pattern seen (and ``top``)."""
+    for k in range(bits.shape[0]):
+        hist[bits[k] >> shift] += 1
+        top = max(top, bits[k])
+    return top
+
+
+@_jit
+def _abs_diff_counted(out, t, base, hist):
+    """:func:`_abs_diff` (float32), counting the top 16 bits of each result's pattern into ``hist``; returns the
+    largest pattern (select.py's radix select needs exactly this histogram of |delta|)."""
+    bits, top = out.view(np.uint32), np.uint32(0)
+    for start in range(0, out.shape[0], _HISTOGRAM_BLOCK):
+        stop = min(out.shape[0], start + _HISTOGRAM_BLOCK)
+        _abs_diff(out[start:stop], t[start:stop], base[start:stop])
+        top = _count_patterns(bits[start:stop], np.uint32(16), hist, top)
+    return top
+
+
+@jit
+def _bf16_abs_diff(out, t, base):
+    """bf16 ``(t - base).abs_()`` on bit patterns: the float32 difference rounded to bf16 (one rounding, as
+    torch's), sign cleared."""
+    for k in range(out.shape[0]):
+        out[k] = _bf16_bits(abs(_bf16_round(_bf16_value(t[k]) - _bf16_value(base[k]))))
+
+
+@jit
+def _bf16_abs_diff_counted(out, t, base, hist):
+    """:func:`_bf16_abs_diff`, counting every result's 16-bit pattern into ``hist``; returns the largest."""
+    top = np.uint16(0)
+    for start in range(0, out.shape[0], _HISTOGRAM_BLOCK):
+        stop = min(out.shape[0], start + _HISTOGRAM_BLOCK)
+        _bf16_abs_diff(out[start:stop], t[start:stop], base[start:stop])
+        top = _count_patterns(out[start:stop], np.uint16(0), hist, top)
+    return top
+
+
 @_jit
 def _offsets(out, a, b, w0, pair):
     """model_stock's cosine operands: ``a - w0``, or with ``pair`` ``(a - w0) * (b - w0)``; each step rounded
@@ -504,6 +547,26 @@ def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
     for start, stop in pages.windows(flat_out.size, WINDOW, *((t, base) if flat_out.size > WINDOW else ())):
         _abs_diff(flat_out[start:stop], flat_t[start:stop], flat_base[start:stop])
     return out
+
+
+def abs_diff_counted(out: Tensor, t: Tensor, base: Tensor) -> tuple[Tensor, tuple[np.ndarray, int]]:
+    """out = |t - base| (float32, or bf16 with torch's rounding) and the histogram of its bit patterns with the
+    largest pattern, as merge/select.py's radix select counts them (float32: the top 16 bits): one pass over
+    |delta| instead of a second one in select (~17 ms of ~55 saved per bf16 32.8 M-entry tensor). None for the
+    histogram when a bf16 |delta| holds NaN. Pages as :func:`abs_diff` (float32) or methods._half_magnitude (bf16:
+    given back behind every window)."""
+    half = out.dtype == torch.bfloat16
+    flat_out = _bits16(out) if half else out.reshape(-1).numpy()
+    flat_t, flat_base = (_bits16(t), _bits16(base)) if half else (t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy())
+    kernel = _bf16_abs_diff_counted if half else _abs_diff_counted
+    hist, top = np.zeros(1 << 16, np.int64), 0
+    touched = (t, base) if half or flat_out.size > pages.WINDOW else ()  # bf16: as methods._half_magnitude
+    for start, stop in pages.windows(flat_out.size, pages.WINDOW, *touched):
+        top = max(top, int(kernel(flat_out[start:stop], flat_t[start:stop], flat_base[start:stop], hist)))
+    if half and top > 0x7F80:  # a NaN: torch's own bits (its NaN payload differs between its vectorised and
+        torch.sub(t.reshape(-1), base.reshape(-1), out=out.reshape(-1)).abs_()  # scalar loops); no histogram
+        return out, None
+    return out, (hist, top)
 
 
 def stock_operand(out: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:

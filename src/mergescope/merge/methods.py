@@ -124,11 +124,12 @@ def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tenso
 # ----------------------------------------------------------------------------- sparsification
 
 
-def magnitude_mask(magnitude: Tensor, density: float, out: Tensor | None = None, **_) -> Tensor | None:
+def magnitude_mask(magnitude: Tensor, density: float, out: Tensor | None = None, counted=None, **_) -> Tensor | None:
     """TIES trimming (Yadav et al. 2023, arXiv:2306.01708): keep the top ``density`` fraction of |delta|.
 
     Keeps ``max(1, int(density * n))`` entries; ``None`` means keep everything. Every sparsifier writes its
     flat mask into ``out`` (a contiguous bool tensor of n entries) when given, else into a new tensor.
+    ``counted``: the histogram of |delta|'s bit patterns, when its kernel counted them (kernels.abs_diff_counted).
     """
     if density >= 1:
         return None
@@ -138,7 +139,7 @@ def magnitude_mask(magnitude: Tensor, density: float, out: Tensor | None = None,
     from . import select
 
     # float32 scores, as MergeKit ranks them: the first k of its argsort(descending=True), ties included
-    return select.sorted_prefix_mask(_scores(magnitude), max(1, int(density * n)), out=out)
+    return select.sorted_prefix_mask(_scores(magnitude), max(1, int(density * n)), out=out, counted=counted)
 
 
 def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Generator, out: Tensor | None = None,
@@ -163,7 +164,7 @@ def bernoulli_mask(magnitude: Tensor, density: float, generator: np.random.Gener
 
 
 def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, out: Tensor | None = None,
-                 **_) -> Tensor | None:
+                 counted=None, **_) -> Tensor | None:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795).
 
     Drops the ``gamma`` fraction of largest |delta| (outliers), then the smallest, keeping
@@ -177,7 +178,8 @@ def outlier_mask(magnitude: Tensor, density: float, gamma: float = 0.01, out: Te
     from . import select
 
     # float32 scores, as MergeKit ranks them: its ascending torch.sort, positions [n_bot, n_bot + keep)
-    return select.sorted_range_mask(_scores(magnitude), n_bot, n_bot + keep, descending=False, out=out)
+    return select.sorted_range_mask(_scores(magnitude), n_bot, n_bot + keep, descending=False, out=out,
+                                    counted=counted)
 
 
 _DELLA_BLOCK = 4 * CHUNK  # draws per della block (2 MB scratch): each block's draw and call cost ~50 us
@@ -271,6 +273,7 @@ SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
     "magnitude_outliers": outlier_mask,
     "della_magprune": della_mask,
 }
+_SORTED = {"magnitude", "magnitude_outliers"}  # sparsifiers that rank |delta| by a radix histogram of its bits
 
 
 # ----------------------------------------------------------------------------- task arithmetic family
@@ -289,11 +292,14 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
     for i, t in enumerate(tensors):
         mask, factor = None, 1.0
         if sparsify is not None:
-            if kernels is not None:  # one buffer for all models
-                magnitude = kernels.abs_diff(scratch.tensor("methods.magnitude", n, work).view(base.shape), t, base)
+            params = {k: v[i] for k, v in extra.items()}
+            buffer = None if kernels is None else scratch.tensor("methods.magnitude", n, work).view(base.shape)
+            if buffer is not None and work == torch.float32 and sparsify in _SORTED:  # select's histogram too
+                magnitude, params["counted"] = kernels.abs_diff_counted(buffer, t, base)
+            elif buffer is not None:  # one buffer for all models
+                magnitude = kernels.abs_diff(buffer, t, base)
             else:
                 magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
-            params = {k: v[i] for k, v in extra.items()}
             mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
@@ -416,8 +422,13 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
     for i, t in enumerate(tensors):
         mask = factor = None
         if sparsify is not None:  # |delta| and masks in this thread's reused buffers, as _task_vector_plan's
-            magnitude = _half_magnitude(t, base, scratch.tensor("methods.half_magnitude", n, base.dtype))
             params = {k: v[i] for k, v in extra.items()}
+            buffer = scratch.tensor("methods.half_magnitude", n, base.dtype)
+            kernels = _bf16_kernels([base, t]) if sparsify in _SORTED else None
+            if kernels is not None:  # select's histogram counted in the same pass
+                magnitude, params["counted"] = kernels.abs_diff_counted(buffer, t, base)
+            else:
+                magnitude = _half_magnitude(t, base, buffer)
             mask = SPARSIFIERS[sparsify](magnitude.view(base.shape), density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:

@@ -453,19 +453,20 @@ def _kth_patterns(bits, hist, ks):
     return patterns, above, equal
 
 
-def _bits(score: Tensor):
+def _bits(score: Tensor, counted=None):
     """The bit patterns of a float32 (uint32) or bf16/fp16 (uint16) score and their histogram (float32: of
-    the top 16 bits), or None when the patterns do not order like the values (NaN, sign bits, other dtypes)."""
+    the top 16 bits), or None when the patterns do not order like the values (NaN, sign bits, other dtypes).
+    ``counted``: (histogram, largest pattern) of these patterns already counted (kernels.abs_diff_counted)."""
     if score.numel() == 0:
         return None
     flat = score.detach().reshape(-1).contiguous()
     if flat.dtype == torch.float32:
         bits = flat.numpy().view(np.uint32)
-        hist, top = _high_histogram(bits)
+        hist, top = _high_histogram(bits) if counted is None else counted
         return (bits, hist) if top <= _MAX_BITS else None
     if flat.dtype in _MAX_HALF_BITS:
         bits = flat.view(torch.int16).numpy().view(np.uint16)
-        hist, top = _histogram16(bits)
+        hist, top = _histogram16(bits) if counted is None else counted
         return (bits, hist) if top <= _MAX_HALF_BITS[flat.dtype] else None
     return None
 
@@ -560,7 +561,8 @@ def _cut_keys(bits, hist, cuts: list[int], descending: bool):
             for pattern, above, same in zip(patterns, larger, equal)]
 
 
-def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, out: Tensor | None = None) -> Tensor:
+def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, out: Tensor | None = None,
+                      counted=None) -> Tensor:
     """Mask of the entries that ``torch.sort(score, descending)`` puts at positions [lo, hi), written into
     ``out`` (a flat contiguous bool tensor of n entries) when given.
 
@@ -569,7 +571,8 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it); a bf16 or
     fp16 score is ranked as its float32 values (``score.float()``), as MergeKit ranks it.
     One pass writes the mask from the keys at the cuts; the replay, when run, then sets the straddling ties.
-    The replay's work arrays are this thread's reused buffers (merge/scratch.py).
+    The replay's work arrays are this thread's reused buffers (merge/scratch.py). ``counted``: the histogram
+    of score's bit patterns and the largest, when already counted (:func:`_bits`).
     """
     flat = score.detach().reshape(-1)
     n = flat.numel()
@@ -577,7 +580,7 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     lo, hi = max(0, lo), min(n, hi)
     if hi <= lo or (lo == 0 and hi == n):
         return mask.fill_(hi > lo)
-    found = _bits(flat)
+    found = _bits(flat, counted)
     if found is None or not replay_matches_torch():
         return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
     bits, hist = found
@@ -610,9 +613,10 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     return mask
 
 
-def sorted_prefix_mask(score: Tensor, k: int, descending: bool = True, out: Tensor | None = None) -> Tensor:
+def sorted_prefix_mask(score: Tensor, k: int, descending: bool = True, out: Tensor | None = None,
+                       counted=None) -> Tensor:
     """Mask of the first ``k`` entries of ``torch.sort(score, descending)`` (MergeKit's top-k)."""
-    return sorted_range_mask(score, 0, k, descending, out)
+    return sorted_range_mask(score, 0, k, descending, out, counted)
 
 
 def row_ranks(rows: Tensor, out: Tensor | None = None) -> Tensor:
