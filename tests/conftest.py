@@ -1,10 +1,14 @@
-"""Shared test setup: offline Hugging Face, one torch thread (small models run faster that way), and the
+"""Shared test setup: offline Hugging Face, no terminal size, one torch thread (small models run faster that way), and the
 fixtures several test files use."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests see the CLI as a pipe sees it: no $COLUMNS/$LINES (pytest-xdist's workers set them to 80 x 24, which
+# would squeeze the CLI's tables; tests that need a width pass one).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
