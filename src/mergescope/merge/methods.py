@@ -827,7 +827,15 @@ def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
     Why one buffer: each reduction's operand (an offset, or the product of two) is filled into this thread's
     one tensor-sized buffer window by window, with the same elementwise roundings as MergeKit's whole-tensor
     offsets, and the inputs' mapped pages are given back behind each window (merge/pages.py): one tensor of
-    scratch, not n offsets and a product, and a few windows of input resident, not every input whole."""
+    scratch, not n offsets and a product, and a few windows of input resident, not every input whole.
+    Whole-tensor float32 reductions on one thread take one fused pass instead (merge/reductions.py: torch's
+    summation orders reproduced, the same bits), with no buffer."""
+    fused = _fused_reductions(ws, w0)
+    if fused is not None:
+        norms, sums = (list(torch.from_numpy(values).unbind()) for values in fused)
+        cosines = [(sums.pop(0) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                   for i in range(len(ws)) for j in range(i + 1, len(ws))]
+        return torch.stack(cosines).mean(0).unsqueeze(-1)
     work = _reused("methods.stock_work", w0.shape, torch.result_type(ws[0], w0))
     flat_work, flat_w0, flat_ws = work.view(-1), w0.reshape(-1), [w.reshape(-1) for w in ws]
     kernels = _stock_kernels(work.dtype, [w0, *ws])
@@ -839,6 +847,20 @@ def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
             product = fill(flat_work, flat_w0, flat_ws[i], flat_ws[j]).view(w0.shape)
             cosines.append((product.sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     return torch.stack(cosines).mean(0).unsqueeze(-1)
+
+
+def _fused_reductions(ws: Sequence[Tensor], w0: Tensor):
+    """merge/reductions.py's (norms, pair sums) of the offsets, or None where it does not reproduce torch's
+    reductions (per-row cosines, other dtypes, several torch threads, no numba)."""
+    if w0.dim() != 1:
+        return None
+    try:
+        from . import reductions
+    except ImportError:
+        return None
+    if not reductions.fits(w0, list(ws)):
+        return None
+    return reductions.offset_reductions(w0, list(ws), *reductions.torch_layout())
 
 
 def _stock_fill(work: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:

@@ -1,0 +1,109 @@
+"""merge/reductions.py against torch itself: the norms and pair sums of model offsets with the bits of torch's
+single-threaded ``vector_norm(dim=-1)`` and ``sum(dim=-1)`` (MergeKit's model_stock calls), every size class."""
+
+import numpy as np
+import pytest
+import torch
+
+from mergescope.merge import kernels, methods, reductions
+
+torch.set_num_threads(1)
+
+
+def torch_reference(w0, ws):
+    """What MergeKit 0.1.5's model_stock reduces: torch's own ops on the offset tensors."""
+    offsets = [w - w0 for w in ws]
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
+    sums = [(offsets[i] * offsets[j]).sum(dim=-1) for i in range(len(ws)) for j in range(i + 1, len(ws))]
+    return torch.stack(norms).numpy(), torch.stack(sums).numpy()
+
+
+def models(n, count, seed, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(n, generator=g)
+    return w0, [w0 + scale * torch.randn(n, generator=g) for _ in range(count)]
+
+
+def assert_bits(got, want):
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == np.float32
+        assert np.array_equal(a.view(np.int32), b.view(np.int32))
+
+
+@pytest.fixture(scope="module")
+def layout():
+    found = reductions.torch_layout()
+    assert found is not None, "no lane layout reproduces torch's reductions on this machine"
+    return found
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+@pytest.mark.parametrize("n", [4096, 4099, 4096 + 8 * 3 + 5, 4096 + 16 * 3 + 15, 100_003, 1_000_007])
+def test_norms_and_pair_sums_are_torchs_bits(layout, n, count):
+    """Sizes with no tail, a short tail, leftover vectors (< 4) and tails at 8 and 16 lanes, cascades of 1-3
+    levels; 2-4 models (1-6 pairs)."""
+    w0, ws = models(n, count, seed=n + count)
+    assert_bits(reductions.offset_reductions(w0, ws, *layout), torch_reference(w0, ws))
+
+
+def test_the_cascades_wider_levels_are_torchs_bits(layout):
+    """More than 2**19 rows: libtorch's level step grows from 2**4 to 2**5 rows (~17 M entries at 8 lanes)."""
+    lanes = layout[0]
+    n = (2**19 + 3) * 4 * lanes + 11
+    w0, ws = models(n, 2, seed=5)
+    assert reductions._level_power(n // lanes // 4) == 5
+    assert_bits(reductions.offset_reductions(w0, ws, *layout), torch_reference(w0, ws))
+
+
+def test_signed_zeros_and_equal_models(layout):
+    """Offsets of equal models are +0.0 (sums and norms +0.0, as torch's output starts at 0); -0.0 entries."""
+    w0, ws = models(50_001, 3, seed=2)
+    w0[:7] = -0.0
+    ws[1][:5] = -0.0
+    ws[0] = w0.clone()
+    got = reductions.offset_reductions(w0, ws, *layout)
+    assert_bits(got, torch_reference(w0, ws))
+    assert got[0][0] == 0 and not np.signbit(got[0][0]) and got[1][0] == 0 and not np.signbit(got[1][0])
+
+
+def test_windows_give_the_bits_of_one_pass(layout, monkeypatch):
+    """The inputs' pages are released window by window; windows of a few rows (not a multiple of the level
+    step) carry the cascade across calls."""
+    w0, ws = models(70_001, 3, seed=3)
+    want = torch_reference(w0, ws)
+    monkeypatch.setattr(kernels, "WINDOW", 4 * layout[0] * 7)
+    assert_bits(reductions.offset_reductions(w0, ws, *layout), want)
+
+
+def test_fits_only_where_torch_reduces_on_one_thread():
+    w0, ws = models(reductions._GRAIN + 1, 2, seed=4)
+    assert reductions.fits(w0, ws)
+    assert not reductions.fits(w0.double(), [w.double() for w in ws])
+    assert not reductions.fits(w0, ws[:1])  # no pair
+    assert not reductions.fits(w0[:100], [w[:100] for w in ws])  # too small to pay
+    assert not reductions.fits(w0.view(1, -1), ws)  # a row, not flat
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not reductions.fits(w0, ws)  # torch would split the sums between threads
+        assert reductions.fits(w0[:reductions._GRAIN - 1], [w[:reductions._GRAIN - 1] for w in ws])
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", [(300, 1001), (50_003,)])
+def test_model_stock_takes_the_fused_pass_with_the_old_bits(shape, monkeypatch):
+    """model_stock (flat cosines) through the fused pass gives the bits of its torch path (the buffer fills and
+    torch's reductions), and uses no tensor-sized buffer."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(shape, generator=g)
+    ws = [base + 0.05 * torch.randn(shape, generator=g) for _ in range(3)]
+    calls = []
+    real = reductions.offset_reductions
+    monkeypatch.setattr(reductions, "offset_reductions", lambda *a: calls.append(1) or real(*a))
+    fused = methods.model_stock(ws, base)
+    assert calls == [1]
+    monkeypatch.setattr(reductions, "fits", lambda *a: False)
+    old = methods.model_stock(ws, base)
+    assert calls == [1]
+    assert torch.equal(fused.view(torch.int32), old.view(torch.int32))
