@@ -236,6 +236,27 @@ def test_slerp_gives_mergekit_bits(n, dtype):
     assert M.get("slerp")([b], a, t=0.4, out=out) is out and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_slerp_mixes_in_the_fused_loop_with_mergekits_bits(dtype, monkeypatch):
+    """The mix runs as one numba loop for float32/float64 (and bf16), signed zeros and a near-linear pair
+    included; MergeKit's own slerp is the reference."""
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    from mergescope.merge import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "lerp", lambda *a, _f=kernels.lerp: calls.append(1) or _f(*a))
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(30_011, generator=g).to(dtype)
+    a[:3] = -0.0
+    for b in ((a.double() + 0.3 * torch.randn(30_011, generator=g, dtype=torch.float64)).to(dtype), a * 1.0001):
+        b[:2] = -0.0
+        expected = mergekit_slerp(torch.tensor([0.3]), a.reshape(1, -1), b.reshape(1, -1)).reshape(-1).to(dtype)
+        got = M.get("slerp")([b], a, t=0.3)
+        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    assert len(calls) == 2
+
+
 def test_nearswap_formula():
     a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.05, 0.5, -2.0])
     out = M.get("nearswap")([b], a, t=0.1)

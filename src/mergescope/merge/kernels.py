@@ -317,6 +317,13 @@ def _bf16_lerp(out, a, b, coef_a, coef_b):
         out[k] = _bf16_bits(_bf16_round(x + y))
 
 
+@_jit
+def _lerp(out, a, b, coef_a, coef_b):
+    """``coef_a * a + coef_b * b``, each product and the sum rounded to the dtype (no fused multiply-add)."""
+    for k in range(out.size):
+        out[k] = coef_a * a[k] + coef_b * b[k]
+
+
 @jit
 def _bf16_mask(bits, mask):
     """bf16 ``values.mul_(mask)`` on bit patterns: a dropped finite entry becomes a zero of its sign, a dropped
@@ -528,12 +535,15 @@ def bf16_weighted_sum(out: Tensor, tensors: Sequence[Tensor], weights: Tensor, t
     return out
 
 
-def bf16_lerp(out: Tensor, a: Tensor, b: Tensor, coef_a: float, coef_b: float) -> Tensor:
-    """slerp's ``coef_a * a + coef_b * b`` (float32 coefficients) of contiguous bf16 tensors into bf16 ``out``."""
-    flat_out, flat_a, flat_b = _bits16(out), _bits16(a), _bits16(b)
+def lerp(out: Tensor, a: Tensor, b: Tensor, coef_a: float, coef_b: float) -> Tensor:
+    """slerp's ``coef_a * a + coef_b * b`` into ``out``: contiguous bf16 tensors (float32 coefficients), or
+    float32/float64 ones (coefficients of their dtype: each product and the sum rounded to it, as torch's
+    mul, mul, add)."""
+    bf16 = out.dtype == torch.bfloat16
+    flat_out, flat_a, flat_b = (_bits16(t) for t in (out, a, b)) if bf16 else _arrays((out, a, b))
+    kernel, scalar = (_bf16_lerp, np.float32) if bf16 else (_lerp, flat_out.dtype.type)
     for start, stop in pages.windows(flat_out.size, WINDOW, out, a, b):
-        _bf16_lerp(flat_out[start:stop], flat_a[start:stop], flat_b[start:stop], np.float32(coef_a),
-                   np.float32(coef_b))
+        kernel(flat_out[start:stop], flat_a[start:stop], flat_b[start:stop], scalar(coef_a), scalar(coef_b))
     return out
 
 

@@ -669,9 +669,9 @@ def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: f
         return result
     coef_a, coef_b = _slerp_coefficients(a, b, float(t), dot_threshold, eps)
     coef_a, coef_b = coef_a.reshape(1), coef_b.reshape(1)
-    bf16 = _bf16_kernels([a, b, result])
-    if bf16 is not None:  # one loop instead of torch's bf16 -> float32 copies and ops per chunk
-        return bf16.bf16_lerp(result, a, b, float(coef_a), float(coef_b))
+    kernels = _bf16_kernels([a, b, result]) or _kernels(work, [a, b, result])
+    if kernels is not None:  # one loop instead of torch's (bf16 -> float32 copies and) ops per chunk
+        return kernels.lerp(result, a, b, float(coef_a), float(coef_b))
     flat, in_place = result.view(-1), base.dtype == work
     x_buf, y_buf = scratch.tensor("methods.slerp_x", CHUNK, work), scratch.tensor("methods.slerp_y", CHUNK, work)
     for part in _window_chunks(a.numel(), a, b, flat):  # chunked into reused buffers: no tensor-sized temporaries
