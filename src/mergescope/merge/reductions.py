@@ -45,35 +45,38 @@ def _level_power(rows: int) -> int:
 
 @jit
 def _rows(w0, ws, first, last, level_power, acc, squares, offsets):
-    """Rows [first, last) of the cascade: each of the rows' 4 vectors of offsets ``w - w0`` squared into its
-    model's norm lanes and multiplied pairwise into the pair's level-0 column; every ``2**level_power`` rows the
-    levels carry. ``ws``/``w0``: whole flat arrays; acc: (pairs, levels, ilp, lanes); squares: (models, lanes)."""
+    """Rows [first, last) of the cascade: each row's offsets ``w - w0`` (4 vectors) squared into its model's norm
+    lanes and multiplied pairwise into the pair's level-0 columns; every ``2**level_power`` rows the levels
+    carry. ``ws``/``w0``: whole flat arrays; acc: (pairs, levels, ilp * lanes), a row's layout (column k's lanes
+    at k * lanes); squares: (models, lanes); offsets: (models, ilp * lanes). Flat rows: long loops that
+    vectorise (~1.5x the per-vector loops)."""
     models, lanes = len(ws), squares.shape[1]
+    width = offsets.shape[1]
     step = 1 << level_power
     mask = step - 1
     for r in range(first, last):
-        for k in range(4):
-            start = np.uint64((r * 4 + k) * lanes)
-            for i in range(models):
-                w = ws[i]
+        start = np.uint64(r * width)
+        for i in range(models):
+            w = ws[i]
+            for e in range(width):
+                offsets[i, e] = w[start + np.uint64(e)] - w0[start + np.uint64(e)]
+            for k in range(4):  # the norm's one accumulator takes the vectors in order
                 for lane in range(lanes):
-                    x = w[start + np.uint64(lane)] - w0[start + np.uint64(lane)]
-                    offsets[i, lane] = x
+                    x = offsets[i, k * lanes + lane]
                     squares[i, lane] += x * x
-            p = 0
-            for i in range(models):
-                for j in range(i + 1, models):
-                    for lane in range(lanes):
-                        acc[p, 0, k, lane] += offsets[i, lane] * offsets[j, lane]
-                    p += 1
+        p = 0
+        for i in range(models):
+            for j in range(i + 1, models):
+                for e in range(width):
+                    acc[p, 0, e] += offsets[i, e] * offsets[j, e]
+                p += 1
         done = r + 1
         if done % step == 0:
             for level in range(1, 4):
                 for p in range(acc.shape[0]):
-                    for k in range(4):
-                        for lane in range(lanes):
-                            acc[p, level, k, lane] += acc[p, level - 1, k, lane]
-                            acc[p, level - 1, k, lane] = 0
+                    for e in range(width):
+                        acc[p, level, e] += acc[p, level - 1, e]
+                        acc[p, level - 1, e] = 0
                 if done & (mask << (level * level_power)) != 0:
                     break
 
@@ -131,14 +134,15 @@ def offset_reductions(w0: Tensor, ws: list[Tensor], lanes: int, fused_tail: bool
     full_vectors = n // lanes
     rows = full_vectors // 4
     acc = np.zeros((pairs, _LEVELS, _ILP, lanes), np.float32)
+    flat_acc = acc.reshape(pairs, _LEVELS, _ILP * lanes)  # _rows' view of it
     squares = np.zeros((models, lanes), np.float32)
-    offsets = np.empty((models, lanes), np.float32)
+    row_entries = _ILP * lanes
+    offsets = np.empty((models, row_entries), np.float32)
     power = _level_power(rows)
-    row_entries = 4 * lanes
     window_rows = max(1, kernels.WINDOW // row_entries)  # the fused kernels' windows
     for first in range(0, rows, window_rows):
         last = min(rows, first + window_rows)
-        _rows(flat_w0, flat, first, last, power, acc, squares, offsets)
+        _rows(flat_w0, flat, first, last, power, flat_acc, squares, offsets)
         for t in (w0, *ws):
             pages.release(t.reshape(-1), first * row_entries, last * row_entries)
     # the leftover vectors (< 4) as one zero-padded row of their own: their squares join the norm lanes in order
@@ -149,7 +153,7 @@ def offset_reductions(w0: Tensor, ws: list[Tensor], lanes: int, fused_tail: bool
         padded = [np.zeros(row_entries, np.float32) for _ in range(models + 1)]
         for row, values in zip(padded, (flat_w0, *flat)):
             row[: stop - start] = values[start:stop]
-        _rows(padded[0], tuple(padded[1:]), 0, 1, power, leftover, squares, offsets)
+        _rows(padded[0], tuple(padded[1:]), 0, 1, power, leftover.reshape(flat_acc.shape), squares, offsets)
     norms, sums = np.empty(models, np.float32), np.empty(pairs, np.float32)
     _finish(flat_w0, flat, full_vectors, fused_tail, acc, leftover, squares, norms, sums)
     return norms, sums
