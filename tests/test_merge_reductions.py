@@ -107,3 +107,36 @@ def test_model_stock_takes_the_fused_pass_with_the_old_bits(shape, monkeypatch):
     old = methods.model_stock(ws, base)
     assert calls == [1]
     assert torch.equal(fused.view(torch.int32), old.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(4096,), (4099,), (4125,), (1000, 1003), (5, 200_003), (3, 3, 33_333)])
+def test_masked_abs_sums_are_torchs_bits(layout, shape):
+    """DARE's L1 rescale sums: ``|t - base|.sum()`` and ``(|t - base| * mask).sum()`` of float32 tensors of any
+    shape (torch reduces the contiguous whole as one row): tails, leftover vectors, several cascade levels."""
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=g)
+    t = base + 0.01 * torch.randn(shape, generator=g)
+    t.view(-1)[:9] = base.view(-1)[:9]  # zero deltas
+    mask = torch.rand(shape, generator=g) < 0.3
+    magnitude = (t - base).abs()
+    want = np.array([magnitude.sum(), (magnitude * mask).sum()], np.float32)
+    got = np.array(reductions.masked_abs_sums(t, base, mask, layout[0]), np.float32)
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_rescale_from_one_pass_keeps_the_old_bits(method, monkeypatch):
+    """DARE's float32 rescale from the fused sums (no |delta| tensor) gives the bits of the torch path."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(300, 1001, generator=g)
+    ws = [base + 0.05 * torch.randn(300, 1001, generator=g) for _ in range(3)]
+    calls = []
+    real = reductions.masked_abs_sums
+    monkeypatch.setattr(reductions, "masked_abs_sums", lambda *a: calls.append(1) or real(*a))
+    merge = methods.get(method)
+    fused = merge(ws, base, weight=[0.5, 0.3, 0.2], density=[0.4] * 3, seed=3)
+    assert len(calls) == 3
+    monkeypatch.setattr(reductions, "fits", lambda *a: False)
+    old = merge(ws, base, weight=[0.5, 0.3, 0.2], density=[0.4] * 3, seed=3)
+    assert len(calls) == 3
+    assert torch.equal(fused.view(torch.int32), old.view(torch.int32))

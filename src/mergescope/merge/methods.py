@@ -116,9 +116,29 @@ def _rescale_factor(magnitude: Tensor, mask: Tensor, eps: float = 1e-7) -> Tenso
     before = magnitude.sum()
     kernels = _kernels(magnitude.dtype, [magnitude], [mask]) or _bf16_kernels([magnitude])
     after = (kernels.mask_(magnitude, mask) if kernels is not None else magnitude.reshape(-1).mul_(mask)).sum()
+    return _factor(before, after, eps)
+
+
+def _factor(before: Tensor, after: Tensor, eps: float = 1e-7) -> Tensor | float:
     if before < eps or after < eps:
         return 1.0
     return before / after
+
+
+def _fused_rescale(t: Tensor, base: Tensor):
+    """A function (t, base, mask) -> (|delta|_1, |delta * mask|_1) as float32 0-d tensors with the bits of torch's
+    sums (merge/reductions.py: one pass, no |delta| tensor), or None where that does not reproduce torch here
+    (other dtypes, several torch threads, small tensors, no numba)."""
+    if t.dtype != torch.float32 or base.dtype != torch.float32:
+        return None
+    try:
+        from . import reductions
+    except ImportError:
+        return None
+    if not reductions.fits(base.reshape(-1), [t.reshape(-1), base.reshape(-1)]):
+        return None
+    lanes = reductions.torch_layout()[0]
+    return lambda t, base, mask: (torch.tensor(x) for x in reductions.masked_abs_sums(t, base, mask, lanes))
 
 
 # ----------------------------------------------------------------------------- sparsification
@@ -274,6 +294,7 @@ SPARSIFIERS: dict[str, Callable[..., Tensor | None]] = {
     "della_magprune": della_mask,
 }
 _SORTED = {"magnitude", "magnitude_outliers"}  # sparsifiers that rank |delta| by a radix histogram of its bits
+_DRAWN = {"random"}  # sparsifiers that read only |delta|'s size
 
 
 # ----------------------------------------------------------------------------- task arithmetic family
@@ -293,8 +314,12 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
         mask, factor = None, 1.0
         if sparsify is not None:
             params = {k: v[i] for k, v in extra.items()}
+            # DARE's draw reads no |delta|: none computed where the rescale's L1 sums come from t and base
+            fused = _fused_rescale(t, base) if rescale and sparsify in _DRAWN else None
             buffer = None if kernels is None else scratch.tensor("methods.magnitude", n, work).view(base.shape)
-            if buffer is not None and work == torch.float32 and sparsify in _SORTED:  # select's histogram too
+            if fused is not None:
+                magnitude = base
+            elif buffer is not None and work == torch.float32 and sparsify in _SORTED:  # select's histogram too
                 magnitude, params["counted"] = kernels.abs_diff_counted(buffer, t, base)
             elif buffer is not None:  # one buffer for all models
                 magnitude = kernels.abs_diff(buffer, t, base)
@@ -302,8 +327,8 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
                 magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
             mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
-            if mask is not None and rescale:
-                factor = _rescale_factor(magnitude, mask)  # consumes magnitude
+            if mask is not None and rescale:  # consumes magnitude unless fused
+                factor = _rescale_factor(magnitude, mask) if fused is None else _factor(*fused(t, base, mask))
             del magnitude
         plan.append((mask, factor))
     return plan

@@ -4,7 +4,8 @@ Why: model_stock's cosines are whole-tensor torch reductions (MergeKit 0.1.5: ``
 and ``(offset_i * offset_j).sum(dim=-1)``), and their bits depend on torch's summation order. Computed with
 torch, each operand is first written to a tensor-sized buffer and read back: 2 passes per norm, 2 per pair,
 each over every input again. Reproducing the two summation orders lets one pass over the inputs feed every
-norm and every pair sum, with the same bits.
+norm and every pair sum, with the same bits. DARE's L1 rescale (``|delta|.sum()`` and ``(|delta| * mask).sum()``)
+likewise comes from one pass over the model and the base, and its draw needs no |delta| tensor at all.
 
 The orders (single-threaded, contiguous, ``Vectorized<float>`` of ``lanes`` floats: 8 for AVX2, 16 for AVX512):
 
@@ -53,7 +54,6 @@ def _rows(w0, ws, first, last, level_power, acc, squares, offsets):
     models, lanes = len(ws), squares.shape[1]
     width = offsets.shape[1]
     step = 1 << level_power
-    mask = step - 1
     for r in range(first, last):
         start = np.uint64(r * width)
         for i in range(models):
@@ -70,15 +70,80 @@ def _rows(w0, ws, first, last, level_power, acc, squares, offsets):
                 for e in range(width):
                     acc[p, 0, e] += offsets[i, e] * offsets[j, e]
                 p += 1
-        done = r + 1
-        if done % step == 0:
+        if (r + 1) % step == 0:
+            _carry(acc, r + 1, level_power)
+
+
+@jit
+def _carry(acc, done, level_power):
+    """The cascade's carry after ``done`` rows (a multiple of the level step): each level into the next, up to
+    the first level whose step ``done`` is not a multiple of. acc: (sums, levels, row entries)."""
+    mask = (1 << level_power) - 1
+    for level in range(1, 4):
+        for p in range(acc.shape[0]):
+            for e in range(acc.shape[2]):
+                acc[p, level, e] += acc[p, level - 1, e]
+                acc[p, level - 1, e] = 0
+        if done & (mask << (level * level_power)) != 0:
+            break
+
+
+@jit
+def _masked_abs_rows(t, base, mask, first, last, level_power, acc, work):
+    """Rows [first, last) of two cascades at once: |t - base| and |t - base| * mask (as 1.0 / 0.0, as
+    kernels.mask_), the sums of MergeKit's L1 rescale. acc: (2, levels, ilp * lanes); work: (2, ilp * lanes)."""
+    width = work.shape[1]
+    one, zero = np.float32(1), np.float32(0)
+    step = 1 << level_power
+    for r in range(first, last):
+        start = np.uint64(r * width)
+        for e in range(width):
+            i = start + np.uint64(e)
+            d = abs(t[i] - base[i])
+            work[0, e] = d
+            work[1, e] = d * (one if mask[i] else zero)
+        for s in range(2):
+            for e in range(width):
+                acc[s, 0, e] += work[s, e]
+        if (r + 1) % step == 0:
+            _carry(acc, r + 1, level_power)
+
+
+@jit
+def _masked_abs_tails(t, base, mask, start):
+    """The scalar sums (from 0) of the tail entries [start, n) of both cascades."""
+    one, zero = np.float32(1), np.float32(0)
+    total, kept = np.float32(0), np.float32(0)
+    for i in range(start, t.shape[0]):
+        d = abs(t[i] - base[i])
+        total += d
+        kept += d * (one if mask[i] else zero)
+    return total, kept
+
+
+@jit
+def _cascade_total(acc, leftover, n_leftover, p, tail):
+    """Cascade p's sum: its levels folded into level 0 per column, the leftover vectors (``leftover[p, 0, k]``)
+    joined to column 0 in order, the columns folded, then the tail's scalar sum adds the lanes left to right;
+    as torch stores it (0 + sum: -0.0 -> +0.0). acc, leftover: (sums, levels, ilp, lanes)."""
+    lanes = acc.shape[3]
+    columns = np.empty((4, lanes), np.float32)
+    for k in range(4):
+        for lane in range(lanes):
+            x = acc[p, 0, k, lane]
             for level in range(1, 4):
-                for p in range(acc.shape[0]):
-                    for e in range(width):
-                        acc[p, level, e] += acc[p, level - 1, e]
-                        acc[p, level - 1, e] = 0
-                if done & (mask << (level * level_power)) != 0:
-                    break
+                x += acc[p, level, k, lane]
+            columns[k, lane] = x
+    for k in range(n_leftover):
+        for lane in range(lanes):
+            columns[0, lane] += leftover[p, 0, k, lane]
+    for lane in range(lanes):
+        for k in range(1, 4):
+            columns[0, lane] += columns[k, lane]
+    total = tail
+    for lane in range(lanes):
+        total += columns[0, lane]
+    return np.float32(0) + total
 
 
 @jit
@@ -87,19 +152,6 @@ def _finish(w0, ws, full_vectors, fused_tail, acc, leftover, squares, norms, sum
     sum into ``sums``. ``leftover``: the leftover vectors' products, column k the k-th (a row of its own)."""
     models, lanes = len(ws), squares.shape[1]
     n = w0.shape[0]
-    pairs = acc.shape[0]
-    columns = np.zeros((pairs, 4, lanes), np.float32)
-    for p in range(pairs):
-        for k in range(4):
-            for lane in range(lanes):
-                x = acc[p, 0, k, lane]
-                for level in range(1, 4):
-                    x += acc[p, level, k, lane]
-                columns[p, k, lane] = x
-    for p in range(pairs):  # the leftover vectors join column 0, in order
-        for k in range(full_vectors % 4):
-            for lane in range(lanes):
-                columns[p, 0, lane] += leftover[p, 0, k, lane]
     for i in range(models):
         total = squares[i, 0]
         for lane in range(1, lanes):
@@ -111,15 +163,10 @@ def _finish(w0, ws, full_vectors, fused_tail, acc, leftover, squares, norms, sum
     p = 0
     for i in range(models):
         for j in range(i + 1, models):
-            for lane in range(lanes):
-                for k in range(1, 4):
-                    columns[p, 0, lane] += columns[p, k, lane]
-            total = np.float32(0)
+            tail = np.float32(0)
             for e in range(full_vectors * lanes, n):
-                total += (ws[i][e] - w0[e]) * (ws[j][e] - w0[e])
-            for lane in range(lanes):
-                total += columns[p, 0, lane]
-            sums[p] = np.float32(0) + total  # torch's output starts at 0 (-0.0 -> +0.0)
+                tail += (ws[i][e] - w0[e]) * (ws[j][e] - w0[e])
+            sums[p] = _cascade_total(acc, leftover, full_vectors % 4, p, tail)
             p += 1
 
 
@@ -131,32 +178,59 @@ def offset_reductions(w0: Tensor, ws: list[Tensor], lanes: int, fused_tail: bool
     flat = tuple(w.detach().reshape(-1).numpy() for w in ws)
     n, models = flat_w0.shape[0], len(flat)
     pairs = models * (models - 1) // 2
+    squares = np.zeros((models, lanes), np.float32)
+    offsets = np.empty((models, _ILP * lanes), np.float32)
+    acc, leftover = _cascades(_rows, (flat_w0, flat), (w0, *ws), pairs, n, lanes, (squares, offsets))
+    norms, sums = np.empty(models, np.float32), np.empty(pairs, np.float32)
+    _finish(flat_w0, flat, n // lanes, fused_tail, acc, leftover, squares, norms, sums)
+    return norms, sums
+
+
+def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[np.float32, np.float32]:
+    """(sum of |t - base|, sum of |t - base| * mask) as torch's single-threaded ``sum()`` of those float32 tensors
+    computes them (MergeKit's L1 rescale of a sparsified task vector), in one pass over t, base and the bool mask,
+    without the |t - base| tensor; the inputs' mapped pages are released window by window."""
+    arrays = (t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy(), mask.reshape(-1).numpy())
+    n = arrays[0].shape[0]
+    work = np.empty((2, _ILP * lanes), np.float32)
+    acc, leftover = _cascades(_masked_abs_rows, arrays, (t, base), 2, n, lanes, (work,))
+    full_vectors = n // lanes
+    tails = _masked_abs_tails(*arrays, full_vectors * lanes)
+    return tuple(np.float32(_cascade_total(acc, leftover, full_vectors % 4, p, np.float32(tails[p]))) for p in (0, 1))
+
+
+def _cascades(kernel, arrays: tuple, released: tuple, sums: int, n: int, lanes: int, scratch: tuple):
+    """Runs ``kernel(*arrays, first, last, level_power, acc, *scratch)`` over the full rows of ``sums`` cascades in
+    windows (``released``' mapped pages given back behind each), then over the leftover vectors (< 4) as one
+    zero-padded row of their own (zeros add nothing to a norm's lanes; _cascade_total adds only the leftover
+    vectors' columns). Returns (acc, leftover), each (sums, levels, ilp, lanes)."""
+    row_entries = _ILP * lanes
     full_vectors = n // lanes
     rows = full_vectors // 4
-    acc = np.zeros((pairs, _LEVELS, _ILP, lanes), np.float32)
-    flat_acc = acc.reshape(pairs, _LEVELS, _ILP * lanes)  # _rows' view of it
-    squares = np.zeros((models, lanes), np.float32)
-    row_entries = _ILP * lanes
-    offsets = np.empty((models, row_entries), np.float32)
+    acc = np.zeros((sums, _LEVELS, _ILP, lanes), np.float32)
+    flat_acc = acc.reshape(sums, _LEVELS, row_entries)  # the kernels' view of it
     power = _level_power(rows)
     window_rows = max(1, kernels.WINDOW // row_entries)  # the fused kernels' windows
     for first in range(0, rows, window_rows):
         last = min(rows, first + window_rows)
-        _rows(flat_w0, flat, first, last, power, flat_acc, squares, offsets)
-        for t in (w0, *ws):
+        kernel(*arrays, first, last, power, flat_acc, *scratch)
+        for t in released:
             pages.release(t.reshape(-1), first * row_entries, last * row_entries)
-    # the leftover vectors (< 4) as one zero-padded row of their own: their squares join the norm lanes in order
-    # (+ 0 for the padding), their products are added to column 0 by _finish
     leftover = np.zeros_like(acc)
     start, stop = rows * row_entries, full_vectors * lanes
     if stop > start:
-        padded = [np.zeros(row_entries, np.float32) for _ in range(models + 1)]
-        for row, values in zip(padded, (flat_w0, *flat)):
-            row[: stop - start] = values[start:stop]
-        _rows(padded[0], tuple(padded[1:]), 0, 1, power, leftover.reshape(flat_acc.shape), squares, offsets)
-    norms, sums = np.empty(models, np.float32), np.empty(pairs, np.float32)
-    _finish(flat_w0, flat, full_vectors, fused_tail, acc, leftover, squares, norms, sums)
-    return norms, sums
+        padded = tuple(_padded(x, start, stop, row_entries) for x in arrays)
+        kernel(*padded, 0, 1, power, leftover.reshape(flat_acc.shape), *scratch)
+    return acc, leftover
+
+
+def _padded(values, start: int, stop: int, width: int):
+    """values[start:stop] at the front of ``width`` zeros (False for a mask); a tuple: each of its arrays."""
+    if isinstance(values, tuple):
+        return tuple(_padded(x, start, stop, width) for x in values)
+    row = np.zeros(width, values.dtype)
+    row[: stop - start] = values[start:stop]
+    return row
 
 
 def _torch_reductions(w0: Tensor, ws: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
