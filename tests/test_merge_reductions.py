@@ -103,40 +103,66 @@ def test_model_stock_takes_the_fused_pass_with_the_old_bits(shape, monkeypatch):
     monkeypatch.setattr(reductions, "offset_reductions", lambda *a: calls.append(1) or real(*a))
     fused = methods.model_stock(ws, base)
     assert calls == [1]
-    monkeypatch.setattr(reductions, "fits", lambda *a: False)
+    monkeypatch.setattr(reductions, "fits", lambda *a, **k: False)
     old = methods.model_stock(ws, base)
     assert calls == [1]
-    assert torch.equal(fused.view(torch.int32), old.view(torch.int32))
+    assert torch.equal(fused, old) and torch.equal(fused.signbit(), old.signbit())
 
 
-@pytest.mark.parametrize("shape", [(4096,), (4099,), (4125,), (1000, 1003), (5, 200_003), (3, 3, 33_333)])
-def test_masked_abs_sums_are_torchs_bits(layout, shape):
-    """DARE's L1 rescale sums: ``|t - base|.sum()`` and ``(|t - base| * mask).sum()`` of float32 tensors of any
-    shape (torch reduces the contiguous whole as one row): tails, leftover vectors, several cascade levels."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096,), (4099,), (4125,), (4159,), (1000, 1003), (5, 200_003), (3, 3, 33_333)])
+def test_masked_abs_sums_are_torchs_bits(layout, shape, dtype):
+    """DARE's L1 rescale sums: ``|t - base|.sum()`` and ``(|t - base| * mask).sum()`` of float32 or bf16 tensors
+    (bf16: each op rounded, vectors loaded as the sum of two halves) of any shape (torch reduces the contiguous
+    whole as one row): tails, leftover vectors, several cascade levels."""
     g = torch.Generator().manual_seed(sum(shape))
-    base = torch.randn(shape, generator=g)
-    t = base + 0.01 * torch.randn(shape, generator=g)
+    base = torch.randn(shape, generator=g).to(dtype)
+    t = (base.float() + 0.01 * torch.randn(shape, generator=g)).to(dtype)
     t.view(-1)[:9] = base.view(-1)[:9]  # zero deltas
     mask = torch.rand(shape, generator=g) < 0.3
     magnitude = (t - base).abs()
-    want = np.array([magnitude.sum(), (magnitude * mask).sum()], np.float32)
-    got = np.array(reductions.masked_abs_sums(t, base, mask, layout[0]), np.float32)
-    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    want = (magnitude.sum(), (magnitude * mask).sum())
+    got = reductions.masked_abs_sums(t, base, mask, layout[0])
+    assert all(a.dtype == b.dtype == dtype and torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_bf16_sums_give_way_to_torch_on_a_non_finite_delta(layout):
+    """A bf16 |t - base| that is inf or NaN: None (the caller's torch path keeps torch's NaN bits)."""
+    base = torch.zeros(10_000, dtype=torch.bfloat16)
+    t = base.clone()
+    t[-1] = float("inf")
+    assert reductions.masked_abs_sums(t, base, torch.ones(10_000, dtype=torch.bool), layout[0]) is None
+    assert reductions.bf16_sums_match()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
-def test_dare_rescale_from_one_pass_keeps_the_old_bits(method, monkeypatch):
-    """DARE's float32 rescale from the fused sums (no |delta| tensor) gives the bits of the torch path."""
+def test_dare_rescale_from_one_pass_keeps_the_old_bits(method, dtype, monkeypatch):
+    """DARE's rescale from the fused sums (no |delta| tensor) gives the bits of the torch path."""
     g = torch.Generator().manual_seed(12)
-    base = torch.randn(300, 1001, generator=g)
-    ws = [base + 0.05 * torch.randn(300, 1001, generator=g) for _ in range(3)]
+    base = torch.randn(300, 1001, generator=g).to(dtype)
+    ws = [(base.float() + 0.05 * torch.randn(300, 1001, generator=g)).to(dtype) for _ in range(3)]
     calls = []
     real = reductions.masked_abs_sums
     monkeypatch.setattr(reductions, "masked_abs_sums", lambda *a: calls.append(1) or real(*a))
     merge = methods.get(method)
     fused = merge(ws, base, weight=[0.5, 0.3, 0.2], density=[0.4] * 3, seed=3)
     assert len(calls) == 3
-    monkeypatch.setattr(reductions, "fits", lambda *a: False)
+    monkeypatch.setattr(reductions, "fits", lambda *a, **k: False)
     old = merge(ws, base, weight=[0.5, 0.3, 0.2], density=[0.4] * 3, seed=3)
     assert len(calls) == 3
-    assert torch.equal(fused.view(torch.int32), old.view(torch.int32))
+    assert torch.equal(fused, old) and torch.equal(fused.signbit(), old.signbit())
+
+
+def test_bf16_dare_with_an_infinite_delta_takes_torchs_path_whole(monkeypatch):
+    """The fused sums decline (inf |delta|): the factor comes from torch's |delta| tensor, the same bits as with
+    the fused path switched off."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(50_000, generator=g).bfloat16()
+    ws = [(base.float() + 0.05 * torch.randn(50_000, generator=g)).bfloat16() for _ in range(2)]
+    ws[0][7] = float("inf")
+    merge = methods.get("dare_linear")
+    fused = merge(ws, base, weight=[0.5, 0.5], density=[0.5] * 2, seed=1)
+    monkeypatch.setattr(reductions, "fits", lambda *a, **k: False)
+    old = merge(ws, base, weight=[0.5, 0.5], density=[0.5] * 2, seed=1)
+    assert torch.equal(fused.view(torch.int16), old.view(torch.int16))

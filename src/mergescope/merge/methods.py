@@ -14,6 +14,7 @@ keeps state or touches a global random generator. Conventions (as MergeKit 0.1.5
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,20 +126,29 @@ def _factor(before: Tensor, after: Tensor, eps: float = 1e-7) -> Tensor | float:
     return before / after
 
 
+def _rescale(fused, t: Tensor, base: Tensor, mask: Tensor, magnitude: Tensor | Callable[[], Tensor]) -> Tensor | float:
+    """The L1 rescale factor from the fused sums when they apply (``fused`` not None, and it gives sums), else
+    from the |delta| tensor ``magnitude`` (or that a callable computes then; :func:`_rescale_factor`: consumed)."""
+    sums = None if fused is None else fused(t, base, mask)
+    if sums is not None:
+        return _factor(*sums)
+    return _rescale_factor(magnitude if isinstance(magnitude, Tensor) else magnitude(), mask)
+
+
 def _fused_rescale(t: Tensor, base: Tensor):
-    """A function (t, base, mask) -> (|delta|_1, |delta * mask|_1) as float32 0-d tensors with the bits of torch's
+    """A function (t, base, mask) -> (|delta|_1, |delta * mask|_1) as 0-d tensors of their dtype with the bits of torch's
     sums (merge/reductions.py: one pass, no |delta| tensor), or None where that does not reproduce torch here
     (other dtypes, several torch threads, small tensors, no numba)."""
-    if t.dtype != torch.float32 or base.dtype != torch.float32:
+    if t.dtype not in (torch.float32, torch.bfloat16) or base.dtype != t.dtype:
         return None
     try:
         from . import reductions
     except ImportError:
         return None
-    if not reductions.fits(base.reshape(-1), [t.reshape(-1), base.reshape(-1)]):
+    if not reductions.fits(base.reshape(-1), [t.reshape(-1), base.reshape(-1)], t.dtype):
         return None
     lanes = reductions.torch_layout()[0]
-    return lambda t, base, mask: (torch.tensor(x) for x in reductions.masked_abs_sums(t, base, mask, lanes))
+    return lambda t, base, mask: reductions.masked_abs_sums(t, base, mask, lanes)
 
 
 # ----------------------------------------------------------------------------- sparsification
@@ -327,8 +337,8 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
                 magnitude = (_flat(t).to(work) - _flat(base).to(work)).abs_().reshape(base.shape)
             mask = SPARSIFIERS[sparsify](magnitude, density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
-            if mask is not None and rescale:  # consumes magnitude unless fused
-                factor = _rescale_factor(magnitude, mask) if fused is None else _factor(*fused(t, base, mask))
+            if mask is not None and rescale:  # consumes magnitude
+                factor = _rescale(fused, t, base, mask, magnitude)
             del magnitude
         plan.append((mask, factor))
     return plan
@@ -450,14 +460,18 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
             params = {k: v[i] for k, v in extra.items()}
             buffer = scratch.tensor("methods.half_magnitude", n, base.dtype)
             kernels = _bf16_kernels([base, t]) if sparsify in _SORTED else None
-            if kernels is not None:  # select's histogram counted in the same pass
+            fused = _fused_rescale(t, base) if rescale and sparsify in _DRAWN else None  # as _task_vector_plan's
+            if fused is not None:
+                magnitude = base.reshape(-1)
+            elif kernels is not None:  # select's histogram counted in the same pass
                 magnitude, params["counted"] = kernels.abs_diff_counted(buffer, t, base)
             else:
                 magnitude = _half_magnitude(t, base, buffer)
             mask = SPARSIFIERS[sparsify](magnitude.view(base.shape), density=density[i], generator=generator,
                                          out=scratch.tensor(f"methods.mask{i}", n, torch.bool), **params)
             if mask is not None and rescale:
-                factor = _rescale_factor(magnitude, mask)
+                factor = _rescale(fused, t, base, mask, functools.partial(_half_magnitude, t, base, buffer)
+                                  if fused is not None else magnitude)
         plan.append((mask, factor))
     return plan
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import kernels, pages
-from .kernels import _fma, jit
+from .kernels import _bf16_round, _bf16_value, _fma, jit
 
 Tensor = torch.Tensor
 _ILP = 4  # vectors per cascade row (libtorch's ilp_factor)
@@ -88,25 +88,73 @@ def _carry(acc, done, level_power):
             break
 
 
+_BLOCK_ROWS = 64  # rows filled per call of _add_rows (2 x 64 x 32 floats of work: in L1)
+
+
+@jit
+def _add_rows(acc, work, first, rows, level_power):
+    """Rows [first, first + rows) of the cascades whose row-major operands ``work`` holds: each row added to level
+    0, the levels carried every ``2**level_power`` rows. acc: (sums, levels, ilp * lanes)."""
+    width = acc.shape[2]
+    step = 1 << level_power
+    for r in range(rows):
+        for s in range(acc.shape[0]):
+            for e in range(width):
+                acc[s, 0, e] += work[s, r * width + e]
+        if (first + r + 1) % step == 0:
+            _carry(acc, first + r + 1, level_power)
+
+
 @jit
 def _masked_abs_rows(t, base, mask, first, last, level_power, acc, work):
     """Rows [first, last) of two cascades at once: |t - base| and |t - base| * mask (as 1.0 / 0.0, as
-    kernels.mask_), the sums of MergeKit's L1 rescale. acc: (2, levels, ilp * lanes); work: (2, ilp * lanes)."""
-    width = work.shape[1]
+    kernels.mask_), the sums of MergeKit's L1 rescale. acc: (2, levels, ilp * lanes); work: (2, _BLOCK_ROWS x
+    ilp * lanes), filled block by block."""
+    width = acc.shape[2]
     one, zero = np.float32(1), np.float32(0)
-    step = 1 << level_power
-    for r in range(first, last):
-        start = np.uint64(r * width)
-        for e in range(width):
+    for block in range(first, last, _BLOCK_ROWS):
+        rows = min(_BLOCK_ROWS, last - block)
+        start = np.uint64(block * width)
+        for e in range(rows * width):
             i = start + np.uint64(e)
             d = abs(t[i] - base[i])
             work[0, e] = d
             work[1, e] = d * (one if mask[i] else zero)
-        for s in range(2):
-            for e in range(width):
-                acc[s, 0, e] += work[s, e]
-        if (r + 1) % step == 0:
-            _carry(acc, r + 1, level_power)
+        _add_rows(acc, work, block, rows, level_power)
+
+
+@jit
+def _bf16_masked_abs_rows(t, base, mask, first, last, level_power, acc, work):
+    """:func:`_masked_abs_rows` for bf16 bit arrays, as torch sums a bf16 tensor: |t - base| rounded to bf16 as
+    torch's bf16 sub and abs give it, a dropped entry +0.0 (mask_ on bit patterns; a non-finite sum sends the
+    caller to torch), and each vector of 2 x lanes entries loaded as the float sum of its two halves (libtorch's
+    bf16 load policy: lane l gets entry l + entry lanes + l)."""
+    lanes = acc.shape[2] // 4
+    zero = np.float32(0)
+    for block in range(first, last, _BLOCK_ROWS):
+        rows = min(_BLOCK_ROWS, last - block)
+        start = np.uint64(block * 8 * lanes)
+        for v in range(rows * 4):  # vectors of 2 x lanes entries
+            for lane in range(lanes):
+                i = start + np.uint64(2 * v * lanes + lane)
+                j = i + np.uint64(lanes)
+                x = abs(_bf16_round(_bf16_value(t[i]) - _bf16_value(base[i])))
+                y = abs(_bf16_round(_bf16_value(t[j]) - _bf16_value(base[j])))
+                work[0, v * lanes + lane] = x + y
+                work[1, v * lanes + lane] = (x if mask[i] else zero) + (y if mask[j] else zero)
+        _add_rows(acc, work, block, rows, level_power)
+
+
+@jit
+def _bf16_masked_abs_tails(t, base, mask, start):
+    """The scalar sums (from 0) of the tail entries [start, n) of both bf16 cascades."""
+    zero = np.float32(0)
+    total, kept = zero, zero
+    for i in range(start, t.shape[0]):
+        d = abs(_bf16_round(_bf16_value(t[i]) - _bf16_value(base[i])))
+        total += d
+        kept += d if mask[i] else zero
+    return total, kept
 
 
 @jit
@@ -180,35 +228,45 @@ def offset_reductions(w0: Tensor, ws: list[Tensor], lanes: int, fused_tail: bool
     pairs = models * (models - 1) // 2
     squares = np.zeros((models, lanes), np.float32)
     offsets = np.empty((models, _ILP * lanes), np.float32)
-    acc, leftover = _cascades(_rows, (flat_w0, flat), (w0, *ws), pairs, n, lanes, (squares, offsets))
+    acc, leftover = _cascades(_rows, (flat_w0, flat), (w0, *ws), pairs, n, lanes, lanes, (squares, offsets))
     norms, sums = np.empty(models, np.float32), np.empty(pairs, np.float32)
     _finish(flat_w0, flat, n // lanes, fused_tail, acc, leftover, squares, norms, sums)
     return norms, sums
 
 
-def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[np.float32, np.float32]:
-    """(sum of |t - base|, sum of |t - base| * mask) as torch's single-threaded ``sum()`` of those float32 tensors
-    computes them (MergeKit's L1 rescale of a sparsified task vector), in one pass over t, base and the bool mask,
-    without the |t - base| tensor; the inputs' mapped pages are released window by window."""
-    arrays = (t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy(), mask.reshape(-1).numpy())
-    n = arrays[0].shape[0]
-    work = np.empty((2, _ILP * lanes), np.float32)
-    acc, leftover = _cascades(_masked_abs_rows, arrays, (t, base), 2, n, lanes, (work,))
-    full_vectors = n // lanes
-    tails = _masked_abs_tails(*arrays, full_vectors * lanes)
-    return tuple(np.float32(_cascade_total(acc, leftover, full_vectors % 4, p, np.float32(tails[p]))) for p in (0, 1))
+def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[Tensor, Tensor] | None:
+    """(sum of |t - base|, sum of |t - base| * mask) as 0-d tensors of t's dtype, as torch's single-threaded
+    ``sum()`` of those float32 or bf16 tensors computes them (MergeKit's L1 rescale of a sparsified task vector:
+    bf16 steps rounded as torch's bf16 ops), in one pass over t, base and the bool mask, without the |t - base|
+    tensor; the inputs' mapped pages are released window by window. None for bf16 whose sum is not finite
+    (an inf or NaN |t - base|: torch's NaN bits come from the caller's torch path)."""
+    bf16 = t.dtype == torch.bfloat16
+    flat = (lambda x: x.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)) if bf16 else \
+        (lambda x: x.detach().reshape(-1).numpy())
+    arrays = (flat(t), flat(base), mask.reshape(-1).numpy())
+    n, vector = arrays[0].shape[0], lanes * (2 if bf16 else 1)
+    work = np.empty((2, _BLOCK_ROWS * _ILP * lanes), np.float32)
+    acc, leftover = _cascades(_bf16_masked_abs_rows if bf16 else _masked_abs_rows, arrays, (t, base), 2, n, vector,
+                              lanes, (work,))
+    full_vectors = n // vector
+    tails = (_bf16_masked_abs_tails if bf16 else _masked_abs_tails)(*arrays, full_vectors * vector)
+    sums = [_cascade_total(acc, leftover, full_vectors % 4, p, np.float32(tails[p])) for p in (0, 1)]
+    if bf16 and not np.isfinite(sums[0]):  # an inf or NaN |t - base| (or the sum overflowed): torch's path
+        return None
+    return tuple(torch.tensor(np.float32(x)).to(t.dtype) for x in sums)  # torch's store: rounded once
 
 
-def _cascades(kernel, arrays: tuple, released: tuple, sums: int, n: int, lanes: int, scratch: tuple):
-    """Runs ``kernel(*arrays, first, last, level_power, acc, *scratch)`` over the full rows of ``sums`` cascades in
-    windows (``released``' mapped pages given back behind each), then over the leftover vectors (< 4) as one
-    zero-padded row of their own (zeros add nothing to a norm's lanes; _cascade_total adds only the leftover
-    vectors' columns). Returns (acc, leftover), each (sums, levels, ilp, lanes)."""
-    row_entries = _ILP * lanes
-    full_vectors = n // lanes
+def _cascades(kernel, arrays: tuple, released: tuple, sums: int, n: int, vector: int, lanes: int, scratch: tuple):
+    """Runs ``kernel(*arrays, first, last, level_power, acc, *scratch)`` over the full rows (4 vectors of ``vector``
+    entries each) of ``sums`` cascades in windows (``released``' mapped pages given back behind each), then over
+    the leftover vectors (< 4) as one zero-padded row of their own (zeros add nothing to a norm's lanes;
+    _cascade_total adds only the leftover vectors' columns). Returns (acc, leftover), each (sums, levels, ilp,
+    lanes)."""
+    row_entries = _ILP * vector
+    full_vectors = n // vector
     rows = full_vectors // 4
     acc = np.zeros((sums, _LEVELS, _ILP, lanes), np.float32)
-    flat_acc = acc.reshape(sums, _LEVELS, row_entries)  # the kernels' view of it
+    flat_acc = acc.reshape(sums, _LEVELS, _ILP * lanes)  # the kernels' view of it
     power = _level_power(rows)
     window_rows = max(1, kernels.WINDOW // row_entries)  # the fused kernels' windows
     for first in range(0, rows, window_rows):
@@ -217,7 +275,7 @@ def _cascades(kernel, arrays: tuple, released: tuple, sums: int, n: int, lanes: 
         for t in released:
             pages.release(t.reshape(-1), first * row_entries, last * row_entries)
     leftover = np.zeros_like(acc)
-    start, stop = rows * row_entries, full_vectors * lanes
+    start, stop = rows * row_entries, full_vectors * vector
     if stop > start:
         padded = tuple(_padded(x, start, stop, row_entries) for x in arrays)
         kernel(*padded, 0, 1, power, leftover.reshape(flat_acc.shape), *scratch)
@@ -259,12 +317,31 @@ def torch_layout() -> tuple[int, bool] | None:
     return None
 
 
-def fits(w0: Tensor, ws: list[Tensor]) -> bool:
-    """Whether :func:`offset_reductions` reproduces torch here: flat contiguous CPU float32 inputs of one size,
-    large enough to pay, and torch reducing them on one thread (as the merge engine's workers do)."""
+def fits(w0: Tensor, ws: list[Tensor], dtype: torch.dtype = torch.float32) -> bool:
+    """Whether these reductions reproduce torch's here: flat contiguous CPU inputs of ``dtype`` (float32; bf16 for
+    :func:`masked_abs_sums`) and one size, large enough to pay, and torch reducing them on one thread (as the
+    merge engine's workers do)."""
     n = w0.numel()
     return (n >= _MIN_ENTRIES and len(ws) >= 2
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
+            and all(t.dtype == dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
                     and t.numel() == n for t in (w0, *ws))
             and (torch.get_num_threads() == 1 or n < _GRAIN)
-            and torch_layout() is not None)
+            and torch_layout() is not None and (dtype == torch.float32 or bf16_sums_match()))
+
+
+@functools.cache
+def bf16_sums_match() -> bool:
+    """Whether :func:`masked_abs_sums` of bf16 tensors gives torch's bits here (libtorch's bf16 loads: 2 x lanes
+    entries per vector), checked on probes torch reduces on one thread."""
+    rng = np.random.default_rng(1)
+    lanes = torch_layout()[0]
+    for n in (_MIN_ENTRIES + 29, 20000 + 3, _GRAIN - 5):
+        base = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).bfloat16()
+        t = (base.float() + torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.01).bfloat16()
+        mask = torch.from_numpy(rng.random(n) < 0.4)
+        magnitude = (t - base).abs()
+        want = (magnitude.sum(), (magnitude * mask).sum())
+        got = masked_abs_sums(t, base, mask, lanes)
+        if got is None or not all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, want)):
+            return False
+    return True
