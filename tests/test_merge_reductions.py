@@ -166,3 +166,31 @@ def test_bf16_dare_with_an_infinite_delta_takes_torchs_path_whole(monkeypatch):
     monkeypatch.setattr(reductions, "fits", lambda *a, **k: False)
     old = merge(ws, base, weight=[0.5, 0.5], density=[0.5] * 2, seed=1)
     assert torch.equal(fused.view(torch.int16), old.view(torch.int16))
+
+
+@pytest.mark.parametrize("n", [4096, 4099, 4125, 100_003, 1 << 20])
+def test_quotient_product_sum_is_torchs_bits(layout, n):
+    """slerp's per-chunk dot: ``(a / |a| * b / |b|).sum()`` with torch's div, div, mul and cascade sum (sizes with
+    and without a tail or leftover vectors: a float64 tail once made the lanes' adds float64)."""
+    g = torch.Generator().manual_seed(n)
+    a = 1.0 + 0.02 * torch.randn(n, generator=g)
+    b = a + 0.1 * torch.randn(n, generator=g)
+    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    want = (torch.div(a, norm_a) * torch.div(b, norm_b)).sum()
+    got = reductions.quotient_product_sum(a, b, float(norm_a), float(norm_b), layout[0])
+    assert np.float32(got).view(np.int32) == want.numpy().view(np.int32)
+
+
+def test_slerp_takes_the_fused_dot_with_mergekits_bits(monkeypatch):
+    """Each 1 M-entry chunk's dot from the fused pass (the short last chunk too), MergeKit's slerp bits."""
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    g = torch.Generator().manual_seed(21)
+    a = 1.0 + 0.02 * torch.randn(2 * (1 << 20) + 40_001, generator=g)
+    b = a + 0.1 * torch.randn(a.numel(), generator=g)
+    calls = []
+    real = reductions.quotient_product_sum
+    monkeypatch.setattr(reductions, "quotient_product_sum", lambda *x: calls.append(1) or real(*x))
+    expected = mergekit_slerp(torch.tensor([0.3]), a.reshape(1, -1), b.reshape(1, -1)).reshape(-1)
+    assert torch.equal(methods.get("slerp")([b], a, t=0.3), expected)
+    assert len(calls) == 3

@@ -675,10 +675,14 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     x_buf, y_buf = scratch.tensor("methods.slerp_x", width, work), scratch.tensor("methods.slerp_y", width, work)
     parts = []
+    fused = _fused_dot(a, b)
     for s in spans:
-        x = torch.div(in_work(rows_a, s), norm_a, out=x_buf[:rows_a[:, s].shape[1]].view(1, -1))
-        y = torch.div(in_work(rows_b, s), norm_b, out=y_buf[:x.shape[1]].view(1, -1))
-        parts.append(torch.mul(x, y, out=x).sum(dim=1, keepdim=True))
+        part = None if fused is None else fused(a[s], b[s], float(norm_a), float(norm_b))
+        if part is None:
+            x = torch.div(in_work(rows_a, s), norm_a, out=x_buf[:rows_a[:, s].shape[1]].view(1, -1))
+            y = torch.div(in_work(rows_b, s), norm_b, out=y_buf[:x.shape[1]].view(1, -1))
+            part = torch.mul(x, y, out=x).sum(dim=1, keepdim=True)
+        parts.append(part)
         for flat in (a, b):
             pages.release(flat, s.start, min(s.stop, flat.numel()))
     dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
@@ -688,6 +692,27 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
     sin_theta = torch.sin(theta)
     return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta),
             torch.where(linear, t, torch.sin(t * theta) / sin_theta))
+
+
+def _fused_dot(a: Tensor, b: Tensor):
+    """A function (chunk of a, chunk of b, norm_a, norm_b) -> the chunk's dot of the normalised vectors as a
+    (1, 1) float32 tensor with torch's bits (merge/reductions.py: one pass, no quotient tensors), or None for a
+    chunk it cannot reproduce (too short, several torch threads); None where float32 a and b do not apply."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        return None
+    try:
+        from . import reductions
+    except ImportError:
+        return None
+    if reductions.torch_layout() is None:
+        return None
+    lanes = reductions.torch_layout()[0]
+
+    def dot(x: Tensor, y: Tensor, norm_x: float, norm_y: float) -> Tensor | None:
+        if not reductions.fits(x, [x, y]):
+            return None
+        return torch.tensor([[reductions.quotient_product_sum(x, y, norm_x, norm_y, lanes)]])
+    return dot
 
 
 def slerp(tensors: Sequence[Tensor], base: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8,

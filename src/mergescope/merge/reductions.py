@@ -158,6 +158,29 @@ def _bf16_masked_abs_tails(t, base, mask, start):
 
 
 @jit
+def _quotient_product_rows(a, b, first, last, level_power, acc, work, divisors):
+    """Rows [first, last) of the cascade of ``(a / divisors[0]) * (b / divisors[1])`` (each step rounded to
+    float32, as torch's div, div, mul): slerp's dot of the normalised vectors. acc: (1, levels, ilp * lanes)."""
+    width = acc.shape[2]
+    da, db = divisors[0], divisors[1]
+    for block in range(first, last, _BLOCK_ROWS):
+        rows = min(_BLOCK_ROWS, last - block)
+        start = np.uint64(block * width)
+        for e in range(rows * width):
+            i = start + np.uint64(e)
+            work[0, e] = (a[i] / da) * (b[i] / db)
+        _add_rows(acc, work, block, rows, level_power)
+
+
+@jit
+def _quotient_product_tail(a, b, start, divisors):
+    total = np.float32(0)
+    for i in range(start, a.shape[0]):
+        total += (a[i] / divisors[0]) * (b[i] / divisors[1])
+    return total
+
+
+@jit
 def _masked_abs_tails(t, base, mask, start):
     """The scalar sums (from 0) of the tail entries [start, n) of both cascades."""
     one, zero = np.float32(1), np.float32(0)
@@ -188,7 +211,7 @@ def _cascade_total(acc, leftover, n_leftover, p, tail):
     for lane in range(lanes):
         for k in range(1, 4):
             columns[0, lane] += columns[k, lane]
-    total = tail
+    total = np.float32(tail)  # a float64 start would make every add below a float64 one
     for lane in range(lanes):
         total += columns[0, lane]
     return np.float32(0) + total
@@ -254,6 +277,19 @@ def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[
     if bf16 and not np.isfinite(sums[0]):  # an inf or NaN |t - base| (or the sum overflowed): torch's path
         return None
     return tuple(torch.tensor(np.float32(x)).to(t.dtype) for x in sums)  # torch's store: rounded once
+
+
+def quotient_product_sum(a: Tensor, b: Tensor, norm_a: float, norm_b: float, lanes: int) -> np.float32:
+    """``((a / norm_a) * (b / norm_b)).sum()`` of flat float32 a and b as torch's single-threaded ops give it, in
+    one pass without the quotients' tensors (slerp's per-chunk dot); a and b's mapped pages are released."""
+    arrays = (a.detach().reshape(-1).numpy(), b.detach().reshape(-1).numpy())
+    n = arrays[0].shape[0]
+    divisors = np.array([norm_a, norm_b], np.float32)
+    work = np.empty((1, _BLOCK_ROWS * _ILP * lanes), np.float32)
+    acc, leftover = _cascades(_quotient_product_rows, arrays, (a, b), 1, n, lanes, lanes, (work, divisors))
+    full_vectors = n // lanes
+    tail = np.float32(_quotient_product_tail(*arrays, full_vectors * lanes, divisors))  # float32 in: float32 adds
+    return np.float32(_cascade_total(acc, leftover, full_vectors % 4, 0, tail))
 
 
 def _cascades(kernel, arrays: tuple, released: tuple, sums: int, n: int, vector: int, lanes: int, scratch: tuple):
