@@ -704,7 +704,7 @@ def _fused_dot(a: Tensor, b: Tensor):
         from . import reductions
     except ImportError:
         return None
-    if reductions.torch_layout() is None:
+    if a.numel() < reductions.MIN_ENTRIES or reductions.torch_layout() is None:  # small: not worth calibrating
         return None
     lanes = reductions.torch_layout()[0]
 

@@ -34,7 +34,7 @@ from .kernels import _bf16_round, _bf16_value, _fma, jit
 Tensor = torch.Tensor
 _ILP = 4  # vectors per cascade row (libtorch's ilp_factor)
 _LEVELS = 4  # cascade levels (num_levels)
-_MIN_ENTRIES = 1 << 12  # smaller tensors keep torch's reductions (nothing to gain)
+MIN_ENTRIES = 1 << 12  # smaller tensors keep torch's reductions (nothing to gain)
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: torch reduces fewer entries on one thread whatever its thread count
 
 
@@ -341,7 +341,7 @@ def torch_layout() -> tuple[int, bool] | None:
     comparing with torch on probes small enough that torch reduces them on one thread; None if none does."""
     rng = np.random.default_rng(0)
     probes = []
-    for n in (_MIN_ENTRIES + 13, 20000 + 7, _GRAIN - 3):
+    for n in (MIN_ENTRIES + 13, 20000 + 7, _GRAIN - 3):
         arrays = [torch.from_numpy(rng.standard_normal(n).astype(np.float32) * scale) for scale in (1, 1.5, 0.7)]
         probes.append((arrays[0], arrays[1:] + [arrays[1] + arrays[2] * np.float32(0.01)]))
     expected = [_torch_reductions(w0, ws) for w0, ws in probes]
@@ -358,7 +358,7 @@ def fits(w0: Tensor, ws: list[Tensor], dtype: torch.dtype = torch.float32) -> bo
     :func:`masked_abs_sums`) and one size, large enough to pay, and torch reducing them on one thread (as the
     merge engine's workers do)."""
     n = w0.numel()
-    return (n >= _MIN_ENTRIES and len(ws) >= 2
+    return (n >= MIN_ENTRIES and len(ws) >= 2
             and all(t.dtype == dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
                     and t.numel() == n for t in (w0, *ws))
             and (torch.get_num_threads() == 1 or n < _GRAIN)
@@ -371,7 +371,7 @@ def bf16_sums_match() -> bool:
     entries per vector), checked on probes torch reduces on one thread."""
     rng = np.random.default_rng(1)
     lanes = torch_layout()[0]
-    for n in (_MIN_ENTRIES + 29, 20000 + 3, _GRAIN - 5):
+    for n in (MIN_ENTRIES + 29, 20000 + 3, _GRAIN - 5):
         base = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).bfloat16()
         t = (base.float() + torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.01).bfloat16()
         mask = torch.from_numpy(rng.random(n) < 0.4)
