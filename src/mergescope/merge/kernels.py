@@ -6,7 +6,8 @@ does the same IEEE operations in the same order and rounding, once. No fastmath 
 contraction), so each ``a * b`` and ``a + b`` rounds as torch's kernel does; where torch contracts
 (``addcmul_``: linear's ``acc + t * w``, and the election's ``kept + d * agree`` where only the NaN
 that survives ``inf * 0 + NaN`` depends on it) a run-time probe says whether it fuses, and LLVM's fma
-does the same. L1 sums stay torch's (a float64 or serial sum gives other bits). The kernels release
+does the same. L1 sums are torch's, or merge/reductions.py's bit-exact replay of its order (a float64 or
+serial sum gives other bits). The kernels release
 the GIL (the engine calls methods from two worker threads). The wrappers call a loop one WINDOW of entries
 at a time and give back the file-mapped pages of each window once done (merge/pages.py): a job's mapped
 inputs and output slot stay resident a window at a time, not whole. numba is imported here, and methods.py

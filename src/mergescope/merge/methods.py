@@ -887,8 +887,8 @@ def model_stock(tensors: Sequence[Tensor], base: Tensor, *, filter_wise: bool = 
 
 def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
     """The mean pairwise cosine of the offsets ``w - w0`` along the last dimension, as MergeKit 0.1.5 computes
-    it: whole-tensor torch norms and sums (their bits depend on torch's reduction order, so they stay torch's).
-    Why one buffer: each reduction's operand (an offset, or the product of two) is filled into this thread's
+    it: whole-tensor torch norms and sums (their bits depend on torch's reduction order). On torch's path, why
+    one buffer: each reduction's operand (an offset, or the product of two) is filled into this thread's
     one tensor-sized buffer window by window, with the same elementwise roundings as MergeKit's whole-tensor
     offsets, and the inputs' mapped pages are given back behind each window (merge/pages.py): one tensor of
     scratch, not n offsets and a product, and a few windows of input resident, not every input whole.
