@@ -197,6 +197,9 @@ def test_bf16_model_stock_runs_the_bf16_loops(filter_wise, monkeypatch):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
     monkeypatch.setattr(M, "_stock_fill", None)  # torch's operand path would fail
+    from mergescope.merge import reductions
+
+    monkeypatch.setattr(reductions, "fits", lambda *a, **k: False)  # the operand loops, not the fused cosines
     g = torch.Generator().manual_seed(4)
     base = torch.randn(300, 77, generator=g).bfloat16()
     models = [(base.float() + 0.1 * torch.randn(300, 77, generator=g)).bfloat16() for _ in range(3)]

@@ -46,6 +46,22 @@ def test_norms_and_pair_sums_are_torchs_bits(layout, n, count):
     assert_bits(reductions.offset_reductions(w0, ws, *layout), torch_reference(w0, ws))
 
 
+@pytest.mark.parametrize("n", [4096, 4099, 4096 + 16 * 3 + 15, 100_003, 1_000_007])
+def test_bf16_norms_and_pair_sums_are_torchs_bits(layout, n):
+    """bf16 offsets (torch's bf16 sub), norms and sums of bf16-rounded products: vectors of 2 x lanes entries
+    (two halves), the float results rounded once to bf16 as torch stores them."""
+    g = torch.Generator().manual_seed(n)
+    w0 = torch.randn(n, generator=g).bfloat16()
+    ws = [(w0.float() + 0.1 * torch.randn(n, generator=g)).bfloat16() for _ in range(3)]
+    w0[:5] = -0.0
+    offsets = [w - w0 for w in ws]
+    want_norms = torch.stack([torch.linalg.vector_norm(d, dim=-1) for d in offsets])
+    want_sums = torch.stack([(offsets[i] * offsets[j]).sum(dim=-1) for i in range(3) for j in range(i + 1, 3)])
+    norms, sums = reductions.offset_reductions(w0, ws, *layout)
+    assert torch.equal(torch.from_numpy(norms).bfloat16().view(torch.int16), want_norms.view(torch.int16))
+    assert torch.equal(torch.from_numpy(sums).bfloat16().view(torch.int16), want_sums.view(torch.int16))
+
+
 def test_the_cascades_wider_levels_are_torchs_bits(layout):
     """More than 2**19 rows: libtorch's level step grows from 2**4 to 2**5 rows (~17 M entries at 8 lanes)."""
     lanes = layout[0]
@@ -91,13 +107,15 @@ def test_fits_only_where_torch_reduces_on_one_thread():
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(300, 1001), (50_003,)])
-def test_model_stock_takes_the_fused_pass_with_the_old_bits(shape, monkeypatch):
+def test_model_stock_takes_the_fused_pass_with_the_old_bits(shape, dtype, monkeypatch):
     """model_stock (flat cosines) through the fused pass gives the bits of its torch path (the buffer fills and
     torch's reductions), and uses no tensor-sized buffer."""
     g = torch.Generator().manual_seed(8)
-    base = torch.randn(shape, generator=g)
-    ws = [base + 0.05 * torch.randn(shape, generator=g) for _ in range(3)]
+    base = torch.randn(shape, generator=g).to(dtype)
+    ws = [(base.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+    assert reductions.torch_layout() and reductions.bf16_matches()  # their probes run before the count
     calls = []
     real = reductions.offset_reductions
     monkeypatch.setattr(reductions, "offset_reductions", lambda *a: calls.append(1) or real(*a))
@@ -132,7 +150,7 @@ def test_bf16_sums_give_way_to_torch_on_a_non_finite_delta(layout):
     t = base.clone()
     t[-1] = float("inf")
     assert reductions.masked_abs_sums(t, base, torch.ones(10_000, dtype=torch.bool), layout[0]) is None
-    assert reductions.bf16_sums_match()
+    assert reductions.bf16_matches()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -895,8 +895,8 @@ def _stock_cosine(ws: Sequence[Tensor], w0: Tensor) -> Tensor:
     Whole-tensor float32 reductions on one thread take one fused pass instead (merge/reductions.py: torch's
     summation orders reproduced, the same bits), with no buffer."""
     fused = _fused_reductions(ws, w0)
-    if fused is not None:
-        norms, sums = (list(torch.from_numpy(values).unbind()) for values in fused)
+    if fused is not None:  # float32 values: bf16 ones rounded once, as torch stores its float accumulators
+        norms, sums = (list(torch.from_numpy(values).to(w0.dtype).unbind()) for values in fused)
         cosines = [(sums.pop(0) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
                    for i in range(len(ws)) for j in range(i + 1, len(ws))]
         return torch.stack(cosines).mean(0).unsqueeze(-1)
@@ -922,7 +922,7 @@ def _fused_reductions(ws: Sequence[Tensor], w0: Tensor):
         from . import reductions
     except ImportError:
         return None
-    if not reductions.fits(w0, list(ws)):
+    if w0.dtype not in (torch.float32, torch.bfloat16) or not reductions.fits(w0, list(ws), w0.dtype):
         return None
     return reductions.offset_reductions(w0, list(ws), *reductions.torch_layout())
 

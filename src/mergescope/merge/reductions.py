@@ -218,43 +218,92 @@ def _cascade_total(acc, leftover, n_leftover, p, tail):
 
 
 @jit
-def _finish(w0, ws, full_vectors, fused_tail, acc, leftover, squares, norms, sums):
-    """Folds and tails (see the module's docstring): sqrt of each model's squared norm into ``norms``, each pair's
-    sum into ``sums``. ``leftover``: the leftover vectors' products, column k the k-th (a row of its own)."""
+def _bf16_rows(w0, ws, first, last, level_power, acc, squares, offsets):
+    """:func:`_rows` on bf16 bit arrays, as torch reduces bf16 tensors: offsets rounded to bf16 (torch's bf16 sub),
+    each vector of 2 x lanes entries squared into the norm lanes half by half (``acc += f0 * f0; acc += f1 * f1``),
+    and the bf16-rounded pair products loaded as the float sum of the vector's two halves. offsets: (models,
+    8 * lanes), a row's entries."""
     models, lanes = len(ws), squares.shape[1]
-    n = w0.shape[0]
+    width = offsets.shape[1]
+    step = 1 << level_power
+    for r in range(first, last):
+        start = np.uint64(r * width)
+        for i in range(models):
+            w = ws[i]
+            for e in range(width):
+                x = start + np.uint64(e)
+                offsets[i, e] = _bf16_round(_bf16_value(w[x]) - _bf16_value(w0[x]))
+            for half in range(8):  # 4 vectors x 2 halves, in order
+                for lane in range(lanes):
+                    x = offsets[i, half * lanes + lane]
+                    squares[i, lane] += x * x
+        p = 0
+        for i in range(models):
+            for j in range(i + 1, models):
+                for k in range(4):
+                    for lane in range(lanes):
+                        e0, e1 = 2 * k * lanes + lane, (2 * k + 1) * lanes + lane
+                        x0 = _bf16_round(offsets[i, e0] * offsets[j, e0])
+                        x1 = _bf16_round(offsets[i, e1] * offsets[j, e1])
+                        acc[p, 0, k * lanes + lane] += x0 + x1
+                p += 1
+        if (r + 1) % step == 0:
+            _carry(acc, r + 1, level_power)
+
+
+@jit
+def _finish(tails, round_products, fused_tail, full_vectors, acc, leftover, squares, norms, sums):
+    """Folds and tails (see the module's docstring): sqrt of each model's squared norm into ``norms``, each pair's
+    sum into ``sums``. ``tails``: (models, tail) the operands past the full vectors; products rounded to bf16 with
+    ``round_products``. ``leftover``: the leftover vectors' products, column k the k-th (a row of its own)."""
+    models, lanes = tails.shape[0], squares.shape[1]
     for i in range(models):
         total = squares[i, 0]
         for lane in range(1, lanes):
             total += squares[i, lane]
-        for e in range(full_vectors * lanes, n):
-            x = ws[i][e] - w0[e]
+        for e in range(tails.shape[1]):
+            x = tails[i, e]
             total = _fma(x, x, total) if fused_tail else total + x * x
         norms[i] = np.sqrt(total)
     p = 0
     for i in range(models):
         for j in range(i + 1, models):
             tail = np.float32(0)
-            for e in range(full_vectors * lanes, n):
-                tail += (ws[i][e] - w0[e]) * (ws[j][e] - w0[e])
+            for e in range(tails.shape[1]):
+                product = tails[i, e] * tails[j, e]
+                tail += _bf16_round(product) if round_products else product
             sums[p] = _cascade_total(acc, leftover, full_vectors % 4, p, tail)
             p += 1
 
 
 def offset_reductions(w0: Tensor, ws: list[Tensor], lanes: int, fused_tail: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(norms of ``w - w0`` per model, sums of ``(w_i - w0) * (w_j - w0)`` per pair i < j), float32, as
-    torch's single-threaded ``vector_norm(dim=-1)`` and ``sum(dim=-1)`` of those tensors compute them, in one
-    pass over flat contiguous float32 inputs; the inputs' mapped pages are released window by window."""
-    flat_w0 = w0.detach().reshape(-1).numpy()
-    flat = tuple(w.detach().reshape(-1).numpy() for w in ws)
+    """(norms of ``w - w0`` per model, sums of ``(w_i - w0) * (w_j - w0)`` per pair i < j) as float32 values of
+    the inputs' dtype, as torch's single-threaded ``vector_norm(dim=-1)`` and ``sum(dim=-1)`` of those tensors
+    compute them, in one pass over flat contiguous float32 or bf16 inputs (bf16: each op rounded as torch's
+    bf16 ops, the results as float32 to round to bf16 once); the inputs' mapped pages are released window by
+    window."""
+    bf16 = w0.dtype == torch.bfloat16
+    flat_w0, *flat = (_flat(t) for t in (w0, *ws))
+    flat = tuple(flat)
     n, models = flat_w0.shape[0], len(flat)
     pairs = models * (models - 1) // 2
+    vector = 2 * lanes if bf16 else lanes
     squares = np.zeros((models, lanes), np.float32)
-    offsets = np.empty((models, _ILP * lanes), np.float32)
-    acc, leftover = _cascades(_rows, (flat_w0, flat), (w0, *ws), pairs, n, lanes, lanes, (squares, offsets))
+    offsets = np.empty((models, _ILP * vector), np.float32)
+    acc, leftover = _cascades(_bf16_rows if bf16 else _rows, (flat_w0, flat), (w0, *ws), pairs, n, vector, lanes,
+                              (squares, offsets))
+    full_vectors = n // vector
+    tails = torch.stack([w.reshape(-1)[full_vectors * vector:] - w0.reshape(-1)[full_vectors * vector:]
+                         for w in ws]).float().numpy()  # torch's own sub (and bf16 rounding) on the few left
     norms, sums = np.empty(models, np.float32), np.empty(pairs, np.float32)
-    _finish(flat_w0, flat, n // lanes, fused_tail, acc, leftover, squares, norms, sums)
+    _finish(tails, bf16, fused_tail, full_vectors, acc, leftover, squares, norms, sums)
     return norms, sums
+
+
+def _flat(t: Tensor) -> np.ndarray:
+    """A flat numpy view: float32 values, or bf16 bit patterns as uint16."""
+    flat = t.detach().reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
 
 
 def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[Tensor, Tensor] | None:
@@ -264,9 +313,7 @@ def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[
     tensor; the inputs' mapped pages are released window by window. None for bf16 whose sum is not finite
     (an inf or NaN |t - base|: torch's NaN bits come from the caller's torch path)."""
     bf16 = t.dtype == torch.bfloat16
-    flat = (lambda x: x.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)) if bf16 else \
-        (lambda x: x.detach().reshape(-1).numpy())
-    arrays = (flat(t), flat(base), mask.reshape(-1).numpy())
+    arrays = (_flat(t), _flat(base), mask.reshape(-1).numpy())
     n, vector = arrays[0].shape[0], lanes * (2 if bf16 else 1)
     work = np.empty((2, _BLOCK_ROWS * _ILP * lanes), np.float32)
     acc, leftover = _cascades(_bf16_masked_abs_rows if bf16 else _masked_abs_rows, arrays, (t, base), 2, n, vector,
@@ -327,12 +374,12 @@ def _padded(values, start: int, stop: int, width: int):
     return row
 
 
-def _torch_reductions(w0: Tensor, ws: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+def _torch_reductions(w0: Tensor, ws: list[Tensor], dtype: torch.dtype = torch.float32):
+    """torch's own norms and pair sums of the offsets: float32 arrays, or (with ``dtype`` bf16) bf16 tensors."""
     offsets = [w - w0 for w in ws]
-    norms = np.array([float(torch.linalg.vector_norm(d, dim=-1)) for d in offsets], np.float32)
-    sums = np.array([float((offsets[i] * offsets[j]).sum(dim=-1)) for i in range(len(ws))
-                     for j in range(i + 1, len(ws))], np.float32)
-    return norms, sums
+    norms = torch.stack([torch.linalg.vector_norm(d, dim=-1) for d in offsets])
+    sums = torch.stack([(offsets[i] * offsets[j]).sum(dim=-1) for i in range(len(ws)) for j in range(i + 1, len(ws))])
+    return (norms, sums) if dtype == torch.bfloat16 else (norms.numpy(), sums.numpy())
 
 
 @functools.cache
@@ -362,22 +409,27 @@ def fits(w0: Tensor, ws: list[Tensor], dtype: torch.dtype = torch.float32) -> bo
             and all(t.dtype == dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
                     and t.numel() == n for t in (w0, *ws))
             and (torch.get_num_threads() == 1 or n < _GRAIN)
-            and torch_layout() is not None and (dtype == torch.float32 or bf16_sums_match()))
+            and torch_layout() is not None and (dtype == torch.float32 or bf16_matches()))
 
 
 @functools.cache
-def bf16_sums_match() -> bool:
-    """Whether :func:`masked_abs_sums` of bf16 tensors gives torch's bits here (libtorch's bf16 loads: 2 x lanes
-    entries per vector), checked on probes torch reduces on one thread."""
+def bf16_matches() -> bool:
+    """Whether :func:`masked_abs_sums` and :func:`offset_reductions` of bf16 tensors give torch's bits here
+    (libtorch's bf16 loads: 2 x lanes entries per vector), checked on probes torch reduces on one thread."""
     rng = np.random.default_rng(1)
-    lanes = torch_layout()[0]
+    lanes, fused_tail = torch_layout()
+    same = lambda got, want: all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, want))
     for n in (MIN_ENTRIES + 29, 20000 + 3, _GRAIN - 5):
         base = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).bfloat16()
-        t = (base.float() + torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.01).bfloat16()
+        ts = [(base.float() + torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * s).bfloat16()
+              for s in (0.01, 0.1, 0.05)]
         mask = torch.from_numpy(rng.random(n) < 0.4)
-        magnitude = (t - base).abs()
-        want = (magnitude.sum(), (magnitude * mask).sum())
-        got = masked_abs_sums(t, base, mask, lanes)
-        if got is None or not all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, want)):
+        magnitude = (ts[0] - base).abs()
+        got = masked_abs_sums(ts[0], base, mask, lanes)
+        if got is None or not same(got, (magnitude.sum(), (magnitude * mask).sum())):
+            return False
+        norms, sums = offset_reductions(base, ts, lanes, fused_tail)
+        want = _torch_reductions(base, ts, torch.bfloat16)
+        if not same([torch.from_numpy(norms).bfloat16(), torch.from_numpy(sums).bfloat16()], want):
             return False
     return True
