@@ -373,11 +373,10 @@ def test_kernels_release_the_gil():
     """While a kernel runs in one thread, Python code runs in another. A long switch interval means the worker
     never hands the GIL over on its own: the main thread advances during the kernel only if it is released.
     (The compiled loop is called directly: torch's own calls in the wrapper release the GIL too.)"""
-    n, dtype = 1 << 20, np.float32
+    n, dtype = 1 << 23, np.float32  # ~10 ms a call: long enough for the main thread to wake
     base, tensors = np.zeros(n, dtype), tuple(np.ones(n, dtype) for _ in range(3))
-    args = (np.empty(n, dtype), base, tensors, tuple(np.zeros(1, np.bool_) for _ in range(3)), np.zeros(3, np.bool_),
-            np.ones(3, dtype), np.zeros(3, np.bool_), np.ones(3, dtype), np.array([3, 1, 0, 1, -1], dtype), True,
-            True, False, True)
+    args = (np.empty(n, dtype), base, tensors, None, np.ones(3, dtype), np.ones(3, dtype),
+            np.array([3, 1, 0, 1, -1], dtype), True, True, False, True)
     kernels._task_vectors(*args)  # compiled / loaded
     steps, during = [0], []
     started = threading.Event()
