@@ -414,7 +414,10 @@ def test_packed_ties_order_like_the_keys_and_carry_the_tied_indices(two):
         for n, dtype in ((bits.size, np.uint32), (2**31, np.uint64)):
             k1, k2 = tied[0], (tied[1] if two else -1)
             ranges = [(k1, k1 + n - 1)] + ([(k2 + n, k2 + 2 * n - 1)] if two else [])
-            packed = S._pack_ties(bits, flip, base, k1, k2, n, np.empty(bits.size, dtype))
+            mask, start, width = np.empty(bits.size, np.bool_), (int(flip) ^ 7) - 3, 20  # 20 keys from start
+            packed = S._pack_ties(bits, flip, base, k1, k2, n, np.empty(bits.size, dtype), mask, np.uint64(start),
+                                  np.uint64(width))
+            assert np.array_equal(mask, (bits ^ flip).astype(np.uint64) - np.uint64(start) < width)  # wraps below
             classes = S._classes(dtype, 0, ranges)
             lo = np.array([S._lo(x, classes) for x in packed])
             hi = np.array([S._hi(x, classes) for x in packed])

@@ -261,20 +261,26 @@ def _index_packed(keys: np.ndarray):
 
 
 @jit
-def _pack_ties(bits, flip, base, k1, k2, n, out):
+def _pack_ties(bits, flip, base, k1, k2, n, out, mask, start, width):
     """``out[i]``: the sort key (bits ^ flip) - base, moved up by n past each tied key k1 < k2, and the entries of
     k1 or k2 given their own range of n ints (key + i, i their index): the ints order like the keys. k2 < 0: one
-    tied key (a loop of its own: the two-key one runs at half the speed of memory)."""
+    tied key (a loop of its own: the two-key one runs at half the speed of memory). The same pass writes
+    :func:`_range_mask`'s ``mask`` (start <= bits ^ flip < start + width, in uint64: every key fits): one read
+    of the bits, not two."""
     two = k2 >= 0
     base, k1, k2, n = np.uint64(base), np.uint64(k1), np.uint64(max(k2, 0)), np.uint64(n)  # uint64 math: as fast
     if two:
         for i in range(bits.shape[0]):
-            key = np.uint64(bits[_u(i)] ^ flip) - base
+            x = bits[_u(i)] ^ flip
+            mask[_u(i)] = np.uint64(x) - start < width  # wraps below start
+            key = np.uint64(x) - base
             moved = key + (n if key > k1 else np.uint64(0)) + (n if key > k2 else np.uint64(0))
             out[_u(i)] = moved + np.uint64(i) if (key == k1) | (key == k2) else moved
     else:
         for i in range(bits.shape[0]):
-            key = np.uint64(bits[_u(i)] ^ flip) - base
+            x = bits[_u(i)] ^ flip
+            mask[_u(i)] = np.uint64(x) - start < width  # wraps below start
+            key = np.uint64(x) - base
             moved = key + (n if key > k1 else np.uint64(0))
             out[_u(i)] = moved + np.uint64(i) if key == k1 else moved
     return out
@@ -536,9 +542,10 @@ def _mark_replayed(v, end, count, classes, starts, ends, mask):
             count -= 1
 
 
-def _packed_replay(bits, flip, tied: list[int]):
+def _packed_replay(bits, flip, tied: list[int], mask, start, width):
     """The replay's packed ints of a whole score (:func:`_pack_ties`) and their classes, for the cuts' tied keys
-    (one or two, ascending): uint32 where every packed int fits (this thread's reused buffer)."""
+    (one or two, ascending): uint32 where every packed int fits (this thread's reused buffer). Writes the range
+    mask [start, start + width) of the keys into ``mask`` on the way."""
     n = bits.shape[0]
     top = int(np.iinfo(bits.dtype).max)
     largest = int(_MAX_BITS if bits.dtype == np.uint32 else max(_MAX_HALF_BITS.values()))
@@ -546,7 +553,8 @@ def _packed_replay(bits, flip, tied: list[int]):
     dtype = np.uint32 if largest + len(tied) * n < 2**32 else np.uint64
     k1, k2 = tied[0] - base, (tied[1] - base if len(tied) > 1 else -1)
     ranges = [(k1, k1 + n - 1)] + ([(k2 + n, k2 + 2 * n - 1)] if len(tied) > 1 else [])
-    packed = _pack_ties(bits, flip, base, k1, k2, n, scratch.array("select.packed_ties", n, dtype))
+    packed = _pack_ties(bits, flip, base, k1, k2, n, scratch.array("select.packed_ties", n, dtype), mask,
+                        np.uint64(start), np.uint64(width))
     return packed, _classes(dtype, 0, ranges)
 
 
@@ -570,7 +578,8 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     straddle a cut, and then only along the segments holding such a cut. Bit-identical to
     ``torch.sort(score, descending=descending).indices[lo:hi]`` as a mask (tested against it); a bf16 or
     fp16 score is ranked as its float32 values (``score.float()``), as MergeKit ranks it.
-    One pass writes the mask from the keys at the cuts; the replay, when run, then sets the straddling ties.
+    One pass writes the mask from the keys at the cuts (the replay's packing pass, when ties straddle a cut);
+    the replay then sets the straddling ties.
     The replay's work arrays are this thread's reused buffers (merge/scratch.py). ``counted``: the histogram
     of score's bit patterns and the largest, when already counted (:func:`_bits`).
     """
@@ -592,13 +601,10 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
     # keys below a bound sit before its cut; a cut's own key too unless its ties straddle it (then: replayed)
     bound = {b: key + (b not in replayed) for b, (key, _, _) in at_cut.items()}
     bounds = np.array([bound.get(lo, 0), bound.get(hi, every)], np.int64)
-    if bounds[0] >= bounds[1] or bounds[1] - bounds[0] >= every:  # no key in range, or every key
-        mask.fill_(bool(bounds[0] < bounds[1]))
-    else:
-        _range_mask(bits, flip, np.uint32(bounds[0]), np.uint32(bounds[1] - bounds[0]), mask.numpy())
-    if replayed:
+    if replayed:  # the pack writes the range mask too
         end, tied = max(replayed), sorted(set(replayed.values()))
-        packed, classes = _packed_replay(bits, flip, tied)
+        width = max(0, int(bounds[1] - bounds[0]))  # may be every key (a lo cut's tied key is the smallest)
+        packed, classes = _packed_replay(bits, flip, tied, mask.numpy(), bounds[0] if width else 0, width)
         if not _introsort(packed, np.array(sorted(replayed), np.int64), False, classes):  # libstdc++ heapsorts
             return _positions(mask, torch.sort(_exact(flat), descending=descending).indices[lo:hi])
         # an entry of tied key t is before cut b by its position when b's ties straddle it, else by its key
@@ -610,6 +616,10 @@ def sorted_range_mask(score: Tensor, lo: int, hi: int, descending: bool = True, 
         key_end, first_end, _ = at_cut[end]
         count = end - first_end + sum(same for key, _, same in {at_cut[b] for b in replayed} if key != key_end)
         _mark_replayed(packed, end, count, classes, starts, ends, mask.numpy())
+    elif bounds[0] >= bounds[1] or bounds[1] - bounds[0] >= every:  # no key in range, or every key
+        mask.fill_(bool(bounds[0] < bounds[1]))
+    else:
+        _range_mask(bits, flip, np.uint32(bounds[0]), np.uint32(bounds[1] - bounds[0]), mask.numpy())
     return mask
 
 
