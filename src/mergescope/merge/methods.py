@@ -135,11 +135,12 @@ def _rescale(fused, t: Tensor, base: Tensor, mask: Tensor, magnitude: Tensor | C
     return _rescale_factor(magnitude if isinstance(magnitude, Tensor) else magnitude(), mask)
 
 
-def _fused_rescale(t: Tensor, base: Tensor):
+def _fused_rescale(t: Tensor, base: Tensor, sparsify: str, rescale: bool):
     """A function (t, base, mask) -> (|delta|_1, |delta * mask|_1) as 0-d tensors of their dtype with the bits of torch's
-    sums (merge/reductions.py: one pass, no |delta| tensor), or None where that does not reproduce torch here
-    (other dtypes, several torch threads, small tensors, no numba)."""
-    if t.dtype not in (torch.float32, torch.bfloat16) or base.dtype != t.dtype:
+    sums (merge/reductions.py: one pass, no |delta| tensor) for a rescaled drawn mask (DARE's draw reads no
+    |delta|), or None: no rescale, a sparsifier that ranks |delta| anyway, or where the fused sums do not
+    reproduce torch here (other dtypes, several torch threads, small tensors, no numba)."""
+    if not rescale or sparsify not in _DRAWN or t.dtype not in (torch.float32, torch.bfloat16) or base.dtype != t.dtype:
         return None
     try:
         from . import reductions
@@ -324,8 +325,7 @@ def _task_vector_plan(tensors, base, density, sparsify, rescale, seed, extra):
         mask, factor = None, 1.0
         if sparsify is not None:
             params = {k: v[i] for k, v in extra.items()}
-            # DARE's draw reads no |delta|: none computed where the rescale's L1 sums come from t and base
-            fused = _fused_rescale(t, base) if rescale and sparsify in _DRAWN else None
+            fused = _fused_rescale(t, base, sparsify, rescale)  # then no |delta| is computed at all
             buffer = None if kernels is None else scratch.tensor("methods.magnitude", n, work).view(base.shape)
             if fused is not None:
                 magnitude = base
@@ -460,7 +460,7 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
             params = {k: v[i] for k, v in extra.items()}
             buffer = scratch.tensor("methods.half_magnitude", n, base.dtype)
             kernels = _bf16_kernels([base, t]) if sparsify in _SORTED else None
-            fused = _fused_rescale(t, base) if rescale and sparsify in _DRAWN else None  # as _task_vector_plan's
+            fused = _fused_rescale(t, base, sparsify, rescale)
             if fused is not None:
                 magnitude = base.reshape(-1)
             elif kernels is not None:  # select's histogram counted in the same pass
