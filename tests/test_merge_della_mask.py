@@ -79,8 +79,8 @@ def test_rows_past_the_depth_limit_are_redone_with_torch(monkeypatch):
     """A row the replay gives up on (libstdc++ heapsorts there) is redone from torch's own ranks."""
     kernel = S._draw_rank_mask
 
-    def give_up_on_odd_rows(block, draws, probs, keep, ok, classes):
-        kernel(block, draws, probs, keep, ok, classes)
+    def give_up_on_odd_rows(block, draws, probs, above, keep, ok, classes, starts):
+        kernel(block, draws, probs, above, keep, ok, classes, starts)
         ok[1::2] = False
         keep[1::2] = ~keep[1::2]  # whatever the kernel wrote there must not survive
 
@@ -110,3 +110,17 @@ def test_della_mask_over_several_row_blocks():
     assert 1500 * 800 > 2 * M._DELLA_BLOCK
     got = M.della_mask(magnitude, 0.45, M.random_stream(14), epsilon=0.15)
     assert torch.equal(got, _reference(magnitude, 0.45, 0.15, 14))
+
+
+def test_float32_thresholds_decide_float32_draws_as_the_float64_probabilities():
+    """u < p (float32 u against float64 p, as torch promotes) is u < _float32_above(p), at every float32 next to p:
+    probabilities exactly float32, between two float32s, and MergeKit's own della ones."""
+    rng = np.random.default_rng(12)
+    probs = np.sort(np.concatenate([rng.random(500), rng.random(200).astype(np.float32).astype(np.float64),
+                                    M._della_probabilities(1000, 0.4, 0.15, torch.float32), [0.0, 1.0]]))
+    above = S._float32_above(probs)
+    assert above.dtype == np.float32
+    nearest = probs.astype(np.float32)
+    for u in (nearest, np.nextafter(nearest, np.float32(-1)), np.nextafter(nearest, np.float32(2)),
+              np.nextafter(np.nextafter(nearest, np.float32(2)), np.float32(2))):
+        assert np.array_equal(u < above, u.astype(np.float64) < probs)

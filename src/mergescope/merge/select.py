@@ -754,19 +754,20 @@ def _replayed_keep(keys, row_draws, probs, tied, spans, n_tied, row_keep, classe
 
 
 @jit
-def _draw_rank_mask(block, draws, probs, keep, ok, classes):
+def _draw_rank_mask(block, draws, probs, above, keep, ok, classes, starts):
     """Per row: ``keep[j] = draws[j] < probs[rank of block[j]]``, ranks as ``torch.argsort(dim=1)`` gives them.
 
     No sort: a histogram of the keys' top bits (about 2 buckets per entry, over the row's key span) bounds
     each entry's rank to its bucket's [first, last] ranks, and probs is non-decreasing, so u < probs[first]
     keeps and u >= probs[last] drops; the few draws left open count the smaller keys exactly (equals
     straddling the cut: the std::sort replay). ``ok[r]`` False (NaN, depth limit): the caller uses torch.
+    ``above``: probs as the draws' dtype compares them (:func:`_float32_above` for float32 draws: the same
+    outcomes in float32); ``starts``: 2 m + 2 ints (int32 where m allows: half the cache of int64).
     """
     m = block.shape[1]
     buckets = _BUCKETS_PER_ENTRY * m
     scale = (m - 1) / (probs[m - 1] - probs[0]) if probs[m - 1] > probs[0] else 0.0
     keys = np.empty(m, np.uint32)
-    starts = np.empty(buckets + 2, np.int64)
     open_draws = np.empty(m + 1, np.int64)
     tied = np.empty(m, np.int64)
     spans = np.empty((m, 2), np.int64)
@@ -783,11 +784,11 @@ def _draw_rank_mask(block, draws, probs, keep, ok, classes):
         n_open = 0
         for j in range(m):  # branch-free: the draws are random, branches on them mispredict
             b = (max(keys[j], low) - low) >> shift
-            u = np.float64(row_draws[j])
-            sure = u < probs[_u(starts[b])]
+            u = row_draws[j]
+            sure = u < above[_u(starts[b])]
             row_keep[j] = sure
             open_draws[_u(n_open)] = j  # one store per entry, read back only below n_open
-            n_open += (not sure) & (u < probs[_u(starts[_u(b + 1)] - 1)])
+            n_open += (not sure) & (u < above[_u(starts[_u(b + 1)] - 1)])
         n_tied = 0
         for h in range(n_open):
             j = open_draws[h]
@@ -815,10 +816,20 @@ def draw_rank_mask(rows: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.n
     if values.dtype != np.float32 or not replay_matches_torch() or np.any(np.diff(probs) < 0):
         return _mask_from_ranks(row_ranks(rows), draws, probs, out)
     ok = np.empty(values.shape[0], np.bool_)
-    _draw_rank_mask(values, draws, probs, out, ok, _classes(np.uint64, 0xFFFFFFFF))
+    m = values.shape[1]
+    starts = np.empty(_BUCKETS_PER_ENTRY * m + 2, np.int32 if m < 2**31 else np.int64)
+    above = _float32_above(probs) if draws.dtype == np.float32 else probs  # float64 draws: compared as they are
+    _draw_rank_mask(values, draws, probs, above, out, ok, _classes(np.uint64, 0xFFFFFFFF), starts)
     for i in np.flatnonzero(~ok):
         _mask_from_ranks(_torch_ranks(rows[i : i + 1]), draws[i : i + 1], probs, out[i : i + 1])
     return out
+
+
+def _float32_above(probs: np.ndarray) -> np.ndarray:
+    """The smallest float32 >= each float64 probability: for a float32 draw u, u < p exactly when u < that
+    float32 (no float32 lies between p and it)."""
+    nearest = probs.astype(np.float32)
+    return np.where(nearest.astype(np.float64) >= probs, nearest, np.nextafter(nearest, np.float32(np.inf)))
 
 
 def _mask_from_ranks(ranks: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.ndarray) -> np.ndarray:
