@@ -122,6 +122,16 @@ def test_anonymous_and_forgotten_memory_is_never_released(tmp_path, values):
     assert tensor[0] == 5.0 and pages.tracked() == 0
 
 
+def test_only_inputs_over_the_resident_size_are_given_back_between_passes(monkeypatch):
+    """pages.reread: a first pass over inputs a later pass reads again gives back only those over RESIDENT
+    bytes (the rest stay resident for the later pass instead of being faulted in twice)."""
+    small, large = torch.empty(16), torch.empty(17)
+    monkeypatch.setattr(pages, "RESIDENT", 64)
+    kept = pages.reread(small, large)
+    assert len(kept) == 1 and kept[0] is large
+    assert pages.reread(small.bfloat16(), torch.empty(32, dtype=torch.bfloat16)) == ()  # 64 bytes: not over
+
+
 # ----------------------------------------------------------------------------- the kernels' windows
 
 
@@ -346,7 +356,7 @@ def test_merge_in_small_windows_gives_the_same_bytes_and_leaves_nothing_tracked(
     recipe = _models(tmp_path)
     trims = []
     real_trim = scratch.trim
-    monkeypatch.setattr(scratch, "trim", lambda n: trims.append(n) or real_trim(n))
+    monkeypatch.setattr(scratch, "trim", lambda n, park=False: trims.append(n) or real_trim(n, park))
     monkeypatch.setenv(engine.WRITE_ENV, "mapped")
     ms.merge(recipe, tmp_path / "windows.safetensors", threads=2)
     assert pages.tracked() == 0 and trims == [300 * 64] * 2  # the embedding's job holds the median byte
@@ -460,10 +470,13 @@ def test_bf16_linear_gives_back_mapped_pages_with_the_same_bits(tmp_path, monkey
             pages.forget(mapped)
 
 
-def test_bf16_masks_give_back_mapped_input_pages(tmp_path, monkeypatch):
+@pytest.mark.parametrize("large", [True, False])
+def test_bf16_masks_give_back_mapped_pages_of_large_inputs(tmp_path, monkeypatch, large):
     """bf16 TIES/DARE masks read |delta| window by window: afterwards about a window of each mapped input is
-    resident (the whole-tensor subtraction kept all of them), with the masks and rescale factors of the
-    unwindowed expressions (MergeKit's: |t - base| in bf16, its float32 ranking, sums of bf16 values)."""
+    resident when the inputs are over pages.RESIDENT bytes (the whole-tensor subtraction kept all of them),
+    every page when not (the merge's own pass reads them next: pages.reread), with the masks and rescale
+    factors of the unwindowed expressions (MergeKit's: |t - base| in bf16, its float32 ranking, sums of bf16
+    values)."""
     n = 256 * PAGE // 2  # 512 KB of bf16
     g = torch.Generator().manual_seed(12)
     base_values = torch.randn(n, generator=g).bfloat16()
@@ -484,9 +497,12 @@ def test_bf16_masks_give_back_mapped_input_pages(tmp_path, monkeypatch):
         for sparsify, rescale in (("magnitude", False), ("random", True)):
             with monkeypatch.context() as m:
                 m.setattr(pages, "WINDOW", 16 * PAGE // 2)
+                m.setattr(pages, "RESIDENT", n * 2 - 1 if large else n * 2)
                 plan = methods._half_masks(models, base, [0.4] * 3, sparsify, rescale, 0, {})
             for t in (base, *models):
-                assert _rss_kb(t) <= 3 * 16 * PAGE // 1024  # of 256 pages each
+                rss = _rss_kb(t)
+                assert rss <= 3 * 16 * PAGE // 1024 if large else rss == 256 * PAGE // 1024  # of 256 pages each
+                pages.release(t, 0, n)
             generator = methods.random_stream(0)
             for (mask, factor), t in zip(plan, values[1:]):
                 magnitude = (t - base_values).abs()

@@ -221,3 +221,75 @@ def test_half_precision_buffers_are_reused_views():
     assert again.data_ptr() == first.data_ptr() and scratch.held_bytes() == 2000
     assert scratch.holds(torch.bfloat16) and scratch.holds(torch.float32) and not scratch.holds(torch.complex64)
     scratch.release()
+
+
+def test_trimmed_buffers_park_for_the_next_large_request_on_any_thread():
+    """trim(park=True) hands a large buffer to the next request that fits, on any thread (the engine's LM head
+    job after the embedding's): the same memory, not a fresh mapping; one parked per purpose, the largest."""
+    scratch.clear_parked()
+    seen = {}
+
+    def first():
+        seen["big"] = scratch.array("t.park", 5000, np.float32).ctypes.data
+        scratch.array("t.kept", 10, np.float32)
+        scratch.trim(1000, park=True)
+        seen["held"] = scratch.held_bytes()
+
+    def second():
+        seen["tiny"] = scratch.array("t.park", 100, np.float32).ctypes.data  # far smaller: its own buffer
+        seen["small"] = scratch.array("t.park", 2600, np.float32).ctypes.data  # over half the parked one: taken
+        seen["again"] = scratch.array("t.park", 4000, np.float32).ctypes.data  # this thread's own now
+
+    for fn in (first, second):
+        thread = threading.Thread(target=fn)
+        thread.start()
+        thread.join()
+    assert seen["held"] == 40 and seen["small"] == seen["big"] == seen["again"] != seen["tiny"]
+    assert scratch.parked_bytes() == 0
+    scratch.release()
+    small = scratch.array("t.park", 3000, np.float32)
+    scratch.trim(100, park=True)
+    large = scratch.array("t.park", 6000, np.float32)  # more than the parked one holds: a fresh buffer
+    assert large.ctypes.data != small.ctypes.data and scratch.parked_bytes() == 3000 * 4
+    scratch.trim(100, park=True)  # the larger one replaces it
+    assert scratch.parked_bytes() == 6000 * 4 and scratch.held_bytes() == 0
+    scratch.trim(100, park=False)
+    scratch.clear_parked()
+    assert scratch.parked_bytes() == 0
+
+
+def test_the_engine_parks_scratch_only_until_its_last_larger_job(tmp_path, monkeypatch):
+    """Jobs over the kept size park their buffers for the next such job; the last one's go, and nothing is
+    parked once the merge returns (two workers, and one)."""
+    import mergescope as ms
+    from mergescope.io import save
+    from mergescope.merge import engine
+
+    g = torch.Generator().manual_seed(3)
+    for name in ("base", "a", "b"):
+        state = {"embed.weight": torch.randn(300, 64, generator=g), "head.weight": torch.randn(300, 64, generator=g)}
+        state.update({f"layers.{i}.w": torch.randn(64, 64, generator=g) for i in range(20)})  # the typical job
+        save(state, tmp_path / name)
+    recipe = (f"merge_method: ties\nbase_model: {tmp_path}/base\nmodels:\n"
+              f"  - {{model: {tmp_path}/a, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+              f"  - {{model: {tmp_path}/b, parameters: {{weight: 0.5, density: 0.3}}}}\n")
+    calls = []
+    trim = scratch.trim
+
+    def recording_trim(max_entries, park=False):
+        calls.append((max((h.size for h in scratch._buffers().values()), default=0) > max_entries, park))
+        trim(max_entries, park)
+
+    monkeypatch.setattr(engine.scratch, "trim", recording_trim)
+    for threads in (1, 2):
+        calls.clear()
+        ms.merge(recipe, tmp_path / f"out{threads}", threads=threads)
+        larger = [park for over, park in calls if over]
+        assert larger == [True, False] and scratch.parked_bytes() == 0  # embed parks, head (the last) does not
+    assert torch.equal(load_merged(tmp_path / "out1"), load_merged(tmp_path / "out2"))
+
+
+def load_merged(folder):
+    from mergescope.io import load
+
+    return torch.cat([t.reshape(-1) for _, t in sorted(load(folder).items())])

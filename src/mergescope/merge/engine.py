@@ -16,7 +16,8 @@ back each pass's file-mapped pages as they go (merge/pages.py), so such a job ke
 per input and output resident, not its tensors; other methods touch up to the job's bytes. A method's
 scratch (merge/scratch.py: |delta|, masks, selection work arrays, a few bytes per entry of the job's
 tensor) is kept between jobs only up to the size of a typical job (``typical_entries``), so only the
-job running the largest tensor holds the largest scratch. Peak resident memory is therefore about
+job running the largest tensor holds the largest scratch (parked between the jobs larger than typical, for
+the next of them, and freed after the last: scratch.trim). Peak resident memory is therefore about
 ``interpreter + torch + numba (~0.45 GB) + the largest tensor's scratch + the in-flight jobs' windows``
 for those methods (``+ max(largest job + a typical job, 256 MB)`` for the others), independent of model size.
 Randomized methods draw from a generator seeded by ``(seed, tensor name)``, and torch runs
@@ -467,6 +468,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     locators = [Locator(ckpts[m]) for m in plan.models]
     in_place = takes_out(plan.method.fn)
     kept_entries = typical_entries(plan.jobs)
+    larger_left = [sum(math.prod(j.shape) > kept_entries for j in plan.jobs)]  # jobs whose scratch is parked
 
     def work(job):
         maps = JobMaps()
@@ -491,7 +493,11 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
             into = None  # a view of the slot's map: gone before the slot unmaps
             if slot is not None:
                 slot.close()
-            scratch.trim(kept_entries)
+            with lock:  # one step with the count: no buffer parked after the last larger job cleared them
+                larger_left[0] -= math.prod(job.shape) > kept_entries
+                scratch.trim(kept_entries, park=larger_left[0] > 0)  # for the next larger job, on either worker
+                if larger_left[0] == 0:
+                    scratch.clear_parked()
         with lock:
             totals[0] += job.nbytes_in
             totals[1] += written
@@ -520,6 +526,8 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
             for f in pending:
                 f.cancel()
             raise
+        finally:
+            scratch.clear_parked()
     return totals[0], totals[1]
 
 

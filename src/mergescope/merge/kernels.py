@@ -508,11 +508,10 @@ def lerp(out: Tensor, a: Tensor, b: Tensor, coef_a: float, coef_b: float) -> Ten
 def abs_diff(out: Tensor, t: Tensor, base: Tensor) -> Tensor:
     """out = |t - base| (torch's ``(t - base).abs_()``: one rounding, sign cleared) without a temporary.
 
-    The combine pass reads the inputs again: their pages are given back only when they span more than one
-    window (refaulting them cost ~9% of ties' CPU time; a one-window input is resident in the combine pass
-    anyway)."""
+    The combine pass reads the inputs again: their pages are given back only when they are over
+    pages.RESIDENT bytes (pages.reread)."""
     flat_out, flat_t, flat_base = out.reshape(-1).numpy(), t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy()
-    for start, stop in pages.windows(flat_out.size, WINDOW, *((t, base) if flat_out.size > WINDOW else ())):
+    for start, stop in pages.windows(flat_out.size, WINDOW, *pages.reread(t, base)):
         _abs_diff(flat_out[start:stop], flat_t[start:stop], flat_base[start:stop])
     return out
 
@@ -521,15 +520,13 @@ def abs_diff_counted(out: Tensor, t: Tensor, base: Tensor) -> tuple[Tensor, tupl
     """out = |t - base| (float32, or bf16 with torch's rounding) and the histogram of its bit patterns with the
     largest pattern, as merge/select.py's radix select counts them (float32: the top 16 bits): one pass over
     |delta| instead of a second one in select (~17 ms of ~55 saved per bf16 32.8 M-entry tensor). None for the
-    histogram when a bf16 |delta| holds NaN. Pages as :func:`abs_diff` (float32) or methods._half_magnitude (bf16:
-    given back behind every window)."""
+    histogram when a bf16 |delta| holds NaN. Pages as :func:`abs_diff`."""
     half = out.dtype == torch.bfloat16
     flat_out = _bits16(out) if half else out.reshape(-1).numpy()
     flat_t, flat_base = (_bits16(t), _bits16(base)) if half else (t.detach().reshape(-1).numpy(), base.detach().reshape(-1).numpy())
     kernel = _bf16_abs_diff_counted if half else _abs_diff_counted
     hist, top = np.zeros(1 << 16, np.int64), 0
-    touched = (t, base) if half or flat_out.size > pages.WINDOW else ()  # bf16: as methods._half_magnitude
-    for start, stop in pages.windows(flat_out.size, pages.WINDOW, *touched):
+    for start, stop in pages.windows(flat_out.size, pages.WINDOW, *pages.reread(t, base)):
         top = max(top, int(kernel(flat_out[start:stop], flat_t[start:stop], flat_base[start:stop], hist)))
     if half and top > 0x7F80:  # a NaN: torch's own bits (its NaN payload differs between its vectorised and
         torch.sub(t.reshape(-1), base.reshape(-1), out=out.reshape(-1)).abs_()  # scalar loops); no histogram
@@ -539,13 +536,13 @@ def abs_diff_counted(out: Tensor, t: Tensor, base: Tensor) -> tuple[Tensor, tupl
 
 def stock_operand(out: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
     """``out = a - w0`` or ``(a - w0) * (b - w0)`` (flat, contiguous, one dtype: float32, float64 or bf16) in one
-    pass per window, the inputs' mapped pages released behind it (methods.model_stock's cosine operands:
-    torch's bits)."""
+    pass per window, the mapped pages of inputs over pages.RESIDENT bytes released behind it (pages.reread: the
+    mix reads them again; methods.model_stock's cosine operands: torch's bits)."""
     bf16 = out.dtype == torch.bfloat16
     tensors = [out, a, a if b is None else b, w0]  # _offsets' order
     arrays = tuple(_bits16(t) for t in tensors) if bf16 else _arrays(tensors)
     kernel = _bf16_offsets if bf16 else _offsets
-    for start, stop in pages.windows(arrays[0].size, WINDOW, w0, a, *(() if b is None else (b,))):
+    for start, stop in pages.windows(arrays[0].size, WINDOW, *pages.reread(w0, a, *(() if b is None else (b,)))):
         kernel(*(x[start:stop] for x in arrays), b is not None)
     return out
 

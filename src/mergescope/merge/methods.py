@@ -447,8 +447,8 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
     """Per model: (keep mask or None, _rescale_factor or None), from the half-precision delta as MergeKit
     rounds it (its ranking and its norms see those values, not the exact float32 difference).
 
-    |delta| is computed window by window, the inputs' mapped pages given back behind each window
-    (merge/pages.py): the masks need all of |delta|, not the inputs, which the merge's own pass reads again.
+    |delta| is computed window by window, the mapped pages of large inputs given back behind each window
+    (pages.reread): the masks need all of |delta|, not the inputs, which the merge's own pass reads again.
     The rescale's masked |delta| overwrites |delta| itself (the same values in the same layout: the same sum).
     """
     generator = random_stream(seed)
@@ -478,9 +478,10 @@ def _half_masks(tensors, base, density, sparsify, rescale, seed, extra) -> list[
 
 def _half_magnitude(t: Tensor, base: Tensor, out: Tensor) -> Tensor:
     """``(t - base).abs()`` in the inputs' half dtype into flat ``out``, window by window, giving back the
-    inputs' mapped pages behind each window (elementwise torch ops: the same bits as one whole-tensor op)."""
+    mapped pages of inputs over pages.RESIDENT bytes behind each window (pages.reread: the merge's own pass
+    reads them again; elementwise torch ops: the same bits as one whole-tensor op)."""
     t_flat, b_flat = t.reshape(-1), base.reshape(-1)
-    for start, stop in pages.windows(out.numel(), pages.WINDOW, t_flat, b_flat):
+    for start, stop in pages.windows(out.numel(), pages.WINDOW, *pages.reread(t_flat, b_flat)):
         torch.sub(t_flat[start:stop], b_flat[start:stop], out=out[start:stop]).abs_()
     return out
 
@@ -664,9 +665,12 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
         part = rows[:, span]
         return part if part.dtype == work else converted[:part.shape[1]].view(1, -1).copy_(part)
 
-    def norm(rows: Tensor, span: slice) -> Tensor:  # of one chunk, whose mapped input pages then go back
+    given_back = pages.reread(a, b)  # the mix reads a and b again: only large inputs' pages go back here
+
+    def norm(rows: Tensor, span: slice) -> Tensor:  # of one chunk, whose mapped input pages then may go back
         chunk_norm = torch.linalg.vector_norm(in_work(rows, span), dim=1, keepdim=True)
-        pages.release(rows.view(-1), span.start, min(span.stop, rows.shape[1]))
+        if given_back:
+            pages.release(rows.view(-1), span.start, min(span.stop, rows.shape[1]))
         return chunk_norm
 
     norm_a = torch.linalg.vector_norm(torch.stack([norm(rows_a, s) for s in spans]), dim=0)
@@ -683,7 +687,7 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
             y = torch.div(in_work(rows_b, s), norm_b, out=y_buf[:x.shape[1]].view(1, -1))
             part = torch.mul(x, y, out=x).sum(dim=1, keepdim=True)
         parts.append(part)
-        for flat in (a, b):
+        for flat in given_back:
             pages.release(flat, s.start, min(s.stop, flat.numel()))
     dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
     t = torch.tensor([t]).reshape(-1, 1).to(work)
@@ -929,10 +933,10 @@ def _fused_reductions(ws: Sequence[Tensor], w0: Tensor):
 
 def _stock_fill(work: Tensor, w0: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
     """``work = a - w0`` (or ``(a - w0) * (b - w0)``), flat, window by window; the inputs' pages of each finished
-    window are released. Returns ``work``."""
+    window are released when they are over pages.RESIDENT bytes (pages.reread). Returns ``work``."""
     n = work.numel()
     spare = None if b is None else _reused("methods.stock_spare", torch.Size([min(n, STOCK_WINDOW)]), work.dtype)
-    for start, stop in pages.windows(n, STOCK_WINDOW, *((w0, a) if b is None else (w0, a, b))):
+    for start, stop in pages.windows(n, STOCK_WINDOW, *pages.reread(*((w0, a) if b is None else (w0, a, b)))):
         part = work[start:stop]
         torch.sub(a[start:stop], w0[start:stop], out=part)
         if b is not None:

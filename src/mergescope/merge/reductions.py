@@ -290,7 +290,8 @@ def offset_reductions(w0: Tensor, ws: list[Tensor], lanes: int, fused_tail: bool
     vector = 2 * lanes if bf16 else lanes
     squares = np.zeros((models, lanes), np.float32)
     offsets = np.empty((models, _ILP * vector), np.float32)
-    acc, leftover = _cascades(_bf16_rows if bf16 else _rows, (flat_w0, flat), (w0, *ws), pairs, n, vector, lanes,
+    kernel = _bf16_rows if bf16 else _rows
+    acc, leftover = _cascades(kernel, (flat_w0, flat), pages.reread(w0, *ws), pairs, n, vector, lanes,
                               (squares, offsets))
     full_vectors = n // vector
     tails = torch.stack([w.reshape(-1)[full_vectors * vector:] - w0.reshape(-1)[full_vectors * vector:]
@@ -316,8 +317,8 @@ def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[
     arrays = (_flat(t), _flat(base), mask.reshape(-1).numpy())
     n, vector = arrays[0].shape[0], lanes * (2 if bf16 else 1)
     work = np.empty((2, _BLOCK_ROWS * _ILP * lanes), np.float32)
-    acc, leftover = _cascades(_bf16_masked_abs_rows if bf16 else _masked_abs_rows, arrays, (t, base), 2, n, vector,
-                              lanes, (work,))
+    kernel = _bf16_masked_abs_rows if bf16 else _masked_abs_rows
+    acc, leftover = _cascades(kernel, arrays, pages.reread(t, base), 2, n, vector, lanes, (work,))
     full_vectors = n // vector
     tails = (_bf16_masked_abs_tails if bf16 else _masked_abs_tails)(*arrays, full_vectors * vector)
     sums = [_cascade_total(acc, leftover, full_vectors % 4, p, np.float32(tails[p])) for p in (0, 1)]
@@ -333,7 +334,7 @@ def quotient_product_sum(a: Tensor, b: Tensor, norm_a: float, norm_b: float, lan
     n = arrays[0].shape[0]
     divisors = np.array([norm_a, norm_b], np.float32)
     work = np.empty((1, _BLOCK_ROWS * _ILP * lanes), np.float32)
-    acc, leftover = _cascades(_quotient_product_rows, arrays, (a, b), 1, n, lanes, lanes, (work, divisors))
+    acc, leftover = _cascades(_quotient_product_rows, arrays, pages.reread(a, b), 1, n, lanes, lanes, (work, divisors))
     full_vectors = n // lanes
     tail = np.float32(_quotient_product_tail(*arrays, full_vectors * lanes, divisors))  # float32 in: float32 adds
     return np.float32(_cascade_total(acc, leftover, full_vectors % 4, 0, tail))
