@@ -710,46 +710,38 @@ def _bucket_starts(keys, low, high, shift, starts):
 
 @jit
 def _exact_keep(keys, j, u, probs, scale):
-    """For a draw whose bucket leaves it open: kept, dropped, or -1 when the entry's equals straddle the cut
-    rank (its rank then comes from the std::sort replay). Also returns the equals' first rank and count."""
+    """For a draw whose bucket leaves it open: kept (1), dropped (0), or -1 when the entry's equals straddle
+    the rank where its draw's outcome flips (then kept iff the std::sort replay puts it at or past that rank).
+    Also returns that rank: the smallest whose keep probability exceeds ``u``."""
     key, less, equal = keys[j], 0, 0
     for x in range(keys.shape[0]):
         less += keys[x] < key
         equal += keys[x] == key
     if equal == 1:
-        return int(u < probs[less]), less, equal
+        return int(u < probs[less]), less
     q = _first_above(probs, u, scale)
     if q <= less or q >= less + equal:
-        return int(q <= less), less, equal
-    return -1, less, equal
+        return int(q <= less), q
+    return -1, q
 
 
 @jit
-def _replayed_keep(keys, row_draws, probs, tied, spans, n_tied, row_keep, classes):
-    """Decides the draws of entries tied across their cut rank from their ranks in the std::sort replay,
-    bounded by their groups of equals (every position and edge). False: depth limit, nothing decided.
-    The replay's ints: key << 32 | column (``classes``: :func:`_index_packed`'s)."""
+def _replayed_keep(keys, tied, cuts, n_tied, row_keep, classes):
+    """Decides the draws of entries tied across their cut rank (kept iff ranked at or past it: probs is
+    non-decreasing) from the std::sort replay bounded by those cuts only: the replay fixes which entries lie
+    on each side of a cut, which is all a draw needs (not every tied entry's rank). False: depth limit, nothing
+    decided. The replay's ints: key << 32 | column (``classes``: :func:`_index_packed`'s)."""
     m = keys.shape[0]
-    spans = spans[:n_tied][np.argsort(spans[:n_tied, 0])]
-    bounds = np.empty(m + 1, np.int64)
-    count = 0
-    for s in range(n_tied):
-        for b in range(max(spans[s, 0], 1), min(spans[s, 1], m - 1) + 1):
-            if count == 0 or bounds[count - 1] < b:  # groups hit twice, or neighbours, share edges
-                bounds[count] = b
-                count += 1
     v = np.empty(m, np.uint64)
     for j in range(m):
         v[j] = (np.uint64(keys[j]) << np.uint64(32)) | np.uint64(j)
-    if not _introsort(v, bounds[:count], count > m // 4, classes):
+    if not _introsort(v, np.unique(cuts[:n_tied]), False, classes):
         return False
-    rank_of = np.empty(m, np.int64)
-    for s in range(n_tied):
-        for p in range(spans[s, 0], spans[s, 1]):
-            rank_of[v[p] & classes[1]] = p
+    position = np.empty(m, np.int64)
+    for p in range(m):
+        position[v[p] & classes[1]] = p
     for h in range(n_tied):
-        j = tied[h]
-        row_keep[j] = np.float64(row_draws[j]) < probs[rank_of[j]]
+        row_keep[tied[h]] = position[tied[h]] >= cuts[h]
     return True
 
 
@@ -770,7 +762,7 @@ def _draw_rank_mask(block, draws, probs, above, keep, ok, classes, starts):
     keys = np.empty(m, np.uint32)
     open_draws = np.empty(m + 1, np.int64)
     tied = np.empty(m, np.int64)
-    spans = np.empty((m, 2), np.int64)
+    cuts = np.empty(m, np.int64)
     for r in range(block.shape[0]):
         row_draws, row_keep = draws[r], keep[r]
         low, high, nan = _row_keys(block[r], keys)
@@ -792,12 +784,12 @@ def _draw_rank_mask(block, draws, probs, above, keep, ok, classes, starts):
         n_tied = 0
         for h in range(n_open):
             j = open_draws[h]
-            kept, less, equal = _exact_keep(keys, j, np.float64(row_draws[j]), probs, scale)
+            kept, cut = _exact_keep(keys, j, np.float64(row_draws[j]), probs, scale)
             row_keep[j] = kept == 1
             if kept < 0:
-                tied[n_tied], spans[n_tied, 0], spans[n_tied, 1] = j, less, less + equal
+                tied[n_tied], cuts[n_tied] = j, cut
                 n_tied += 1
-        ok[r] = n_tied == 0 or _replayed_keep(keys, row_draws, probs, tied, spans, n_tied, row_keep, classes)
+        ok[r] = n_tied == 0 or _replayed_keep(keys, tied, cuts, n_tied, row_keep, classes)
 
 
 def draw_rank_mask(rows: Tensor, draws: np.ndarray, probs: np.ndarray, out: np.ndarray) -> np.ndarray:
