@@ -28,9 +28,10 @@ so their arenas go when the merge ends; :func:`release` frees the calling thread
 Parking: the buffers a worker lets go in :func:`trim` can instead be parked (one per purpose and dtype, the
 largest), and the next request of that size on any thread takes them. Why: an LM head's job after the
 embedding's would otherwise fault in an embedding-sized arena afresh (ties on 4 x 3.05 GB fp32: ~180 k page
-faults, ~0.7 s of system time); the engine runs one such job at a time, so parked plus taken buffers stay
-within one largest job's arena. The engine drops what is parked (:func:`clear_parked`) once its last job
-over the kept size is done.
+faults, ~0.7 s of system time). At most one buffer per purpose is parked (the largest), so parking holds at
+most one largest job's scratch beyond what the workers hold, and only until the engine's last job over the
+kept size is done (:func:`clear_parked`; also when the merge ends). Several merges in one process share the
+parked buffers: harmless, a buffer's contents are undefined on hand-out anyway.
 """
 
 from __future__ import annotations
