@@ -712,7 +712,8 @@ def _bucket_starts(keys, low, high, shift, starts):
 def _exact_keep(keys, j, u, probs, scale):
     """For a draw whose bucket leaves it open: kept (1), dropped (0), or -1 when the entry's equals straddle
     the rank where its draw's outcome flips (then kept iff the std::sort replay puts it at or past that rank).
-    Also returns that rank: the smallest whose keep probability exceeds ``u``."""
+    The second value is that rank (the smallest whose keep probability exceeds ``u``) when the first is -1; the
+    caller reads it only then."""
     key, less, equal = keys[j], 0, 0
     for x in range(keys.shape[0]):
         less += keys[x] < key
