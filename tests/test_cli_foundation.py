@@ -38,7 +38,7 @@ def test_executable_is_script_and_script_freezes_what_the_command_made(monkeypat
     import tomllib
     from pathlib import Path
 
-    import mergescope.cli as cli
+    from mergescope import cli
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["mergescope"] == "mergescope.cli:script"
