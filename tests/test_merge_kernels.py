@@ -492,6 +492,57 @@ def test_bf16_round_is_torchs_rounding():
     assert np.isnan(kernels._bf16_round(np.float32("nan")))
 
 
+def test_bf16_round_inner_is_bf16_round_for_values_computed_from_bf16():
+    """The select-free rounding of a kernel's intermediates: _bf16_round's bits on every non-NaN float32, and a
+    NaN whose low 16 bits are zero (every bf16 NaN, the default NaN of inf - inf) stays that NaN; one with low
+    bits set may not (why only values computed from bf16 ones go through it)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(100_000, generator=g) * 10.0 ** torch.randint(-40, 39, (100_000,), generator=g),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45, -1e-45])])
+    inner = np.array([kernels._bf16_round_inner(np.float32(v)) for v in x.numpy()], np.float32)
+    outer = np.array([kernels._bf16_round(np.float32(v)) for v in x.numpy()], np.float32)
+    assert np.array_equal(inner.view(np.uint32), outer.view(np.uint32))
+    high = np.concatenate([np.arange(0x7F81, 0x8000), np.arange(0xFF81, 0x10000)]).astype(np.uint32) << 16
+    nans = np.concatenate([high, [0xFFC00000, 0x7FC00000]]).astype(np.uint32).view(np.float32)
+    kept = np.array([kernels._bf16_round_inner(v) for v in nans], np.float32)
+    quieted = nans.view(np.uint32) | np.uint32(0x00400000)  # a signalling NaN arrives quieted, as any op leaves it
+    assert np.array_equal(kept.view(np.uint32), quieted)
+    assert not np.isnan(kernels._bf16_round_inner(np.array([0x7FFFFFFF], np.uint32).view(np.float32)[0]))
+
+
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("ties", {"density": 0.5}),
+    ("dare_ties", {"density": 0.6}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("model_stock", {}),
+])
+def test_bf16_kernels_with_nan_and_inf_entries_give_the_torch_paths_values(monkeypatch, method, params):
+    """bf16 inputs with NaN and +-inf entries (~2 % each model): the numba kernels (intermediates rounded without
+    the NaN select) against the torch ops: NaN where torch has NaN, the same bits everywhere else."""
+    from mergescope.merge import reductions
+
+    n, size = 3, 300_017
+    base, models = _bf16_models(n, size, seed=4)
+    g = torch.Generator().manual_seed(12)
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")]).bfloat16()
+    for t in (base, *models):
+        where = torch.rand(size, generator=g) < 0.02
+        t[where] = specials[torch.randint(0, 4, (int(where.sum()),), generator=g)]
+    kw = {k: [v] * n for k, v in params.items() if k in ("density", "epsilon")}
+    kw.update({k: v for k, v in params.items() if k not in ("density", "epsilon")})
+    if method != "model_stock":
+        kw.update(weight=[0.5, -0.3, 0.2], seed=3)
+    fused = methods.get(method)(models, base, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(methods, "_kernel_module", lambda: None)
+        m.setattr(reductions, "fits", lambda *a, **k: False)
+        reference = methods.get(method)(models, base, **kw)
+    nan = torch.isnan(reference)
+    assert nan.any() and torch.equal(torch.isnan(fused), nan)
+    assert torch.equal(fused.view(torch.int16)[~nan], reference.view(torch.int16)[~nan])
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("size", [1, 2047, 300_017])
 def test_bf16_linear_loop_gives_the_torch_chunks_bits(monkeypatch, normalize, size):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import kernels, pages
-from .kernels import _bf16_round, _bf16_value, _fma, jit
+from .kernels import _bf16_round, _bf16_round_inner, _bf16_value, _fma, jit
 
 Tensor = torch.Tensor
 _ILP = 4  # vectors per cascade row (libtorch's ilp_factor)
@@ -232,7 +232,7 @@ def _bf16_rows(w0, ws, first, last, level_power, acc, squares, offsets):
             w = ws[i]
             for e in range(width):
                 x = start + np.uint64(e)
-                offsets[i, e] = _bf16_round(_bf16_value(w[x]) - _bf16_value(w0[x]))
+                offsets[i, e] = _bf16_round_inner(_bf16_value(w[x]) - _bf16_value(w0[x]))
             for half in range(8):  # 4 vectors x 2 halves, in order
                 for lane in range(lanes):
                     x = offsets[i, half * lanes + lane]
@@ -243,8 +243,8 @@ def _bf16_rows(w0, ws, first, last, level_power, acc, squares, offsets):
                 for k in range(4):
                     for lane in range(lanes):
                         e0, e1 = 2 * k * lanes + lane, (2 * k + 1) * lanes + lane
-                        x0 = _bf16_round(offsets[i, e0] * offsets[j, e0])
-                        x1 = _bf16_round(offsets[i, e1] * offsets[j, e1])
+                        x0 = _bf16_round_inner(offsets[i, e0] * offsets[j, e0])
+                        x1 = _bf16_round_inner(offsets[i, e1] * offsets[j, e1])
                         acc[p, 0, k * lanes + lane] += x0 + x1
                 p += 1
         if (r + 1) % step == 0:
