@@ -186,29 +186,50 @@ def test_bf16_dare_with_an_infinite_delta_takes_torchs_path_whole(monkeypatch):
     assert torch.equal(fused.view(torch.int16), old.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [4096, 4099, 4125, 100_003, 1 << 20])
-def test_quotient_product_sum_is_torchs_bits(layout, n):
+def test_quotient_product_sum_is_torchs_bits(layout, n, dtype):
     """slerp's per-chunk dot: ``(a / |a| * b / |b|).sum()`` with torch's div, div, mul and cascade sum (sizes with
-    and without a tail or leftover vectors: a float64 tail once made the lanes' adds float64)."""
+    and without a tail or leftover vectors: a float64 tail once made the lanes' adds float64); bf16 chunks as
+    slerp reduces them, their float32 copies."""
     g = torch.Generator().manual_seed(n)
-    a = 1.0 + 0.02 * torch.randn(n, generator=g)
-    b = a + 0.1 * torch.randn(n, generator=g)
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    want = (torch.div(a, norm_a) * torch.div(b, norm_b)).sum()
+    a = (1.0 + 0.02 * torch.randn(n, generator=g)).to(dtype)
+    b = (a.float() + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    norm_a, norm_b = torch.linalg.vector_norm(a.float()), torch.linalg.vector_norm(b.float())
+    want = (torch.div(a.float(), norm_a) * torch.div(b.float(), norm_b)).sum()
     got = reductions.quotient_product_sum(a, b, float(norm_a), float(norm_b), layout[0])
     assert np.float32(got).view(np.int32) == want.numpy().view(np.int32)
 
 
-def test_slerp_takes_the_fused_dot_with_mergekits_bits(monkeypatch):
-    """Each 1 M-entry chunk's dot from the fused pass (the short last chunk too), MergeKit's slerp bits."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [4096, 4099, 4111, 100_003, 1 << 20])
+def test_two_norms_are_torchs_bits(layout, n, dtype):
+    """slerp's per-chunk norms of both models in one pass: torch's float32 ``vector_norm`` bits (of bf16 chunks'
+    float32 copies), with and without tail entries, signed zeros and a zero chunk."""
+    g = torch.Generator().manual_seed(n + 1)
+    a = (0.02 * torch.randn(n, generator=g)).to(dtype)
+    b = (a.float() + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    a[:5] = -0.0
+    for x, y in ((a, b), (b, a), (a, torch.zeros_like(a))):
+        got = reductions.two_norms(x, y, *layout)
+        want = [torch.linalg.vector_norm(t.float().reshape(1, -1), dim=1, keepdim=True).reshape(()) for t in (x, y)]
+        assert got.dtype == np.float32
+        assert [v.view(np.int32) for v in got] == [w.numpy().view(np.int32) for w in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_takes_the_fused_norms_and_dot_with_mergekits_bits(monkeypatch, dtype):
+    """Each 1 M-entry chunk's dot (and a bf16 chunk's norms) from the fused passes, the short last chunk too:
+    MergeKit's slerp bits."""
     from mergekit.merge_methods.slerp import slerp as mergekit_slerp
 
     g = torch.Generator().manual_seed(21)
-    a = 1.0 + 0.02 * torch.randn(2 * (1 << 20) + 40_001, generator=g)
-    b = a + 0.1 * torch.randn(a.numel(), generator=g)
+    a = (1.0 + 0.02 * torch.randn(2 * (1 << 20) + 40_001, generator=g)).to(dtype)
+    b = (a.float() + 0.1 * torch.randn(a.numel(), generator=g)).to(dtype)
     calls = []
-    real = reductions.quotient_product_sum
-    monkeypatch.setattr(reductions, "quotient_product_sum", lambda *x: calls.append(1) or real(*x))
-    expected = mergekit_slerp(torch.tensor([0.3]), a.reshape(1, -1), b.reshape(1, -1)).reshape(-1)
+    for name in ("quotient_product_sum", "two_norms"):
+        real = getattr(reductions, name)
+        monkeypatch.setattr(reductions, name, lambda *x, _f=real, _n=name: calls.append(_n) or _f(*x))
+    expected = mergekit_slerp(torch.tensor([0.3]), a.reshape(1, -1), b.reshape(1, -1)).reshape(-1).to(dtype)
     assert torch.equal(methods.get("slerp")([b], a, t=0.3), expected)
-    assert len(calls) == 3
+    assert sorted(calls) == ["quotient_product_sum"] * 3 + ["two_norms"] * (3 if dtype == torch.bfloat16 else 0)

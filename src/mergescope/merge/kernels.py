@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import torch
 from numba.core import types as nbtypes
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import pages
 
@@ -223,6 +223,19 @@ def _bf16_round_inner(x):
 @jit
 def _bf16_value(bits):
     return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
+
+
+def _as_float(x):
+    """An entry of a float array as it is, a bf16 bit pattern (uint16) as its float32 value: one kernel
+    serves float32 arrays and bf16 ones whose torch ops run on a float32 copy (numba only)."""
+    raise NotImplementedError("numba-compiled kernels only")
+
+
+@overload(_as_float)
+def _as_float_typed(x):
+    if isinstance(x, nbtypes.Integer):
+        return lambda x: _bf16_value(x)
+    return lambda x: x
 
 
 @jit

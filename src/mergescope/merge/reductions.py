@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import kernels, pages
-from .kernels import _bf16_round, _bf16_round_inner, _bf16_value, _fma, jit
+from .kernels import _as_float, _bf16_round, _bf16_round_inner, _bf16_value, _fma, jit
 
 Tensor = torch.Tensor
 _ILP = 4  # vectors per cascade row (libtorch's ilp_factor)
@@ -160,7 +160,8 @@ def _bf16_masked_abs_tails(t, base, mask, start):
 @jit
 def _quotient_product_rows(a, b, first, last, level_power, acc, work, divisors):
     """Rows [first, last) of the cascade of ``(a / divisors[0]) * (b / divisors[1])`` (each step rounded to
-    float32, as torch's div, div, mul): slerp's dot of the normalised vectors. acc: (1, levels, ilp * lanes)."""
+    float32, as torch's div, div, mul): slerp's dot of the normalised vectors. acc: (1, levels, ilp * lanes).
+    a, b: float32, or bf16 bits read as their float32 values (torch's ops on the float32 copy)."""
     width = acc.shape[2]
     da, db = divisors[0], divisors[1]
     for block in range(first, last, _BLOCK_ROWS):
@@ -168,7 +169,7 @@ def _quotient_product_rows(a, b, first, last, level_power, acc, work, divisors):
         start = np.uint64(block * width)
         for e in range(rows * width):
             i = start + np.uint64(e)
-            work[0, e] = (a[i] / da) * (b[i] / db)
+            work[0, e] = (_as_float(a[i]) / da) * (_as_float(b[i]) / db)
         _add_rows(acc, work, block, rows, level_power)
 
 
@@ -176,8 +177,33 @@ def _quotient_product_rows(a, b, first, last, level_power, acc, work, divisors):
 def _quotient_product_tail(a, b, start, divisors):
     total = np.float32(0)
     for i in range(start, a.shape[0]):
-        total += (a[i] / divisors[0]) * (b[i] / divisors[1])
+        total += (_as_float(a[i]) / divisors[0]) * (_as_float(b[i]) / divisors[1])
     return total
+
+
+@jit
+def _two_norms(a, b, lanes, fused_tail, norms):
+    """``vector_norm`` of a and of b as torch's float32 kernel takes it (see the module's docstring: one vector
+    accumulator ``acc += x * x``, lanes folded left to right, the tail's scalar steps, sqrt), in one pass over
+    both; bf16 bits read as their float32 values. norms: 2 float32 out."""
+    n = a.shape[0]
+    full = n // lanes
+    acc = np.zeros((2, lanes), np.float32)
+    for v in range(full):
+        start = v * lanes
+        for lane in range(lanes):
+            x, y = _as_float(a[start + lane]), _as_float(b[start + lane])
+            acc[0, lane] += x * x
+            acc[1, lane] += y * y
+    for k in range(2):
+        values = a if k == 0 else b
+        total = acc[k, 0]
+        for lane in range(1, lanes):
+            total += acc[k, lane]
+        for e in range(full * lanes, n):
+            x = _as_float(values[e])
+            total = _fma(x, x, total) if fused_tail else total + x * x
+        norms[k] = np.sqrt(total)
 
 
 @jit
@@ -327,10 +353,20 @@ def masked_abs_sums(t: Tensor, base: Tensor, mask: Tensor, lanes: int) -> tuple[
     return tuple(torch.tensor(np.float32(x)).to(t.dtype) for x in sums)  # torch's store: rounded once
 
 
+def two_norms(a: Tensor, b: Tensor, lanes: int, fused_tail: bool) -> np.ndarray:
+    """(``vector_norm(a)``, ``vector_norm(b)``) of flat bf16 a and b's float32 copies (or float32 ones) as torch's
+    single-threaded float32 kernel gives them, in one pass over both, without the copies: bf16 slerp's
+    per-chunk norms (a float32 pair: torch's own vector kernel is ~5x this loop)."""
+    norms = np.empty(2, np.float32)
+    _two_norms(_flat(a), _flat(b), lanes, fused_tail, norms)
+    return norms
+
+
 def quotient_product_sum(a: Tensor, b: Tensor, norm_a: float, norm_b: float, lanes: int) -> np.float32:
-    """``((a / norm_a) * (b / norm_b)).sum()`` of flat float32 a and b as torch's single-threaded ops give it, in
-    one pass without the quotients' tensors (slerp's per-chunk dot); a and b's mapped pages are released."""
-    arrays = (a.detach().reshape(-1).numpy(), b.detach().reshape(-1).numpy())
+    """``((a / norm_a) * (b / norm_b)).sum()`` of flat float32 a and b (or bf16 ones: of their float32 copies) as
+    torch's single-threaded ops give it, in one pass without the quotients' tensors (slerp's per-chunk dot); a
+    and b's mapped pages are released."""
+    arrays = (_flat(a), _flat(b))
     n = arrays[0].shape[0]
     divisors = np.array([norm_a, norm_b], np.float32)
     work = np.empty((1, _BLOCK_ROWS * _ILP * lanes), np.float32)
@@ -401,16 +437,17 @@ def torch_layout() -> tuple[int, bool] | None:
     return None
 
 
-def fits(w0: Tensor, ws: list[Tensor], dtype: torch.dtype = torch.float32) -> bool:
+def fits(w0: Tensor, ws: list[Tensor], dtype: torch.dtype = torch.float32, as_float32: bool = False) -> bool:
     """Whether these reductions reproduce torch's here: flat contiguous CPU inputs of ``dtype`` (float32; bf16 for
     :func:`masked_abs_sums`) and one size, large enough to pay, and torch reducing them on one thread (as the
-    merge engine's workers do)."""
+    merge engine's workers do). ``as_float32``: bf16 inputs that torch reduces as a float32 copy (slerp's
+    chunks), so float32's layout is the one to match."""
     n = w0.numel()
     return (n >= MIN_ENTRIES and len(ws) >= 2
             and all(t.dtype == dtype and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
                     and t.numel() == n for t in (w0, *ws))
             and (torch.get_num_threads() == 1 or n < _GRAIN)
-            and torch_layout() is not None and (dtype == torch.float32 or bf16_matches()))
+            and torch_layout() is not None and (dtype == torch.float32 or as_float32 or bf16_matches()))
 
 
 @functools.cache
