@@ -28,7 +28,7 @@ from mergescope.cli import main
 from mergescope.errors import MergescopeError
 from mergescope.io import save
 from mergescope.io.checkpoint import SAFE_INDEX
-from mergescope.merge import engine, methods
+from mergescope.merge import engine, methods, pages
 
 LAYERS = 4
 
@@ -101,6 +101,16 @@ def _bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+def _jobs(tmp_path: Path, *names: str) -> list:
+    """The planned jobs of ``names`` in this module's linear recipe."""
+    from mergescope.merge import plan
+    from mergescope.recipe import read
+
+    recipe = read(_recipe(tmp_path))
+    jobs = {j.name: j for j in plan.build(recipe, plan.open_models(recipe)).jobs}
+    return [jobs[n] for n in names]
+
+
 def _both(monkeypatch, recipe: str, out: Path, **kw) -> tuple[dict, dict]:
     """The output's bytes from the mapped path and from the pwrite path (same arguments)."""
     ms.merge(recipe, out, **kw)
@@ -137,11 +147,18 @@ def test_in_place_method_writes_through_the_map_same_bytes_as_pwrite(models, tmp
             assert torch.equal(t, models["base"][name])
 
 
-def test_default_maps_with_two_threads_and_pwrites_with_one(models, tmp_path, monkeypatch, in_place, pwrites):
+def test_default_maps_large_results_with_two_threads_and_pwrites_with_one(models, tmp_path, monkeypatch, in_place,
+                                                                          pwrites):
+    """By default (2 threads) only results over pages.RESIDENT bytes go through the map (here the embedding, 2560
+    bytes, and q_proj, 1536); the layernorms (64 bytes) and the copied position ids (96) are pwritten from the
+    worker's buffer; with 1 thread everything is; the bytes are the same."""
     monkeypatch.delenv(engine.WRITE_ENV)
+    monkeypatch.setattr(pages, "RESIDENT", 1024)
     ms.merge(_recipe(tmp_path), tmp_path / "two", threads=2, max_shard_size="1KB")
     headers = [8 + int.from_bytes(p.read_bytes()[:8], "little") for p in (tmp_path / "two").glob("model-*")]
-    assert all(in_place) and sorted(pwrites) == sorted(headers)
+    assert all(in_place) and sorted(pwrites) == sorted(headers + [16 * 4] * LAYERS + [12 * 8])
+    assert [engine.through_slot(j) for j in _jobs(tmp_path, "model.embed_tokens.weight", "model.position_ids")] == [
+        True, False]
     in_place.clear()
     ms.merge(_recipe(tmp_path), tmp_path / "one", threads=1, max_shard_size="1KB")
     # one thread: out= is the worker's reused result buffer, whose bytes then go out by pwrite

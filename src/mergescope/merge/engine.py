@@ -59,9 +59,9 @@ from .writer import PlannedWriter
 
 LOG = logging.getLogger("mergescope.merge")
 MIN_BUDGET = 256 * 10**6
-# How results reach the output shards: unset ("auto"): through mapped slots with 2+ threads (faster
-# there), by pwrite with 1 (mapped measured slower: docs/merge.md); "mapped" or "pwrite" forces one
-# path (the tests compare both paths' bytes, the benchmark their speed).
+# How results reach the output shards: unset ("auto"): with 2+ threads results over pages.RESIDENT bytes
+# through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite (docs/merge.md
+# measures both); "mapped" or "pwrite" forces one path (the tests compare both paths' bytes).
 WRITE_ENV = "MERGESCOPE_WRITE"
 
 
@@ -69,6 +69,15 @@ def maps_output(threads: int) -> bool:
     """Whether results are written through mapped, preallocated shards (``WRITE_ENV``)."""
     mode = os.environ.get(WRITE_ENV, "auto")
     return mode == "mapped" or (mode != "pwrite" and threads > 1)
+
+
+def through_slot(job: planning.Job) -> bool:
+    """Whether a job's result goes into its mapped slot (where the shard is mapped): one over pages.RESIDENT
+    bytes, or any with ``WRITE_ENV=mapped``. Why: a smaller one is computed in the worker's reused buffer
+    and pwritten, which skips the shared map's first-touch faults (two workers faulting one shard's map cost
+    ~1 s of system time per 1.6 GB of bf16 output); a larger one keeps the map, whose pages go back window by
+    window, so no result buffer grows with the model's largest tensor."""
+    return os.environ.get(WRITE_ENV) == "mapped" or math.prod(job.shape) * job.dtype.itemsize > pages.RESIDENT
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -474,7 +483,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
         maps = JobMaps()
         # Only a method writing into ``out=`` (and a plain copy) goes through the mapped slot: copying
         # another method's finished result into the map measured no faster than pwrite (docs/merge.md).
-        slot = writer.slot(job.name) if in_place or job.copy else None
+        slot = writer.slot(job.name) if (in_place or job.copy) and through_slot(job) else None
         into = slot.tensor if slot is not None else reused_result(job) if in_place or job.copy else None
         try:
             out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed, into=into)
