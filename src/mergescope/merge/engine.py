@@ -73,10 +73,10 @@ def maps_output(threads: int) -> bool:
 
 def through_slot(job: planning.Job) -> bool:
     """Whether a job's result goes into its mapped slot (where the shard is mapped): one over pages.RESIDENT
-    bytes, or any with ``WRITE_ENV=mapped``. Why: a smaller one is computed in the worker's reused buffer
-    and pwritten, which skips the shared map's first-touch faults (two workers faulting one shard's map cost
-    ~1 s of system time per 1.6 GB of bf16 output); a larger one keeps the map, whose pages go back window by
-    window, so no result buffer grows with the model's largest tensor."""
+    bytes, or any with ``WRITE_ENV=mapped``. Why: a smaller one is computed in the worker's reused buffer and
+    pwritten, which skips the shared map's first-touch faults (two workers faulting one shard's map cost ~1 s
+    of system time in a bf16 linear merge writing 0.54 GB); a larger one keeps the map, whose pages go back
+    window by window, so no result buffer grows with the model's largest tensor."""
     return os.environ.get(WRITE_ENV) == "mapped" or math.prod(job.shape) * job.dtype.itemsize > pages.RESIDENT
 
 
