@@ -190,9 +190,10 @@ def _two_norms(a, b, lanes, fused_tail, norms):
     full = n // lanes
     acc = np.zeros((2, lanes), np.float32)
     for v in range(full):
-        start = v * lanes
+        start = np.uint64(v * lanes)  # unsigned: no negative-index check in the loop (it would not vectorise)
         for lane in range(lanes):
-            x, y = _as_float(a[start + lane]), _as_float(b[start + lane])
+            i = start + np.uint64(lane)
+            x, y = _as_float(a[i]), _as_float(b[i])
             acc[0, lane] += x * x
             acc[1, lane] += y * y
     for k in range(2):
