@@ -210,8 +210,8 @@ def _bf16_round(x):
 
 @jit
 def _bf16_round_inner(x):
-    """:func:`_bf16_round` for a kernel's intermediate values, without its NaN select (~30 % of a bf16 reduction
-    pass). Exact when a NaN ``x`` has its low 16 bits zero, as every NaN computed from bf16 values has: an
+    """:func:`_bf16_round` for a kernel's intermediate values, without its NaN select (~20 % of model_stock's bf16
+    reduction pass, ~12 % of the bf16 task-vector loop). Exact when a NaN ``x`` has its low 16 bits zero, as every NaN computed from bf16 values has: an
     IEEE op returns one of its NaN operands (quieted) or the default NaN 0xFFC00000, and adding 0x7FFF or
     0x8000 to zero low bits carries nothing into the high ones. Such a NaN keeps its own sign and payload, so
     the rounding whose bits a kernel stores stays :func:`_bf16_round` (torch's canonical NaN)."""
