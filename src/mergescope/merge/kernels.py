@@ -199,25 +199,24 @@ def _stock_mix(out, tensors, w0, ratio, keep, width, count, zero):
 
 
 @jit
-def _bf16_round(x):
-    """float32 -> the nearest bf16 (ties to even), as a float32: how torch rounds each bf16 op's float32
-    result (NaN -> its canonical NaN). Branch-free, so the block loops vectorise."""
-    u = np.float32(x).view(np.uint32)
-    up = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-    rounded = np.uint32(up & np.uint32(0xFFFF0000)).view(np.float32)
-    return np.float32(np.nan) if np.isnan(x) else rounded
-
-
-@jit
 def _bf16_round_inner(x):
-    """:func:`_bf16_round` for a kernel's intermediate values, without its NaN select (~20 % of model_stock's bf16
-    reduction pass, ~12 % of the bf16 task-vector loop). Exact when a NaN ``x`` has its low 16 bits zero, as every NaN computed from bf16 values has: an
-    IEEE op returns one of its NaN operands (quieted) or the default NaN 0xFFC00000, and adding 0x7FFF or
-    0x8000 to zero low bits carries nothing into the high ones. Such a NaN keeps its own sign and payload, so
-    the rounding whose bits a kernel stores stays :func:`_bf16_round` (torch's canonical NaN)."""
+    """float32 -> the nearest bf16 (ties to even), as a float32, without :func:`_bf16_round`'s NaN select: for a
+    kernel's intermediate values (~20 % of model_stock's bf16 reduction pass, ~12 % of the bf16 task-vector
+    loop). Exact when a NaN ``x`` has its low 16 bits zero, as every NaN computed from bf16 values has: an IEEE
+    op returns one of its NaN operands (quieted) or the default NaN 0xFFC00000, and adding 0x7FFF or 0x8000 to
+    zero low bits carries nothing into the high ones. Such a NaN keeps its own sign and payload, so the
+    rounding whose bits a kernel stores stays :func:`_bf16_round` (torch's canonical NaN)."""
     u = np.float32(x).view(np.uint32)
     up = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
     return np.uint32(up & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+@jit
+def _bf16_round(x):
+    """float32 -> the nearest bf16 (ties to even), as a float32: how torch rounds each bf16 op's float32
+    result (NaN -> its canonical NaN). Branch-free, so the block loops vectorise."""
+    rounded = _bf16_round_inner(x)
+    return np.float32(np.nan) if np.isnan(x) else rounded
 
 
 @jit

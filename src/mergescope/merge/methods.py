@@ -672,7 +672,8 @@ def _slerp_coefficients(a: Tensor, b: Tensor, t: float, dot_threshold: float, ep
     def norms(span: slice) -> tuple[Tensor, Tensor]:  # of one chunk, whose mapped input pages then may go back
         pair = None if fused is None else fused.norms(a[span], b[span])
         if pair is None:
-            pair = tuple(torch.linalg.vector_norm(in_work(rows, span), dim=1, keepdim=True) for rows in (rows_a, rows_b))
+            pair = tuple(torch.linalg.vector_norm(in_work(rows, span), dim=1, keepdim=True)
+                         for rows in (rows_a, rows_b))
         for flat in given_back:
             pages.release(flat, span.start, min(span.stop, flat.numel()))
         return pair
@@ -728,7 +729,8 @@ def _fused_slerp_reductions(a: Tensor, b: Tensor) -> _SlerpReductions | None:
     def norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:  # float32: torch's own vector kernel is faster
         if x.dtype != torch.bfloat16 or not fits(x, y):  # (0.5 ms per 1 M-entry pair against the loop's 2.6 ms)
             return None
-        return tuple(torch.tensor([[value]], dtype=torch.float32) for value in reductions.two_norms(x, y, lanes, fused_tail))
+        return tuple(torch.tensor([[value]], dtype=torch.float32)
+                     for value in reductions.two_norms(x, y, lanes, fused_tail))
 
     def dot(x: Tensor, y: Tensor, norm_x: float, norm_y: float) -> Tensor | None:
         if not fits(x, y):
