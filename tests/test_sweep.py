@@ -258,6 +258,36 @@ def test_stopping_the_local_pool_does_not_wait_for_the_running_task():
             p.kill()
 
 
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period():
+    """A task's library may handle SIGTERM; its worker must not hold the CLI's exit (or its pipes) after Ctrl-C."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mergescope.sweep import executors
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(signal.signal, signal.SIGTERM, signal.SIG_IGN).result(timeout=120)
+    running = pool.submit(time.sleep, 600)
+    deadline = time.monotonic() + 120
+    while not running.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    processes = list(pool._processes.values())
+    try:
+        start = time.monotonic()
+        executors._stop_workers(pool, grace_s=1.0)
+        assert processes and not any(p.is_alive() for p in processes)
+        assert time.monotonic() - start < 60
+        assert [p.exitcode for p in processes] == [-signal.SIGKILL]  # SIGTERM was ignored: it took the kill
+        closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
+        closing.start()
+        closing.join(timeout=60)
+        assert not closing.is_alive()
+    finally:
+        for p in processes:
+            p.kill()
+
+
 def test_local_pool_also_survives_a_killed_worker(zoo, tmp_path, monkeypatch):
     marker = tmp_path / "fired"
     monkeypatch.setenv(sweep.FAULT_ENV, str(marker))
@@ -323,7 +353,7 @@ def test_ctrl_c_mid_sweep_then_resume_loses_and_duplicates_nothing(zoo, tmp_path
     spec_file = write(zoo, "long.yaml", {"kind": "barrier_matrix", "checkpoints": names, "points": 120})
     out = tmp_path / "long.jsonl"
     cli = [sys.executable, "-m", "mergescope", "-q", "sweep", str(spec_file), "-o", str(out), "-w", "1"]
-    env = {**os.environ, sweep.HOLD_ENV: str(tmp_path / "never-created")}
+    env = {**os.environ, sweep.HOLD_ENV: str(tmp_path / "never-created"), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cli, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
@@ -331,7 +361,15 @@ def test_ctrl_c_mid_sweep_then_resume_loses_and_duplicates_nothing(zoo, tmp_path
         while not complete_rows(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say what is still running, and where the CLI is stuck
+            alive = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,wchan:24,args", "-g", str(proc.pid)],
+                                   capture_output=True, text=True, check=False).stdout
+            os.killpg(proc.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: each Python process prints its threads
+            _, err = proc.communicate(timeout=60)
+            pytest.fail(f"the CLI did not exit 120 s after Ctrl-C (exit code {proc.poll()}); its process group:\n"
+                        f"{alive}\nstderr:\n{err[-6000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -71,17 +72,21 @@ class LocalExecutor:
             pending = [s for s in pending if s.id not in finished]
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Terminates the pool's worker processes. Why: ``shutdown(cancel_futures=True)`` cancels only the tasks
-    not yet handed to a worker; the interpreter's exit then joins the pool, so a Ctrl-C waited for the running
-    task and the queued one (minutes on a busy machine) before the CLI could exit."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """Terminates the pool's worker processes, and kills those still alive ``grace_s`` later. Why:
+    ``shutdown(cancel_futures=True)`` cancels only the tasks not yet handed to a worker; the interpreter's
+    exit then joins the pool, so a Ctrl-C waited for the running task and the queued one (minutes on a busy
+    machine) before the CLI could exit; and a worker that outlives SIGTERM (a task's library may handle it)
+    would hold that exit, and the CLI's stdout and stderr, for good."""
+    processes = [p for p in (getattr(pool, "_processes", None) or {}).values() if p.is_alive()]
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
-            process.terminate()
+            process.kill()
+            process.join()
 
 
 class RayExecutor:
