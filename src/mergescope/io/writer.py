@@ -188,13 +188,47 @@ class Slot:
         self.tensor, self._map = None, None
 
 
+DIRECT_ALIGN = 4096  # file offset, length and memory address of an O_DIRECT write: a page (what every file system takes)
+DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache whole: a synchronous device write per tensor costs more
+
+
+def direct_span(address: int, offset: int, size: int) -> tuple[int, int] | None:
+    """(first, last): the bytes ``[first, last)`` of a tensor at memory ``address`` bound for file ``offset``
+    that fill whole pages of the file, when there are at least DIRECT_MIN of them and the memory lines up with
+    the file (address = offset modulo a page: the engine allocates results so); else None."""
+    if (address - offset) % DIRECT_ALIGN:
+        return None
+    first = -offset % DIRECT_ALIGN
+    last = size - (offset + size) % DIRECT_ALIGN
+    return (first, last) if last - first >= DIRECT_MIN else None
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor of ``path``, or None where the file system refuses it (tmpfs: EINVAL)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 class PlannedWriter:
     """Write tensors of a known layout into ``folder`` (HF shards + index) or one ``file``."""
 
     def __init__(self, target: str | os.PathLike, layout: Layout, max_shard_size: int, metadata: Mapping[str, str] | None,
                  single_file: bool = False, resume: bool = False, log_done: bool = True,
                  on_shard: Callable[[int, int, Callable[[], None] | None], None] | None = None,
-                 mapped: bool = True):
+                 mapped: bool = True, direct: bool = False):
         """``resume`` reuses the shards of an interrupted run into the same folder that the done log
         vouches for (by digest) and that start with this plan's header; everything else is removed.
         ``log_done=False`` skips the done log (and its hashing) for a writer that never resumes.
@@ -203,6 +237,8 @@ class PlannedWriter:
         is the caller's to run, after the shard is durable (the merge engine: on its fsync thread);
         ``fd`` stays open until ``close``. Without ``on_shard`` the writer logs the shard itself.
         ``mapped=False`` reserves nothing and offers no slots (every tensor goes through ``write``).
+        ``direct``: ``write`` sends the whole pages of a tensor past the page cache (O_DIRECT, see
+        :func:`direct_span`) where the file system takes it; the partial pages at its ends go as before.
         """
         target = Path(target)
         meta = file_metadata(metadata)
@@ -216,6 +252,8 @@ class PlannedWriter:
         kept = _reusable(target, paths, headers, ends) if resume and not single_file else {}
         self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
+        self._direct: dict[int, int] = {}  # buffered fd -> its O_DIRECT twin
+        self.direct_bytes = 0  # bytes written past the page cache (tests, benchmarks)
         self._reserved: set[int] = set()
         self._written: set[str] = set()
         self._remaining: list[int] = []
@@ -235,6 +273,10 @@ class PlannedWriter:
                 continue
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
+            if direct:
+                twin = _open_direct(path)
+                if twin is not None:
+                    self._direct[fd] = twin
             os.pwrite(fd, header, 0)
             if mapped and ends[i] > len(header) and _reserve(fd, path, ends[i]):
                 self._reserved.add(i)
@@ -247,6 +289,11 @@ class PlannedWriter:
         if n > 1:
             self._index = index_json(shards, [p.name for p in paths], meta)
             self._index_path = target / SAFE_INDEX
+
+    @property
+    def writes_direct(self) -> bool:
+        """Whether any shard takes O_DIRECT writes (then results lined up with the file skip the page cache)."""
+        return bool(self._direct)
 
     def extent(self, name: str) -> tuple[int, int, int]:
         """(file descriptor, offset, bytes) of ``name``'s bytes in its shard (valid until ``close``)."""
@@ -278,12 +325,35 @@ class PlannedWriter:
             raise MergescopeError(f"tensor {name!r}: merged to {tensor.dtype} {list(tensor.shape)}, "
                                   f"planned {dtype} {list(shape)}")
         self._claim(name)
+        tensor = tensor.detach().contiguous()
         data = tensor_bytes(tensor).cast("B")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+        twin = self._direct.get(fd)
+        span = None if twin is None else direct_span(tensor.data_ptr(), offset, len(data))
+        if span is None:
+            _pwrite_all(fd, data, offset)
+        else:  # the partial pages at the ends through the page cache, the whole pages between past it
+            first, last = span
+            _pwrite_all(fd, data[:first], offset)
+            self._write_direct(twin, fd, data[first:last], offset + first)
+            _pwrite_all(fd, data[last:], offset + last)
         self._landed(shard, fd)
-        return done
+        return len(data)
+
+    def _write_direct(self, twin: int, fd: int, data: memoryview, offset: int) -> None:
+        """Whole pages through the O_DIRECT descriptor; what it refuses (EINVAL: an alignment this file
+        system wants larger than a page) goes through the page cache, and so do this shard's later writes."""
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(twin, data[done:], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            with self._lock:
+                self._direct.pop(fd, None)
+            _pwrite_all(fd, data[done:], offset + done)
+        with self._lock:
+            self.direct_bytes += done
 
     def _written_slot(self, name: str) -> int:
         fd, _, dtype, shape, shard = self._slots[name]
@@ -324,9 +394,7 @@ class PlannedWriter:
     def close(self) -> list[Path]:
         """Check every tensor was written, close the files, write the index when sharded."""
         missing = [n for n in self._slots if n not in self._written]
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self._close_files()
         if missing:
             raise MergescopeError(f"tensor {missing[0]!r}: never written ({len(missing)} missing)")
         if self._index is not None:
@@ -334,9 +402,12 @@ class PlannedWriter:
         return list(self.paths)
 
     def abort(self) -> None:
-        for fd in self._fds:
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for fd in [*self._direct.values(), *self._fds]:
             os.close(fd)
-        self._fds = []
+        self._fds, self._direct = [], {}
 
 
 def _checked(name: str, t) -> torch.Tensor:

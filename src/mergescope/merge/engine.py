@@ -48,6 +48,7 @@ import torch
 
 from ..errors import MergescopeError
 from ..io import atomic_output, copy_aux_files, parse_size, provenance
+from ..io.writer import DIRECT_ALIGN
 from ..recipe import Recipe, read
 from ..tasks.checkpoints import passed_metadata
 from . import pages, scratch
@@ -63,6 +64,9 @@ MIN_BUDGET = 256 * 10**6
 # through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite (docs/merge.md
 # measures both); "mapped" or "pwrite" forces one path (the tests compare both paths' bytes).
 WRITE_ENV = "MERGESCOPE_WRITE"
+# "0": every pwritten result goes through the page cache; else (a durable merge) their whole pages go past it
+# (O_DIRECT, where the file system takes it: io/writer.direct_span; docs/merge.md measures both).
+DIRECT_ENV = "MERGESCOPE_DIRECT"
 
 
 def maps_output(threads: int) -> bool:
@@ -459,13 +463,21 @@ def _fsync_tree(folder: Path, done: set[Path]) -> None:
         fsync_path(f)
 
 
-def reused_result(job: planning.Job) -> torch.Tensor | None:
+def reused_result(job: planning.Job, offset: int | None = None) -> torch.Tensor | None:
     """This worker's reused buffer for a job's result on the pwrite path (merge/scratch.py's rules: written
     out before the worker's next job), or None for dtypes scratch does not hold. Why: a fresh result tensor
-    per job costs a page fault and a zeroed page per 4 KB (1 GB of output: 262,144 of each)."""
+    per job costs a page fault and a zeroed page per 4 KB (1 GB of output: 262,144 of each). With the
+    result's file ``offset``, the buffer starts where memory lines up with the file (the same place in a
+    page), so its whole pages can be written past the page cache (io/writer.direct_span)."""
     if not scratch.holds(job.dtype):
         return None
-    return scratch.tensor("engine.result", math.prod(job.shape), job.dtype).view(job.shape)
+    n, size = math.prod(job.shape), job.dtype.itemsize
+    if offset is None:
+        return scratch.tensor("engine.result", n, job.dtype).view(job.shape)
+    flat = scratch.tensor("engine.result", n + DIRECT_ALIGN // size, job.dtype)
+    shift = (offset - flat.data_ptr()) % DIRECT_ALIGN
+    start = shift // size if shift % size == 0 else 0  # else it cannot line up: the page cache takes it whole
+    return flat[start:start + n].view(job.shape)
 
 
 def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False,
@@ -476,6 +488,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     lock = threading.Lock()
     locators = [Locator(ckpts[m]) for m in plan.models]
     in_place = takes_out(plan.method.fn)
+    direct = writer.writes_direct
     kept_entries = typical_entries(plan.jobs)
     larger_left = [sum(math.prod(j.shape) > kept_entries for j in plan.jobs)]  # jobs whose scratch is parked
 
@@ -484,7 +497,8 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
         # Only a method writing into ``out=`` (and a plain copy) goes through the mapped slot: copying
         # another method's finished result into the map measured no faster than pwrite (docs/merge.md).
         slot = writer.slot(job.name) if (in_place or job.copy) and through_slot(job) else None
-        into = slot.tensor if slot is not None else reused_result(job) if in_place or job.copy else None
+        offset = writer.extent(job.name)[1] if direct else None
+        into = slot.tensor if slot is not None else reused_result(job, offset) if in_place or job.copy else None
         try:
             out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed, into=into)
             if not allow_nonfinite:
@@ -504,7 +518,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
                 slot.close()
             with lock:  # one step with the count: no buffer parked after the last larger job cleared them
                 larger_left[0] -= math.prod(job.shape) > kept_entries
-                scratch.trim(kept_entries, park=larger_left[0] > 0)  # for the next larger job, on either worker
+                scratch.trim(kept_entries + DIRECT_ALIGN, park=larger_left[0] > 0)  # the typical job's, + the result's alignment pad
                 if larger_left[0] == 0:
                     scratch.clear_parked()
         with lock:
@@ -691,7 +705,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
                 sync.submit(fd, log)
 
             writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume, on_shard=on_shard,
-                                   mapped=maps_output(threads))
+                                   mapped=maps_output(threads), direct=fsync and os.environ.get(DIRECT_ENV) != "0")
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
                 read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite,
