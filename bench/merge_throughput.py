@@ -35,6 +35,7 @@ import merge_vs_mergekit as mvm
 RESULTS = mvm.ROOT / "bench" / "results" / "merge_throughput_{size}.json"
 FIGURE = mvm.ROOT / "docs" / "img" / "merge_throughput_{size}.png"
 ALL_METHODS = "linear,task_arithmetic,slerp,model_stock,ties,dare_ties,breadcrumbs,della"
+CACHED = {"MERGESCOPE_DIRECT": "0"}  # the engine's results through the page cache instead of O_DIRECT
 mvm.METHODS.setdefault("model_stock", "models:\n{models_w}base_model: {base}\nmerge_method: model_stock\n")
 mvm.METHODS.setdefault("della", "models:\n{models_wd}base_model: {base}\nmerge_method: della\n"
                                 "parameters: {{epsilon: 0.1, lambda: 1.0}}\n")
@@ -82,13 +83,23 @@ def copy_floor(files: list[Path], out_bytes: int, target: Path, fsync: bool = Tr
     return elapsed
 
 
-def run_mergescope(cfg: Path, out: Path, threads: int, shard: str, fsync: bool) -> dict:
-    """One ``mergescope merge`` process: wall (+ its output's sync), peak RSS and the engine's timestamps."""
+def run_mergescope(cfg: Path, out: Path, threads: int, shard: str, fsync: bool, env: dict | None = None) -> dict:
+    """One ``mergescope merge`` process: wall (+ its output's sync), peak RSS and the engine's timestamps.
+    ``env``: variables set for that process only (``MERGESCOPE_DIRECT=0``: results through the page cache)."""
     report = out.with_suffix(".json")
     cmd = [str(mvm.VENV / "mergescope"), "--quiet", "merge", str(cfg), str(out), "--random-seed", "0", "--threads",
            str(threads), "--max-shard-size", shard, "--json", str(report), *([] if fsync else ["--no-fsync"])]
     os.sync()
-    row = mvm.timed(cmd)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        row = mvm.timed(cmd)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     row["sync_s"] = round(sync_tree(out), 3)
     engine = json.loads(report.read_text())
     report.unlink()
@@ -151,9 +162,10 @@ def input_files(key: str, folders: list[Path]) -> list[Path]:
     return [f for d in folders if d.name in names for f in sorted(d.glob("*.safetensors"))]
 
 
-def measure(args, folders: list[Path], methods: list[str], mk_methods: set[str]) -> dict:
+def measure(args, folders: list[Path], methods: list[str], mk_methods: set[str], cached_methods: set[str] = frozenset()
+            ) -> dict:
     """Every repeat: the copy floors (durable and buffered, per input set), then per method MergeKit and
-    mergescope alternating (+ linear --no-fsync)."""
+    mergescope alternating (+ linear --no-fsync, + ``cached_methods`` with results through the page cache)."""
     out_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
     sets = {method: input_set(method, folders) for method in methods}
     in_bytes = {key: sum(f.stat().st_size for f in input_files(key, folders)) for key in set(sets.values())}
@@ -169,11 +181,13 @@ def measure(args, folders: list[Path], methods: list[str], mk_methods: set[str])
         for method in methods:
             cfg = mvm.OUT / f"{method}.yml"
             cfg.write_text(mvm.recipe(method, folders))
-            variants = [("mergescope", True)] + ([("mergescope_nofsync", False)] if method == "linear" else [])
-            for tool, fsync in variants:
+            variants = ([("mergescope", True, None)] + ([("mergescope_nofsync", False, None)] if method == "linear" else [])
+                        + ([("mergescope_cached", True, CACHED)] if method in cached_methods else []))
+            for tool, fsync, env in variants:
                 out = mvm.OUT / f"tp-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                runs.setdefault(f"{tool}:{method}", []).append(run_mergescope(cfg, out, args.threads, args.max_shard_size, fsync))
+                runs.setdefault(f"{tool}:{method}", []).append(
+                    run_mergescope(cfg, out, args.threads, args.max_shard_size, fsync, env))
                 shutil.rmtree(out, ignore_errors=True)
             if method in mk_methods and rep < args.mergekit_repeats:
                 out = mvm.OUT / f"tp-mergekit-{method}"
@@ -234,6 +248,12 @@ def table(measured: dict, methods: list[str]) -> dict:
                        rss_ratio=round(ours["peak_rss_gb"] / mk["peak_rss_gb"], 3))
         elif f"mergekit_error:{method}" in measured["runs"]:
             row["mergekit_error"] = measured["runs"][f"mergekit_error:{method}"][0]
+        cached_runs = measured["runs"].get(f"mergescope_cached:{method}")
+        if cached_runs:  # the same method with its results through the page cache, alternating with the above
+            cached = median_row(cached_runs)
+            row.update(cached=cached, cached_steady_fraction=round(
+                cached["steady_bytes_per_s"] / (f["in_bytes"] / f["buffered_s"]), 3) if cached.get("steady_bytes_per_s")
+                else None)
         rows[method] = row
     linear = rows.get("linear")
     for row in rows.values():  # issue 20: the sparsifying methods within 1.5x linear's wall
@@ -269,6 +289,12 @@ def print_table(results: dict) -> None:
         lin = "-" if r.get("vs_linear") is None else f"{r['vs_linear']:.2f}"
         print(f"{method:16s} {o['durable_s']:7.1f} {lin:>5s} {r['fraction']:5.2f} {steady:>6s} {o['first_tensor_s']:5.2f} "
               f"{o['peak_rss_gb']:6.2f} {mk_cols}")
+    for method, r in results["methods"].items():
+        if "cached" in r:
+            c, o = r["cached"], r["mergescope"]
+            print(f"{method}: results through the page cache (MERGESCOPE_DIRECT=0) {c['durable_s']:.1f} s, steady "
+                  f"{r['cached_steady_fraction']:.2f} of the floor; past it (default) {o['durable_s']:.1f} s, steady "
+                  f"{r['steady_fraction']:.2f}")
     cost = results["fsync_cost"]
     if cost:
         on, off = cost["with"], cost["without"]
@@ -319,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mergekit-repeats", type=int, default=None,
                         help="Run MergeKit in the first N repeats only [default: every repeat].")
     parser.add_argument("--fsync-pairs", type=int, default=4, help="Extra alternating linear runs with/without fsync.")
+    parser.add_argument("--cached-methods", default="",
+                        help="Methods also run with MERGESCOPE_DIRECT=0 (results through the page cache), alternating.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-shard-size", default="500MB", help="mergescope's output shards (fsync is per shard).")
     parser.add_argument("--work", type=Path, default=mvm.OUT / "fixture")
@@ -338,7 +366,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     print(f"fixture 4 x {total / 4e9:.2f} GB; page cache {cache_before:.1f} -> {page_cache_gb():.1f} GB after warming; "
           f"read alone {total / read_s / 1e9:.2f} GB/s; load {load_start:.1f}", flush=True)
-    measured = measure(args, folders, methods, mk_methods)
+    measured = measure(args, folders, methods, mk_methods, set(filter(None, args.cached_methods.split(","))))
     results = {"size": args.size, "dtype": args.dtype, "repeats": args.repeats, "mergekit_repeats": args.mergekit_repeats, "threads": args.threads, "max_shard_size": args.max_shard_size,
                "cpus": os.cpu_count(), "mem_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9,
                "in_bytes": measured["in_bytes"], "out_bytes": measured["out_bytes"],

@@ -64,8 +64,8 @@ MIN_BUDGET = 256 * 10**6
 # through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite (docs/merge.md
 # measures both); "mapped" or "pwrite" forces one path (the tests compare both paths' bytes).
 WRITE_ENV = "MERGESCOPE_WRITE"
-# "0": every pwritten result goes through the page cache; else (a durable merge) their whole pages go past it
-# (O_DIRECT, where the file system takes it: io/writer.direct_span; docs/merge.md measures both).
+# "0": every pwritten result goes through the page cache; else their whole pages go past it (O_DIRECT, where the
+# file system takes it: io/writer.direct_span; docs/merge.md measures both).
 DIRECT_ENV = "MERGESCOPE_DIRECT"
 
 
@@ -705,7 +705,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike,
                 sync.submit(fd, log)
 
             writer = PlannedWriter(tmp, layout, shard_bytes, meta, single_file=single, resume=resume, on_shard=on_shard,
-                                   mapped=maps_output(threads), direct=fsync and os.environ.get(DIRECT_ENV) != "0")
+                                   mapped=maps_output(threads), direct=os.environ.get(DIRECT_ENV) != "0")
             todo = dataclasses.replace(plan, jobs=tuple(j for j in plan.jobs if j.name not in writer.reused))
             try:
                 read_bytes, written = _execute(todo, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite,
