@@ -463,21 +463,71 @@ def _fsync_tree(folder: Path, done: set[Path]) -> None:
         fsync_path(f)
 
 
-def reused_result(job: planning.Job, offset: int | None = None) -> torch.Tensor | None:
+def reused_result(job: planning.Job, offset: int | None = None, index: int = 0) -> torch.Tensor | None:
     """This worker's reused buffer for a job's result on the pwrite path (merge/scratch.py's rules: written
     out before the worker's next job), or None for dtypes scratch does not hold. Why: a fresh result tensor
     per job costs a page fault and a zeroed page per 4 KB (1 GB of output: 262,144 of each). With the
     result's file ``offset``, the buffer starts where memory lines up with the file (the same place in a
-    page), so its whole pages can be written past the page cache (io/writer.direct_span)."""
+    page), so its whole pages can be written past the page cache (io/writer.direct_span). ``index``: which of
+    the worker's two buffers (one is computed into while the other's result is written: _ResultWrites)."""
     if not scratch.holds(job.dtype):
         return None
     n, size = math.prod(job.shape), job.dtype.itemsize
+    purpose = f"engine.result{index}"
     if offset is None:
-        return scratch.tensor("engine.result", n, job.dtype).view(job.shape)
-    flat = scratch.tensor("engine.result", n + DIRECT_ALIGN // size, job.dtype)
+        return scratch.tensor(purpose, n, job.dtype).view(job.shape)
+    flat = scratch.tensor(purpose, n + DIRECT_ALIGN // size, job.dtype)
     shift = (offset - flat.data_ptr()) % DIRECT_ALIGN
     start = shift // size if shift % size == 0 else 0  # else it cannot line up: the page cache takes it whole
     return flat[start:start + n].view(job.shape)
+
+
+class _ResultWrites:
+    """The pwritten results go out on one background thread while their workers compute the next job. Each worker
+    alternates two result buffers and, before a job, waits until the write from its buffer's last use is done
+    (its error raised there): at most two results per worker wait to be written. Why: a result's write (past
+    the page cache it waits for the device) held its worker; the device and the CPUs now work at once."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+        self._local = threading.local()
+        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+
+    def next_buffer(self) -> int:
+        """This worker's buffer for its next job, once the write from that buffer's last use is done."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = [0, [None, None]]
+        index = state[0]
+        state[0] ^= 1
+        previous = state[1][index]
+        if previous is not None:
+            previous.result()
+        return index
+
+    def submit(self, index: int, write: Callable[[], None]) -> None:
+        future = self._pool.submit(write)
+        self._local.state[1][index] = future
+        with self._lock:
+            self._futures.append(future)
+
+    def drain(self, index: int) -> None:
+        """The write from this worker's buffer ``index`` done (its error raised)."""
+        state = getattr(self._local, "state", None)
+        if state is not None and state[1][index] is not None:
+            state[1][index].result()
+
+    def wait(self) -> None:
+        """Every write done (the first error raised)."""
+        with self._lock:
+            futures = list(self._futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """No write left running (those not started are dropped): the writer's files may close after this."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfinite=False,
@@ -492,21 +542,36 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
     kept_entries = typical_entries(plan.jobs)
     larger_left = [sum(math.prod(j.shape) > kept_entries for j in plan.jobs)]  # jobs whose scratch is parked
 
+    def landed(job, written: int) -> None:
+        with lock:
+            totals[0] += job.nbytes_in
+            totals[1] += written
+        if timeline is not None:
+            timeline.tensor(job.nbytes_in)
+        if on_tensor is not None:
+            on_tensor(job.name, job.nbytes_in)
+
+    def write_out(job, out) -> None:  # on the write thread
+        written = writer.write(job.name, out)
+        kick(*writer.extent(job.name))
+        landed(job, written)
+
     def work(job):
         maps = JobMaps()
         # Only a method writing into ``out=`` (and a plain copy) goes through the mapped slot: copying
         # another method's finished result into the map measured no faster than pwrite (docs/merge.md).
         slot = writer.slot(job.name) if (in_place or job.copy) and through_slot(job) else None
+        index = writes.next_buffer() if slot is None else 0
         offset = writer.extent(job.name)[1] if direct else None
-        into = slot.tensor if slot is not None else reused_result(job, offset) if in_place or job.copy else None
+        into = slot.tensor if slot is not None else reused_result(job, offset, index) if in_place or job.copy else None
         try:
             out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed, into=into)
             if not allow_nonfinite:
                 check_finite(job.name, out)
             if slot is None:
-                written = writer.write(job.name, out)
+                writes.submit(index, functools.partial(write_out, job, out))
                 del out
-                kick(*writer.extent(job.name))
+                written = None
             else:
                 del out  # a view of the map: gone before the slot unmaps
                 kick(*writer.extent(job.name))  # before done(): ahead of the shard's fsync when it is the last
@@ -516,41 +581,42 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
             into = None  # a view of the slot's map: gone before the slot unmaps
             if slot is not None:
                 slot.close()
+            elif math.prod(job.shape) > kept_entries:  # its result buffer is let go below, maybe parked for another
+                writes.drain(index)  # worker's next job: its write must be done first
             with lock:  # one step with the count: no buffer parked after the last larger job cleared them
                 larger_left[0] -= math.prod(job.shape) > kept_entries
                 scratch.trim(kept_entries + DIRECT_ALIGN, park=larger_left[0] > 0)  # the typical job's, + the result's alignment pad
                 if larger_left[0] == 0:
                     scratch.clear_parked()
-        with lock:
-            totals[0] += job.nbytes_in
-            totals[1] += written
-        if timeline is not None:
-            timeline.tensor(job.nbytes_in)
-        if on_tensor is not None:
-            on_tensor(job.name, job.nbytes_in)
+        if written is not None:
+            landed(job, written)
         return job
 
     pending: set[Future] = set()
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
-        try:
-            waiting = dispatch_order(plan.jobs, budget.limit)
-            while waiting:
-                job = _next_fitting(waiting, budget) if len(pending) < threads else None
-                if job is None:  # every worker busy, or no waiting job fits beside the jobs in flight
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        budget.used -= _job_bytes(f.result())
-                    continue
-                budget.used += _job_bytes(job)
-                pending.add(pool.submit(work, job))
-            for f in pending:
-                f.result()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
-        finally:
-            scratch.clear_parked()
+    writes = _ResultWrites()
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+            try:
+                waiting = dispatch_order(plan.jobs, budget.limit)
+                while waiting:
+                    job = _next_fitting(waiting, budget) if len(pending) < threads else None
+                    if job is None:  # every worker busy, or no waiting job fits beside the jobs in flight
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            budget.used -= _job_bytes(f.result())
+                        continue
+                    budget.used += _job_bytes(job)
+                    pending.add(pool.submit(work, job))
+                for f in pending:
+                    f.result()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        writes.wait()
+    finally:
+        writes.close()
+        scratch.clear_parked()
     return totals[0], totals[1]
 
 
