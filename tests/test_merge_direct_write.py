@@ -66,6 +66,17 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _open_in(folder: Path) -> list[str]:
+    """This process's open descriptors of files in ``folder``."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, gone
+            continue
+    return [t for t in targets if t.startswith(str(folder))]
+
+
 def _direct_supported(folder: Path) -> bool:
     probe = folder / "probe"
     probe.write_bytes(b"")
@@ -128,6 +139,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path, monkeypat
     monkeypatch.setattr(os, "pwrite", refusing)
     direct = _write(tmp_path / "direct", tensors, direct=True, lined_up=True)
     assert direct.direct_bytes == 0 and _files(tmp_path / "plain") == _files(tmp_path / "direct")
+    assert twins and not _open_in(tmp_path / "direct")  # the twins closed with the writer, though they took nothing
 
 
 def test_no_direct_descriptor_where_the_file_system_refuses_one(tmp_path, monkeypatch):

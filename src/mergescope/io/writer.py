@@ -252,7 +252,8 @@ class PlannedWriter:
         kept = _reusable(target, paths, headers, ends) if resume and not single_file else {}
         self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
-        self._direct: dict[int, int] = {}  # buffered fd -> its O_DIRECT twin
+        self._direct: dict[int, int] = {}  # buffered fd -> its O_DIRECT twin (while the twin takes writes)
+        self._twins: list[int] = []  # every O_DIRECT descriptor opened: closed with the others
         self.direct_bytes = 0  # bytes written past the page cache (tests, benchmarks)
         self._reserved: set[int] = set()
         self._written: set[str] = set()
@@ -277,6 +278,7 @@ class PlannedWriter:
                 twin = _open_direct(path)
                 if twin is not None:
                     self._direct[fd] = twin
+                    self._twins.append(twin)
             os.pwrite(fd, header, 0)
             if mapped and ends[i] > len(header) and _reserve(fd, path, ends[i]):
                 self._reserved.add(i)
@@ -405,9 +407,9 @@ class PlannedWriter:
         self._close_files()
 
     def _close_files(self) -> None:
-        for fd in [*self._direct.values(), *self._fds]:
+        for fd in [*self._twins, *self._fds]:
             os.close(fd)
-        self._fds, self._direct = [], {}
+        self._fds, self._twins, self._direct = [], [], {}
 
 
 def _checked(name: str, t) -> torch.Tensor:
