@@ -359,7 +359,8 @@ def test_merge_in_small_windows_gives_the_same_bytes_and_leaves_nothing_tracked(
     monkeypatch.setattr(scratch, "trim", lambda n, park=False: trims.append(n) or real_trim(n, park))
     monkeypatch.setenv(engine.WRITE_ENV, "mapped")
     ms.merge(recipe, tmp_path / "windows.safetensors", threads=2)
-    assert pages.tracked() == 0 and trims == [300 * 64 + io_writer.DIRECT_ALIGN] * 2  # the embedding's job holds the median byte (+ pad)
+    # the embedding's job holds the median byte (+ the result's alignment pad)
+    assert pages.tracked() == 0 and trims == [300 * 64 + io_writer.DIRECT_ALIGN] * 2
     with monkeypatch.context() as m:
         m.setattr(kernels, "WINDOW", 1 << 40)
         m.setattr(pages, "release", lambda *a: None)

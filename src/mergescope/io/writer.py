@@ -188,8 +188,8 @@ class Slot:
         self.tensor, self._map = None, None
 
 
-DIRECT_ALIGN = 4096  # file offset, length and memory address of an O_DIRECT write: a page (what every file system takes)
-DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache whole: a synchronous device write per tensor costs more
+DIRECT_ALIGN = 4096  # an O_DIRECT write's file offset, length and memory address: a page (every file system takes it)
+DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache whole (an O_DIRECT write waits for the device)
 
 
 def direct_span(address: int, offset: int, size: int) -> tuple[int, int] | None:

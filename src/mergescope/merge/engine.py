@@ -585,7 +585,8 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
                 writes.drain(index)  # worker's next job: its write must be done first
             with lock:  # one step with the count: no buffer parked after the last larger job cleared them
                 larger_left[0] -= math.prod(job.shape) > kept_entries
-                scratch.trim(kept_entries + DIRECT_ALIGN, park=larger_left[0] > 0)  # the typical job's, + the result's alignment pad
+                # kept: up to the typical job's size (+ the result's alignment pad); larger ones parked for the next
+                scratch.trim(kept_entries + DIRECT_ALIGN, park=larger_left[0] > 0)  # larger job, on either worker
                 if larger_left[0] == 0:
                     scratch.clear_parked()
         if written is not None:
