@@ -315,9 +315,13 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.bar([x - 0.27 for x in xs], [r["fraction"] for r in rows], 0.27, label="mergescope durable wall / durable floor")
     ax.bar(list(xs), [r["steady_fraction"] or 0 for r in rows], 0.27, label="mergescope steady state / buffered floor")
+    cached = [(x, r["cached_steady_fraction"]) for x, r in zip(xs, rows) if r.get("cached_steady_fraction")]
+    if cached:  # the same runs' results through the page cache (MERGESCOPE_DIRECT=0): an outline over the bar
+        ax.bar([x for x, _ in cached], [v for _, v in cached], 0.27, fill=False, edgecolor="black", ls="--", lw=1,
+               label="its steady state, results through the page cache")
     ran = [m for m, r in zip(methods, rows) if r.get("mergekit")]
     if ran:
-        ax.bar([x + 0.27 for x in xs], [r.get("mergekit_fraction", 0) for r in rows], 0.27,
+        ax.bar([x + 0.27 for x in xs], [r.get("mergekit_fraction", 0) for r in rows], 0.27, color="C2",
                label="MergeKit 0.1.5 durable wall / durable floor")
     mergekit = ("MergeKit not run" if not ran else f"MergeKit {results['mergekit_repeats']}"
                 + ("" if len(ran) == len(methods) else f" for {', '.join(ran)}"))
