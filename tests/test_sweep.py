@@ -231,27 +231,39 @@ def test_share_threshold_parsing():
         sweep.RayExecutor(share_below="lots")
 
 
-def test_stopping_the_local_pool_does_not_wait_for_the_running_task():
-    """Ctrl-C (or an early stop) terminates the pool's workers: shutting the pool down then returns at once,
-    where it used to wait for the running task (here one of ten minutes)."""
+def _pool_running_a_long_task(ignore_sigterm: bool = False):
+    """A one-worker spawn pool whose worker runs a ten-minute task (after ignoring SIGTERM, if asked); its processes."""
     import multiprocessing
-    import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    from mergescope.sweep import executors
-
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    if ignore_sigterm:
+        pool.submit(signal.signal, signal.SIGTERM, signal.SIG_IGN).result(timeout=120)
     running = pool.submit(time.sleep, 600)
     deadline = time.monotonic() + 120
     while not running.running() and time.monotonic() < deadline:
         time.sleep(0.01)
-    processes = list(pool._processes.values())
+    return pool, list(pool._processes.values())
+
+
+def _shuts_down_within_a_minute(pool) -> bool:
+    import threading
+
+    closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
+    closing.start()
+    closing.join(timeout=60)
+    return not closing.is_alive()
+
+
+def test_stopping_the_local_pool_does_not_wait_for_the_running_task():
+    """Ctrl-C (or an early stop) terminates the pool's workers: shutting the pool down then returns at once,
+    where it used to wait for the running task (here one of ten minutes)."""
+    from mergescope.sweep import executors
+
+    pool, processes = _pool_running_a_long_task()
     try:
         executors._stop_workers(pool)
-        closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
-        closing.start()
-        closing.join(timeout=60)
-        assert not closing.is_alive(), "shutdown still waits for the running task"
+        assert _shuts_down_within_a_minute(pool), "shutdown still waits for the running task"
         assert processes and not any(p.is_alive() for p in processes)
     finally:  # a failure must not leave the ten-minute task behind
         for p in processes:
@@ -260,29 +272,16 @@ def test_stopping_the_local_pool_does_not_wait_for_the_running_task():
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period():
     """A task's library may handle SIGTERM; its worker must not hold the CLI's exit (or its pipes) after Ctrl-C."""
-    import multiprocessing
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
-
     from mergescope.sweep import executors
 
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    pool.submit(signal.signal, signal.SIGTERM, signal.SIG_IGN).result(timeout=120)
-    running = pool.submit(time.sleep, 600)
-    deadline = time.monotonic() + 120
-    while not running.running() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    processes = list(pool._processes.values())
+    pool, processes = _pool_running_a_long_task(ignore_sigterm=True)
     try:
         start = time.monotonic()
         executors._stop_workers(pool, grace_s=1.0)
         assert processes and not any(p.is_alive() for p in processes)
         assert time.monotonic() - start < 60
         assert [p.exitcode for p in processes] == [-signal.SIGKILL]  # SIGTERM was ignored: it took the kill
-        closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
-        closing.start()
-        closing.join(timeout=60)
-        assert not closing.is_alive()
+        assert _shuts_down_within_a_minute(pool)
     finally:
         for p in processes:
             p.kill()
