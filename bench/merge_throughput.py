@@ -90,16 +90,7 @@ def run_mergescope(cfg: Path, out: Path, threads: int, shard: str, fsync: bool, 
     cmd = [str(mvm.VENV / "mergescope"), "--quiet", "merge", str(cfg), str(out), "--random-seed", "0", "--threads",
            str(threads), "--max-shard-size", shard, "--json", str(report), *([] if fsync else ["--no-fsync"])]
     os.sync()
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        row = mvm.timed(cmd)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    row = mvm.timed(cmd, env)
     row["sync_s"] = round(sync_tree(out), 3)
     engine = json.loads(report.read_text())
     report.unlink()

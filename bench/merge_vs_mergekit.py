@@ -97,11 +97,13 @@ def recipe(method: str, folders: list[Path]) -> str:
     return METHODS[method].format(models_w=models_w, models_wd=models_wd, base=base, a=fts[0])
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run a command under /usr/bin/time: wall seconds and peak resident set size (GB)."""
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command under /usr/bin/time: wall seconds and peak resident set size (GB). ``env``: variables added
+    to this process's environment for that command only."""
     stats = Path(OUT / ".time.txt")
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env}, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-2000:]}")

@@ -494,29 +494,32 @@ class _ResultWrites:
         self._futures: list[Future] = []
         self._lock = threading.Lock()
 
-    def next_buffer(self) -> int:
-        """This worker's buffer for its next job, once the write from that buffer's last use is done."""
+    def _state(self) -> list:
+        """This worker's [next buffer index, [the pending write of buffer 0, of buffer 1]]."""
         state = getattr(self._local, "state", None)
         if state is None:
             state = self._local.state = [0, [None, None]]
+        return state
+
+    def next_buffer(self) -> int:
+        """This worker's buffer for its next job, once the write from that buffer's last use is done."""
+        state = self._state()
         index = state[0]
         state[0] ^= 1
-        previous = state[1][index]
-        if previous is not None:
-            previous.result()
+        self.drain(index)
         return index
 
     def submit(self, index: int, write: Callable[[], None]) -> None:
         future = self._pool.submit(write)
-        self._local.state[1][index] = future
+        self._state()[1][index] = future
         with self._lock:
             self._futures.append(future)
 
     def drain(self, index: int) -> None:
         """The write from this worker's buffer ``index`` done (its error raised)."""
-        state = getattr(self._local, "state", None)
-        if state is not None and state[1][index] is not None:
-            state[1][index].result()
+        pending = self._state()[1][index]
+        if pending is not None:
+            pending.result()
 
     def wait(self) -> None:
         """Every write done (the first error raised)."""
