@@ -429,3 +429,24 @@ def test_packed_ties_order_like_the_keys_and_carry_the_tied_indices(two):
             for (start, _), key in zip(ranges, tied):
                 at = np.flatnonzero(keys == key)
                 assert np.array_equal(packed[at] - start, at)
+
+
+@pytest.mark.parametrize("skim", [False, True])
+def test_two_bin_low_histograms_count_what_numpy_counts(skim):
+    """Breadcrumbs' two cuts: both passes (every entry counted, or only the 64-entry blocks a vectorised compare
+    finds a hit in) give numpy's counts of each bin's low 16 bits, with hits at both ends of a bin, in adjacent
+    blocks and in the partial last block."""
+    rng = np.random.default_rng(5 + skim)
+    n = 64 * 301 + 37
+    bits = rng.integers(0x3A000000, 0x3F000000, n, dtype=np.uint32)
+    starts = (0x3C120000, 0x3D7F0000)
+    for start in starts:
+        where = rng.choice(n, 40, replace=False)
+        bits[where] = start + rng.integers(0, 1 << 16, 40, dtype=np.uint32)
+        bits[where[:2]] = [start, start + 0xFFFF]
+    bits[[63, 64, n - 1]] = [starts[0] + 1, starts[1] + 2, starts[1] + 5]
+    low_hist = np.zeros((2, 1 << 16), np.int64)
+    S._low_histograms(bits, np.uint32(starts[0]), np.uint32(starts[1]), low_hist, skim)
+    for t, start in enumerate(starts):
+        inside = bits[(bits >= start) & (bits <= start + 0xFFFF)]
+        assert np.array_equal(low_hist[t], np.bincount(inside - start, minlength=1 << 16))

@@ -53,6 +53,7 @@ Tensor = torch.Tensor
 _SMALL = 16  # libstdc++ _S_threshold: segments this short wait for the final insertion sort
 _BLOCK = 256  # entries per block of the branch-free partition scan
 _MIN_BLOCK = 8  # shorter blocks near the crossing go to the scalar loop
+_SKIM_BLOCK = 64  # patterns tested together for a hit before the two-bin low histograms count any
 _MAX_BITS = 0x7F800000  # +inf; larger uint32 patterns are NaN or carry the sign bit
 _MAX_HALF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # their +inf, as uint16
 
@@ -423,10 +424,29 @@ def _low_histogram(bits, start, low_hist):
 
 
 @jit
-def _low_histograms(bits, first, second, low_hist):
-    """:func:`_low_histogram` of two bins in one pass (breadcrumbs' two cuts)."""
+def _low_histograms(bits, first, second, low_hist, skim):
+    """:func:`_low_histogram` of two bins in one pass (breadcrumbs' two cuts). ``skim``: each block of _SKIM_BLOCK
+    patterns is first tested for a hit in either bin by a vectorised compare and counted only when it holds one,
+    for bins that hold few patterns. Why: two compare-and-branch steps per entry cost 0.55-1.4 ns, skimmed
+    0.35-0.63 ns (a 1.07 GB fine-tune's |delta|, bins holding 0.04-0.24 %); one bin's loop is as fast unskimmed."""
     width = np.uint32(1 << 16)
-    for i in range(bits.shape[0]):
+    n = bits.shape[0]
+    full = n - n % _SKIM_BLOCK if skim else 0
+    for start in range(0, full, _SKIM_BLOCK):
+        hit = np.uint32(0)
+        for j in range(_SKIM_BLOCK):
+            x = bits[start + j]
+            hit |= np.uint32(np.uint32(x - first) < width) | np.uint32(np.uint32(x - second) < width)
+        if hit:
+            _count_two(bits, start, start + _SKIM_BLOCK, first, second, low_hist)
+    _count_two(bits, full, n, first, second, low_hist)
+
+
+@jit
+def _count_two(bits, start, stop, first, second, low_hist):
+    """Counts the low 16 bits of bits[start:stop] in the bin at ``first`` (low_hist[0]) and at ``second`` ([1])."""
+    width = np.uint32(1 << 16)
+    for i in range(start, stop):
         low = bits[i] - first
         if low < width:
             low_hist[0, low] += 1
@@ -449,8 +469,9 @@ def _kth_patterns(bits, hist, ks):
     if c == 1 or starts[0] == starts[1]:
         _low_histogram(bits, starts[0], low_hist[0])
         low_hist[c - 1] = low_hist[0]
-    else:
-        _low_histograms(bits, starts[0], starts[1], low_hist)
+    else:  # skimmed when most blocks hold no hit: the bins' counts are the high histogram's
+        held = hist[starts[0] >> 16] + hist[starts[1] >> 16]
+        _low_histograms(bits, starts[0], starts[1], low_hist, held * _SKIM_BLOCK < bits.shape[0] // 4)
     patterns = np.empty(c, np.uint32)
     equal = np.empty(c, np.int64)
     for t in range(c):
