@@ -120,7 +120,7 @@ def test_save_keeps_no_resume_log_and_refuses_bad_values(tmp_path, monkeypatch):
     def no_hashing(*a, **k):
         raise AssertionError("ms.save hashed a shard for a resume log")
 
-    monkeypatch.setattr(writer, "file_digest", no_hashing)
+    monkeypatch.setattr(writer, "part_hash", no_hashing)
     monkeypatch.setattr(writer, "record_done", no_hashing)
     ms.save(_state(), tmp_path / "out", max_shard_size=100)
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())

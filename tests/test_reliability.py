@@ -217,9 +217,24 @@ def test_done_log_digests_are_xxh3_and_checked_against_the_bytes(tmp_path):
     assert verified_done(tmp_path) == {"a.bin": expected}
 
 
+def _parts_reference(path) -> str:
+    """The parts digest from the file alone (struct, json and the xxhash library): the file cut at its header's
+    end and at each tensor's data_offsets, XXH3-128 over each part's start (u64 LE) and the part's own XXH3-128."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    cuts = sorted({0, 8 + n, len(data), *(8 + n + o for e in header.values() for o in e["data_offsets"])})
+    total = xxhash.xxh3_128()
+    for a, b in zip(cuts, cuts[1:]):
+        if b > a:
+            total.update(struct.pack("<Q", a) + xxhash.xxh3_128(data[a:b]).digest())
+    return "xxh3_128-parts:" + total.hexdigest()
+
+
 def test_done_log_holds_every_finished_shard_but_the_last_one(tmp_path):
-    """Earlier shards are logged with their XXH3-128 (the xxhash library over the file's bytes); the last shard to
-    finish is not hashed, since the run completes right after it."""
+    """Earlier shards are logged with their parts digest (hashed from memory as written; the reference reads the
+    file); the last shard to finish is not logged, since the run completes right after it."""
     from mergescope.merge.writer import PlannedWriter
 
     layout = [(f"t{i}", torch.float32, (256,)) for i in range(3)]
@@ -230,8 +245,43 @@ def test_done_log_holds_every_finished_shard_but_the_last_one(tmp_path):
         writer.write(f"t{i}", torch.full((256,), float(i)))
     writer.close()
     first, second = writer.paths[1].name, writer.paths[0].name
-    assert verified_done(tmp_path) == {name: "xxh3_128:" + xxhash.xxh3_128((tmp_path / name).read_bytes()).hexdigest()
-                                       for name in (first, second)}
+    assert verified_done(tmp_path) == {name: _parts_reference(tmp_path / name) for name in (first, second)}
+
+
+def test_parts_digest_covers_slots_empty_tensors_and_every_byte(tmp_path):
+    """Shards of several tensors, written through slots and pwrite in any order, an empty tensor among them: the
+    logged digest is the reference's over the file; a flipped byte in any part (header, tensor) or a truncated
+    file is no longer vouched for, and neither is a header that no longer parses."""
+    from mergescope.merge.writer import PlannedWriter
+
+    layout = [("a", torch.float32, (300,)), ("e", torch.float32, (0, 4)), ("b", torch.bfloat16, (7, 33)),
+              ("c", torch.float32, (500,)), ("d", torch.float32, (64,))]
+    writer = PlannedWriter(tmp_path, layout, max_shard_size=2500, metadata={"k": "v"})
+    assert len(writer.paths) >= 2
+    g = torch.Generator().manual_seed(3)
+    for name, dtype, shape in reversed(layout):
+        value = torch.randn(shape, generator=g).to(dtype)
+        slot = writer.slot(name) if name in ("b", "c") else None
+        if slot is None:
+            writer.write(name, value)
+        else:
+            slot.tensor.copy_(value)
+            slot.done()
+    writer.close()
+    done = verified_done(tmp_path)
+    assert done and all(done[name] == _parts_reference(tmp_path / name) for name in done)
+    name = sorted(done)[0]
+    path = tmp_path / name
+    original = path.read_bytes()
+    for where in (3, 20, len(original) - 1):  # the length prefix, the JSON, the last tensor
+        flipped = bytearray(original)
+        flipped[where] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        assert name not in verified_done(tmp_path), where
+    path.write_bytes(original[:-4])
+    assert name not in verified_done(tmp_path)
+    path.write_bytes(original)
+    assert verified_done(tmp_path)[name] == done[name]
 
 
 def test_ctrl_c_keeps_the_partial_folder_for_resume_and_a_plain_run_cleans_it(tmp_path):
