@@ -28,7 +28,7 @@ import torch
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
-from . import pages
+from . import finite, pages
 
 Tensor = torch.Tensor
 BLOCK = 2048  # entries per block of the bf16 loops: the per-block scratch stays in L1/L2
@@ -188,14 +188,19 @@ def _offsets(out, a, b, w0, pair):
 @_jit
 def _stock_mix(out, tensors, w0, ratio, keep, width, count, zero):
     """model_stock's ``ratio * (sum(ws) / count) + keep * w0`` with torch's roundings: Python's sum starts
-    from 0 (so -0.0 + 0 is +0.0, as torch's ``0 + t``). Rows of ``width`` entries, one ratio per row."""
+    from 0 (so -0.0 + 0 is +0.0, as torch's ``0 + t``). Rows of ``width`` entries, one ratio per row.
+    Returns how many stored entries are not finite (merge/finite.py)."""
+    bad = 0
     for r in range(out.size // width):
         rt, kp = ratio[r], keep[r]
         for j in range(np.uint64(r * width), np.uint64((r + 1) * width)):  # unsigned: no negative-index check
             acc = zero + tensors[0][j]
             for i in range(1, len(tensors)):
                 acc = acc + tensors[i][j]
-            out[j] = rt * (acc / count) + kp * w0[j]
+            x = rt * (acc / count) + kp * w0[j]
+            out[j] = x
+            bad += not np.isfinite(x)
+    return bad
 
 
 @jit
@@ -272,6 +277,7 @@ def _bf16_stock_mix(out, tensors, w0, ratio, keep, width, count):
             mean = _bf16_round_inner(acc / count)
             mixed = _bf16_round_inner(rt * mean) + _bf16_round_inner(kp * _bf16_value(w0[j]))
             out[j] = _bf16_bits(_bf16_round(mixed))
+    return _bf16_nonfinite(out)
 
 
 @_jit
@@ -287,21 +293,39 @@ def _bf16_weighted_sum(out, tensors, weights, total, normalize, fused):
         out[k] = _bf16_bits(_bf16_round(acc / total if normalize else acc))
 
 
+@jit
+def _bf16_nonfinite(bits):
+    """1 if a bf16 pattern is Inf or NaN (its magnitude 0x7F80 or more), else 0: the bf16 kernels' test of what
+    they stored, a loop of its own after the storing one (a test inside that loop stops LLVM vectorising it:
+    2-2.6x slower)."""
+    top = np.uint16(0)
+    for k in range(bits.shape[0]):
+        top = max(top, np.uint16(bits[k] & np.uint16(0x7FFF)))
+    return int(top >= np.uint16(0x7F80))
+
+
 @_jit
 def _bf16_lerp(out, a, b, coef_a, coef_b):
     """slerp's mix on bf16 bit arrays: ``coef_a * a`` and ``coef_b * b`` rounded to float32, their float32 sum
-    rounded to bf16, as methods.slerp's torch chunk loop (mul, mul, add_, store)."""
+    rounded to bf16, as methods.slerp's torch chunk loop (mul, mul, add_, store). Returns how many stored
+    entries are not finite (merge/finite.py)."""
     for k in range(out.size):
         x = coef_a * _bf16_value(a[k])
         y = coef_b * _bf16_value(b[k])
         out[k] = _bf16_bits(_bf16_round(x + y))
+    return _bf16_nonfinite(out)
 
 
 @_jit
 def _lerp(out, a, b, coef_a, coef_b):
-    """``coef_a * a + coef_b * b``, each product and the sum rounded to the dtype (no fused multiply-add)."""
+    """``coef_a * a + coef_b * b``, each product and the sum rounded to the dtype (no fused multiply-add).
+    Returns how many stored entries are not finite."""
+    bad = 0
     for k in range(out.size):
-        out[k] = coef_a * a[k] + coef_b * b[k]
+        x = coef_a * a[k] + coef_b * b[k]
+        out[k] = x
+        bad += not np.isfinite(x)
+    return bad
 
 
 @jit
@@ -460,6 +484,8 @@ def _plain(t: Tensor) -> bool:
 
 
 def _arrays(tensors: Sequence[Tensor]) -> tuple[np.ndarray, ...]:
+    """Flat numpy views for a kernel; a kernel may write through them, so this thread's vouch goes (finite.py)."""
+    finite.forget()
     return tuple(t.detach().reshape(-1).numpy() for t in tensors)
 
 
@@ -525,8 +551,16 @@ def lerp(out: Tensor, a: Tensor, b: Tensor, coef_a: float, coef_b: float) -> Ten
     bf16 = out.dtype == torch.bfloat16
     flat_out, flat_a, flat_b = (_bits16(t) for t in (out, a, b)) if bf16 else _arrays((out, a, b))
     kernel, scalar = (_bf16_lerp, np.float32) if bf16 else (_lerp, flat_out.dtype.type)
+    bad = 0
     for start, stop in pages.windows(flat_out.size, WINDOW, out, a, b):
-        kernel(flat_out[start:stop], flat_a[start:stop], flat_b[start:stop], scalar(coef_a), scalar(coef_b))
+        bad += kernel(flat_out[start:stop], flat_a[start:stop], flat_b[start:stop], scalar(coef_a), scalar(coef_b))
+    return _vouched_if_finite(out, bad)
+
+
+def _vouched_if_finite(out: Tensor, bad: int) -> Tensor:
+    """``out``, vouched finite (merge/finite.py) when the kernel that wrote all of it stored no Inf or NaN."""
+    if bad == 0:
+        finite.vouch(out)
     return out
 
 
@@ -589,15 +623,13 @@ def stock_mix(out: Tensor, ws: Sequence[Tensor], w0: Tensor, ratio: Tensor, keep
     step = max(1, WINDOW // width) * width if per_row else WINDOW
     dtype = np.float32 if bf16 else flat_out.dtype.type
     zero, count = dtype(0), dtype(len(ws))
+    bad = 0
     for start, stop in pages.windows(flat_out.size, step, out, w0, *ws):
         rows = slice(start // width, -(-stop // width)) if per_row else slice(0, 1)
         parts = (flat_out[start:stop], tuple(a[start:stop] for a in arrays), flat_w0[start:stop], ratios[rows],
                  keeps[rows], width if per_row else stop - start, count)
-        if bf16:
-            _bf16_stock_mix(*parts)
-        else:
-            _stock_mix(*parts, zero)
-    return out
+        bad += _bf16_stock_mix(*parts) if bf16 else _stock_mix(*parts, zero)
+    return _vouched_if_finite(out, bad)
 
 
 def fits_bf16(tensors: Sequence[Tensor]) -> bool:
@@ -606,6 +638,8 @@ def fits_bf16(tensors: Sequence[Tensor]) -> bool:
 
 
 def _bits16(t: Tensor) -> np.ndarray:
+    """A flat uint16 view of a 16-bit tensor's bits for a kernel (which may write through it: as :func:`_arrays`)."""
+    finite.forget()
     return t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
 
 
