@@ -233,8 +233,8 @@ def part_hash(chunks: Iterable) -> bytes:
 def parts_digest(parts: Iterable[tuple[int, bytes]]) -> str:
     """``xxh3_128-parts:HEX``: XXH3-128 over each part's start offset (8 bytes, little-endian) followed by its own
     :func:`part_hash`, parts in file order. Why: a merge hashes each tensor from memory as it is written, in any
-    order, and never reads a shard back to log it (reading a 1 GB shard back cost ~0.4 s of CPU and disk reads
-    competing with the merge's writes)."""
+    order, and never reads a shard back to log it (the read-back's kernel copy alone was ~0.37 s of CPU per GB
+    under perf, and shards written past the page cache came back from the disk while the merge wrote to it)."""
     total = xxhash.xxh3_128()
     for start, digest in parts:
         total.update(struct.pack("<Q", start) + digest)
