@@ -2,8 +2,9 @@
 
 Why: the engine refuses a merged tensor holding NaN/Inf (``engine.check_finite``), one more read of every output
 byte; for bf16 slerp and model_stock that pass was 8-10 % of the merge (torch's bf16 ``aminmax``). The kernels
-that write a method's whole result (merge/kernels.py: the slerp mix, model_stock's mix) count the non-finite
-entries they store in the same loop, and vouch for the result when there are none.
+that write a method's whole result (merge/kernels.py: the slerp mix, model_stock's mix) test what they store
+(float32/float64: in the storing loop; bf16: in a loop of their own right after it, over the same window) and
+vouch for the result when nothing stored is Inf or NaN.
 
 A vouch names the result's memory, size, dtype and torch version counter, on the calling thread. It is
 dropped before each job (``forget``) and by any later kernel call on the thread (every kernel takes its arrays

@@ -266,7 +266,7 @@ def _bf16_offsets(out, a, b, w0, pair):
 def _bf16_stock_mix(out, tensors, w0, ratio, keep, width, count):
     """:func:`_stock_mix` on bf16 bit arrays, each torch op rounded to bf16: ``0 + w1`` (+0.0 for -0.0, exact),
     each further ``+ wi``, ``/ count``, ``ratio *``, ``keep * w0`` and the final sum. ``ratio``/``keep``: float32
-    values of the bf16 ratios, one per row of ``width`` entries."""
+    values of the bf16 ratios, one per row of ``width`` entries. Returns 1 when a stored entry is not finite."""
     zero = np.float32(0)
     for r in range(out.size // width):
         rt, kp = ratio[r], keep[r]
@@ -307,8 +307,8 @@ def _bf16_nonfinite(bits):
 @_jit
 def _bf16_lerp(out, a, b, coef_a, coef_b):
     """slerp's mix on bf16 bit arrays: ``coef_a * a`` and ``coef_b * b`` rounded to float32, their float32 sum
-    rounded to bf16, as methods.slerp's torch chunk loop (mul, mul, add_, store). Returns how many stored
-    entries are not finite (merge/finite.py)."""
+    rounded to bf16, as methods.slerp's torch chunk loop (mul, mul, add_, store). Returns 1 when a stored entry
+    is not finite, else 0 (merge/finite.py)."""
     for k in range(out.size):
         x = coef_a * _bf16_value(a[k])
         y = coef_b * _bf16_value(b[k])
