@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mergeutil import base_and_two
 from safetensors.torch import load_file
 
 import mergescope as ms
@@ -169,12 +170,7 @@ def _model(folder: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    for seed, name in enumerate(("base", "a", "b")):
-        _model(root / name, seed)
-    return (f"merge_method: ties\nbase_model: {root}/base\nmodels:\n"
-            f"  - {{model: {root}/a, parameters: {{weight: 0.7, density: 0.5}}}}\n"
-            f"  - {{model: {root}/b, parameters: {{weight: 0.4, density: 0.5}}}}\n")
+    return base_and_two(tmp_path_factory.mktemp("models"), _model, "ties", density=0.5)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mergeutil import base_and_two
 
 import mergescope as ms
 from mergescope.cli import main
@@ -33,11 +34,7 @@ def _model(folder: Path, seed: int) -> None:
 
 @pytest.fixture
 def recipe(tmp_path):
-    for seed, name in enumerate(("base", "a", "b")):
-        _model(tmp_path / name, seed)
-    return (f"merge_method: dare_ties\nbase_model: {tmp_path}/base\nmodels:\n"
-            f"  - {{model: {tmp_path}/a, parameters: {{weight: 0.7, density: 0.5}}}}\n"
-            f"  - {{model: {tmp_path}/b, parameters: {{weight: 0.4, density: 0.5}}}}\n")
+    return base_and_two(tmp_path, _model, "dare_ties", density=0.5)
 
 
 @pytest.fixture

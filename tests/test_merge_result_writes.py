@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mergeutil import base_and_two
 
 import mergescope as ms
 from mergescope.errors import MergescopeError
@@ -38,12 +39,7 @@ def _model(folder: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    for seed, name in enumerate(("base", "a", "b")):
-        _model(root / name, seed)
-    return (f"merge_method: task_arithmetic\nbase_model: {root}/base\nmodels:\n"
-            f"  - {{model: {root}/a, parameters: {{weight: 0.7}}}}\n"
-            f"  - {{model: {root}/b, parameters: {{weight: 0.4}}}}\n")
+    return base_and_two(tmp_path_factory.mktemp("models"), _model, "task_arithmetic")
 
 
 def _files(folder: Path) -> dict[str, bytes]:

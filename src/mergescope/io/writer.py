@@ -254,7 +254,8 @@ class PlannedWriter:
         ends = [len(h) + sum(nbytes(dtype, shape) for _, dtype, shape in shard) for h, shard in zip(headers, shards)]
         self._log_folder = None if single_file or not log_done else target
         self._parts: dict[str, bytes] = {}  # part_hash of each tensor written (logged writers only)
-        self._headers, self._shards = headers, [[name for name, _, _ in shard] for shard in shards]
+        self._shards = [[name for name, _, _ in shard] for shard in shards]
+        self._header_parts = [part_hash((h,)) for h in headers] if self._log_folder is not None else []
         self._on_shard = on_shard
         kept = _reusable(target, paths, headers, ends) if resume and not single_file else {}
         self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
@@ -408,13 +409,11 @@ class PlannedWriter:
     def _log_done(self, shard: int) -> None:
         """Record a complete shard (and its digest, from its parts' hashes) so an interrupted run can be resumed
         from it: the parts are its header and its non-empty tensors, back to back in layout order."""
-        header = self._headers[shard]
-        parts, offset = [(0, part_hash((header,)))], len(header)
+        parts = [(0, self._header_parts[shard])]
         for name in self._shards[shard]:
-            _, _, dtype, shape, _ = self._slots[name]
+            _, offset, dtype, shape, _ = self._slots[name]
             if nbytes(dtype, shape):
                 parts.append((offset, self._parts[name]))
-                offset += nbytes(dtype, shape)
         with self._log_lock:
             record_done(self._log_folder, self.paths[shard], parts_digest(parts))
 
