@@ -450,3 +450,36 @@ def test_two_bin_low_histograms_count_what_numpy_counts(skim):
     for t, start in enumerate(starts):
         inside = bits[(bits >= start) & (bits <= start + 0xFFFF)]
         assert np.array_equal(low_hist[t], np.bincount(inside - start, minlength=1 << 16))
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_block_scans_find_the_stops_a_scalar_scan_finds(dtype):
+    """The partition's block scans (16 entries per compressed step where the CPU has AVX-512, the rest one by one):
+    the offsets, in order, of the entries >= the pivot's low end scanning right, <= its high end scanning left,
+    as a numpy reference finds them, for every width 0-70 and the partition's 256, values at and around the bounds
+    included, whatever the compiled path (S._COMPRESS)."""
+    rng = np.random.default_rng(11)
+    v = rng.integers(0, 64, 2000).astype(dtype)
+    off = np.full(256 + 16, -1, np.int32)
+    for width in [*range(71), 256]:
+        for base in (300, 301, 1317):
+            low, high = dtype(rng.integers(0, 64)), dtype(rng.integers(0, 64))
+            count = S._scan_left(v, base, width, low, off)
+            want = np.flatnonzero(v[base:base + width] >= low)
+            assert count == want.size and np.array_equal(off[:count], want)
+            count = S._scan_right(v, base, width, high, off)
+            want = np.flatnonzero(v[base - width + 1:base + 1][::-1] <= high) if width else np.empty(0, np.int64)
+            assert count == want.size and np.array_equal(off[:count], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_row_values_are_the_rows_as_float32_in_a_reused_buffer(dtype):
+    """della's rows (half ones as float32, exact; strided ones made contiguous) equal torch's conversion, call after
+    call of different sizes on one thread (the buffer is reused, its contents replaced)."""
+    rng = np.random.default_rng(3)
+    for shape in [(40, 1024), (6, 7), (64, 2816)]:
+        full = torch.from_numpy(rng.standard_normal((shape[0], 2 * shape[1])).astype(np.float32)).to(dtype)
+        for rows in (full[:, :shape[1]].contiguous(), full[:, ::2]):
+            values = S._row_values(rows)
+            assert values.flags.c_contiguous and values.shape == shape
+            assert np.array_equal(values, rows.float().numpy())
