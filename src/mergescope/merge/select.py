@@ -42,6 +42,7 @@ imports numba, so import it lazily (never at ``import mergescope``).
 from __future__ import annotations
 
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -153,10 +154,10 @@ def _compresses() -> bool:
     entries). Elsewhere LLVM would expand the compress into a branch per entry, slower than the scalar scan."""
     import llvmlite.binding as llvm
 
-    features = numba.config.CPU_FEATURES or ""
-    if numba.config.CPU_NAME not in (None, "", "host"):
+    features = numba.config.CPU_FEATURES or ""  # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override the host's
+    if features or numba.config.CPU_NAME not in (None, "", "host"):
         return "+avx512f" in features
-    return "+avx512f" in features or bool(llvm.get_host_cpu_features().get("avx512f", False))
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
 
 
 _COMPRESS = _compresses()
@@ -599,8 +600,19 @@ def _kth(bits, hist, ks):
     """(patterns, how many larger, how many equal) of the ks-th largest patterns."""
     if bits.dtype == np.uint16:
         return _kth_patterns16(hist, ks)
-    low_hist = scratch.array("select.low_hist", ks.shape[0] << 16, np.int64).reshape(ks.shape[0], 1 << 16)
-    return _kth_patterns(bits, hist, ks, low_hist)
+    return _kth_patterns(bits, hist, ks, _low_hists()[:ks.shape[0]])
+
+
+_local = threading.local()
+
+
+def _low_hists() -> np.ndarray:
+    """This thread's (2, 2^16) int64 low-histogram counts (1 MB, allocated once): a constant size, kept outside
+    merge/scratch.py, whose buffers follow the job's size and go between jobs over the typical one's."""
+    held = getattr(_local, "low_hists", None)
+    if held is None:
+        held = _local.low_hists = np.empty((2, 1 << 16), np.int64)
+    return held
 
 
 def _flip(bits, descending: bool):
