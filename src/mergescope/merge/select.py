@@ -556,7 +556,7 @@ def _kth_patterns(bits, hist, ks, low_hist):
     """For each k (one or two): the k-th largest bit pattern, how many are larger and how many equal. One
     pass over the bits fills the low-16-bit histograms of every k's high bin (``low_hist``: (c, 2^16) counts,
     zeroed here; the caller's reused buffer: a fresh one of two bins, 1 MB, was a fresh map faulted in page by
-    page on every call, ~0.9 s of a 4 x 1.07 GB breadcrumbs merge's CPU)."""
+    page on every call: 4 x 1.07 GB breadcrumbs, 127.6 k page faults, this step's CPU 0.70 s against 0.49)."""
     c = ks.shape[0]
     starts = np.empty(c, np.uint32)
     above = np.zeros(c, np.int64)
