@@ -68,6 +68,41 @@ def test_della_mask_in_other_dtypes(dtype, kind):
         assert torch.equal(got, _reference(magnitude, density, epsilon, 4))
 
 
+@pytest.mark.parametrize("rows", ["clamped", "two_keys_a_bucket"])
+def test_bucket_counts_stand_for_a_key_only_where_a_bucket_holds_one_key(rows):
+    """An open draw takes its bucket's counts as its key's where keys differ by at least a bucket's width (half
+    values: float32 keys 2^16 or 2^13 apart), except in the lowest bucket when keys more than 16 octaves down
+    were clamped into it ("clamped": bf16 values, a third of them tiny and distinct), and not where a bucket
+    is wider than the keys' spacing ("two_keys_a_bucket": fp16 values 1-2 steps apart, buckets 2 steps wide).
+    (A bucket's counts bound its keys' ranks either way: taken for a bucket of several keys they would only
+    send more draws to the replay, so these masks check the bits, :func:`test_common_low_bits_and_clamping`
+    the rule.)"""
+    rng = np.random.default_rng(15)
+    if rows == "clamped":
+        big = np.abs(rng.standard_normal((200, 2816)))
+        tiny = 2.0 ** rng.uniform(-40, -24, (200, 2816))
+        values = torch.from_numpy(np.where(rng.random((200, 2816)) < 0.35, tiny, big).astype(np.float32)).bfloat16()
+    else:  # 100 entries a row on 300 fp16 steps of [1, 1.3): key span 2^13 * 300, 200 buckets of 2^14
+        values = (1 + torch.from_numpy(rng.integers(0, 300, (3000, 100))).float() * 2.0**-10).half()
+    for density, epsilon, seed in [(0.5, 0.1, 0), (0.3, 0.25, 1), (0.7, 0.2, 2)]:
+        got = M.della_mask(values, density, M.random_stream(seed), epsilon=epsilon)
+        assert torch.equal(got, _reference(values, density, epsilon, seed)), (density, epsilon)
+
+
+def test_common_low_bits_and_clamping():
+    """select._common_low_bits: the low bits every key shares with the first (numpy: trailing zeros of their
+    xor); select._below: whether a key lies below ``low``."""
+    rng = np.random.default_rng(16)
+    for values in (rng.standard_normal(500).astype(np.float32), torch.randn(500).bfloat16().float().numpy(),
+                   torch.randn(500).half().float().numpy(), np.full(500, 0.5, np.float32), np.abs(rng.standard_normal(500)).astype(np.float32)):
+        keys = np.empty(values.size, np.uint32)
+        low, _, _ = S._row_keys(values, keys)
+        differ = np.bitwise_or.reduce(keys ^ keys[0])
+        want = 32 if differ == 0 else (int(differ) & -int(differ)).bit_length() - 1
+        assert S._common_low_bits(keys) == want
+        assert S._below(keys, low) == bool(keys.min() < low) and not S._below(keys, keys.min())
+
+
 def test_rows_with_nan_use_torch_ranks():
     magnitude = _values("ints", (20, 300), np.random.default_rng(8))
     magnitude[3, 7] = float("nan")
