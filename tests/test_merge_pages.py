@@ -185,6 +185,43 @@ def test_kernel_passes_keep_one_window_of_mapped_inputs_and_output_resident(tmp_
             pages.forget(mapped)
 
 
+def test_reread_keeps_inputs_up_to_the_threads_bound(tmp_path):
+    """pages.reread gives back inputs over RESIDENT bytes, or over the bound a thread set (resident_up_to, restored
+    on leaving, nested, not seen by other threads); under 0 a |delta| pass leaves only its last window of a
+    small mapped input resident, by default all of it."""
+    import threading
+
+    small, large = torch.zeros(8), torch.zeros(pages.RESIDENT // 4 + 1)
+    assert pages.reread(small, large) == (large,)
+    with pages.resident_up_to(0):
+        assert len(pages.reread(small, large)) == 2
+        with pages.resident_up_to(pages.RESIDENT):
+            assert pages.reread(small, large) == (large,)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(len(pages.reread(small, large))))
+        thread.start()
+        thread.join()
+        assert seen == [1] and len(pages.reread(small)) == 1
+    assert pages.reread(small, large) == (large,)
+    n, window = 256 * PAGE // 4, 16 * PAGE // 4
+    g = torch.Generator().manual_seed(4)
+    inputs = [_mapped(_file(tmp_path / f"in{i}.bin", torch.randn(n, generator=g)), n) for i in range(2)]
+    for _, mapped in inputs:
+        pages.track(mapped)
+    (t, _), (base, _) = inputs
+    try:
+        for bound, most in ((pages.RESIDENT, n * 4 // 1024), (0, window * 4 // 1024)):
+            for _, mapped in inputs:
+                mapped.madvise(mmap.MADV_DONTNEED)
+            with pages.resident_up_to(bound):
+                for start, stop in pages.windows(n, window, *pages.reread(t, base)):
+                    t[start:stop].sum() + base[start:stop].sum()
+            assert _rss_kb(t) <= most and _rss_kb(base) <= most and (bound == 0 or _rss_kb(t) == most)
+    finally:
+        for _, mapped in inputs:
+            pages.forget(mapped)
+
+
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_in_windows_keeps_mergekits_bits_and_few_mapped_pages(tmp_path, monkeypatch, filter_wise):
     """Windows of 16 pages (the last one short, rows split across windows when flat): the whole-tensor bits,

@@ -289,6 +289,36 @@ def test_the_engine_parks_scratch_only_until_its_last_larger_job(tmp_path, monke
     assert torch.equal(load_merged(tmp_path / "out1"), load_merged(tmp_path / "out2"))
 
 
+def test_larger_jobs_give_their_inputs_pages_back_between_passes(tmp_path, monkeypatch):
+    """The engine runs jobs over the typical job's size under pages.resident_up_to(0) (their inputs' pages go
+    back behind each pass, whatever their size) and the others under RESIDENT; the merged bits are the same."""
+    import mergescope as ms
+    from mergescope.io import save
+    from mergescope.merge import engine, pages
+
+    g = torch.Generator().manual_seed(5)
+    for name in ("base", "a", "b"):
+        state = {"embed.weight": torch.randn(300, 64, generator=g)}
+        state.update({f"layers.{i}.w": torch.randn(64, 64, generator=g) for i in range(20)})  # the typical job
+        save(state, tmp_path / name)
+    recipe = (f"merge_method: ties\nbase_model: {tmp_path}/base\nmodels:\n"
+              f"  - {{model: {tmp_path}/a, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+              f"  - {{model: {tmp_path}/b, parameters: {{weight: 0.5, density: 0.3}}}}\n")
+    bounds, run_job = {}, engine.run_job
+
+    def recording(job, *args, **kwargs):
+        bounds[job.name] = getattr(pages._local, "resident", pages.RESIDENT)
+        return run_job(job, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_job", recording)
+    ms.merge(recipe, tmp_path / "out", threads=2)
+    assert bounds.pop("embed.weight") == 0 and set(bounds.values()) == {pages.RESIDENT} and len(bounds) == 20
+    monkeypatch.setattr(engine, "run_job", run_job)
+    monkeypatch.setattr(pages, "resident_up_to", lambda nbytes: __import__("contextlib").nullcontext())
+    ms.merge(recipe, tmp_path / "kept", threads=2)
+    assert torch.equal(load_merged(tmp_path / "out"), load_merged(tmp_path / "kept"))
+
+
 def load_merged(folder):
     from mergescope.io import load
 

@@ -569,7 +569,9 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
         into = slot.tensor if slot is not None else reused_result(job, offset, index) if in_place or job.copy else None
         try:
             finite.forget()
-            out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed, into=into)
+            larger = math.prod(job.shape) > kept_entries  # its inputs' pages go back between passes too
+            with pages.resident_up_to(0 if larger else pages.RESIDENT):
+                out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed, into=into)
             if not allow_nonfinite and not finite.vouched(out):  # else its kernel counted as it stored
                 check_finite(job.name, out)
             if slot is None:
