@@ -149,16 +149,19 @@ def test_in_place_method_writes_through_the_map_same_bytes_as_pwrite(models, tmp
 
 def test_default_maps_large_results_with_two_threads_and_pwrites_with_one(models, tmp_path, monkeypatch, in_place,
                                                                           pwrites):
-    """By default (2 threads) only results over pages.RESIDENT bytes go through the map (here the embedding, 2560
-    bytes, and q_proj, 1536); the layernorms (64 bytes) and the copied position ids (96) are pwritten from the
-    worker's buffer; with 1 thread everything is; the bytes are the same."""
+    """By default (2 threads) only results over pages.RESIDENT bytes or the typical job's size go through the map
+    (here the embedding, 2560 bytes, and q_proj, 1536); the layernorms (64 bytes) and the copied position ids (96)
+    are pwritten from the worker's buffer; with 1 thread everything is; the bytes are the same. A result over the
+    typical job's size under RESIDENT goes through the map too."""
     monkeypatch.delenv(engine.WRITE_ENV)
     monkeypatch.setattr(pages, "RESIDENT", 1024)
     ms.merge(_recipe(tmp_path), tmp_path / "two", threads=2, max_shard_size="1KB")
     headers = [8 + int.from_bytes(p.read_bytes()[:8], "little") for p in (tmp_path / "two").glob("model-*")]
     assert all(in_place) and sorted(pwrites) == sorted(headers + [16 * 4] * LAYERS + [12 * 8])
-    assert [engine.through_slot(j) for j in _jobs(tmp_path, "model.embed_tokens.weight", "model.position_ids")] == [
-        True, False]
+    embed, ids = _jobs(tmp_path, "model.embed_tokens.weight", "model.position_ids")
+    assert [engine.through_slot(j, 10**6) for j in (embed, ids)] == [True, False]
+    monkeypatch.setattr(pages, "RESIDENT", 10**6)
+    assert [engine.through_slot(j, 12) for j in (embed, ids)] == [True, False]  # 640 and 12 entries
     in_place.clear()
     ms.merge(_recipe(tmp_path), tmp_path / "one", threads=1, max_shard_size="1KB")
     # one thread: out= is the worker's reused result buffer, whose bytes then go out by pwrite

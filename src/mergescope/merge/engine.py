@@ -60,8 +60,8 @@ from .writer import PlannedWriter
 
 LOG = logging.getLogger("mergescope.merge")
 MIN_BUDGET = 256 * 10**6
-# How results reach the output shards: unset ("auto"): with 2+ threads results over pages.RESIDENT bytes
-# through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite (docs/merge.md
+# How results reach the output shards: unset ("auto"): with 2+ threads results over pages.RESIDENT bytes or the
+# typical job's size through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite (docs/merge.md
 # measures both); "mapped" or "pwrite" forces one path (the tests compare both paths' bytes).
 WRITE_ENV = "MERGESCOPE_WRITE"
 # "0": every pwritten result goes through the page cache; else their whole pages go past it (O_DIRECT, where the
@@ -75,13 +75,16 @@ def maps_output(threads: int) -> bool:
     return mode == "mapped" or (mode != "pwrite" and threads > 1)
 
 
-def through_slot(job: planning.Job) -> bool:
+def through_slot(job: planning.Job, typical: int) -> bool:
     """Whether a job's result goes into its mapped slot (where the shard is mapped): one over pages.RESIDENT
-    bytes, or any with ``WRITE_ENV=mapped``. Why: a smaller one is computed in the worker's reused buffer and
-    pwritten, which skips the shared map's first-touch faults (two workers faulting one shard's map cost ~1 s
-    of system time in a bf16 linear merge writing 0.54 GB); a larger one keeps the map, whose pages go back
-    window by window, so no result buffer grows with the model's largest tensor."""
-    return os.environ.get(WRITE_ENV) == "mapped" or math.prod(job.shape) * job.dtype.itemsize > pages.RESIDENT
+    bytes or over ``typical`` entries (typical_entries: an embedding, an LM head), or any with
+    ``WRITE_ENV=mapped``. Why: a smaller one is computed in the worker's reused buffer and pwritten, which skips
+    the shared map's first-touch faults (two workers faulting one shard's map cost ~1 s of system time in a bf16
+    linear merge writing 0.54 GB); a larger one keeps the map, whose pages go back window by window, so no
+    result buffer grows with the model's largest tensors (4 x 0.54 GB bf16 breadcrumbs: two 65.5 MB result
+    buffers for its embedding and LM head, peak RSS 0.88 -> 0.77 GB through the map, walls within noise)."""
+    return (os.environ.get(WRITE_ENV) == "mapped" or math.prod(job.shape) * job.dtype.itemsize > pages.RESIDENT
+            or math.prod(job.shape) > typical)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -563,7 +566,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
         maps = JobMaps()
         # Only a method writing into ``out=`` (and a plain copy) goes through the mapped slot: copying
         # another method's finished result into the map measured no faster than pwrite (docs/merge.md).
-        slot = writer.slot(job.name) if (in_place or job.copy) and through_slot(job) else None
+        slot = writer.slot(job.name) if (in_place or job.copy) and through_slot(job, kept_entries) else None
         index = writes.next_buffer() if slot is None else 0
         offset = writer.extent(job.name)[1] if direct else None
         into = slot.tensor if slot is not None else reused_result(job, offset, index) if in_place or job.copy else None

@@ -101,12 +101,15 @@ def resident_up_to(nbytes: int):
     Why: the engine passes 0 for its few jobs over the typical job's size (an embedding, an LM head), whose
     inputs under RESIDENT stayed resident whole between passes: 4 x 0.54 GB bf16 ties held its LM head's four
     65.5 MB inputs at once, 262 MB of its 0.69 GB peak over the baseline (peak RSS 0.59x MergeKit's)."""
-    before = getattr(_local, "resident", RESIDENT)
+    before = getattr(_local, "resident", None)
     _local.resident = nbytes
     try:
         yield
     finally:
-        _local.resident = before
+        if before is None:
+            del _local.resident  # RESIDENT again, as it is then
+        else:
+            _local.resident = before
 
 
 def _find(lo: int, hi: int) -> tuple[int, mmap.mmap] | None:
