@@ -351,7 +351,12 @@ def test_ctrl_c_mid_sweep_then_resume_loses_and_duplicates_nothing(zoo, tmp_path
     names = [f"m{i}.safetensors" for i in range(5)]  # 10 pairs
     spec_file = write(zoo, "long.yaml", {"kind": "barrier_matrix", "checkpoints": names, "points": 120})
     out = tmp_path / "long.jsonl"
-    cli = [sys.executable, "-m", "mergescope", "-q", "sweep", str(spec_file), "-o", str(out), "-w", "1"]
+    # Ctrl-C in a terminal reaches a process whose SIGINT is the default; a parent started in the background by a
+    # non-interactive shell (`cmd &`, as a CI runner may start the suite) hands its children SIGINT ignored, and
+    # Python then leaves it ignored: the CLI slept through the signal. The CLI here starts with the default.
+    terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv[0] = 'mergescope'; runpy.run_module('mergescope', run_name='__main__', alter_sys=True)")
+    cli = [sys.executable, "-c", terminal, "-q", "sweep", str(spec_file), "-o", str(out), "-w", "1"]
     env = {**os.environ, sweep.HOLD_ENV: str(tmp_path / "never-created"), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cli, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
