@@ -292,6 +292,8 @@ def test_the_engine_parks_scratch_only_until_its_last_larger_job(tmp_path, monke
 def test_larger_jobs_give_their_inputs_pages_back_between_passes(tmp_path, monkeypatch):
     """The engine runs jobs over the typical job's size under pages.resident_up_to(0) (their inputs' pages go
     back behind each pass, whatever their size) and the others under RESIDENT; the merged bits are the same."""
+    import contextlib
+
     import mergescope as ms
     from mergescope.io import save
     from mergescope.merge import engine, pages
@@ -314,7 +316,7 @@ def test_larger_jobs_give_their_inputs_pages_back_between_passes(tmp_path, monke
     ms.merge(recipe, tmp_path / "out", threads=2)
     assert bounds.pop("embed.weight") == 0 and set(bounds.values()) == {pages.RESIDENT} and len(bounds) == 20
     monkeypatch.setattr(engine, "run_job", run_job)
-    monkeypatch.setattr(pages, "resident_up_to", lambda nbytes: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(pages, "resident_up_to", lambda nbytes: contextlib.nullcontext())  # RESIDENT for every job
     ms.merge(recipe, tmp_path / "kept", threads=2)
     assert torch.equal(load_merged(tmp_path / "out"), load_merged(tmp_path / "kept"))
 
