@@ -90,17 +90,22 @@ def test_bucket_counts_stand_for_a_key_only_where_a_bucket_holds_one_key(rows):
 
 
 def test_common_low_bits_and_clamping():
-    """select._common_low_bits: the low bits every key shares with the first (numpy: trailing zeros of their
-    xor); select._below: whether a key lies below ``low``."""
+    """select._row_keys' clamping flag (some key below the lowest bucket's) and the bits in which the keys differ,
+    and select._common_low_bits of those: the low bits every key shares with the first (numpy: trailing zeros of
+    their xor with it)."""
     rng = np.random.default_rng(16)
+    clamps = set()
     for values in (rng.standard_normal(500).astype(np.float32), torch.randn(500).bfloat16().float().numpy(),
-                   torch.randn(500).half().float().numpy(), np.full(500, 0.5, np.float32), np.abs(rng.standard_normal(500)).astype(np.float32)):
+                   torch.randn(500).half().float().numpy(), np.full(500, 0.5, np.float32),
+                   np.abs(rng.standard_normal(500)).astype(np.float32)):
         keys = np.empty(values.size, np.uint32)
-        low, _, _ = S._row_keys(values, keys)
-        differ = np.bitwise_or.reduce(keys ^ keys[0])
-        want = 32 if differ == 0 else (int(differ) & -int(differ)).bit_length() - 1
-        assert S._common_low_bits(keys) == want
-        assert S._below(keys, low) == bool(keys.min() < low) and not S._below(keys, keys.min())
+        low, _, _, clamped, differ = S._row_keys(values, keys)
+        want_differ = np.bitwise_or.reduce(keys ^ keys[0])
+        want = 32 if want_differ == 0 else (int(want_differ) & -int(want_differ)).bit_length() - 1
+        assert differ == want_differ and S._common_low_bits(differ) == want
+        assert clamped == bool(keys.min() < low)
+        clamps.add(bool(clamped))
+    assert clamps == {False, True}
 
 
 def test_rows_with_nan_use_torch_ranks():

@@ -61,8 +61,8 @@ from .writer import PlannedWriter
 LOG = logging.getLogger("mergescope.merge")
 MIN_BUDGET = 256 * 10**6
 # How results reach the output shards: unset ("auto"): with 2+ threads results over pages.RESIDENT bytes or the
-# typical job's size through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite (docs/merge.md
-# measures both); "mapped" or "pwrite" forces one path (the tests compare both paths' bytes).
+# typical job's size through mapped slots, smaller ones by pwrite (through_slot); with 1 thread all by pwrite
+# (docs/merge.md measures both); "mapped" or "pwrite" forces one path (the tests compare both paths' bytes).
 WRITE_ENV = "MERGESCOPE_WRITE"
 # "0": every pwritten result goes through the page cache; else their whole pages go past it (O_DIRECT, where the
 # file system takes it: io/writer.direct_span; docs/merge.md measures both).
@@ -564,6 +564,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
 
     def work(job):
         maps = JobMaps()
+        larger = math.prod(job.shape) > kept_entries  # an embedding, an LM head: fresh scratch, parked after
         # Only a method writing into ``out=`` (and a plain copy) goes through the mapped slot: copying
         # another method's finished result into the map measured no faster than pwrite (docs/merge.md).
         slot = writer.slot(job.name) if (in_place or job.copy) and through_slot(job, kept_entries) else None
@@ -572,8 +573,7 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
         into = slot.tensor if slot is not None else reused_result(job, offset, index) if in_place or job.copy else None
         try:
             finite.forget()
-            larger = math.prod(job.shape) > kept_entries  # its inputs' pages go back between passes too
-            with pages.resident_up_to(0 if larger else pages.RESIDENT):
+            with pages.resident_up_to(0 if larger else pages.RESIDENT):  # its inputs' pages go back between passes
                 out = run_job(job, plan, lambda i, name: maps.tensor(locators[i], name), dtype, seed, into=into)
             if not allow_nonfinite and not finite.vouched(out):  # else its kernel counted as it stored
                 check_finite(job.name, out)
@@ -590,10 +590,10 @@ def _execute(plan, ckpts, writer, dtype, seed, threads, on_tensor, allow_nonfini
             into = None  # a view of the slot's map: gone before the slot unmaps
             if slot is not None:
                 slot.close()
-            elif math.prod(job.shape) > kept_entries:  # its result buffer is let go below, maybe parked for another
+            elif larger:  # its result buffer is let go below, maybe parked for another
                 writes.drain(index)  # worker's next job: its write must be done first
             with lock:  # one step with the count: no buffer parked after the last larger job cleared them
-                larger_left[0] -= math.prod(job.shape) > kept_entries
+                larger_left[0] -= larger
                 # kept: up to the typical job's size (+ the result's alignment pad); larger ones parked for the next
                 scratch.trim(kept_entries + DIRECT_ALIGN, park=larger_left[0] > 0)  # larger job, on either worker
                 if larger_left[0] == 0:

@@ -827,37 +827,31 @@ _OCTAVES = 16  # keys more than this many octaves below a row's largest share it
 @jit
 def _row_keys(row, keys):
     """Order-preserving uint32 keys of a float32 row (-0.0 as 0.0, so equal values share a key) into ``keys``;
-    the smallest key that still gets its own buckets, the largest, and whether the row holds a NaN."""
+    the smallest key that still gets its own buckets, the largest, whether the row holds a NaN, whether keys
+    below that smallest were clamped into the lowest bucket, and the bits in which the keys differ (set in some,
+    clear in another: :func:`_common_low_bits`)."""
     low, high, nan = np.uint32(0xFFFFFFFF), np.uint32(0), False
+    some, every = np.uint32(0), np.uint32(0xFFFFFFFF)  # bits set in some key / in every key
     for j in range(row.shape[0]):
         u = np.uint32(np.float32(row[j] + np.float32(0.0)).view(np.uint32))
         key = ~u if u >> 31 else u | np.uint32(0x80000000)
         keys[j] = key
         low, high, nan = min(low, key), max(high, key), nan | (row[j] != row[j])
+        some, every = some | key, every & key
     span = np.uint32(_OCTAVES << 23)  # 2^23 keys per octave of positive floats
-    return (max(low, high - span) if high >= span else low), high, nan
+    bottom = max(low, high - span) if high >= span else low
+    return bottom, high, nan, low < bottom, some ^ every
 
 
 @jit
-def _common_low_bits(keys):
-    """How many low bits every key shares with the first (all keys then differ by multiples of 2^that: float32
-    keys of bf16 values by 2^16, of fp16 ones by 2^13); 32 when all keys are equal."""
-    first, differ = keys[0], np.uint32(0)
-    for j in range(keys.shape[0]):
-        differ |= keys[j] ^ first
+def _common_low_bits(differ):
+    """How many low bits all keys share, from the bits in which they differ (its trailing zeros: all keys then
+    differ by multiples of 2^that, float32 keys of bf16 values by 2^16, of fp16 ones by 2^13); 32 when all keys
+    are equal."""
     width = np.uint32(0)
     while width < np.uint32(32) and (differ >> width) & np.uint32(1) == 0:
         width += np.uint32(1)
     return width
-
-
-@jit
-def _below(keys, low):
-    """Whether some key lies below ``low`` (clamped into the lowest bucket)."""
-    smallest = keys[0]
-    for j in range(keys.shape[0]):
-        smallest = min(smallest, keys[j])
-    return smallest < low
 
 
 @jit
@@ -932,7 +926,7 @@ def _draw_rank_mask(block, draws, probs, above, keep, ok, classes, starts):
     cuts = np.empty(m, np.int64)
     for r in range(block.shape[0]):
         row_draws, row_keep = draws[r], keep[r]
-        low, high, nan = _row_keys(block[r], keys)
+        low, high, nan, clamped, differ = _row_keys(block[r], keys)
         ok[r] = not nan  # a row with NaN: torch's own ranks
         if nan:
             continue
@@ -952,8 +946,7 @@ def _draw_rank_mask(block, draws, probs, above, keep, ok, classes, starts):
         # by multiples of 2^16, of fp16 ones 2^13), so its counts are that key's, except the lowest bucket's
         # when keys below ``low`` were clamped into it; else each open draw counts its row (one pass). bf16
         # della's masks of a 1024 x 2816 |delta| (~8 draws a row open): 30.8-32.2 -> 28.1-28.4 ms
-        single = n_open > 0 and shift <= _common_low_bits(keys)
-        clamped = single and _below(keys, low)
+        single = shift <= _common_low_bits(differ)
         n_tied = 0
         for h in range(n_open):
             j = open_draws[h]
