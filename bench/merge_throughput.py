@@ -142,6 +142,14 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
+def paired_ratios(runs: dict, method: str, against: str = "linear") -> list[float]:
+    """Per repeat, the method's durable wall over ``against``'s in the same repeat, sorted. Why: the two ran
+    minutes apart at most, so a drift of the shared machine between repeats cancels in the ratio, and the
+    spread of the ratios says whether a target such as 1.5x linear is met or a tie within noise."""
+    ours, other = runs.get(f"mergescope:{method}", []), runs.get(f"mergescope:{against}", [])
+    return sorted(round((a["wall_s"] + a["sync_s"]) / (b["wall_s"] + b["sync_s"]), 3) for a, b in zip(ours, other))
+
+
 def input_set(method: str, folders: list[Path]) -> str:
     """The models a method's recipe reads, as a key ("base+ft1", "ft1+ft2+ft3", ...)."""
     text = mvm.recipe(method, folders)
@@ -247,8 +255,9 @@ def table(measured: dict, methods: list[str]) -> dict:
                 else None)
         rows[method] = row
     linear = rows.get("linear")
-    for row in rows.values():  # issue 20: the sparsifying methods within 1.5x linear's wall
+    for method, row in rows.items():  # issue 20: the sparsifying methods within 1.5x linear's wall
         row["vs_linear"] = round(row["mergescope"]["durable_s"] / linear["mergescope"]["durable_s"], 3) if linear else None
+        row["vs_linear_paired"] = paired_ratios(measured["runs"], method) if linear else []
     return {"floors": floor, "methods": rows,
             "fsync_cost": fsync_cost(measured["runs"])}
 
@@ -265,21 +274,28 @@ def fsync_cost(runs: dict) -> dict | None:
             "engine_cost_s": round(on_row["seconds"] - off_row["seconds"], 3)}
 
 
+def paired_text(ratios: list[float] | None) -> str:
+    """'median (lowest-highest)' of paired ratios; '-' for none."""
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def print_table(results: dict) -> None:
     for key, f in results["floors"].items():
         print(f"copy floor {key}: read {f['in_bytes'] / 1e9:.2f} GB, write {results['out_bytes'] / 1e9:.2f} GB: "
               f"durable {f['durable_s']:.2f} s = {f['durable_gbps']:.2f} GB/s of input, buffered {f['buffered_s']:.2f} s "
               f"= {f['buffered_gbps']:.2f} GB/s")
-    print(f"{'method':16s} {'ours s':>7s} {'/lin':>5s} {'frac':>5s} {'steady':>6s} {'1st s':>5s} {'RSS GB':>6s} "
-          f"{'MK s':>7s} {'MK frac':>7s} {'ratio':>5s} {'MK RSS':>6s}")
+    print(f"{'method':16s} {'ours s':>7s} {'/lin':>5s} {'paired /lin':>16s} {'frac':>5s} {'steady':>6s} {'1st s':>5s} "
+          f"{'RSS GB':>6s} {'MK s':>7s} {'MK frac':>7s} {'ratio':>5s} {'MK RSS':>6s}")
     for method, r in results["methods"].items():
         o, mk = r["mergescope"], r.get("mergekit")
         steady = "-" if r["steady_fraction"] is None else f"{r['steady_fraction']:.2f}"
         mk_cols = (f"{mk['durable_s']:7.1f} {r['mergekit_fraction']:7.2f} {r['wall_ratio']:5.2f} {mk['peak_rss_gb']:6.2f}"
                    if mk else f"{'-':>7s} {'-':>7s} {'-':>5s} {'-':>6s}")
         lin = "-" if r.get("vs_linear") is None else f"{r['vs_linear']:.2f}"
-        print(f"{method:16s} {o['durable_s']:7.1f} {lin:>5s} {r['fraction']:5.2f} {steady:>6s} {o['first_tensor_s']:5.2f} "
-              f"{o['peak_rss_gb']:6.2f} {mk_cols}")
+        print(f"{method:16s} {o['durable_s']:7.1f} {lin:>5s} {paired_text(r.get('vs_linear_paired')):>16s} "
+              f"{r['fraction']:5.2f} {steady:>6s} {o['first_tensor_s']:5.2f} {o['peak_rss_gb']:6.2f} {mk_cols}")
     for method, r in results["methods"].items():
         if "cached" in r:
             c, o = r["cached"], r["mergescope"]
