@@ -345,6 +345,50 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SPARSIFYING = ("ties", "dare_ties", "breadcrumbs", "della")
+
+
+def fixture_label(results: dict) -> str:
+    """'4 x 1.07 GB fp32' for a results file."""
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[results.get("dtype", "float32")]
+    return f"4 x {results['out_bytes'] / 1e9:.2f} GB {dtype}"
+
+
+def plot_vs_linear(named: list[tuple[str, dict]], path: Path, values: Path) -> None:
+    """The TIES family's walls over linear's, paired per repeat (:func:`paired_ratios`), one group of bars per
+    results file: the median, a line from the lowest to the highest repeat, the 1.5x target; the plotted ratios
+    go to ``values`` (JSON). Why: whether a target is met, missed or a tie within noise reads off the line
+    crossing 1.5, not off a table of medians."""
+    values.parent.mkdir(parents=True, exist_ok=True)
+    values.write_text(json.dumps({name: {"fixture": fixture_label(r), **{m: paired_ratios(r["runs"], m)
+                                                                         for m in SPARSIFYING}}
+                                  for name, r in named}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(SPARSIFYING)
+    for g, (_, results) in enumerate(named):
+        for m, method in enumerate(SPARSIFYING):
+            ratios = paired_ratios(results["runs"], method)
+            if not ratios:
+                continue
+            x, mid = g + (m - (len(SPARSIFYING) - 1) / 2) * width, statistics.median(ratios)
+            ax.bar(x, mid, width * 0.9, color=f"C{m}", label=method if g == 0 else None)
+            ax.vlines(x, ratios[0], ratios[-1], color="black", lw=1.2)
+    ax.axhline(1.5, color="grey", lw=0.8, ls="--", label="target 1.5x")
+    ax.set_xticks(range(len(named)), [f"{name}\n{fixture_label(r)}" for name, r in named], fontsize=8)
+    ax.set_ylabel("durable wall / linear's, same repeat")
+    ax.set_title("TIES family against linear, per repeat: median and lowest-highest of each pass's repeats", fontsize=9)
+    ax.legend(fontsize=8, ncol=5)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(mvm.SIZES), default="1gb", help="Per-model fixture size.")
@@ -363,7 +407,16 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=mvm.OUT / "fixture")
     parser.add_argument("--tag", default="", help="Appended to the result and figure names (a pass over some methods "
                                                   "beside a full one).")
+    parser.add_argument("--vs-linear-figure", nargs="+", type=Path, metavar="RESULTS_JSON",
+                        help="Only draw docs/img/merge_vs_linear_paired.png (values: bench/results/"
+                             "merge_vs_linear_paired.json) from saved results files; no runs.")
     args = parser.parse_args(argv)
+    if args.vs_linear_figure:
+        named = [(path.stem.removeprefix("merge_throughput_"), json.loads(path.read_text()))
+                 for path in args.vs_linear_figure]
+        plot_vs_linear(named, FIGURE.with_name("merge_vs_linear_paired.png"),
+                       RESULTS.with_name("merge_vs_linear_paired.json"))
+        return 0
     args.mergekit_repeats = args.repeats if args.mergekit_repeats is None else args.mergekit_repeats
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     mvm.OUT.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,14 @@ def test_paired_ratios_are_sorted_and_missing_runs_give_none(bench):
     assert bench.paired_ratios(runs, "della") == []
     assert bench.paired_text([1.3, 1.5, 1.6]) == "1.50 (1.30-1.60)"
     assert bench.paired_text([]) == "-"
+
+
+def test_vs_linear_figure_plots_and_saves_the_paired_ratios(bench, tmp_path):
+    runs = {"mergescope:linear": [_run(2.0, 0.0), _run(4.0, 0.0)],
+            "mergescope:ties": [_run(3.0, 0.0), _run(5.0, 0.0)]}
+    results = {"dtype": "bfloat16", "out_bytes": 540_000_000, "runs": runs}
+    figure, values = tmp_path / "fig.png", tmp_path / "values.json"
+    bench.plot_vs_linear([("pass", results)], figure, values)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(values.read_text())["pass"]
+    assert saved["fixture"] == "4 x 0.54 GB bf16" and saved["ties"] == [1.25, 1.5] and saved["della"] == []
