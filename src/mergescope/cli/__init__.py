@@ -99,7 +99,11 @@ def script() -> int:
     """The ``mergescope`` executable: :func:`main`, then what the command created (numba's typing registries:
     ~10^5 objects) is put out of the interpreter's shutdown collections too, as the imports were: a bf16
     model_stock merge's process ended ~0.9 s after its last line, ~0.4 s so. Not in :func:`main`, which
-    callers may run many times in one process."""
+    callers may run many times in one process. Only here, numba's probe for BLAS is skipped (merge/blas_probe.py:
+    ~0.19 s of a merge's start-up; no kernel calls BLAS)."""
+    from ..merge import blas_probe
+
+    blas_probe.PROBE = False
     code = main()
     gc.freeze()
     return code

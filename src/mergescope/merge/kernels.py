@@ -28,7 +28,9 @@ import torch
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
-from . import finite, pages
+from . import blas_probe, finite, pages
+
+blas_probe.apply()  # before numba's CPU target loads: the executable skips its scipy import (merge/blas_probe.py)
 
 Tensor = torch.Tensor
 BLOCK = 2048  # entries per block of the bf16 loops: the per-block scratch stays in L1/L2
