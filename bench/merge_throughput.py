@@ -8,8 +8,9 @@ runs as a separate process for mergescope (``merge --json``: the engine's own ti
 time to the first merged tensor and the steady-state input bytes/s after it) and for MergeKit
 (``mergekit-yaml``). Every run starts after ``sync`` and is timed with its own output synced
 (mergescope syncs its shards itself; a no-op sync after it is timed too). Tools alternate within
-each repeat; rows are medians of ``--repeats``. ``linear --no-fsync`` runs beside ``linear`` to
-measure what the per-shard fsync costs. Fixture: bench/merge_vs_mergekit.py's Llama-shaped fp32
+each repeat; rows are medians of ``--repeats``, and each method's wall over linear's is also taken per
+repeat ("paired /lin": median and range; ``--vs-linear-figure`` draws them from saved results files).
+``linear --no-fsync`` runs beside ``linear`` to measure what the per-shard fsync costs. Fixture: bench/merge_vs_mergekit.py's Llama-shaped fp32
 models (base + 3 fine-tunes).
 
     .venv/bin/python bench/merge_throughput.py --size 250mb --repeats 3

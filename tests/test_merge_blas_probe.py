@@ -46,6 +46,7 @@ def test_executable_merges_without_importing_scipy_linalg(tmp_path):
         expect = 0.3 * a[name].double() + 0.7 * b[name].double()
         assert (out[name].double() - expect).abs().max() < 1e-6
 
+
 def test_library_process_keeps_the_probe():
     code = ("import sys, torch; from mergescope.merge import kernels; "
             "out = torch.empty(4); kernels.lerp(out, torch.ones(4), torch.ones(4), 0.5, 0.5); "
