@@ -51,3 +51,44 @@ def test_vs_linear_figure_plots_and_saves_the_paired_ratios(bench, tmp_path):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(values.read_text())["pass"]
     assert saved["fixture"] == "4 x 0.54 GB bf16" and saved["ties"] == [1.25, 1.5] and saved["della"] == []
+
+
+@pytest.fixture(scope="module")
+def ab():
+    path = Path(__file__).resolve().parents[1] / "bench" / "ab_compare.py"
+    spec = importlib.util.spec_from_file_location("ab_compare_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_interval_finds_a_shift_the_rounds_share(ab):
+    # each round's machine speed differs (1.0 .. 1.7 s) but B is 0.1 s faster in every round
+    a = [1.0, 1.7, 1.2, 1.5, 1.1, 1.6, 1.3, 1.4]
+    b = [x - 0.1 for x in a]
+    mid, low, high = ab.paired_interval(a, b)
+    assert mid == pytest.approx(-0.1) and low == pytest.approx(-0.1) and high == pytest.approx(-0.1)
+    assert ab.verdict(low, high, larger_is_better=False) == "B better"
+    assert ab.verdict(low, high, larger_is_better=True) == "B worse"
+
+
+def test_paired_interval_calls_a_tie_when_the_differences_straddle_zero(ab):
+    a = [2.0, 2.1, 2.2, 2.3, 2.0, 2.1, 2.2, 2.3]
+    b = [2.05, 2.0, 2.3, 2.25, 2.1, 2.0, 2.25, 2.35]  # differences +0.05, -0.1, +0.1, -0.05, +0.1, -0.1, +0.05, +0.05
+    mid, low, high = ab.paired_interval(a, b)
+    assert mid == pytest.approx(0.05)  # the median of the eight differences, by hand
+    assert low < 0 < high and ab.verdict(low, high, larger_is_better=False) == "tie within noise"
+    with pytest.raises(ValueError):
+        ab.paired_interval(a, b[:-1])
+
+
+def test_paired_interval_is_the_sign_tests(ab):
+    """Order statistics of the differences: with 8 pairs [d_(1), d_(8)] (coverage 1 - 2/256 = 99.2 %; [d_(2), d_(7)]
+    covers only 1 - 18/256 = 93 %), with 20 pairs [d_(6), d_(15)] (1 - 2 P(Bin(20, 1/2) <= 5) = 95.9 %; [d_(7),
+    d_(14)] 88.5 %); with 4 pairs no interval reaches 95 %: the whole range."""
+    diffs = [0.5, -0.3, 0.2, 0.1, -0.2, 0.4, 0.3, 0.0]
+    mid, low, high = ab.paired_interval([0.0] * 8, diffs)
+    assert (low, high) == (-0.3, 0.5) and mid == pytest.approx(0.15)
+    twenty = [i / 10 for i in range(20)]
+    assert ab.paired_interval([0.0] * 20, twenty[::-1])[1:] == (0.5, 1.4)
+    assert ab.paired_interval([0.0] * 4, [0.4, 0.1, 0.3, 0.2])[1:] == (0.1, 0.4)
