@@ -10,13 +10,18 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "merge_throughput.py"
-    spec = importlib.util.spec_from_file_location("merge_throughput_under_test", path)
+def _bench_module(name: str):
+    """A bench/ script loaded as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench_module("merge_throughput")
 
 
 def _run(wall: float, sync: float) -> dict:
@@ -55,11 +60,7 @@ def test_vs_linear_figure_plots_and_saves_the_paired_ratios(bench, tmp_path):
 
 @pytest.fixture(scope="module")
 def ab():
-    path = Path(__file__).resolve().parents[1] / "bench" / "ab_compare.py"
-    spec = importlib.util.spec_from_file_location("ab_compare_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module("ab_compare")
 
 
 def test_paired_interval_finds_a_shift_the_rounds_share(ab):
