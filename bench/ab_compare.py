@@ -22,12 +22,12 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge_throughput
 import merge_vs_mergekit as mvm
 
 RESULTS = mvm.ROOT / "bench" / "results" / "ab_{tag}.json"
@@ -49,10 +49,18 @@ def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> tupl
         raise ValueError("paired_interval needs two equally long, non-empty lists")
     diffs = sorted(y - x for x, y in zip(a, b))
     n = len(diffs)
+    k = sign_test_rank(n, level)[0]
+    return statistics.median(diffs), diffs[k - 1], diffs[n - k]
+
+
+def sign_test_rank(n: int, level: float = 0.95) -> tuple[int, float]:
+    """(k, coverage): the largest k whose interval [d_(k), d_(n+1-k)] still holds the median with probability
+    >= ``level`` (1 when none does), and that interval's coverage. Below ``level`` (fewer than 6 pairs at 95 %)
+    no verdict may be drawn from it."""
     k = 1
     while k + 1 <= (n + 1) // 2 and 1 - 2 * _binomial_below(n, k + 1) >= level:
         k += 1
-    return statistics.median(diffs), diffs[k - 1], diffs[n - k]
+    return k, 1 - 2 * _binomial_below(n, k)
 
 
 def _binomial_below(n: int, k: int) -> float:
@@ -69,28 +77,19 @@ def verdict(low: float, high: float, larger_is_better: bool) -> str:
 
 
 def run(src: Path, recipe: Path, out: Path, threads: int, shard: str) -> dict:
-    """One CLI merge with ``src`` first on the path: durable wall (the merge fsyncs its shards), CPU of the
-    process, the engine's report and a digest of the output's bytes."""
-    report = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "mergescope", "--quiet", "merge", str(recipe), str(out), "--random-seed", "0",
-           "--threads", str(threads), "--max-shard-size", shard, "--json", str(report)]
+    """One CLI merge with ``src`` first on the path (merge_throughput.run_mergescope: fsync on, its output's sync
+    timed too): durable wall, CPU of the process, the engine's report and a digest of the output's bytes."""
     shutil.rmtree(out, ignore_errors=True)
-    os.sync()
     before = os.times()
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(src)}, check=False)
-    wall = time.perf_counter() - start
+    row = merge_throughput.run_mergescope(recipe, out, threads, shard, True, {"PYTHONPATH": str(src)})
     after = os.times()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{src}: merge failed:\n{proc.stderr[-2000:]}")
-    engine = json.loads(report.read_text())
-    report.unlink()
-    row = {"wall_s": round(wall, 3),
-           "cpu_s": round((after.children_user - before.children_user) + (after.children_system - before.children_system), 3),
-           "first_tensor_s": engine["first_tensor_s"], "steady_bytes_per_s": engine["steady_bytes_per_s"],
-           "digest": digest(out)}
+    result = {"wall_s": round(row["wall_s"] + row["sync_s"], 3),
+              "cpu_s": round((after.children_user - before.children_user)
+                             + (after.children_system - before.children_system), 3),
+              "first_tensor_s": row["first_tensor_s"], "steady_bytes_per_s": row["steady_bytes_per_s"],
+              "digest": digest(out)}
     shutil.rmtree(out, ignore_errors=True)
-    return row
+    return result
 
 
 def digest(folder: Path) -> str:
@@ -108,11 +107,15 @@ def digest(folder: Path) -> str:
 def compare(runs: dict) -> dict:
     """Per measure: medians of A and B, the paired difference's median and interval, the verdict."""
     out = {}
+    n = len(runs["a"])
+    coverage = sign_test_rank(n)[1]
     for name, (get, larger_is_better) in MEASURES.items():
         a, b = [get(r) for r in runs["a"]], [get(r) for r in runs["b"]]
         mid, low, high = paired_interval(a, b)
+        call = (verdict(low, high, larger_is_better) if coverage >= 0.95
+                else f"too few rounds ({n}) for a 95 % interval")
         out[name] = {"a": statistics.median(a), "b": statistics.median(b), "b_minus_a": round(mid, 4),
-                     "interval": [round(low, 4), round(high, 4)], "verdict": verdict(low, high, larger_is_better)}
+                     "interval": [round(low, 4), round(high, 4)], "coverage": round(coverage, 4), "verdict": call}
     return out
 
 
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--a", type=Path, required=True, help="Version A's source tree (the folder holding mergescope/).")
     parser.add_argument("--b", type=Path, required=True, help="Version B's source tree.")
     parser.add_argument("--recipe", type=Path, required=True, help="A merge recipe (local paths).")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=8, help="Pairs; at least 6 for a verdict at 95 %%.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-shard-size", default="500MB")
     parser.add_argument("--warm-up", type=int, default=1, help="Untimed runs of each version first (numba caches).")

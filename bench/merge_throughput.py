@@ -338,8 +338,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("throughput / copy floor")
     ax.legend(fontsize=8)
     speeds = [f["durable_gbps"] for f in results["floors"].values()]
-    dtype = {"float32": "fp32", "bfloat16": "bf16"}[results.get("dtype", "float32")]
-    ax.set_title(f"4 x {results['out_bytes'] / 1e9:.2f} GB {dtype} Llama, durable copy floors {min(speeds):.2f}-{max(speeds):.2f} GB/s, "
+    ax.set_title(f"{fixture_label(results)} Llama, durable copy floors {min(speeds):.2f}-{max(speeds):.2f} GB/s, "
                  f"median of {results['repeats']} ({mergekit}), load {results['load_start']:.1f}-{results['load_end']:.1f}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,14 @@ def test_paired_interval_is_the_sign_tests(ab):
     twenty = [i / 10 for i in range(20)]
     assert ab.paired_interval([0.0] * 20, twenty[::-1])[1:] == (0.5, 1.4)
     assert ab.paired_interval([0.0] * 4, [0.4, 0.1, 0.3, 0.2])[1:] == (0.1, 0.4)
+
+
+def test_too_few_rounds_give_no_verdict(ab):
+    """Under 6 pairs even the whole range covers the median with less than 95 % (5 pairs: 1 - 2/32 = 93.75 %):
+    identical code run twice, both differences of one sign by chance, must not read as 'B better'."""
+    assert ab.sign_test_rank(5)[1] == pytest.approx(0.9375) and ab.sign_test_rank(6)[1] == pytest.approx(0.96875)
+    runs = {side: [{"wall_s": w, "cpu_s": w, "first_tensor_s": 0.3, "steady_bytes_per_s": 1e9} for w in walls]
+            for side, walls in (("a", [2.4, 2.1]), ("b", [2.1, 2.0]))}
+    assert ab.compare(runs)["wall_s"]["verdict"] == "too few rounds (2) for a 95 % interval"
+    runs = {side: [dict(r) for r in rows * 3] for side, rows in runs.items()}  # 6 pairs, all B - A < 0
+    assert ab.compare(runs)["wall_s"]["verdict"] == "B better"
