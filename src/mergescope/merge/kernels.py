@@ -60,6 +60,40 @@ def _jit(kernel):
 
 
 @intrinsic
+def _prefetch(typingctx, array, index):
+    """A hint to load the cache line of ``array[index]`` into the caches (LLVM's llvm.prefetch: a read, kept in
+    every level); it changes no value."""
+    if not isinstance(array, nbtypes.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        name = "llvm.prefetch.p0"
+        hint = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte, int32, int32, int32]), name)
+        builder.call(hint, [builder.bitcast(builder.gep(data, [args[1]]), byte), ir.Constant(int32, 0),
+                            ir.Constant(int32, 3), ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+    return nbtypes.void(array, nbtypes.int64), codegen
+
+
+@jit
+def _prefetch_range(array, start, stop):
+    """:func:`_prefetch` each 64-byte line of ``array[start:stop]`` (clipped to the array). Why: the bf16
+    task-vector loop spends eight passes over each L1 block, long enough for the next block's lines, asked for
+    here, to arrive from DRAM before it starts: in a merge its inputs come from memory, not cache (bf16 TIES's
+    combine, one 2.9 M-entry tensor: 3.8 -> 2.8 ns a position inside a job; the float32 loops, one fused pass
+    each, measured no faster with it)."""
+    step = max(1, 64 // array.itemsize)
+    for q in range(start, min(stop, array.size), step):
+        _prefetch(array, q)
+
+
+@intrinsic
 def _fma(typingctx, a, b, c):
     """a * b + c rounded once (LLVM's llvm.fma), the contraction torch's addcmul_ compiles to."""
     if isinstance(a, nbtypes.Float) and a == b == c:
@@ -433,6 +467,11 @@ def _half_task_vectors(out, base, tensors, masks, has_mask, factors, has_factor,
     for start in range(0, count, BLOCK):
         stop = min(count, start + BLOCK)
         size = stop - start
+        _prefetch_range(base, stop, stop + BLOCK)  # the next block's inputs (see _prefetch_range)
+        for i in range(n):
+            _prefetch_range(tensors[i], stop, stop + BLOCK)
+            if has_mask[i]:
+                _prefetch_range(masks[i], stop, stop + BLOCK)
         _bf16_load(b[:size], total[:size], base[start:stop])
         for i in range(n):
             mask = masks[i][start:stop] if has_mask[i] else masks[i]
