@@ -369,6 +369,19 @@ def test_nan_and_inf_entries_give_torchs_bits(dtype):
     assert want.isnan().any() and same_bits(methods.linear(tensors, weight=[0.5, 0.3, 0.2]), want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.bool_])
+def test_prefetch_compiles_to_a_prefetch_and_clips_to_the_array(dtype):
+    """The bf16 task-vector loop's hint is a real prefetch instruction (x86 prefetcht*, arm prfm), and a range
+    past the array's end is cut at its end (values untouched either way)."""
+    values = np.arange(1000).astype(dtype)
+    before = values.copy()
+    kernels._prefetch_range(values, 900, 5000)
+    kernels._prefetch_range(values, 2000, 3000)
+    assert np.array_equal(values, before)
+    asm = kernels._prefetch_range.inspect_asm(kernels._prefetch_range.signatures[-1])
+    assert "prefetch" in asm.replace("_prefetch_range", "") or "prfm" in asm
+
+
 def test_kernels_release_the_gil():
     """While a kernel runs in one thread, Python code runs in another. A long switch interval means the worker
     never hands the GIL over on its own: the main thread advances during the kernel only if it is released.

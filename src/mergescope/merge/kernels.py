@@ -83,11 +83,11 @@ def _prefetch(typingctx, array, index):
 
 @jit
 def _prefetch_range(array, start, stop):
-    """:func:`_prefetch` each 64-byte line of ``array[start:stop]`` (clipped to the array). Why: the bf16
-    task-vector loop spends eight passes over each L1 block, long enough for the next block's lines, asked for
-    here, to arrive from DRAM before it starts: in a merge its inputs come from memory, not cache (bf16 TIES's
-    combine, one 2.9 M-entry tensor: 3.8 -> 2.8 ns a position inside a job; the float32 loops, one fused pass
-    each, measured no faster with it)."""
+    """:func:`_prefetch` each 64-byte line of ``array[start:stop]`` (clipped to the array). Why: inside a merge
+    job the bf16 task-vector loop ran at its speed with the caches flushed, and it makes eight passes over each
+    block's scratch: time for the next block's lines, asked for here, to arrive (bf16 TIES's combine, one 2.9
+    M-entry tensor: 3.8 -> 2.8 ns a position inside a job). Loops that are an input's first pass in a job, or one
+    fused pass (the float32 ones), measured no faster or slower with it (docs/merge.md)."""
     step = max(1, 64 // array.itemsize)
     for q in range(start, min(stop, array.size), step):
         _prefetch(array, q)
