@@ -359,10 +359,10 @@ def plot_vs_linear(named: list[tuple[str, dict]], path: Path, values: Path) -> N
     results file: the median, a line from the lowest to the highest repeat, the 1.5x target; the plotted ratios
     go to ``values`` (JSON). Why: whether a target is met, missed or a tie within noise reads off the line
     crossing 1.5, not off a table of medians."""
+    ratios_of = {name: {"fixture": fixture_label(r), **{m: paired_ratios(r["runs"], m) for m in SPARSIFYING}}
+                 for name, r in named}
     values.parent.mkdir(parents=True, exist_ok=True)
-    values.write_text(json.dumps({name: {"fixture": fixture_label(r), **{m: paired_ratios(r["runs"], m)
-                                                                         for m in SPARSIFYING}}
-                                  for name, r in named}, indent=2) + "\n")
+    values.write_text(json.dumps(ratios_of, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,16 +370,16 @@ def plot_vs_linear(named: list[tuple[str, dict]], path: Path, values: Path) -> N
 
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(SPARSIFYING)
-    for g, (_, results) in enumerate(named):
+    for g, name in enumerate(ratios_of):
         for m, method in enumerate(SPARSIFYING):
-            ratios = paired_ratios(results["runs"], method)
+            ratios = ratios_of[name][method]
             if not ratios:
                 continue
             x, mid = g + (m - (len(SPARSIFYING) - 1) / 2) * width, statistics.median(ratios)
             ax.bar(x, mid, width * 0.9, color=f"C{m}", label=method if g == 0 else None)
             ax.vlines(x, ratios[0], ratios[-1], color="black", lw=1.2)
     ax.axhline(1.5, color="grey", lw=0.8, ls="--", label="target 1.5x")
-    ax.set_xticks(range(len(named)), [f"{name}\n{fixture_label(r)}" for name, r in named], fontsize=8)
+    ax.set_xticks(range(len(named)), [f"{name}\n{row['fixture']}" for name, row in ratios_of.items()], fontsize=8)
     ax.set_ylabel("durable wall / linear's, same repeat")
     ax.set_title("TIES family against linear, per repeat: median and lowest-highest of each pass's repeats", fontsize=9)
     ax.legend(fontsize=8, ncol=5)
